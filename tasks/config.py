@@ -63,6 +63,11 @@ class DataConfig(_Section):
 class ValidationConfig(_Section):
     min_text_chars: int = Field(1, ge=1, description="Shortest allowed text, in characters.")
     max_text_chars: int = Field(5000, ge=1, description="Longest allowed text, in characters.")
+    text_length_mostly: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="Share of rows that must be within the length bounds (Great Expectations' 'mostly'); "
+        "the tolerated rest are reported and dropped before training.",
+    )
     min_rows_per_class: int = Field(10, ge=1, description="Every configured label needs this many rows.")
     max_duplicate_rate: float = Field(
         0.2, ge=0.0, le=1.0, description="Highest allowed share of rows whose normalized text repeats another."

@@ -137,7 +137,7 @@ def train_model(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: D
         per_device_eval_batch_size=t.eval_batch_size,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
-        warmup_ratio=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         seed=t.seed,
         data_seed=t.seed,
         eval_strategy="epoch",

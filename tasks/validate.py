@@ -102,9 +102,10 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
               lambda: gxe.ExpectColumnValuesToNotBeNull(column=TEXT)),
         Check("text_not_blank", "rows", "no text is only whitespace", f"drop rows whose '{d.text_column}' is blank",
               lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=TEXT, regex=r"^\s*$")),
-        Check("text_length", "rows", f"text length is {v.min_text_chars}..{v.max_text_chars} characters",
+        Check("text_length", "rows", f"text length is {v.min_text_chars}..{v.max_text_chars} characters"
+              + (f" for at least {v.text_length_mostly:.1%} of rows" if v.text_length_mostly < 1 else ""),
               "drop or shorten those rows, or change validation.min_text_chars / max_text_chars",
-              lambda: gxe.ExpectColumnValueLengthsToBeBetween(column=TEXT, min_value=v.min_text_chars, max_value=v.max_text_chars)),
+              lambda: gxe.ExpectColumnValueLengthsToBeBetween(column=TEXT, min_value=v.min_text_chars, max_value=v.max_text_chars, mostly=v.text_length_mostly)),
         Check("label_not_null", "rows", "every row has a label", f"fill or drop rows with an empty '{d.label_column}'",
               lambda: gxe.ExpectColumnValuesToNotBeNull(column=LABEL)),
         Check("label_in_set", "rows", f"labels are one of {d.labels}",
@@ -141,6 +142,8 @@ def _examples(result: dict[str, Any], table: Table, limit: int) -> list[str]:
     where = "line" if table == "rows" else "label"
     out = []
     for idx, value in list(zip(index, values))[:limit]:
+        if isinstance(idx, dict):  # GE gives {index name: value, ...} for a named index
+            idx = idx.get(LINE, idx.get(LABEL, idx))
         shown = repr(value) if not isinstance(value, float) or value == value else "null"
         if isinstance(value, str) and len(value) > 60:
             shown = repr(value[:57] + "...")
@@ -208,6 +211,22 @@ def display_columns(report: ValidationReport, cfg: PipelineConfig) -> None:
         c.column = names.get(c.column, c.column)
 
 
+def drop_out_of_bounds(loaded, cfg: PipelineConfig):
+    """Drop the rows outside the text length bounds that ``validation.text_length_mostly`` tolerated.
+
+    The data digest still covers the whole file: it identifies the input, not what was kept.
+    """
+    from dataclasses import replace
+
+    v = cfg.validation
+    lengths = loaded.frame[TEXT].str.len()
+    keep = lengths.between(v.min_text_chars, v.max_text_chars)
+    dropped = int((~keep).sum())
+    if dropped:
+        log.warning("dropping %d rows outside %d..%d characters (tolerated by validation.text_length_mostly=%s)", dropped, v.min_text_chars, v.max_text_chars, v.text_length_mostly)
+    return replace(loaded, frame=loaded.frame[keep].reset_index(drop=True)), dropped
+
+
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(cfg: PipelineConfig, parent_run_id: str, config_file: str = "the config"):
     """Read the data and validate it; log the full result to MLflow; raise ValidationFailed on failure."""
@@ -227,4 +246,6 @@ def validate_task(cfg: PipelineConfig, parent_run_id: str, config_file: str = "t
         mlflow.MlflowClient().set_tag(parent_run_id, "tuneflow.validation", "passed" if report.success else "failed")
         if not report.success:
             raise ValidationFailed(report)
+        loaded, dropped = drop_out_of_bounds(loaded, cfg)
+        mlflow.log_metric("validation/rows_dropped", dropped)
     return loaded, report
