@@ -82,7 +82,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
             "metrics": evaluation.challenger.metrics,
             "tokenize_cache_hit": tokenized.cache_hit,
         }
-        if config.registry.register:
+        if config.registry.enabled:
             reg = register_task(config, trained.model, tokenizer, evaluation, split, loaded, pid, lineage)
             decision = reg["decision"]
             result |= {
@@ -97,7 +97,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
         decision_md = (
             f"**Registered** `{config.registry.model_name}` version {result['version']} "
             f"({'promoted to `champion`' if result['promoted'] else 'alias `challenger`, champion kept'}): {result['reason']}"
-            if config.registry.register else "Registration is off (registry.register: false)."
+            if config.registry.enabled else "Registration is off (registry.enabled: false)."
         )
         create_markdown_artifact(
             key=_artifact_key(config.name),

@@ -118,7 +118,7 @@ class RegistryConfig(_Section):
     min_improvement: float = Field(
         0.0, ge=0.0, description="The challenger must beat the champion's primary metric by at least this."
     )
-    register: bool = Field(True, description="Log and register the model; false stops after evaluation.")
+    enabled: bool = Field(True, description="Log and register the model; false stops after evaluation.")
 
 
 class PipelineConfig(_Section):
@@ -159,6 +159,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             lines.append(
                 f"  - {dotted}: unknown key. Fix: {hint}remove it or use one of: {', '.join(allowed)}"
             )
+        elif e["type"] == "value_error":  # a cross-field check; its message already names fields and fix
+            lines.append(f"  - {dotted}: {e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "missing":
             lines.append(f"  - {dotted}: required field is missing. Fix: add '{dotted}' to the config")
         else:
@@ -186,7 +188,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.epochs=1")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else raw)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__}). Fix: quote it, e.g. --set '{key.strip()}=\"{raw}\"'") from exc
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
 import json
@@ -52,13 +53,54 @@ def resolve_path(spec: str) -> Path:
     if not spec.startswith("package:"):
         return Path(spec)
     module, _, rel = spec.removeprefix("package:").partition("/")
-    found = importlib.util.find_spec(module)
+    found = find_package(module)
     if found is None or not found.submodule_search_locations:
         raise DataError(
             f"data.path {spec!r}: Python package '{module}' is not installed. "
             f"Fix: run 'make setup' (it installs the sample data) or point data.path at a file"
         )
     return Path(list(found.submodule_search_locations)[0]) / rel
+
+
+def find_package(module: str):
+    """``importlib.util.find_spec`` that returns None (not raises) when a parent package is missing."""
+    try:
+        return importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        return None
+
+
+def _csv_record_lines(path: Path) -> list[int] | None:
+    """1-based line where each CSV record starts (quoted texts may span lines; blank lines are skipped)."""
+    lines: list[int] = []
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        start = 1
+        for row in reader:
+            if row:
+                lines.append(start)
+            start = reader.line_num + 1
+    return lines[1:]  # the first record is the header
+
+
+def _label_str(value) -> str | None:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    # A numeric label column with a missing value comes back as float (JSONL, Parquet from Spark/Polars):
+    # 1.0 must still match label_values {"1": ...}.
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _decode_error_position(path: Path) -> tuple[int, int]:
+    """(byte offset, line) of the first byte that is not UTF-8; pandas reports chunk-relative offsets."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start, data.count(b"\n", 0, exc.start) + 1
+    return 0, 1
 
 
 def normalize_text(text: str) -> str:
@@ -100,9 +142,10 @@ def read_table(cfg: DataConfig, config_file: str = "the config") -> LoadedData:
     try:
         raw = _read_raw(path, fmt)
     except UnicodeDecodeError as exc:
+        offset, line = _decode_error_position(path)
         raise DataError(
-            f"data file {path} is not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}). "
-            f"Fix: re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+            f"data file {path} is not UTF-8 text (line {line}, byte offset {offset}). "
+            f"Fix: re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.csv"
         ) from exc
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"data file {path} is empty (no header, no rows). Fix: point data.path at a file with rows") from exc
@@ -119,14 +162,17 @@ def read_table(cfg: DataConfig, config_file: str = "the config") -> LoadedData:
     if raw.empty:
         raise DataError(f"data file {path} has a header but no rows. Fix: point data.path at a file with rows")
 
-    first_line = 2 if fmt == "csv" else 1  # CSV line 1 is the header
-    labels = raw[cfg.label_column].map(lambda v: None if pd.isna(v) else str(v))
+    lines = _csv_record_lines(path) if fmt == "csv" else None
+    if lines is None or len(lines) != len(raw):
+        first = 2 if fmt == "csv" else 1  # CSV line 1 is the header
+        lines = list(range(first, first + len(raw)))
+    labels = raw[cfg.label_column].map(_label_str)
     if cfg.label_values is not None:
         mapping = {str(k): v for k, v in cfg.label_values.items()}
         labels = labels.map(lambda v: mapping.get(v, v) if v is not None else None)
     text = raw[cfg.text_column].map(lambda v: None if pd.isna(v) else str(v))
     frame = pd.DataFrame(
-        {TEXT: text.astype(object), LABEL: labels.astype(object), LINE: range(first_line, first_line + len(raw))}
+        {TEXT: text.astype(object), LABEL: labels.astype(object), LINE: lines}
     )
     return LoadedData(frame=frame, source=path, digest=content_digest(frame))
 

@@ -198,9 +198,9 @@ def register_task(cfg, model, tokenizer, evaluation, split, loaded, parent_run_i
         rows = {"train": len(split.train), "eval": len(split.eval)}
         card = model_card(cfg, decision, evaluation.challenger.metrics, rows, loaded.digest, parent_run_id)
         mv = register(model, tokenizer, cfg, decision, lineage, card, list(split.eval[TEXT][:2]))
-        tags = decision_tags(decision) | {f"{TAG}registered_version": mv.version}
+        tags = decision_tags(decision) | {f"{TAG}registered_version": str(mv.version)}
         mlflow.set_tags(tags)
         client = mlflow.MlflowClient()
         for k, v in tags.items():
             client.set_tag(parent_run_id, k, v)
-    return {"version": mv.version, "decision": decision, "model_uri": f"models:/{cfg.registry.model_name}/{mv.version}"}
+    return {"version": str(mv.version), "decision": decision, "model_uri": f"models:/{cfg.registry.model_name}/{mv.version}"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import ModelConfig, PipelineConfig
+from tasks.data import find_package
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -39,7 +39,7 @@ def resolve_base_model(spec: str) -> Path:
     """``package:<module>`` (a model shipped in an installed package, found without importing it) or a folder."""
     if spec.startswith("package:"):
         module = spec.removeprefix("package:")
-        found = importlib.util.find_spec(module)
+        found = find_package(module)
         if found is None or not found.submodule_search_locations:
             raise ModelError(
                 f"model.base_model {spec!r}: package '{module}' is not installed. "

@@ -132,7 +132,8 @@ def _observed(result: dict[str, Any]) -> Any:
     if "observed_value" in result:
         return result["observed_value"]
     if "unexpected_count" in result:
-        return f"{result['unexpected_count']} of {result.get('element_count')} rows ({result.get('unexpected_percent', 0):.1f}%)"
+        # GE reports unexpected_percent as None when every value is null
+        return f"{result['unexpected_count']} of {result.get('element_count')} rows ({result.get('unexpected_percent') or 0.0:.1f}%)"
     return None
 
 

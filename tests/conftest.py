@@ -1,0 +1,108 @@
+"""Shared fixtures: offline switches, a tiny random BERT with a tokenizer trained here, generated data,
+a temporary MLflow store, and Prefect's test harness. No network, no mocks of MLflow or Prefect."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tuneflow.runtime import configure_environment
+
+configure_environment()  # the test session is an entry point: offline + telemetry off before any import
+
+HAM_WORDS = "lunch later home tonight dinner movie call back soon thanks meeting class love sleep".split()
+SPAM_WORDS = "winner prize claim free cash urgent txt offer ringtone awarded guaranteed voucher".split()
+SHARED_WORDS = "you the to and a is now for your this".split()
+
+
+def make_rows(n_per_class: int, seed: int = 0) -> pd.DataFrame:
+    """Separable two-class data: each text mixes class words with shared words; all texts distinct."""
+    rng = random.Random(seed)
+    rows = []
+    for label, words in (("ham", HAM_WORDS), ("spam", SPAM_WORDS)):
+        seen: set[str] = set()
+        while len(seen) < n_per_class:
+            k = rng.randint(4, 12)
+            text = " ".join(rng.choice(words if rng.random() < 0.6 else SHARED_WORDS) for _ in range(k))
+            text = f"{text} {len(seen)}"
+            if text not in seen:
+                seen.add(text)
+                rows.append({"text": text, "label": label})
+    rng.shuffle(rows)
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with a WordLevel tokenizer trained on the generated vocabulary."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    corpus = [" ".join(HAM_WORDS + SPAM_WORDS + SHARED_WORDS)] + [str(i) for i in range(2000)]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+    fast.save_pretrained(out)
+    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run in an empty folder: the MLflow store (mlruns/) and caches (.cache/) land here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("TUNEFLOW_CACHE_DIR", raising=False)
+    from tasks.tracking import configure_tracking
+
+    configure_tracking(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def data_csv(workdir) -> Path:
+    path = workdir / "data.csv"
+    make_rows(150).to_csv(path, index=False)
+    return path
+
+
+def tiny_config_dict(data_path: Path, model_dir: Path, **sections) -> dict:
+    base = {
+        "name": "tiny",
+        "data": {"path": str(data_path), "labels": ["ham", "spam"], "eval_fraction": 0.25},
+        "validation": {"min_rows_per_class": 10, "max_text_chars": 500},
+        "model": {"base_model": str(model_dir), "max_length": 32},
+        "train": {"epochs": 4, "batch_size": 16, "learning_rate": 5e-3, "early_stopping_patience": 0,
+                  "bf16": False, "logging_steps": 5, "threads": 1},
+        "registry": {"model_name": "tiny-clf"},
+    }
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values
+    return base
+
+
+@pytest.fixture
+def tiny_config(data_csv, tiny_model_dir):
+    from tasks.config import PipelineConfig
+
+    return PipelineConfig.model_validate(tiny_config_dict(data_csv, tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

@@ -1,0 +1,116 @@
+"""The whole retrain flow, end to end: tiny model, real temporary MLflow store, Prefect's test harness."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from conftest import make_rows, tiny_config_dict
+from tasks.config import PipelineConfig
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _run(cfg_dict: dict) -> dict:
+    from flows.retrain import retrain
+
+    return retrain(PipelineConfig.model_validate(cfg_dict), config_file="test.yaml")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, data_csv, tiny_model_dir):
+    client = MlflowClient()
+    first = _run(tiny_config_dict(data_csv, tiny_model_dir))
+
+    # A registered version with alias champion, lineage tags and the gate decision.
+    assert first["promoted"] is True
+    champ = client.get_model_version_by_alias("tiny-clf", "champion")
+    assert str(champ.version) == first["version"] == "1"
+    for tag in ("data_digest", "config_digest", "git_commit", "prefect_flow_run_id", "decision", "decision_reason", "challenger_score"):
+        assert champ.tags.get(f"tuneflow.{tag}"), tag
+    assert first["metrics"]["macro_f1"] > 0.9, first["metrics"]
+
+    # Logged metrics, per-stage nested runs and the confusion-matrix plot on the parent run.
+    run = client.get_run(first["run_id"])
+    assert run.data.metrics["eval/macro_f1"] == pytest.approx(first["metrics"]["macro_f1"])
+    for stage in ("validate", "tokenize", "train", "evaluate", "register"):
+        assert f"time/{stage}_seconds" in run.data.metrics
+    children = mlflow.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'", output_format="list")
+    assert sorted(r.data.tags["tuneflow.stage"] for r in children) == ["evaluate", "register", "tokenize", "train", "validate"]
+    train_run = next(r for r in children if r.data.tags["tuneflow.stage"] == "train")
+    assert len(client.get_metric_history(train_run.info.run_id, "train/loss")) >= 2  # logged as training went
+    assert "plots/confusion_matrix.png" in [a.path for a in client.list_artifacts(first["run_id"], "plots")]
+
+    # The champion loads offline through pyfunc and predicts label names.
+    preds = mlflow.pyfunc.load_model("models:/tiny-clf@champion").predict(["winner prize claim cash", "lunch dinner home later"])
+    assert set(preds["label"]) <= {"ham", "spam"}
+
+    # Second run: nothing changed in the data, so tokenization is a cache hit; a worse model (learning
+    # rate 0: an untrained head) is registered as challenger but does not become champion.
+    worse = _run(tiny_config_dict(data_csv, tiny_model_dir, train={"learning_rate": 0.0, "epochs": 1}))
+    assert worse["tokenize_cache_hit"] is True
+    assert worse["promoted"] is False
+    assert str(client.get_model_version_by_alias("tiny-clf", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("tiny-clf", "challenger").version) == worse["version"] == "2"
+    v2 = client.get_model_version("tiny-clf", "2")
+    assert v2.tags["tuneflow.decision"] == "rejected"
+    assert float(v2.tags["tuneflow.champion_score"]) == pytest.approx(first["metrics"]["macro_f1"], abs=1e-4)
+
+
+def test_better_model_is_promoted(workdir, data_csv, tiny_model_dir):
+    weak = _run(tiny_config_dict(data_csv, tiny_model_dir, train={"learning_rate": 0.0, "epochs": 1}))
+    assert weak["promoted"] is True  # first model: no champion yet
+    strong = _run(tiny_config_dict(data_csv, tiny_model_dir))
+    assert strong["promoted"] is True, strong["reason"]
+    assert str(MlflowClient().get_model_version_by_alias("tiny-clf", "champion").version) == strong["version"]
+
+
+BAD_INPUTS = {
+    "missing_file": (None, "data file not found"),
+    "empty_file": (b"", "is empty"),
+    "missing_label_column": (b"text,category\nhello there,ham\n", "column 'label' not found"),
+    "label_outside_set": ("csv_with_bad_label", "label_in_set"),
+    "all_null_text": ("csv_null_text", "text_not_null"),
+    "non_utf8": (b"text,label\ncaf\xe9 au lait,ham\n", "not UTF-8"),
+}
+
+
+def _write_bad(kind: str, content, path: Path) -> None:
+    if content is None:
+        return
+    if content == "csv_with_bad_label":
+        df = make_rows(40)
+        df.loc[3, "label"] = "eggs"
+        df.to_csv(path, index=False)
+    elif content == "csv_null_text":
+        df = make_rows(40)
+        df["text"] = ""
+        df.to_csv(path, index=False)
+    else:
+        path.write_bytes(content)
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_stops_before_training_and_registers_nothing(kind, workdir, tiny_model_dir):
+    from tasks.data import DataError
+
+    content, expected = BAD_INPUTS[kind]
+    path = workdir / f"{kind}.csv"
+    _write_bad(kind, content, path)
+    before = _sha(path) if path.exists() else None
+    with pytest.raises(DataError) as err:
+        _run(tiny_config_dict(path, tiny_model_dir))
+    msg = str(err.value)
+    assert expected in msg and path.name in msg
+    assert "ix" in msg  # every message carries a fix ("Fix:" / "fix:")
+    assert MlflowClient().search_registered_models() == []
+    assert (_sha(path) if path.exists() else None) == before
+    assert not (workdir / ".cache" / "tuneflow" / "tokenized").exists()  # stopped before tokenization

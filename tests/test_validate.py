@@ -1,0 +1,130 @@
+"""validate_frame with real Great Expectations on small generated frames."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from tasks.config import PipelineConfig
+from tasks.data import DataError
+from tasks.validate import ValidationFailed, validate_frame
+
+SOURCE = "data/sms-train.csv"
+CHECKS = ["text_not_null", "text_not_blank", "text_length", "label_not_null", "label_in_set", "duplicate_rate",
+          "rows_per_class"]
+
+
+def make_cfg(**validation) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "name": "t", "data": {"path": SOURCE, "text_column": "text", "label_column": "label", "labels": ["ham", "spam"]},
+        "validation": validation, "model": {"base_model": "unused"}, "registry": {"model_name": "m"},
+    })
+
+
+def make_frame(per_class: int = 40, extra=()) -> pd.DataFrame:
+    """Distinct texts, ``per_class`` rows per label, then ``extra`` (text, label) rows; lines start at 2."""
+    rows = [(f"{lab} message number {i}", lab) for lab in ("ham", "spam") for i in range(per_class)] + list(extra)
+    return pd.DataFrame({"text": [t for t, _ in rows], "label": [lab for _, lab in rows],
+                         "line": range(2, len(rows) + 2)}).astype({"text": object, "label": object})
+
+
+def with_null(frame: pd.DataFrame, column: str, row: int) -> pd.DataFrame:
+    frame = frame.copy()
+    frame.loc[row, column] = None
+    return frame
+
+
+@pytest.fixture(scope="module")
+def good_report():
+    return validate_frame(make_frame(), make_cfg(), SOURCE)
+
+
+def test_clean_frame_passes(good_report):
+    assert good_report.success and good_report.failed == []
+    assert [c.name for c in good_report.checks] == CHECKS
+    assert good_report.row_count == 80 and good_report.source == SOURCE
+    assert all(c.examples == [] for c in good_report.checks)
+    assert "passed" in good_report.summary() and "7/7" in good_report.summary()
+
+
+# name: (frame, validation settings, failing check, text expected in the examples or None)
+FAILURES = {
+    "bad_label": (make_frame(extra=[("hello there", "eggs")]), {}, "label_in_set", "line 82: 'eggs'"),
+    "null_text": (with_null(make_frame(), "text", 3), {}, "text_not_null", "line 5: None"),
+    "null_label": (with_null(make_frame(), "label", 10), {}, "label_not_null", "line 12: None"),
+    "blank_text": (make_frame(extra=[(" \t ", "ham")]), {}, "text_not_blank", "line 82: ' \\t '"),
+    "too_long": (make_frame(extra=[("x" * 50, "spam")]), {"max_text_chars": 40}, "text_length", "line 82: 'xxxx"),
+    "too_short": (make_frame(extra=[("hi", "spam")]), {"min_text_chars": 3}, "text_length", "line 82: 'hi'"),
+    "few_rows": (make_frame().iloc[:45], {}, "rows_per_class", "label spam: 5"),
+    # 30 copies of an existing text, differing only in case/whitespace: 80 unique of 110 rows
+    "duplicates": (make_frame(extra=[(f" HAM  message{' ' * (i % 3 + 1)}number 1", "ham") for i in range(30)]), {},
+                   "duplicate_rate", None),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+def test_each_failure_is_found_by_its_check(case):
+    frame, settings, check, example = FAILURES[case]
+    report = validate_frame(frame, make_cfg(**settings), SOURCE)
+    assert not report.success
+    assert [c.name for c in report.failed] == [check]  # every other check still passes
+    failed = report.failed[0]
+    assert failed.fix and failed.rule
+    if example is None:
+        assert failed.observed == pytest.approx(80 / 110)
+    else:
+        assert any(e.startswith(example) for e in failed.examples), failed.examples
+
+
+def test_all_null_text_is_reported_not_raised():
+    report = validate_frame(make_frame().assign(text=None), make_cfg(), SOURCE)
+    assert "text_not_null" in [c.name for c in report.failed]
+
+
+@pytest.fixture(scope="module")
+def multi_failure_report():
+    frame = make_frame(extra=[("hello there", "eggs"), ("y" * 70, "ham"), ("   ", "spam")])
+    return validate_frame(frame, make_cfg(max_text_chars=50, max_failed_examples=1), SOURCE)
+
+
+def test_validation_failed_message(multi_failure_report):
+    err = ValidationFailed(multi_failure_report)
+    assert isinstance(err, DataError) and err.report is multi_failure_report
+    msg = str(err)
+    assert "FAILED" in msg and "sms-train.csv" in msg and "(83 rows)" in msg and "4/7 expectations met" in msg
+    names = {c.name for c in multi_failure_report.failed}
+    assert names == {"label_in_set", "text_length", "text_not_blank"}
+    for name in names:
+        assert f"x {name} [" in msg
+    assert msg.count("fix: ") == 3
+    assert "fix: fix those rows, or add the label to data.labels" in msg
+    assert "offending: line 82: 'eggs'" in msg and "offending: line 83: 'yyy" in msg
+
+
+def test_long_examples_are_shortened(multi_failure_report):
+    (example,) = next(c for c in multi_failure_report.failed if c.name == "text_length").examples
+    assert example == "line 83: " + repr("y" * 57 + "...")
+
+
+def test_text_length_mostly_tolerates_a_small_share():
+    one_long = make_frame(extra=[("x" * 50, "spam")])  # 1 of 81 rows (1.2 %)
+    report = validate_frame(one_long, make_cfg(max_text_chars=40, text_length_mostly=0.95), SOURCE)
+    assert report.success
+    length = next(c for c in report.checks if c.name == "text_length")
+    assert "at least 95.0% of rows" in length.rule and length.observed.startswith("1 of 81 rows")
+
+    many_long = make_frame(extra=[("x" * 50, "spam")] * 10)  # 10 of 90 rows (11 %)
+    report = validate_frame(many_long, make_cfg(max_text_chars=40, text_length_mostly=0.95), SOURCE)
+    assert [c.name for c in report.failed] == ["text_length"]
+
+
+def test_report_to_json_is_serialisable(good_report, multi_failure_report):
+    for report in (good_report, multi_failure_report):
+        data = json.loads(json.dumps(report.to_json()))
+        assert data["source"] == SOURCE and data["success"] is report.success
+        assert [c["name"] for c in data["checks"]] == CHECKS
+        assert set(data["great_expectations"]) == {"rows", "classes"}
+    failed = {c["name"]: c for c in json.loads(json.dumps(multi_failure_report.to_json()))["checks"] if not c["success"]}
+    assert failed["label_in_set"]["examples"] == ["line 82: 'eggs'"]
