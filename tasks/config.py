@@ -94,17 +94,17 @@ class ModelConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: float = Field(3, gt=0, description="Training epochs (upper bound; early stopping may end sooner).")
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
-    learning_rate: float = Field(5e-5, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    seed: int = 42
+    batch_size: int = Field(16, ge=1, description="Training batch size; each batch is padded to its longest text.")
+    eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation and champion re-scoring.")
+    learning_rate: float = Field(5e-5, ge=0, description="Peak learning rate (AdamW, linear decay).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    seed: int = Field(42, description="Seed for weights of the new head, data order and dropout.")
     early_stopping_patience: int = Field(1, ge=0, description="Epochs without improvement before stopping; 0 turns it off.")
     bf16: bool = Field(False, description="bfloat16 autocast (fast on CPUs with AMX / avx512_bf16).")
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; unset keeps torch's default.")
-    logging_steps: int = Field(20, ge=1)
+    logging_steps: int = Field(20, ge=1, description="Log loss and learning rate to MLflow every N steps.")
 
 
 class EvaluateConfig(_Section):

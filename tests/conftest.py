@@ -65,9 +65,10 @@ def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("TUNEFLOW_CACHE_DIR", raising=False)
-    from tasks.tracking import configure_tracking
+    from tasks.tracking import configure_tracking, ensure_experiment
 
     configure_tracking(tmp_path)
+    ensure_experiment("tests")  # also replaces MLflow's process-wide active experiment of an earlier test
     return tmp_path
 
 

@@ -1,0 +1,56 @@
+"""Tokenization: truncation without padding, and the on-disk cache keyed by data, tokenizer and length."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import make_rows
+from tasks.data import content_digest, split_by_text_hash
+from tasks.tokenize import tokenize_split
+
+
+@pytest.fixture
+def split():
+    frame = make_rows(60).assign(line=range(2, 122))
+    frame.loc[0, "text"] = " ".join(["winner"] * 100)  # longer than max_length
+    return split_by_text_hash(frame, 0.25, "s"), content_digest(frame)
+
+
+def _tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def test_truncates_without_padding_and_maps_labels(split, tiny_model_dir, tmp_path):
+    sp, digest = split
+    out = tokenize_split(sp, _tok(tiny_model_dir), 16, ["ham", "spam"], digest, "x", tmp_path)
+    train = out.datasets["train"]
+    lengths = {len(ids) for ids in train["input_ids"]} | {len(ids) for ids in out.datasets["eval"]["input_ids"]}
+    assert max(lengths) == 16  # the 100-word text is truncated
+    assert len(lengths) > 3  # variable lengths: no padding here, the collator pads per batch
+    assert train["labels"] == [{"ham": 0, "spam": 1}[x] for x in sp.train["label"]]
+    assert len(train) + len(out.datasets["eval"]) == 120
+
+
+def test_cache_hit_when_nothing_changed_and_miss_when_anything_did(split, tiny_model_dir, tmp_path):
+    sp, digest = split
+    tok = _tok(tiny_model_dir)
+    first = tokenize_split(sp, tok, 16, ["ham", "spam"], digest, "x", tmp_path)
+    again = tokenize_split(sp, _tok(tiny_model_dir), 16, ["ham", "spam"], digest, "x", tmp_path)
+    assert (first.cache_hit, again.cache_hit) == (False, True)
+    assert again.cache_key == first.cache_key
+    assert again.datasets["train"]["input_ids"] == first.datasets["train"]["input_ids"]
+
+    changed_tok = _tok(tiny_model_dir)
+    changed_tok.add_tokens(["brandnewtoken"])
+    variants = {
+        "max_length": tokenize_split(sp, tok, 24, ["ham", "spam"], digest, "x", tmp_path),
+        "data": tokenize_split(sp, tok, 16, ["ham", "spam"], "other-digest", "x", tmp_path),
+        "split": tokenize_split(sp, tok, 16, ["ham", "spam"], digest, "y", tmp_path),
+        "labels": tokenize_split(sp, tok, 16, ["spam", "ham"], digest, "x", tmp_path),
+        "tokenizer": tokenize_split(sp, changed_tok, 16, ["ham", "spam"], digest, "x", tmp_path),
+    }
+    for name, result in variants.items():
+        assert not result.cache_hit, name
+    assert len({r.cache_key for r in variants.values()} | {first.cache_key}) == 6
+    assert not list(tmp_path.glob("*.tmp"))  # entries are written atomically
