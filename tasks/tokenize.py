@@ -40,7 +40,12 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; tuneflow needs one (use_fast=True)")
-    h = hashlib.sha256(backend.to_str().encode())
+    spec = json.loads(backend.to_str())
+    # Calling the tokenizer with truncation/padding stores those settings in the backend; they are
+    # call arguments (max_length is in the cache key), not part of the tokenizer's identity.
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     h.update(type(tokenizer).__name__.encode())
     return h.hexdigest()[:16]
 

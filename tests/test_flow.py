@@ -49,6 +49,13 @@ def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, 
     assert len(client.get_metric_history(train_run.info.run_id, "train/loss")) >= 2  # logged as training went
     assert "plots/confusion_matrix.png" in [a.path for a in client.list_artifacts(first["run_id"], "plots")]
 
+    # The Prefect markdown artifact of the flow run: metrics table, decision and the MLflow run link.
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get("tiny-retrain")
+    assert artifact is not None and str(artifact.flow_run_id) == champ.tags["tuneflow.prefect_flow_run_id"]
+    assert "| macro_f1 |" in artifact.data and first["run_id"] in artifact.data and "promoted to `champion`" in artifact.data
+
     # The champion loads offline through pyfunc and predicts label names.
     preds = mlflow.pyfunc.load_model("models:/tiny-clf@champion").predict(["winner prize claim cash", "lunch dinner home later"])
     assert set(preds["label"]) <= {"ham", "spam"}

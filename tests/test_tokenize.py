@@ -37,6 +37,7 @@ def test_cache_hit_when_nothing_changed_and_miss_when_anything_did(split, tiny_m
     tok = _tok(tiny_model_dir)
     first = tokenize_split(sp, tok, 16, ["ham", "spam"], digest, "x", tmp_path)
     again = tokenize_split(sp, _tok(tiny_model_dir), 16, ["ham", "spam"], digest, "x", tmp_path)
+    assert tokenize_split(sp, tok, 16, ["ham", "spam"], digest, "x", tmp_path).cache_hit  # same, already-used tokenizer
     assert (first.cache_hit, again.cache_hit) == (False, True)
     assert again.cache_key == first.cache_key
     assert again.datasets["train"]["input_ids"] == first.datasets["train"]["input_ids"]
