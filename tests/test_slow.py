@@ -16,8 +16,9 @@ def test_default_config_trains_a_real_model_to_at_least_090_macro_f1(workdir):
     from flows.retrain import retrain
 
     repo = Path(__file__).resolve().parents[1]
-    # A third of an epoch keeps this under a few minutes and already clears the bar (0.94 measured).
-    cfg = load_config(repo / "configs/sms-spam.yaml", ["train.epochs=0.34"])
+    # One epoch (about 75 s of training here; 0.967 macro-F1 measured). A third of an epoch once ended
+    # in the all-ham solution (0.47), so this does not cut the schedule shorter.
+    cfg = load_config(repo / "configs/sms-spam.yaml", ["train.epochs=1"])
     result = retrain(cfg, config_file="configs/sms-spam.yaml")
     assert result["metrics"]["macro_f1"] >= 0.90, result["metrics"]
     champion = MlflowClient().get_model_version_by_alias(cfg.registry.model_name, "champion")
