@@ -18,9 +18,10 @@ from tasks.config import PipelineConfig
 from tasks.evaluate import evaluate_task, metrics_table
 from tasks.register import register_task
 from tasks.tokenize import tokenize_task
-from tasks.tracking import configure_tracking, ensure_experiment, flatten, git_commit, model_url, run_url
+from tasks.tracking import configure_tracking, ensure_experiment, flatten, git_commit, log_dataset_inputs, model_url, run_url
 from tasks.train import train_task
-from tasks.validate import ValidationFailed, validate_task
+from tasks.data import DataError
+from tasks.validate import validate_task
 from tuneflow.runtime import cache_dir, configure_environment
 
 log = logging.getLogger(__name__)
@@ -62,17 +63,18 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump(mode="json")).items()})
         mlflow.log_dict(config.model_dump(mode="json"), "config.json")
         try:
-            loaded, report = validate_task(config, pid, config_file or "the config")
-        except ValidationFailed as exc:
+            loaded, _reports = validate_task(config, pid, config_file or "the config", work_dir)
+        except DataError as exc:
             create_markdown_artifact(
                 key=_artifact_key(config.name),
-                markdown=f"# Retrain stopped: data validation failed\n\n```\n{exc.report.summary()}\n```\n\nMLflow run: [{pid}]({url})",
-                description="Validation failed; nothing was trained or registered.",
+                markdown=f"# Retrain stopped: the data was rejected\n\n```\n{exc}\n```\n\nMLflow run: [{pid}]({url})",
+                description="Data rejected; nothing was trained or registered.",
             )
             raise
         lineage["tuneflow.data_digest"] = loaded.digest
         mlflow.set_tag("tuneflow.data_digest", loaded.digest)
         split, tokenizer, tokenized = tokenize_task(config, loaded, pid, cache_root)
+        log_dataset_inputs(config, loaded, split)
         trained = train_task(config, tokenizer, tokenized, pid, work_dir)
         evaluation = evaluate_task(config, trained.model, tokenizer, split, pid, work_dir)
         result: dict[str, Any] = {
@@ -103,7 +105,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
             key=_artifact_key(config.name),
             markdown=(
                 f"# Retrain `{config.name}`\n\n{decision_md}\n\n"
-                f"Data `{loaded.source}` ({len(loaded.frame)} rows, digest `{loaded.digest[:16]}`), "
+                f"Data `{loaded.source}` ({len(loaded.frame)} rows from {len(loaded.sources)} file(s), digest `{loaded.digest[:16]}`), "
                 f"{len(split.train)} train / {len(split.eval)} eval rows; "
                 f"tokenization {'loaded from cache' if tokenized.cache_hit else 'computed'}; "
                 f"{trained.epochs_run:g} epochs in {trained.train_seconds:.0f} s.\n\n{table}\n\n"

@@ -20,10 +20,40 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+Severity = Literal["error", "warn", "off"]
+
+# Every data check, with its default severity: "error" stops the run (and quarantines a landing-zone
+# batch), "warn" is reported and logged, "off" skips it. validation.severity overrides these.
+DEFAULT_SEVERITY: dict[str, Severity] = {
+    "text_type": "error",
+    "label_type": "error",
+    "text_not_null": "error",
+    "text_not_blank": "error",
+    "text_length": "error",
+    "text_tokens": "warn",
+    "text_encoding": "error",
+    "label_not_null": "error",
+    "label_in_set": "error",
+    "duplicate_rate": "error",
+    "label_conflict": "error",
+    "repeats_accepted": "error",
+    "rows_per_class": "error",
+    "class_imbalance": "warn",
+    "drift_labels": "warn",
+    "drift_text_length": "warn",
+}
+
+
 class DataConfig(_Section):
-    path: str = Field(
-        description="CSV, JSONL or Parquet file. 'package:<dist>/<file>' reads a file shipped in an "
-        "installed Python package (found with importlib, never imported)."
+    path: str | None = Field(
+        None,
+        description="A single CSV, JSONL or Parquet file. 'package:<dist>/<file>' reads a file shipped in an "
+        "installed Python package (found with importlib, never imported). Set this or data.landing.",
+    )
+    landing: str | None = Field(
+        None,
+        description="A landing-zone folder with incoming/, accepted/ and quarantine/: each new batch in "
+        "incoming/ is validated and moved; training uses every accepted batch. Set this or data.path.",
     )
     format: Literal["auto", "csv", "jsonl", "parquet"] = Field(
         "auto", description="File format; 'auto' picks it from the file extension."
@@ -48,6 +78,10 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _labels_unique(self) -> DataConfig:
+        if (self.path is None) == (self.landing is None):
+            raise ValueError(
+                "set exactly one of data.path (a single file) and data.landing (a landing-zone folder)"
+            )
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"data.labels has repeated names: {self.labels}; list each label once")
         if self.label_values is not None:
@@ -72,10 +106,40 @@ class ValidationConfig(_Section):
     max_duplicate_rate: float = Field(
         0.2, ge=0.0, le=1.0, description="Highest allowed share of rows whose normalized text repeats another."
     )
+    max_text_tokens: int | None = Field(
+        None, ge=1,
+        description="Longest allowed text in tokens of the configured tokenizer; unset means model.max_length "
+        "(the check then reports texts that training would truncate).",
+    )
+    max_class_imbalance: float = Field(
+        20.0, ge=1.0, description="Highest allowed ratio of the largest to the smallest class (rows)."
+    )
+    max_repeat_share: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Highest share of a batch's rows whose text was already accepted in an earlier batch.",
+    )
+    drift_p_value: float = Field(
+        0.001, gt=0.0, lt=1.0,
+        description="A batch drifts when a test against the accepted data gives a p-value below this "
+        "(chi-square for the label distribution, Kolmogorov-Smirnov for text length).",
+    )
+    drift_min_rows: int = Field(50, ge=1, description="Batches smaller than this skip the drift tests.")
+    severity: dict[str, Severity] = Field(
+        default_factory=dict,
+        description="Per-check severity overrides (error / warn / off), e.g. {class_imbalance: error}.",
+    )
     max_failed_examples: int = Field(5, ge=1, description="Offending values shown per failed expectation.")
+
+    def severity_of(self, check: str) -> Severity:
+        return self.severity.get(check, DEFAULT_SEVERITY[check])
 
     @model_validator(mode="after")
     def _bounds(self) -> ValidationConfig:
+        unknown = sorted(set(self.severity) - set(DEFAULT_SEVERITY))
+        if unknown:
+            raise ValueError(
+                f"validation.severity names unknown checks {unknown}; the checks are: {', '.join(DEFAULT_SEVERITY)}"
+            )
         if self.min_text_chars > self.max_text_chars:
             raise ValueError(
                 f"validation.min_text_chars ({self.min_text_chars}) is above validation.max_text_chars "

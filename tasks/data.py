@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
-import json
 import logging
 import re
 import unicodedata
@@ -26,16 +25,30 @@ _FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "p
 
 
 class DataError(ValueError):
-    """Data that cannot be read or used; the message names the file, the column and the fix."""
+    """Data that cannot be read or used; the message names the file, the column and the fix.
+
+    ``check`` names the rule that failed, as in a validation report (a landing-zone gate files a batch
+    that cannot be read under that name).
+    """
+
+    def __init__(self, message: str, check: str = "file_readable"):
+        super().__init__(message)
+        self.check = check
 
 
 @dataclass(frozen=True)
 class LoadedData:
-    """Rows ready for validation: columns ``text``, ``label`` (label name as str) and ``line``."""
+    """Rows ready for validation: columns ``text``, ``label`` (label name as str) and ``line``.
+
+    ``raw`` keeps the text and label columns as the file typed them (object dtype, indexed by line),
+    for the schema checks; ``sources`` lists every file the rows came from.
+    """
 
     frame: pd.DataFrame
     source: Path
     digest: str
+    raw: pd.DataFrame | None = None
+    sources: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,32 +123,42 @@ def normalize_text(text: str) -> str:
 
 def _read_raw(path: Path, fmt: str) -> pd.DataFrame:
     if fmt == "csv":
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8")
+        # utf-8-sig: a byte-order mark (Excel writes one) is unusual, not wrong
+        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
     if fmt == "jsonl":
         return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
     return pd.read_parquet(path)
 
 
-def read_table(cfg: DataConfig, config_file: str = "the config") -> LoadedData:
+def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | None = None) -> LoadedData:
     """Read the configured file and return ``text`` / ``label`` / ``line`` columns.
 
     Labels are returned as names (``label_values`` applied); checking them against the configured
     set is the validation stage's job, so that every problem is reported at once.
 
+    Args:
+        cfg: the data section.
+        config_file: named in error messages.
+        path: read this file instead of ``cfg.path`` (a landing-zone batch).
+
     Raises:
         DataError: missing, empty, unreadable or non-UTF-8 file, or a missing column.
     """
-    path = resolve_path(cfg.path)
+    if path is None:
+        if cfg.path is None:
+            raise DataError(f"data.path is not set in {config_file}", check="file_exists")
+        path = resolve_path(cfg.path)
     fix_path = f"Fix: set data.path in {config_file} to an existing CSV, JSONL or Parquet file"
     if not path.exists():
-        raise DataError(f"data file not found: {path}. {fix_path}")
+        raise DataError(f"data file not found: {path}. {fix_path}", check="file_exists")
     if not path.is_file():
-        raise DataError(f"data path {path} is not a file. {fix_path}")
+        raise DataError(f"data path {path} is not a file. {fix_path}", check="file_exists")
     fmt = cfg.format if cfg.format != "auto" else _FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(
             f"cannot tell the format of {path} from its extension '{path.suffix}'. "
-            f"Fix: rename it to .csv/.jsonl/.parquet or set data.format in {config_file}"
+            f"Fix: rename it to .csv/.jsonl/.parquet or set data.format in {config_file}",
+            check="file_format",
         )
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty (0 bytes). Fix: point data.path at a file with rows")
@@ -157,7 +180,8 @@ def read_table(cfg: DataConfig, config_file: str = "the config") -> LoadedData:
         which = " and ".join(f"'{c}'" for c in missing)
         raise DataError(
             f"column {which} not found in {path}; columns are: {', '.join(map(str, raw.columns)) or '(none)'}. "
-            f"Fix: set data.text_column / data.label_column in {config_file}"
+            f"Fix: set data.text_column / data.label_column in {config_file}",
+            check="required_columns",
         )
     if raw.empty:
         raise DataError(f"data file {path} has a header but no rows. Fix: point data.path at a file with rows")
@@ -174,19 +198,37 @@ def read_table(cfg: DataConfig, config_file: str = "the config") -> LoadedData:
     frame = pd.DataFrame(
         {TEXT: text.astype(object), LABEL: labels.astype(object), LINE: lines}
     )
-    return LoadedData(frame=frame, source=path, digest=content_digest(frame))
+    typed = pd.DataFrame(
+        {TEXT: raw[cfg.text_column].astype(object).to_numpy(), LABEL: raw[cfg.label_column].astype(object).to_numpy()},
+        index=pd.Index(lines, name=LINE),
+        dtype=object,  # pandas 3 would infer its str dtype, which GE's type check cannot read per value
+    )
+    return LoadedData(frame=frame, source=path, digest=content_digest(frame), raw=typed, sources=(path,))
+
+
+_MASK = (1 << 256) - 1
+
+
+def _field(value: object) -> str:
+    if value is None or value != value:  # None or NaN: a missing value
+        return "-"
+    text = str(value)
+    return f"{len(text)}:{text}"  # length-prefixed: no separator ambiguity
 
 
 def content_digest(frame: pd.DataFrame) -> str:
-    """SHA-256 over every (text, label) row, independent of row order and file format."""
-    rows = sorted(
-        hashlib.sha256(json.dumps([t, lab], ensure_ascii=False).encode()).digest()
-        for t, lab in zip(frame[TEXT], frame[LABEL])
-    )
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(r)
-    return h.hexdigest()
+    """A digest of every (text, label) row: stable under row order and file format, one streaming pass.
+
+    Each row is hashed (BLAKE2b-256) and the hashes are added modulo 2**256, a multiset hash: the
+    order of rows does not matter, duplicates count, and memory stays constant. Unlike MLflow's own
+    dataset digest it covers all rows, not the first 10,000.
+    """
+    total, count = 0, 0
+    blake = hashlib.blake2b
+    for t, lab in zip(frame[TEXT], frame[LABEL]):
+        total += int.from_bytes(blake(f"{_field(t)}|{_field(lab)}".encode(), digest_size=32).digest(), "big")
+        count += 1
+    return hashlib.sha256(f"tuneflow-rows-v2|{count}|{total & _MASK:064x}".encode()).hexdigest()
 
 
 def _bucket(norm_text: str, salt: str) -> float:

@@ -1,0 +1,207 @@
+"""The landing zone: every new batch is validated on its own and against what was accepted before.
+
+    <landing>/incoming/     batches arrive here (any name; CSV, JSONL or Parquet)
+    <landing>/accepted/     batches that passed, byte for byte as delivered, never modified afterwards
+    <landing>/quarantine/   batches that failed, each next to <name>.report.json and <name>.report/ (HTML)
+    <landing>/.gate.lock    held while a gate runs: two gates never judge the same batch
+
+Nothing is lost: the report is written before a batch moves, and a move is one ``os.rename`` on the
+same filesystem, so after a crash at any point every batch is in exactly one of the three folders.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import pandas as pd
+
+from tasks.config import PipelineConfig
+from tasks.data import LABEL, TEXT, DataError, LoadedData, content_digest, normalize_text, read_table
+from tasks.validate import NORM, ValidationReport, failure_report, validate_frame
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+INCOMING, ACCEPTED, QUARANTINE = "incoming", "accepted", "quarantine"
+BATCH = "batch"
+
+
+@dataclass
+class BatchOutcome:
+    name: str
+    status: Literal["accepted", "quarantined"]
+    path: Path  # where the batch is now
+    report: ValidationReport
+
+
+@dataclass
+class GateResult:
+    outcomes: list[BatchOutcome] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> list[BatchOutcome]:
+        return [o for o in self.outcomes if o.status == "accepted"]
+
+    @property
+    def quarantined(self) -> list[BatchOutcome]:
+        return [o for o in self.outcomes if o.status == "quarantined"]
+
+
+class BatchRejected(DataError):
+    """At least one incoming batch failed validation and was quarantined."""
+
+    def __init__(self, result: GateResult):
+        parts = [f"{len(result.quarantined)} batch(es) quarantined, {len(result.accepted)} accepted; nothing was trained."]
+        for o in result.quarantined:
+            parts.append(f"\n{o.path} (report: {o.path.parent / (o.name + '.report')}/index.html)\n{o.report.summary()}")
+        super().__init__("\n".join(parts), check=result.quarantined[0].report.failed[0].name if result.quarantined[0].report.failed else "validation")
+        self.result = result
+
+
+def folders(landing: Path) -> tuple[Path, Path, Path]:
+    dirs = tuple(landing / name for name in (INCOMING, ACCEPTED, QUARANTINE))
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    return dirs  # type: ignore[return-value]
+
+
+@contextmanager
+def gate_lock(landing: Path, timeout_s: float = 3600) -> Iterator[None]:
+    """An exclusive lock on the landing zone (flock: released by the OS if the process dies)."""
+    landing.mkdir(parents=True, exist_ok=True)
+    with open(landing / ".gate.lock", "w") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another gate has held {landing / '.gate.lock'} for {timeout_s:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _free_name(folder: Path, name: str) -> str:
+    """``name``, or ``stem.<n>.ext`` if taken: an accepted batch is never overwritten."""
+    if not (folder / name).exists() and not (folder / f"{name}.report.json").exists():
+        return name
+    stem, dot, ext = name.partition(".")
+    n = 2
+    while (folder / f"{stem}.{n}{dot}{ext}").exists():
+        n += 1
+    return f"{stem}.{n}{dot}{ext}"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _failure_html(report: ValidationReport) -> str:
+    import html
+
+    c = report.checks[0]
+    return (
+        "<!doctype html><meta charset='utf-8'><title>tuneflow: batch rejected</title>"
+        f"<h1>Batch rejected: {html.escape(report.source)}</h1>"
+        f"<p><b>{html.escape(c.name)}</b>: {html.escape(str(c.observed))}</p>"
+        "<p>The file could not be read as a data batch, so no expectation ran.</p>"
+    )
+
+
+def _is_outside(path: Path, landing: Path) -> bool:
+    return path.is_symlink() and not path.resolve().is_relative_to(landing.resolve())
+
+
+def load_accepted(cfg: PipelineConfig, landing: Path) -> LoadedData | None:
+    """The union of accepted batches, deduplicated by normalized text (first delivery wins)."""
+    _, accepted, _ = folders(landing)
+    files = sorted(p for p in accepted.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        return None
+    frames = []
+    for p in files:
+        frame = read_table(cfg.data, path=p).frame
+        frames.append(frame.assign(**{BATCH: p.name}))
+    union = pd.concat(frames, ignore_index=True)
+    union[NORM] = union[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
+    union = union.drop_duplicates(NORM, keep="first").reset_index(drop=True)
+    return LoadedData(frame=union, source=accepted, digest=content_digest(union), sources=tuple(files))
+
+
+def judge_batch(path: Path, cfg: PipelineConfig, reference: pd.DataFrame | None, landing: Path,
+                tokenizer: PreTrainedTokenizerBase | None, docs_dir: Path) -> tuple[ValidationReport, LoadedData | None]:
+    """Validate one incoming file; never raises for bad data (the report says what is wrong)."""
+    if _is_outside(path, landing):
+        err = DataError(f"{path} is a symbolic link to {path.resolve()}, outside the landing zone. "
+                        "Fix: copy the file into incoming/ instead of linking it", check="file_inside_landing_zone")
+        return failure_report(str(path), err), None
+    try:
+        loaded = read_table(cfg.data, config_file="the config", path=path)
+    except DataError as err:
+        return failure_report(str(path), err), None
+    report = validate_frame(loaded.frame, cfg, path, raw=loaded.raw, reference=reference, tokenizer=tokenizer, docs_dir=docs_dir)
+    return report, loaded
+
+
+def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> GateResult:
+    """Judge every file in ``incoming/`` (oldest name first), then move it to accepted/ or quarantine/.
+
+    Later batches are compared with the earlier ones accepted in the same run.
+    """
+    incoming, accepted, quarantine = folders(landing)
+    result = GateResult()
+    with gate_lock(landing):
+        shutil.rmtree(landing / ".work", ignore_errors=True)  # scratch of an earlier gate
+        current = load_accepted(cfg, landing)
+        reference = current.frame if current is not None else None
+        for path in sorted(p for p in incoming.iterdir() if not p.name.startswith(".")):
+            if not (path.is_file() or path.is_symlink()):
+                continue
+            work = landing / ".work" / path.name
+            shutil.rmtree(work, ignore_errors=True)
+            report, loaded = judge_batch(path, cfg, reference, landing, tokenizer, work / "docs")
+            if report.success and loaded is not None:
+                dest = accepted / _free_name(accepted, path.name)
+                os.rename(path, dest)
+                new = loaded.frame.assign(**{BATCH: dest.name})
+                new[NORM] = new[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
+                reference = new if reference is None else pd.concat([reference, new], ignore_index=True)
+                result.outcomes.append(BatchOutcome(path.name, "accepted", dest, report))
+                log.info("accepted batch %s -> %s", path.name, dest)
+            else:
+                name = _free_name(quarantine, path.name)
+                # Report first, then the move: a crash in between leaves the batch in incoming/ (judged
+                # again next time) and at worst an orphan report, never a batch without its report.
+                site = quarantine / f"{name}.report"
+                shutil.rmtree(site, ignore_errors=True)
+                if report.docs_index:
+                    shutil.copytree(work / "docs", site)
+                else:
+                    site.mkdir()
+                    (site / "index.html").write_text(_failure_html(report), encoding="utf-8")
+                report.docs_index = str(site / "index.html")
+                _write_json(quarantine / f"{name}.report.json", report.to_json())
+                os.rename(path, quarantine / name)
+                result.outcomes.append(BatchOutcome(path.name, "quarantined", quarantine / name, report))
+                log.warning("quarantined batch %s: %s", path.name, ", ".join(c.name for c in report.failed))
+            if report.docs_index is None and (work / "docs" / "index.html").exists():
+                report.docs_index = str(work / "docs" / "index.html")
+    return result
