@@ -86,13 +86,17 @@ def find_package(module: str):
 def _csv_record_lines(path: Path) -> list[int] | None:
     """1-based line where each CSV record starts (quoted texts may span lines; blank lines are skipped)."""
     lines: list[int] = []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        start = 1
-        for row in reader:
-            if row:
-                lines.append(start)
-            start = reader.line_num + 1
+    csv.field_size_limit(2**31 - 1)  # the default 128 kB limit is smaller than one long text
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            start = 1
+            for row in reader:
+                if row:
+                    lines.append(start)
+                start = reader.line_num + 1
+    except csv.Error:
+        return None  # pandas read it; fall back to record positions
     return lines[1:]  # the first record is the header
 
 

@@ -121,3 +121,36 @@ def test_bad_input_stops_before_training_and_registers_nothing(kind, workdir, ti
     assert MlflowClient().search_registered_models() == []
     assert (_sha(path) if path.exists() else None) == before
     assert not (workdir / ".cache" / "tuneflow" / "tokenized").exists()  # stopped before tokenization
+
+
+def test_landing_zone_flow_trains_on_accepted_batches_and_stops_on_a_bad_one(workdir, tiny_model_dir):
+    from tasks.gate import BatchRejected
+
+    landing = workdir / "data" / "tiny"
+    (landing / "incoming").mkdir(parents=True)
+    make_rows(150, seed=1).to_csv(landing / "incoming" / "batch-001.csv", index=False)
+    cfg = tiny_config_dict(Path("unused"), tiny_model_dir)
+    cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
+    first = _run(cfg)
+    assert (landing / "accepted" / "batch-001.csv").exists() and first["version"] == "1"
+
+    # Lineage: the run's dataset inputs carry the full-content digest the version is tagged with.
+    client = MlflowClient()
+    version = client.get_model_version("tiny-clf", "1")
+    inputs = client.get_run(first["run_id"]).inputs.dataset_inputs
+    contexts = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i for i in inputs}
+    assert set(contexts) == {"training", "evaluation"}
+    for i in contexts.values():
+        tags = {t.key: t.value for t in i.tags}
+        assert tags["tuneflow.data_digest"] == version.tags["tuneflow.data_digest"]
+        assert "batch-001.csv" in tags["tuneflow.sources"]
+    assert int({t.key: t.value for t in contexts["training"].tags}["rows"]) + int({t.key: t.value for t in contexts["evaluation"].tags}["rows"]) == 300
+
+    bad = make_rows(40, seed=2)
+    bad.loc[0, "label"] = "eggs"
+    bad.to_csv(landing / "incoming" / "batch-002.csv", index=False)
+    with pytest.raises(BatchRejected, match="label_in_set"):
+        _run(cfg)
+    assert (landing / "quarantine" / "batch-002.csv").exists()
+    assert (landing / "quarantine" / "batch-002.csv.report" / "index.html").exists()
+    assert [str(v.version) for v in client.search_model_versions("name='tiny-clf'")] == ["1"]  # nothing registered

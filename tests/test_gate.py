@@ -1,0 +1,176 @@
+"""The landing-zone gate on a corpus of bad batches: each is quarantined for exactly its fault, with
+its report; unusual-but-fine batches are accepted; nothing is lost; two gates never accept twice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import tiny_config_dict
+from tasks.config import PipelineConfig
+from tasks.gate import folders, load_accepted, run_gate
+
+CORPUS = Path(__file__).parent / "data" / "bad"
+EXPECTED: dict[str, str] = json.loads((CORPUS / "EXPECTED.json").read_text())
+# Made here rather than committed: a 10 MB text, and a link pointing out of the landing zone.
+GENERATED = {"huge_text.csv": "text_length", "escape_link.csv": "file_inside_landing_zone"}
+
+
+def gate_config(landing: Path, model_dir: Path) -> PipelineConfig:
+    cfg = tiny_config_dict(Path("unused"), model_dir, validation={
+        "min_rows_per_class": 3, "max_class_imbalance": 5, "max_text_chars": 1000, "max_text_tokens": 64,
+        "drift_min_rows": 30,
+        "severity": {"text_tokens": "error", "class_imbalance": "error", "drift_labels": "error", "drift_text_length": "error"},
+    })
+    cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
+    return PipelineConfig.model_validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def corpus_run(tmp_path_factory, tiny_model_dir, tokenizer):
+    landing = tmp_path_factory.mktemp("landing") / "sms"
+    incoming, accepted, quarantine = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)
+    shutil.copy(CORPUS / "base.csv", incoming)
+    first = run_gate(cfg, landing, tokenizer)
+    assert [o.status for o in first.outcomes] == ["accepted"], first.outcomes[0].report.summary()
+
+    for name in EXPECTED:
+        shutil.copy(CORPUS / name, incoming / name)
+    clean = [f"see you at lunch friend {i},ham" for i in range(10)] + [f"free cash prize claim now {i},spam" for i in range(10)]
+    (incoming / "huge_text.csv").write_text("text,label\n" + "y" * 10_000_000 + ",spam\n" + "\n".join(clean) + "\n")
+    outside = tmp_path_factory.mktemp("outside") / "secret.csv"
+    outside.write_text("text,label\nnot yours,ham\n")
+    (incoming / "escape_link.csv").symlink_to(outside)
+    result = run_gate(cfg, landing, tokenizer)
+    return landing, {o.name: o for o in result.outcomes}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED | GENERATED))
+def test_each_corpus_batch_ends_where_it_should(name, corpus_run):
+    landing, outcomes = corpus_run
+    expected = (EXPECTED | GENERATED)[name]
+    outcome = outcomes[name]
+    assert not (landing / "incoming" / name).exists()
+    if expected == "accepted":
+        assert outcome.status == "accepted", outcome.report.summary()
+        assert (landing / "accepted" / name).read_bytes() == (CORPUS / name).read_bytes()  # byte for byte
+        assert not (landing / "quarantine" / name).exists()
+        return
+    assert outcome.status == "quarantined"
+    assert [c.name for c in outcome.report.failed] == [expected], outcome.report.summary()
+    moved = landing / "quarantine" / name
+    assert moved.exists() or moved.is_symlink()
+    assert not (landing / "accepted" / name).exists()
+    if name in EXPECTED:
+        assert moved.read_bytes() == (CORPUS / name).read_bytes()
+    report = json.loads((landing / "quarantine" / f"{name}.report.json").read_text())
+    assert report["success"] is False and [c["name"] for c in report["checks"] if c["status"] == "FAIL"] == [expected]
+    html = (landing / "quarantine" / f"{name}.report" / "index.html").read_text()
+    assert "<html" in html.lower() or "<!doctype" in html.lower()
+
+
+def test_reports_name_the_batch_the_rule_and_the_offending_lines(corpus_run):
+    _, outcomes = corpus_run
+    summary = outcomes["bad_label.csv"].report.summary()
+    assert "bad_label.csv" in summary and "label_in_set" in summary and "'eggs'" in summary and "line " in summary
+    assert "fix:" in summary
+    assert "Expected 2 fields" in outcomes["ragged_row.csv"].report.summary()
+    assert outcomes["escape_link.csv"].path.is_symlink()  # the link moved, its target was never read or touched
+
+
+def test_training_data_is_the_deduplicated_union_of_accepted_batches(corpus_run, tiny_model_dir):
+    landing, _ = corpus_run
+    cfg = gate_config(landing, tiny_model_dir)
+    union = load_accepted(cfg, landing)
+    assert {p.name for p in union.sources} == {"base.csv", "bom.csv", "crlf.csv"}
+    assert len(union.frame) == 200 + 40 + 40
+    assert union.frame["text_normalized"].is_unique
+
+
+def test_two_gates_at_once_accept_a_batch_once(tmp_path, tiny_model_dir, tokenizer):
+    landing = tmp_path / "sms"
+    incoming, accepted, quarantine = folders(landing)
+    shutil.copy(CORPUS / "base.csv", incoming)
+    cfg = gate_config(landing, tiny_model_dir)
+    results, errors = [], []
+
+    def gate():
+        try:
+            results.append(run_gate(cfg, landing, tokenizer))
+        except Exception as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=gate) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert sorted(len(r.accepted) for r in results) == [0, 1]
+    assert [p.name for p in accepted.iterdir()] == ["base.csv"] and not list(incoming.iterdir())
+
+
+def test_a_repeated_delivery_is_quarantined_not_overwritten(tmp_path, tiny_model_dir, tokenizer):
+    landing = tmp_path / "sms"
+    incoming, accepted, quarantine = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)
+    shutil.copy(CORPUS / "base.csv", incoming)
+    run_gate(cfg, landing, tokenizer)
+    shutil.copy(CORPUS / "base.csv", incoming)
+    again = run_gate(cfg, landing, tokenizer)
+    assert [c.name for c in again.outcomes[0].report.failed] == ["repeats_accepted"]
+    assert (accepted / "base.csv").read_bytes() == (CORPUS / "base.csv").read_bytes()
+    assert (quarantine / "base.csv").exists()
+
+
+@pytest.mark.parametrize("crash_at", ["report", "move"])
+def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(crash_at, tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    import tasks.gate as gate
+
+    landing = tmp_path / "sms"
+    incoming, accepted, quarantine = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)
+    names = ["base.csv", "bad_label.csv", "crlf.csv", "null_text.csv"]
+    for name in names:
+        shutil.copy(CORPUS / name, incoming)
+    real_write, real_rename = gate._write_json, gate.os.rename
+    calls = {"n": 0}
+
+    def crash_on_second(real):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt("simulated crash")
+            return real(*args, **kwargs)
+        return wrapper
+
+    if crash_at == "report":
+        monkeypatch.setattr(gate, "_write_json", crash_on_second(real_write))
+    else:
+        monkeypatch.setattr(gate.os, "rename", crash_on_second(real_rename))
+    with pytest.raises(KeyboardInterrupt):
+        run_gate(cfg, landing, tokenizer)
+
+    def where(name: str) -> list[str]:
+        return [d.name for d in (incoming, accepted, quarantine) if (d / name).exists()]
+
+    for name in names:
+        assert len(where(name)) == 1, (name, where(name))  # never gone, never in two places
+        if where(name) == ["quarantine"]:
+            assert (quarantine / f"{name}.report.json").exists()  # never a quarantined batch without report
+    monkeypatch.undo()
+    run_gate(cfg, landing, tokenizer)  # the next gate finishes the job
+    assert sorted(p.name for p in accepted.iterdir()) == ["base.csv", "crlf.csv"]
+    assert {p.name for p in quarantine.iterdir() if not p.name.endswith((".report", ".report.json"))} == {"bad_label.csv", "null_text.csv"}
+    assert not list(incoming.iterdir())
