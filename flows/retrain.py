@@ -85,7 +85,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
             "tokenize_cache_hit": tokenized.cache_hit,
         }
         if config.registry.enabled:
-            reg = register_task(config, trained.model, tokenizer, evaluation, split, loaded, pid, lineage)
+            reg = register_task(config, trained.model, tokenizer, evaluation, split, loaded, pid, lineage, report=report, training=trained)
             decision = reg["decision"]
             result |= {
                 "version": reg["version"],

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 TAG = "tuneflow."
+CARD_FILE = "model_card.md"
+VALIDATION_TAG = "tuneflow.validation"  # passed | failed: the data checks of the run that produced the version
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,19 @@ def register(
     description: str,
     example: list[str],
 ) -> ModelVersion:
-    """Log the model (transformers flavor), register it, tag it, alias it and apply the gate decision.
+    """Log the model (transformers flavor) and its card, register it, alias it and apply the gate decision.
 
-    Tags are written with the version in one call, and aliases only after that, so a version never
-    carries an alias without its lineage tags.
+    Write order, so an interruption anywhere leaves the registry consistent (see tasks/history.py):
+    1. model and ``model_card.md`` go to the active run (no registry entry yet);
+    2. the version is created with its lineage/decision tags AND the card as description in one call,
+       so a version never exists without its card or tags;
+    3. alias ``challenger``; 4. if promoted, ``move_champion`` (history entry, then alias ``champion``).
     """
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tasks.history import CARD_TAG, move_champion
 
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
@@ -116,14 +124,27 @@ def register(
         pip_requirements=pip_requirements(),
         input_example=example[:2],
     )
-    all_tags = {**tags, **decision_tags(decision), f"{TAG}max_length": str(cfg.model.max_length)}
-    mv = mlflow.register_model(info.model_uri, cfg.registry.model_name, tags=all_tags)
+    run_id = mlflow.active_run().info.run_id
+    mlflow.log_text(description, CARD_FILE)
+    name = cfg.registry.model_name
+    all_tags = {
+        **tags,
+        **decision_tags(decision),
+        f"{TAG}max_length": str(cfg.model.max_length),
+        CARD_TAG: f"runs:/{run_id}/{CARD_FILE}",
+    }
     client = MlflowClient()
-    client.update_model_version(cfg.registry.model_name, mv.version, description=description)
-    client.set_registered_model_alias(cfg.registry.model_name, CHALLENGER, mv.version)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags=all_tags, description=description, model_id=info.model_id)
+    client.set_registered_model_alias(name, CHALLENGER, mv.version)
     if decision.promote:
-        client.set_registered_model_alias(cfg.registry.model_name, CHAMPION, mv.version)
-    return client.get_model_version(cfg.registry.model_name, mv.version)
+        actor = tags.get(f"{TAG}prefect_flow_run_id") or f"run {run_id}"
+        move_champion(name, str(mv.version), "gate", "gate", actor, decision.reason)
+    return client.get_model_version(name, mv.version)
 
 
 def decision_tags(decision: Decision) -> dict[str, str]:
@@ -169,24 +190,113 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 
-def model_card(cfg: PipelineConfig, decision: Decision, metrics: dict[str, float], rows: dict[str, int], data_digest: str, run_id: str) -> str:
+def _distribution(frame: pd.DataFrame, labels: list[str]) -> dict[str, int]:
+    counts = frame[LABEL].value_counts()
+    return {lab: int(counts.get(lab, 0)) for lab in labels}
+
+
+def model_card(
+    cfg: PipelineConfig,
+    decision: Decision,
+    evaluation: Any,
+    split: Any,
+    data_digest: str,
+    run_id: str,
+    validation: Any | None = None,
+    training: Any | None = None,
+) -> str:
+    """The version's model card (markdown): the registry description and ``model_card.md``.
+
+    Args:
+        evaluation: ``EvaluateOutput`` (challenger, champion_version, champion, champion_error).
+        split: ``Split`` with ``train``/``eval`` frames (``text``, ``label``).
+        validation: ``ValidationReport`` of the data (``None``: not available).
+        training: ``TrainResult`` (``train_seconds``, ``epochs_run``; ``None``: not available).
+    """
+    from tasks.evaluate import metrics_table
+
+    labels = cfg.data.labels
+    t = cfg.train
+    cols: dict[str, dict[str, float] | None] = {"this version": evaluation.challenger.metrics}
+    if evaluation.champion_version:
+        cols[f"champion v{evaluation.champion_version}"] = evaluation.champion.metrics if evaluation.champion else None
+    train_dist, eval_dist = _distribution(split.train, labels), _distribution(split.eval, labels)
     lines = [
-        f"## {cfg.registry.model_name}",
-        f"Fine-tuned from `{cfg.model.base_model}` for text classification into {', '.join(f'`{x}`' for x in cfg.data.labels)}.",
+        f"# Model card: {cfg.registry.model_name}",
         "",
-        f"- **Decision:** {'promoted to champion' if decision.promote else 'not promoted'}: {decision.reason}",
-        f"- **{decision.metric}:** {decision.challenger_score:.4f}"
-        + (f" (champion v{decision.champion_version}: {decision.champion_score:.4f} on the same eval split)" if decision.champion_score is not None else ""),
-        f"- **Accuracy:** {metrics.get('accuracy', float('nan')):.4f}",
-        f"- **Data:** `{cfg.data.path}`, digest `{data_digest[:16]}`, {rows['train']} train / {rows['eval']} eval rows",
-        f"- **Training run:** `{run_id}`; config `{cfg.name}` (digest `{cfg.digest()}`)",
+        f"Fine-tuned from `{cfg.model.base_model}` for **text classification** into "
+        f"{len(labels)} labels: {', '.join(f'`{x}`' for x in labels)} (id order).",
+        "",
+        "## Promotion decision",
+        f"**{'Promoted to champion' if decision.promote else 'Not promoted'}**: {decision.reason}",
+        "",
+        f"## Eval metrics (same eval split of {len(split.eval)} rows for every column)",
+        "",
+        metrics_table(cols, labels),
+    ]
+    if evaluation.champion_version and evaluation.champion is None:
+        lines += ["", f"Champion v{evaluation.champion_version} could not be scored: {evaluation.champion_error}"]
+    lines += [
+        "",
+        "## Data",
+        f"- Source: `{cfg.data.path}`; content digest `{data_digest}`",
+        f"- Split by text hash (eval_fraction {cfg.data.eval_fraction}, salt `{cfg.data.split_salt}`): "
+        f"{len(split.train)} train / {len(split.eval)} eval rows",
+        "",
+        "| label | train | eval |",
+        "|---|---|---|",
+        *[f"| {lab} | {train_dist[lab]} | {eval_dist[lab]} |" for lab in labels],
+        "",
+        "## Validation",
+    ]
+    if validation is None:
+        lines.append("- Not recorded for this version.")
+    else:
+        passed = sum(c.success for c in validation.checks)
+        lines.append(f"- {'Passed' if validation.success else 'FAILED'}: {passed}/{len(validation.checks)} Great Expectations checks on {validation.row_count} rows")
+        lines += [f"- {'pass' if c.success else 'FAIL'} `{c.name}`: {c.rule} (observed: {c.observed})" for c in validation.checks]
+    lines += [
+        "",
+        "## Training",
+        f"- Config `{cfg.name}` (digest `{cfg.digest()}`): max_length {cfg.model.max_length}, epochs <= {t.epochs:g}, "
+        f"batch {t.batch_size}, learning rate {t.learning_rate:g}, weight decay {t.weight_decay:g}, seed {t.seed}, "
+        f"bf16 {t.bf16}, early stopping patience {t.early_stopping_patience}",
+    ]
+    if training is not None:
+        lines.append(f"- Trained {training.epochs_run:g} epochs in {training.train_seconds:.1f} s")
+    lines += [
+        f"- MLflow run `{run_id}`",
+        "",
+        "## Intended use",
+        f"Classify short texts like those in `{cfg.data.path}` into {', '.join(labels)}, in batch "
+        "(`tuneflow predict`) or behind `mlflow models serve`. Review with `tuneflow compare` before a manual promotion.",
+        "",
+        "## Known limits",
+        f"- Texts longer than {cfg.model.max_length} tokens are truncated; only the start is read.",
+        f"- It can only answer one of {', '.join(labels)}; other kinds of text still get one of these labels.",
+        "- Scores are softmax probabilities, not calibrated; the metrics above hold for data like the eval split only.",
+        "- Trained on the data above alone: texts from another source, language or period may score worse.",
     ]
     return "\n".join(lines)
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register_task(cfg, model, tokenizer, evaluation, split, loaded, parent_run_id: str, lineage: dict[str, str]) -> dict[str, Any]:
-    """Apply the gate and register. Returns a summary with the version, decision and model URI."""
+def register_task(
+    cfg,
+    model,
+    tokenizer,
+    evaluation,
+    split,
+    loaded,
+    parent_run_id: str,
+    lineage: dict[str, str],
+    report=None,
+    training=None,
+) -> dict[str, Any]:
+    """Apply the gate and register. Returns a summary with the version, decision and model URI.
+
+    ``report`` (ValidationReport) and ``training`` (TrainResult) go into the model card and tags.
+    """
     import mlflow
 
     from tasks.tracking import stage_run
@@ -195,9 +305,11 @@ def register_task(cfg, model, tokenizer, evaluation, split, loaded, parent_run_i
         primary = cfg.evaluate.primary_metric
         champ_score = evaluation.champion.metrics[primary] if evaluation.champion else None
         decision = decide(primary, evaluation.challenger.metrics[primary], champ_score, evaluation.champion_version, cfg.registry.min_improvement)
-        rows = {"train": len(split.train), "eval": len(split.eval)}
-        card = model_card(cfg, decision, evaluation.challenger.metrics, rows, loaded.digest, parent_run_id)
-        mv = register(model, tokenizer, cfg, decision, lineage, card, list(split.eval[TEXT][:2]))
+        card = model_card(cfg, decision, evaluation, split, loaded.digest, parent_run_id, report, training)
+        version_tags = dict(lineage)
+        if report is not None:
+            version_tags[VALIDATION_TAG] = "passed" if report.success else "failed"
+        mv = register(model, tokenizer, cfg, decision, version_tags, card, list(split.eval[TEXT][:2]))
         tags = decision_tags(decision) | {f"{TAG}registered_version": str(mv.version)}
         mlflow.set_tags(tags)
         client = mlflow.MlflowClient()

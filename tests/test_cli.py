@@ -28,7 +28,7 @@ def test_run_with_wrong_type_names_field_and_value(capsys):
     assert "train.batch_size: value 'big'" in err
 
 
-def test_models_and_predict_with_champion(workdir, tiny_model_dir, capsys):
+def test_models_and_predict_with_champion(workdir, tiny_model_dir, capsys, prefect_harness):
     cfg = PipelineConfig.model_validate({
         "name": "cli", "data": {"path": "x.csv", "labels": ["ham", "spam"]},
         "model": {"base_model": str(tiny_model_dir), "max_length": 32}, "registry": {"model_name": "cli-clf"},

@@ -71,6 +71,17 @@ def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, 
     assert v2.tags["tuneflow.decision"] == "rejected"
     assert float(v2.tags["tuneflow.champion_score"]) == pytest.approx(first["metrics"]["macro_f1"], abs=1e-4)
 
+    # Model card (description + model_card.md artifact of the run that logged the model) and the gate's
+    # history entries: one champion move so far, by the first flow run.
+    card = v2.description
+    assert mlflow.artifacts.load_text(v2.tags["tuneflow.model_card"]) == card
+    for needle in (f"champion v1", "Not promoted", "## Validation", "Passed:", "Trained 1 epochs", "| ham |", "Known limits"):
+        assert needle in card, needle
+    assert v2.tags["tuneflow.validation"] == "passed"
+    from tasks.history import read_history
+
+    assert [(m.from_version, m.to_version, m.by, m.actor) for m in read_history("tiny-clf")] == [(None, "1", "gate", champ.tags["tuneflow.prefect_flow_run_id"])]
+
 
 def test_better_model_is_promoted(workdir, data_csv, tiny_model_dir):
     weak = _run(tiny_config_dict(data_csv, tiny_model_dir, train={"learning_rate": 0.0, "epochs": 1}))

@@ -1,4 +1,4 @@
-"""The ``tuneflow`` command: run the retrain flow, list registered models, batch-score a file."""
+"""The ``tuneflow`` command: run the retrain flow, review the registry (promote, roll back, compare), batch-score."""
 
 from __future__ import annotations
 
@@ -22,11 +22,30 @@ def _parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list registered model versions, their aliases and scores")
     models.add_argument("name", nargs="?", help="registered model name (default: all)")
+    models.add_argument("--history", action="store_true", help="show the champion history of NAME (time, from -> to, by, reason)")
 
-    pred = sub.add_parser("predict", help="batch-score a CSV/JSONL/Parquet file with a registered model")
+    prom = sub.add_parser("promote", help="make a version champion by hand (re-scores it and the champion on the current eval split)")
+    prom.add_argument("name", help="registered model name")
+    prom.add_argument("version", help="version number to promote")
+    prom.add_argument("--reason", required=True, help="why (recorded in the champion history)")
+    prom.add_argument("--config", default=DEFAULT_CONFIG, help=f"config whose data gives the eval split (default: {DEFAULT_CONFIG})")
+    prom.add_argument("--force", action="store_true", help="promote even a version that failed or lacks validation")
+
+    rb = sub.add_parser("rollback", help="move champion back to the previous champion recorded in the history")
+    rb.add_argument("name", help="registered model name")
+    rb.add_argument("--reason", default="", help="why (recorded in the champion history)")
+
+    cmp_ = sub.add_parser("compare", help="two versions' metrics side by side, recomputed on the current eval split")
+    cmp_.add_argument("name", help="registered model name")
+    cmp_.add_argument("v1")
+    cmp_.add_argument("v2")
+    cmp_.add_argument("--config", default=DEFAULT_CONFIG, help=f"config whose data gives the eval split (default: {DEFAULT_CONFIG})")
+
+    pred = sub.add_parser("predict", help="batch-score a CSV/JSONL/Parquet file or a folder with a registered model (Prefect flow)")
     pred.add_argument("--model", required=True, help="NAME@ALIAS or NAME/VERSION, e.g. sms-spam-classifier@champion")
-    pred.add_argument("--input", required=True, type=Path)
-    pred.add_argument("--output", required=True, type=Path, help="CSV to write (input columns + label, score, model_version)")
+    pred.add_argument("--input", required=True, type=Path, help="a data file, or a folder of them")
+    pred.add_argument("--output", required=True, type=Path,
+                      help="CSV to write (input columns + label, score, model_version); a folder when --input is a folder")
     pred.add_argument("--text-column", default="text")
     pred.add_argument("--batch-size", type=int, default=64)
 
@@ -64,41 +83,126 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
-    from mlflow.exceptions import MlflowException
-
-    from tasks.register import list_versions
-    from tasks.tracking import configure_tracking
-
-    configure_tracking()
-    try:
-        rows = list_versions(args.name)
-    except MlflowException as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 2
-    if not rows:
-        print("no registered models yet; run: tuneflow run")
-        return 0
-    cols = ["name", "version", "aliases", "metric", "score", "decision", "data_digest", "created"]
+def _table(rows: list[dict], cols: list[str]) -> None:
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from tasks.register import list_versions
+    from tasks.review import history_rows
+    from tasks.tracking import configure_tracking
+
+    configure_tracking()
+    if args.history and not args.name:
+        print("error: --history needs a model name. Fix: tuneflow models NAME --history", file=sys.stderr)
+        return 2
+    try:
+        if args.history:
+            rows = history_rows(args.name)
+            if not rows:
+                print(f"no champion moves recorded for {args.name} yet")
+                return 0
+            _table(rows, ["time", "move", "action", "by", "reason"])
+            return 0
+        rows = list_versions(args.name)
+    except MlflowException as exc:
+        print(f"error: {exc.message}. Fix: check the name with 'tuneflow models'", file=sys.stderr)
+        return 2
+    if not rows:
+        print("no registered models yet; run: tuneflow run")
+        return 0
+    _table(rows, ["name", "version", "aliases", "metric", "score", "decision", "data_digest", "created"])
+    return 0
+
+
+def _review(fn, *a, **kw):
+    """Run a review action; returns (result, exit code). Refusals are exit 2 with the message."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.data import DataError
+    from tasks.history import RegistryError
+
+    try:
+        return fn(*a, **kw), 0
+    except (RegistryError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except MlflowException as exc:
+        print(f"error: {exc.message}. Fix: check the name with 'tuneflow models'", file=sys.stderr)
+    return None, 2
+
+
+def _load(path: str):
+    from tasks.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from tasks.review import promote
+    from tasks.tracking import configure_tracking
+
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    configure_tracking()
+    out, rc = _review(promote, cfg, args.name, args.version, args.reason, args.force, args.config)
+    if rc:
+        return rc
+    print(f"scored on the current eval split ({out.eval_rows} rows of {cfg.data.path}):\n{out.table}\n")
+    print(f"champion of {args.name}: v{out.move.from_version or '-'} -> v{out.move.to_version} ({out.move.by}:{out.move.actor}): {out.move.reason}")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from tasks.review import rollback
+    from tasks.tracking import configure_tracking
+
+    configure_tracking()
+    move, rc = _review(rollback, args.name, args.reason)
+    if rc:
+        return rc
+    print(f"champion of {args.name} rolled back: v{move.from_version} -> v{move.to_version} ({move.by}:{move.actor}): {move.reason}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from tasks.review import compare
+    from tasks.tracking import configure_tracking
+
+    cfg = _load(args.config)
+    if cfg is None:
+        return 2
+    configure_tracking()
+    out, rc = _review(compare, cfg, args.name, args.v1, args.v2, args.config)
+    if rc:
+        return rc
+    table, n = out
+    print(f"{args.name} v{args.v1} vs v{args.v2}, scored on the current eval split ({n} rows of {cfg.data.path}):\n{table}")
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from flows.predict import predict
     from tasks.data import DataError
-    from tasks.predict import PredictError, predict_file
-    from tasks.tracking import configure_tracking
+    from tasks.predict import PredictError
 
-    configure_tracking()
     try:
-        out = predict_file(args.model, args.input, args.output, args.text_column, args.batch_size)
+        out = predict(args.model, str(args.input), str(args.output), args.text_column, args.batch_size)
     except (DataError, PredictError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out.rows} predictions with {out.model_uri} (version {out.version}) to {args.output}")
+    labels = ", ".join(f"{k} {v}" for k, v in out["label_counts"].items())
+    print(f"wrote {out['rows']} predictions with {out['model_uri']} (version {out['version']}) to {args.output}")
+    print(f"labels: {labels}; {out['ms_per_row']:.2f} ms/row; MLflow run: {out['run_url']}")
     return 0
 
 
@@ -116,7 +220,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_environment()
-    return {"run": _cmd_run, "models": _cmd_models, "predict": _cmd_predict, "ui": _cmd_ui}[args.command](args)
+    commands = {"run": _cmd_run, "models": _cmd_models, "promote": _cmd_promote, "rollback": _cmd_rollback,
+                "compare": _cmd_compare, "predict": _cmd_predict, "ui": _cmd_ui}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""Champion history: every move of the ``champion`` alias, stored in the registry itself.
+
+One registered-model tag per move, ``tuneflow.history.<6-digit seq>``, whose value is a JSON object
+(time, action, by, actor, from, to, reason). One tag per move rather than one growing JSON-lines tag
+because a tag value is capped in size (a few kB on MLflow's SQL store), while the number of tags is
+not; the history then travels with the registry (a team server, a copied sqlite file) and the MLflow
+UI shows it on the model's page.
+
+Write order of a move (``move_champion``), so an interruption leaves the registry consistent:
+1. check the target version exists and carries its model card (never alias a version without one);
+2. write the history entry (write-ahead: an alias never moves without its audit record);
+3. move the alias.
+A crash between 2 and 3 leaves an entry whose move did not happen. ``applied_moves`` detects it (the
+next entry, or the current champion, does not start from that entry's target) and ignores it for
+rollback; ``tuneflow models NAME --history`` marks it "not applied".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+HISTORY_TAG = "tuneflow.history."
+CARD_TAG = "tuneflow.model_card"
+MAX_REASON_CHARS = 1000  # keeps one entry far below the registry's tag-value limit
+
+
+class RegistryError(ValueError):
+    """A registry operation was refused; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Move:
+    seq: int
+    time: str  # ISO 8601, UTC
+    action: str  # gate | promote | rollback
+    by: str  # gate | cli
+    actor: str  # Prefect flow run id (gate) or OS user (cli)
+    from_version: str | None
+    to_version: str
+    reason: str
+    applied: bool = True
+
+    def to_json(self) -> str:
+        return json.dumps({"seq": self.seq, "time": self.time, "action": self.action, "by": self.by, "actor": self.actor,
+                           "from": self.from_version, "to": self.to_version, "reason": self.reason})
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def champion_version(name: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client().get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def has_card(mv: Any) -> bool:
+    return bool((mv.description or "").strip())
+
+
+def read_history(name: str) -> list[Move]:
+    """All recorded moves of ``champion`` for ``name``, oldest first, each marked applied or not."""
+    tags = _client().get_registered_model(name).tags or {}
+    raw = [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(HISTORY_TAG)]
+    moves = [Move(e["seq"], e["time"], e["action"], e["by"], e["actor"], e["from"], str(e["to"]), e["reason"]) for e in raw]
+    return applied_moves(moves, champion_version(name))
+
+
+def applied_moves(moves: list[Move], current: str | None) -> list[Move]:
+    """Mark each move applied when the next move (or, for the last, the current champion) starts from its target.
+
+    Every move records the champion it replaced, so a move that was written but whose alias update was
+    interrupted is followed by a move that starts from the old champion, not from its target.
+    """
+    out = []
+    for i, m in enumerate(moves):
+        after = moves[i + 1].from_version if i + 1 < len(moves) else current
+        out.append(Move(m.seq, m.time, m.action, m.by, m.actor, m.from_version, m.to_version, m.reason, after == m.to_version))
+    return out
+
+
+def champion_stack(moves: list[Move]) -> list[str]:
+    """Replay the applied moves: promotions push a champion, rollbacks pop one. The last item is the champion."""
+    stack: list[str] = []
+    for m in moves:
+        if not m.applied:
+            continue
+        if m.action == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != m.to_version:
+                stack.append(m.to_version)
+        else:
+            if not stack and m.from_version:
+                stack.append(m.from_version)  # history started while a champion already existed
+            stack.append(m.to_version)
+    return stack
+
+
+def rollback_target(name: str) -> tuple[str, str]:
+    """(current champion, the champion before it) from the history.
+
+    Raises:
+        RegistryError: no champion, no history, or nothing earlier to go back to.
+    """
+    current = champion_version(name)
+    fix = f"Fix: pick a version with 'tuneflow models {name}' and run 'tuneflow promote {name} VERSION --reason \"...\"'"
+    if current is None:
+        raise RegistryError(f"{name} has no champion, so there is nothing to roll back. {fix}")
+    moves = read_history(name)
+    if not moves:
+        raise RegistryError(f"{name} has no promotion history (champion v{current} was set before tuneflow recorded moves). {fix}")
+    stack = champion_stack(moves)
+    if not stack or stack[-1] != current:
+        raise RegistryError(
+            f"champion of {name} is v{current}, but the history ends at v{stack[-1] if stack else '?'}: the alias was moved "
+            f"outside tuneflow, so the history cannot say what came before. {fix}"
+        )
+    if len(stack) < 2:
+        raise RegistryError(f"champion v{current} of {name} is the first recorded champion; there is no earlier champion to roll back to. {fix}")
+    return current, stack[-2]
+
+
+def write_entry(name: str, move: Move) -> None:
+    """Step 2 of a move: the write-ahead history record (its own function so tests can interrupt a move here)."""
+    _client().set_registered_model_tag(name, f"{HISTORY_TAG}{move.seq:06d}", move.to_json())
+
+
+def set_champion_alias(name: str, version: str) -> None:
+    """Step 3 of a move (its own function so tests can interrupt a move before it)."""
+    _client().set_registered_model_alias(name, CHAMPION, version)
+
+
+def move_champion(name: str, version: str, action: str, by: str, actor: str, reason: str) -> Move:
+    """Point ``champion`` at ``version`` and record who, when, from which version and why.
+
+    Raises:
+        RegistryError: the version does not exist, has no model card, or already is the champion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise RegistryError(f"{name} version {version} not found in the registry. Fix: pick a version listed by 'tuneflow models {name}'") from exc
+    if not has_card(mv):
+        raise RegistryError(f"{name} v{version} has no model card (empty description); refusing to make it champion. Fix: register it through 'tuneflow run'")
+    current = champion_version(name)
+    if current == str(version):
+        raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
+    tags = client.get_registered_model(name).tags or {}
+    seq = 1 + max((int(k.removeprefix(HISTORY_TAG)) for k in tags if k.startswith(HISTORY_TAG)), default=0)
+    move = Move(seq, datetime.now(UTC).isoformat(timespec="seconds"), action, by, actor, current, str(version), reason[:MAX_REASON_CHARS])
+    write_entry(name, move)
+    set_champion_alias(name, str(version))
+    log.info("champion of %s: v%s -> v%s (%s by %s/%s): %s", name, current, version, action, by, actor, reason)
+    return move
+
+
+def registry_problems(name: str) -> list[str]:
+    """Consistency check: every alias points at an existing version, every version has its card."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client()
+    rm = client.get_registered_model(name)
+    problems = []
+    versions = {str(mv.version): mv for mv in client.search_model_versions(f"name='{name}'")}
+    for alias, ver in (rm.aliases or {}).items():
+        if str(ver) not in versions:
+            problems.append(f"alias {alias} points at missing version {ver}")
+    for v, mv in versions.items():
+        if not has_card(mv):
+            problems.append(f"version {v} has no model card description")
+        uri = (mv.tags or {}).get(CARD_TAG)
+        if not uri:
+            problems.append(f"version {v} has no {CARD_TAG} tag")
+            continue
+        try:
+            import mlflow
+
+            mlflow.artifacts.load_text(uri)
+        except (MlflowException, OSError) as exc:
+            problems.append(f"version {v}: model card artifact {uri} unreadable: {exc}")
+    return problems

@@ -1,0 +1,165 @@
+"""Review the registry by hand: promote, roll back, compare versions, read the champion history.
+
+Every score shown here is recomputed on the current eval split of the config's data (read, split by
+text hash, same scoring code as the retrain flow), never read back from tags, so two versions are
+always compared like with like.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from tasks.config import PipelineConfig
+from tasks.data import LABEL, TEXT, read_table, split_by_text_hash
+from tasks.evaluate import Evaluation, metrics_table
+from tasks.history import Move, RegistryError, champion_version, move_champion, read_history, rollback_target
+from tasks.register import TAG, VALIDATION_TAG, evaluate_version
+
+log = logging.getLogger(__name__)
+
+# A version registered by the retrain flow carries these; one without them was not produced (or not
+# validated) by tuneflow, so promoting it needs --force.
+REQUIRED_LINEAGE = (f"{TAG}data_digest", f"{TAG}decision", VALIDATION_TAG)
+
+
+@dataclass
+class PromoteOutcome:
+    move: Move
+    table: str
+    eval_rows: int
+
+
+def cli_actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return os.environ.get("USER", "unknown")
+
+
+def _check_name(cfg: PipelineConfig, name: str, config_file: str) -> None:
+    if cfg.registry.model_name != name:
+        raise RegistryError(
+            f"{config_file} is the config of '{cfg.registry.model_name}', not '{name}'; its eval split would be the wrong data. "
+            f"Fix: pass --config with the config whose registry.model_name is {name}"
+        )
+
+
+def current_eval_frame(cfg: PipelineConfig, config_file: str = "the config") -> pd.DataFrame:
+    """The eval split of the config's data as it is now: rows with a text and a configured label, split by text hash.
+
+    Validation is not required here (the data only serves as a yardstick), but rows that cannot be
+    scored (no text, unknown label) are left out.
+    """
+    frame = read_table(cfg.data, config_file).frame
+    usable = frame[frame[TEXT].notna() & frame[LABEL].isin(cfg.data.labels)]
+    if len(usable) < len(frame):
+        log.info("left out %d of %d rows without text or with a label outside %s", len(frame) - len(usable), len(frame), cfg.data.labels)
+    ev = split_by_text_hash(usable.reset_index(drop=True), cfg.data.eval_fraction, cfg.data.split_salt).eval
+    if ev.empty:
+        raise RegistryError(f"the eval split of {cfg.data.path} is empty. Fix: add rows or raise data.eval_fraction in {config_file}")
+    return ev
+
+
+def score_versions(cfg: PipelineConfig, name: str, versions: list[str], eval_frame: pd.DataFrame) -> dict[str, Evaluation]:
+    """Score each version on ``eval_frame`` with its own ``max_length`` (from its tags)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    out = {}
+    for v in versions:
+        try:
+            mv = client.get_model_version(name, str(v))
+        except MlflowException as exc:
+            raise RegistryError(f"{name} version {v} not found in the registry. Fix: pick a version listed by 'tuneflow models {name}'") from exc
+        max_length = int((mv.tags or {}).get(f"{TAG}max_length", cfg.model.max_length))
+        try:
+            out[str(v)] = evaluate_version(name, str(v), eval_frame, cfg.data.labels, max_length, cfg.train.eval_batch_size)
+        except (ValueError, OSError) as exc:
+            raise RegistryError(f"{name} v{v} cannot be scored on this eval split: {exc}. Fix: compare with a config whose labels the model knows") from exc
+    return out
+
+
+def promotion_blockers(mv: Any) -> list[str]:
+    """Why a version should not become champion without --force (empty: nothing against it)."""
+    tags = mv.tags or {}
+    problems = [f"tag {t} is missing (not registered by a validated tuneflow run)" for t in REQUIRED_LINEAGE if not tags.get(t)]
+    if tags.get(VALIDATION_TAG) and tags[VALIDATION_TAG] != "passed":
+        problems.append(f"its data failed validation ({VALIDATION_TAG}={tags[VALIDATION_TAG]})")
+    return problems
+
+
+def promote(cfg: PipelineConfig, name: str, version: str, reason: str, force: bool = False, config_file: str = "the config",
+            actor: str | None = None) -> PromoteOutcome:
+    """Manual promotion: re-score the champion and the candidate on the current eval split, then move ``champion``.
+
+    Raises:
+        RegistryError: unknown version, already champion, no reason, a version that failed or lacks
+            validation (unless ``force``), or a config of another model.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    _check_name(cfg, name, config_file)
+    if not reason.strip():
+        raise RegistryError("a promotion needs a reason. Fix: pass --reason \"why this version\"")
+    try:
+        mv = MlflowClient().get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise RegistryError(f"{name} version {version} not found in the registry. Fix: pick a version listed by 'tuneflow models {name}'") from exc
+    current = champion_version(name)
+    if current == str(version):
+        raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
+    blockers = promotion_blockers(mv)
+    if blockers and not force:
+        raise RegistryError(f"refusing to promote {name} v{version}: " + "; ".join(blockers) + ". Fix: promote a validated version, or pass --force after review")
+    eval_frame = current_eval_frame(cfg, config_file)
+    scored = score_versions(cfg, name, [str(version)] + ([current] if current else []), eval_frame)
+    cols: dict[str, dict[str, float] | None] = {f"candidate v{version}": scored[str(version)].metrics}
+    if current:
+        cols[f"champion v{current}"] = scored[current].metrics
+    primary = cfg.evaluate.primary_metric
+    note = f"{primary} v{version}={scored[str(version)].metrics[primary]:.4f}" + (f" vs v{current}={scored[current].metrics[primary]:.4f}" if current else "")
+    full_reason = f"{reason} [{note} on {len(eval_frame)} eval rows" + ("; forced past: " + "; ".join(blockers) if blockers else "") + "]"
+    move = move_champion(name, str(version), "promote", "cli", actor or cli_actor(), full_reason)
+    return PromoteOutcome(move, metrics_table(cols, cfg.data.labels), len(eval_frame))
+
+
+def rollback(name: str, reason: str = "", actor: str | None = None) -> Move:
+    """Move ``champion`` back to the champion before the current one, as recorded in the history.
+
+    Raises:
+        RegistryError: no champion, no history, nothing earlier, or the earlier version is gone.
+    """
+    current, previous = rollback_target(name)
+    return move_champion(name, previous, "rollback", "cli", actor or cli_actor(), reason or f"rollback from v{current}")
+
+
+def compare(cfg: PipelineConfig, name: str, v1: str, v2: str, config_file: str = "the config") -> tuple[str, int]:
+    """A markdown table of both versions' metrics, recomputed on the current eval split; and its row count."""
+    _check_name(cfg, name, config_file)
+    eval_frame = current_eval_frame(cfg, config_file)
+    scored = score_versions(cfg, name, [v1, v2], eval_frame)
+    champ = champion_version(name)
+    label = {v: f"v{v}" + (" (champion)" if v == champ else "") for v in (str(v1), str(v2))}
+    return metrics_table({label[str(v)]: scored[str(v)].metrics for v in (v1, v2)}, cfg.data.labels), len(eval_frame)
+
+
+def history_rows(name: str) -> list[dict[str, str]]:
+    """The champion history for display, oldest first."""
+    return [
+        {
+            "time": m.time,
+            "move": f"v{m.from_version or '-'} -> v{m.to_version}",
+            "action": m.action + ("" if m.applied else " (NOT APPLIED: interrupted before the alias moved)"),
+            "by": f"{m.by}:{m.actor}",
+            "reason": m.reason,
+        }
+        for m in read_history(name)
+    ]

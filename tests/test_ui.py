@@ -1,0 +1,117 @@
+"""The MLflow UI, checked as a person would: a real `mlflow server` on the test store, headless
+Chromium (Debian's package, never a downloaded browser) opens the model version page; the aliases,
+the model card and its metrics must be on the rendered page. The screenshot is kept in
+test-artifacts/ (git-ignored). Run with: pytest -m ui"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from transformers import AutoTokenizer
+
+from tasks.config import ModelConfig, PipelineConfig
+from tasks.data import Split
+from tasks.evaluate import EvaluateOutput, Evaluation
+from tasks.register import decide, model_card, register
+from tasks.train import load_base_model
+
+pytestmark = pytest.mark.ui
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+NAME = "ui-clf"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    # Flags: no sandbox (containers), no GPU, and nothing that phones home (offline machine).
+    base = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--window-size=1400,2400"]
+    return subprocess.run(base + args, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium); .ci/run installs it")
+def test_model_version_page_shows_aliases_card_and_metrics(workdir, tiny_model_dir, tmp_path):
+    cfg = PipelineConfig.model_validate({
+        "name": "ui", "data": {"path": "sms.csv", "labels": ["ham", "spam"]},
+        "model": {"base_model": str(tiny_model_dir), "max_length": 32}, "registry": {"model_name": NAME},
+    })
+    model = load_base_model(ModelConfig(base_model=str(tiny_model_dir), max_length=32), ["ham", "spam"])
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    metrics = {"accuracy": 0.9731, "macro_f1": 0.9517, "precision_ham": 0.98, "recall_ham": 0.99, "f1_ham": 0.985,
+               "precision_spam": 0.93, "recall_spam": 0.9, "f1_spam": 0.915}
+    ev = EvaluateOutput(Evaluation(metrics, [[1, 0], [0, 1]], ["ham", "spam"], []), None, None, None)
+    split = Split(pd.DataFrame({"text": ["a", "b"], "label": ["ham", "spam"]}), pd.DataFrame({"text": ["c"], "label": ["spam"]}))
+    decision = decide("macro_f1", 0.9517, None, None, 0.0)
+    card = model_card(cfg, decision, ev, split, "e" * 64, "run-ui", None, None)
+    with mlflow.start_run():
+        mv = register(model, tok, cfg, decision, {"tuneflow.validation": "passed"}, card, ["hi"])
+
+    port = _free_port()
+    ARTIFACTS.mkdir(exist_ok=True)
+    log_path = tmp_path / "server.log"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow.get_tracking_uri(),
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"mlflow server exited:\n{log_path.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"mlflow server did not answer /health in 120 s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(1)
+
+        url = f"{base}/#/models/{NAME}/versions/{mv.version}"
+        shot = ARTIFACTS / "mlflow-model-version.png"
+        shot.unlink(missing_ok=True)
+        _chromium([f"--screenshot={shot}", url], tmp_path / "profile-shot")
+        dom = _chromium(["--dump-dom", url], tmp_path / "profile-dom").stdout
+        (ARTIFACTS / "mlflow-model-version.html").write_text(dom)
+        assert shot.exists() and shot.stat().st_size > 10_000, "no screenshot written"
+        flat = re.sub(r"\s+", "", dom)
+        expected = {
+            "alias champion": 'role="status"class="[^"]*"title="champion"',
+            "alias challenger": 'role="status"class="[^"]*"title="challenger"',
+            "card title (markdown rendered)": f"<h1>Modelcard:{NAME}</h1>",
+            "card sections": "<h2>Promotiondecision</h2>.*<h2>Evalmetrics.*<h2>Data</h2>.*<h2>Knownlimits</h2>",
+            "metrics table": r"<td>accuracy</td><td>0\.9731</td></tr><tr><td>macro_f1</td><td>0\.9517</td>",
+        }
+        for what, pattern in expected.items():
+            assert re.search(pattern, flat), f"{what} not on the rendered page {url}; see {ARTIFACTS}/mlflow-model-version.*"
+    finally:
+        os.killpg(server.pid, 15)  # the server forks workers: stop the whole process group we started
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, 9)
+            server.wait()
+        shutil.rmtree(tmp_path / "profile-shot", ignore_errors=True)
+        shutil.rmtree(tmp_path / "profile-dom", ignore_errors=True)
