@@ -224,7 +224,7 @@ def _token_counts(texts: pd.Series, tokenizer: PreTrainedTokenizerBase, limit: i
     if len(candidates):
         # Past 64 bytes per allowed token, a prefix is enough to know the text is over the limit.
         clipped = [t[: limit * 64] for t in candidates]
-        ids = tokenizer(clipped, add_special_tokens=True, truncation=False)["input_ids"]
+        ids = tokenizer(clipped, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
         counts.loc[candidates.index] = [len(x) for x in ids]
     return counts
 
@@ -285,6 +285,8 @@ def _examples(result: dict[str, Any], table: Table, limit: int) -> list[str]:
     for idx, value in list(zip(index, values))[:limit]:
         if isinstance(idx, dict):  # GE gives {index name: value, ...} for a named index
             idx = idx.get(LINE, idx.get(LABEL, idx))
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # a count read back from a float column
         shown = repr(value) if not isinstance(value, float) or value == value else "null"
         if isinstance(value, str) and len(value) > 60:
             shown = repr(value[:57] + "...")
