@@ -157,6 +157,7 @@ def judge_batch(path: Path, cfg: PipelineConfig, reference: pd.DataFrame | None,
         loaded = read_table(cfg.data, config_file="the config", path=path)
     except DataError as err:
         return failure_report(str(path), err), None
+    loaded.frame[NORM] = loaded.frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
     report = validate_frame(loaded.frame, cfg, path, raw=loaded.raw, reference=reference, tokenizer=tokenizer, docs_dir=docs_dir)
     return report, loaded
 
@@ -182,7 +183,6 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
                 dest = accepted / _free_name(accepted, path.name)
                 os.rename(path, dest)
                 new = loaded.frame.assign(**{BATCH: dest.name})
-                new[NORM] = new[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
                 reference = new if reference is None else pd.concat([reference, new], ignore_index=True)
                 result.outcomes.append(BatchOutcome(path.name, "accepted", dest, report))
                 log.info("accepted batch %s -> %s", path.name, dest)
