@@ -56,13 +56,23 @@ def current_eval_frame(cfg: PipelineConfig, config_file: str = "the config") -> 
     Validation is not required here (the data only serves as a yardstick), but rows that cannot be
     scored (no text, unknown label) are left out.
     """
-    frame = read_table(cfg.data, config_file).frame
+    if cfg.data.landing:
+        from pathlib import Path
+
+        from tasks.gate import load_accepted
+
+        accepted = load_accepted(cfg, Path(cfg.data.landing))  # what the retrain flow trains on
+        if accepted is None:
+            raise RegistryError(f"no accepted data in {cfg.data.landing}/accepted. Fix: run the retrain flow on a batch first")
+        frame = accepted.frame
+    else:
+        frame = read_table(cfg.data, config_file).frame
     usable = frame[frame[TEXT].notna() & frame[LABEL].isin(cfg.data.labels)]
     if len(usable) < len(frame):
         log.info("left out %d of %d rows without text or with a label outside %s", len(frame) - len(usable), len(frame), cfg.data.labels)
     ev = split_by_text_hash(usable.reset_index(drop=True), cfg.data.eval_fraction, cfg.data.split_salt).eval
     if ev.empty:
-        raise RegistryError(f"the eval split of {cfg.data.path} is empty. Fix: add rows or raise data.eval_fraction in {config_file}")
+        raise RegistryError(f"the eval split of {cfg.data.path or cfg.data.landing} is empty. Fix: add rows or raise data.eval_fraction in {config_file}")
     return ev
 
 

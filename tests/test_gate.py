@@ -174,3 +174,14 @@ def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(crash_at, tmp_pat
     assert sorted(p.name for p in accepted.iterdir()) == ["base.csv", "crlf.csv"]
     assert {p.name for p in quarantine.iterdir() if not p.name.endswith((".report", ".report.json"))} == {"bad_label.csv", "null_text.csv"}
     assert not list(incoming.iterdir())
+
+
+def test_review_commands_score_on_the_accepted_union(corpus_run, tiny_model_dir):
+    from tasks.data import split_by_text_hash
+    from tasks.review import current_eval_frame
+
+    landing, _ = corpus_run
+    cfg = gate_config(landing, tiny_model_dir)
+    union = load_accepted(cfg, landing).frame
+    expected = split_by_text_hash(union, cfg.data.eval_fraction, cfg.data.split_salt).eval
+    assert current_eval_frame(cfg)["text"].tolist() == expected["text"].tolist()
