@@ -313,7 +313,8 @@ def _docs_context(docs_dir: Path | None):
         ctx.update_data_docs_site("local_site", {
             "class_name": "SiteBuilder",
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            # GE requires an absolute base_directory when the context has no root directory
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
         })
     return ctx
 
@@ -471,7 +472,7 @@ def validate_task(cfg: PipelineConfig, parent_run_id: str, config_file: str, wor
     with stage_run(parent_run_id, "validate"):
         tokenizer = load_tokenizer(cfg.model) if cfg.validation.severity_of("text_tokens") != "off" else None
         if cfg.data.landing:
-            landing = Path(cfg.data.landing)
+            landing = Path(cfg.data.landing).resolve()
             gate = run_gate(cfg, landing, tokenizer)
             reports = [o.report for o in gate.outcomes]
             for o in gate.outcomes:

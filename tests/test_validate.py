@@ -127,3 +127,11 @@ def test_report_to_json_is_serialisable(good_report, multi_failure_report):
         assert set(data["great_expectations"]) == {"schema", "rows", "classes"}
     failed = {c["name"]: c for c in json.loads(json.dumps(multi_failure_report.to_json()))["checks"] if not c["success"]}
     assert failed["label_in_set"]["examples"] == ["line 82: 'eggs'"]
+
+
+def test_data_docs_are_written_to_a_relative_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)  # a landing zone configured as data/sms resolves against the cwd
+    report = validate_frame(make_frame(), make_cfg(), SOURCE, docs_dir=Path("docs"))
+    assert (tmp_path / "docs" / "index.html").exists() and report.docs_index.endswith("index.html")
