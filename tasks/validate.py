@@ -257,7 +257,8 @@ def _tables(frame: pd.DataFrame, cfg: PipelineConfig, raw: pd.DataFrame | None, 
     counts = frame[LABEL].value_counts()
     per_label = np.array([int(counts.get(lab, 0)) for lab in cfg.data.labels])
     largest = per_label.max() if len(per_label) else 0
-    imbalance = [float(largest / n) if n else 1e9 for n in per_label]
+    # An empty class has no ratio (NaN: GE skips it); rows_per_class reports it instead.
+    imbalance = [float(largest / n) if n else np.nan for n in per_label]
     classes = pd.DataFrame({ROWS: per_label, IMBALANCE: imbalance}, index=pd.Index(cfg.data.labels, name=LABEL))
 
     tables: dict[Table, pd.DataFrame] = {"rows": rows, "classes": classes}
@@ -422,7 +423,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 def display_columns(report: ValidationReport, cfg: PipelineConfig) -> None:
     """Show the user's column names (not tuneflow's internal ones) in the report."""
-    names = {TEXT: cfg.data.text_column, LABEL: cfg.data.label_column, NORM: f"{cfg.data.text_column} (normalized)", ROWS: f"rows per {cfg.data.label_column}"}
+    names = {TEXT: cfg.data.text_column, LABEL: cfg.data.label_column, NORM: f"{cfg.data.text_column} (normalized)", ROWS: "rows per label", IMBALANCE: "largest class / this class"}
     for c in report.checks:
         c.column = names.get(c.column, c.column)
 
