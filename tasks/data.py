@@ -142,7 +142,7 @@ def _read_raw(path: Path, fmt: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | None = None) -> LoadedData:
+def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | None = None, digest: bool = True) -> LoadedData:
     """Read the configured file and return ``text`` / ``label`` / ``line`` columns.
 
     Labels are returned as names (``label_values`` applied); checking them against the configured
@@ -152,6 +152,7 @@ def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | No
         cfg: the data section.
         config_file: named in error messages.
         path: read this file instead of ``cfg.path`` (a landing-zone batch).
+        digest: compute the content digest (a gate skips it per batch: it digests the union).
 
     Raises:
         DataError: missing, empty, unreadable or non-UTF-8 file, or a missing column.
@@ -215,7 +216,7 @@ def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | No
         index=pd.Index(lines, name=LINE),
         dtype=object,  # pandas 3 would infer its str dtype, which GE's type check cannot read per value
     )
-    return LoadedData(frame=frame, source=path, digest=content_digest(frame), raw=typed, sources=(path,))
+    return LoadedData(frame=frame, source=path, digest=content_digest(frame) if digest else "", raw=typed, sources=(path,))
 
 
 def _field(value: object) -> str:

@@ -138,7 +138,7 @@ def load_accepted(cfg: PipelineConfig, landing: Path) -> LoadedData | None:
         return None
     frames = []
     for p in files:
-        frame = read_table(cfg.data, path=p).frame
+        frame = read_table(cfg.data, path=p, digest=False).frame
         frames.append(frame.assign(**{BATCH: p.name}))
     union = pd.concat(frames, ignore_index=True)
     union[NORM] = union[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
@@ -154,7 +154,7 @@ def judge_batch(path: Path, cfg: PipelineConfig, reference: pd.DataFrame | None,
                         "Fix: copy the file into incoming/ instead of linking it", check="file_inside_landing_zone")
         return failure_report(str(path), err), None
     try:
-        loaded = read_table(cfg.data, config_file="the config", path=path)
+        loaded = read_table(cfg.data, config_file="the config", path=path, digest=False)
     except DataError as err:
         return failure_report(str(path), err), None
     loaded.frame[NORM] = loaded.frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,19 @@ def _token_counts(texts: pd.Series, tokenizer: PreTrainedTokenizerBase, limit: i
         backend.no_padding()
         # Past 64 bytes per allowed token, a prefix is enough to know the text is over the limit.
         clipped = [t[: limit * 64] for t in candidates]
-        counts.loc[candidates.index] = [len(e) for e in backend.encode_batch_fast(clipped, add_special_tokens=True)]
+        # tuneflow turns the tokenizers' thread pool off process-wide (TOKENIZERS_PARALLELISM=false,
+        # because forking after it was used warns and disables it); this call forks nothing, and the
+        # second core shortens the gate's longest step.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        try:
+            encodings = backend.encode_batch_fast(clipped, add_special_tokens=True)
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+        counts.loc[candidates.index] = [len(e) for e in encodings]
     return counts
 
 
