@@ -7,6 +7,7 @@ a failed validation or training run must be looked at, not repeated.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
             ),
             description=f"Eval metrics and promotion decision for {config.registry.model_name}",
         )
+    shutil.rmtree(work_dir, ignore_errors=True)  # plots and Data Docs are in MLflow now; kept after a failure
     return result
 
 
