@@ -118,6 +118,55 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
     return result
 
 
+@flow(name="retrain", log_prints=True)
+def retrain_from_file(config_path: str, overrides: list[str] | None = None, only_if_new_data: bool = False,
+                      trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The deployed retrain: load the config from a path, wait for the model's slot, retrain.
+
+    At most one retrain of a model runs at a time, whatever started it (schedule, new-data trigger,
+    UI): each run first takes the one slot of the global concurrency limit ``retrain-<model name>``
+    and waits for it while another holds it. A waiting triggered run whose data a run before it
+    already used (``incoming/`` empty when it gets the slot) completes as "nothing new" without
+    training, so triggers queued behind one run collapse into one retrain that sees all their files.
+
+    Args:
+        config_path: the pipeline config YAML, as seen by the machine that runs the flow.
+        overrides: ``KEY=VALUE`` config overrides (like ``tuneflow run --set``).
+        only_if_new_data: skip (complete as "nothing new") when the landing zone has no new batch.
+        trigger: the event that started the run (``tuneflow.data.arrived`` payload: dataset, landing,
+            files with sha256), filled in by the deployment trigger; shown as a parameter in the UI.
+
+    Returns:
+        the retrain result, or ``{"status": "nothing new", ...}``.
+    """
+    from prefect.concurrency.sync import concurrency
+
+    from tasks.config import load_config
+    from tasks.schedule import ensure_concurrency_limit, has_new_batches, limit_name, trigger_markdown
+
+    configure_environment()
+    logger = get_run_logger()
+    config = load_config(config_path, overrides or [])
+    if trigger:
+        create_markdown_artifact(key=_artifact_key(config.name) + "-trigger", markdown=trigger_markdown(trigger),
+                                 description="The event that started this run")
+    slot = limit_name(config.registry.model_name)
+    ensure_concurrency_limit(slot)
+    logger.info("waiting for the retrain slot %r (one retrain of %s at a time)", slot, config.registry.model_name)
+    with concurrency(slot, occupy=1, strict=True):
+        logger.info("got the retrain slot %r", slot)
+        if only_if_new_data and not has_new_batches(config):
+            logger.info("nothing new in %s/incoming: an earlier run already trained on this data", config.data.landing)
+            create_markdown_artifact(
+                key=_artifact_key(config.name),
+                markdown=f"# Retrain `{config.name}`: nothing new\n\n`{config.data.landing}/incoming` was empty when this "
+                         "run got its slot: the run before it already trained on these files.",
+                description="Nothing new to train on; nothing was trained or registered.",
+            )
+            return {"status": "nothing new", "model_name": config.registry.model_name}
+        return {"status": "trained", **retrain.fn(config, config_file=config_path)}
+
+
 if __name__ == "__main__":
     import sys
 

@@ -185,6 +185,37 @@ class RegistryConfig(_Section):
     enabled: bool = Field(True, description="Log and register the model; false stops after evaluation.")
 
 
+class ScheduleConfig(_Section):
+    cron: str = Field(description="When the deployment retrain/scheduled runs, a 5-field cron, e.g. '0 3 * * 1' (Mondays 03:00).")
+    timezone: str = Field("UTC", description="IANA time zone the cron is read in, e.g. Europe/Berlin.")
+
+    @model_validator(mode="after")
+    def _valid(self) -> ScheduleConfig:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        from prefect.client.schemas.schedules import CronSchedule  # the same check the server applies
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"schedule.timezone {self.timezone!r} is not an IANA time zone; use e.g. UTC or Europe/Berlin") from None
+        try:
+            CronSchedule(cron=self.cron, timezone=self.timezone)
+        except ValidationError:
+            raise ValueError(f"schedule.cron {self.cron!r} is not a valid cron string; use 5 fields "
+                             "(minute hour day-of-month month day-of-week), e.g. '0 3 * * 1'") from None
+        return self
+
+
+class WatchConfig(_Section):
+    quiet_seconds: float = Field(
+        10.0, ge=0,
+        description="A burst of new files in <landing>/incoming counts as complete once no file was added, "
+        "grown or touched for this long; then one tuneflow.data.arrived event is emitted.",
+    )
+    poll_seconds: float = Field(2.0, gt=0, description="How often the watcher lists <landing>/incoming.")
+
+
 class PipelineConfig(_Section):
     name: str = Field(min_length=1, description="Pipeline name; also the MLflow experiment name.")
     data: DataConfig
@@ -193,10 +224,14 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig
+    schedule: ScheduleConfig | None = Field(None, description="Recurring retraining (deployment retrain/scheduled); unset: none.")
+    watch: WatchConfig = WatchConfig()
 
     def digest(self) -> str:
-        """A stable digest of every setting, to tag runs and versions with."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """A stable digest of every setting that shapes the model, to tag runs and versions with."""
+        # When and how often a retrain runs does not change what it trains: leave those out, so a
+        # schedule edit does not make every earlier version look like it came from another config.
+        blob = json.dumps(self.model_dump(mode="json", exclude={"schedule", "watch"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -118,6 +118,22 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+MAX_INPUT_TAG = 500  # MLflow 3 rejects a dataset input tag value longer than this (the whole run fails)
+
+
+def _sources_tag(names: list[str]) -> str:
+    """The source file names as JSON within MLflow's tag limit; a long list ends in "+N more".
+
+    The names are relative to the dataset source (the accepted/ folder of a landing zone).
+    """
+    for keep in range(len(names), 0, -1):
+        shown = names[:keep] + ([f"+{len(names) - keep} more"] if keep < len(names) else [])
+        text = json.dumps(shown)
+        if len(text) <= MAX_INPUT_TAG:
+            return text
+    return json.dumps([f"{len(names)} files"])
+
+
 def log_dataset_inputs(cfg, loaded, split) -> None:
     """Log the train and eval inputs to the active run with the full-content digest and source files.
 
@@ -128,7 +144,7 @@ def log_dataset_inputs(cfg, loaded, split) -> None:
 
     from tasks.data import LABEL, TEXT, content_digest
 
-    sources = [str(p) for p in loaded.sources] or [str(loaded.source)]
+    sources = _sources_tag([p.name for p in loaded.sources] or [str(loaded.source)])
     for context, frame in (("training", split.train), ("evaluation", split.eval)):
         digest = content_digest(frame)
         ds = mlflow.data.from_pandas(frame[[TEXT, LABEL]], source=str(loaded.source), targets=LABEL,
@@ -138,5 +154,5 @@ def log_dataset_inputs(cfg, loaded, split) -> None:
             "rows": str(len(frame)),
             "tuneflow.data_digest": loaded.digest,
             "tuneflow.split_digest": digest,
-            "tuneflow.sources": json.dumps(sources)[:4000],
+            "tuneflow.sources": sources,
         })

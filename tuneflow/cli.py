@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("--text-column", default="text")
     pred.add_argument("--batch-size", type=int, default=64)
 
+    srv = sub.add_parser("serve", help="serve the deployments (schedule, new-data trigger, batch predict) and watch landing zones; "
+                         "needs a Prefect server (PREFECT_API_URL)")
+    srv.add_argument("--config", dest="configs", action="append", default=[], metavar="PATH",
+                     help=f"pipeline config YAML (repeatable; default: {DEFAULT_CONFIG})")
+    srv.add_argument("--no-watch", action="store_true", help="do not watch the landing zones (events come from elsewhere)")
+
     ui = sub.add_parser("ui", help="open the MLflow UI on the local store (mlruns/)")
     ui.add_argument("--port", type=int, default=5000)
     return p
@@ -206,6 +212,27 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from tasks.config import ConfigError
+
+    if not os.environ.get("PREFECT_API_URL"):
+        # Without a server, Prefect would start a temporary one that dies with this process: schedules,
+        # triggers and the UI would vanish with it.
+        print("error: tuneflow serve needs a running Prefect server. Fix: run `prefect server start` in another "
+              "terminal, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`", file=sys.stderr)
+        return 2
+    from tuneflow.deployments import serve
+
+    try:
+        serve(args.configs or [DEFAULT_CONFIG], watch=not args.no_watch)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     import os
 
@@ -221,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_environment()
     commands = {"run": _cmd_run, "models": _cmd_models, "promote": _cmd_promote, "rollback": _cmd_rollback,
-                "compare": _cmd_compare, "predict": _cmd_predict, "ui": _cmd_ui}
+                "compare": _cmd_compare, "predict": _cmd_predict, "serve": _cmd_serve, "ui": _cmd_ui}
     return commands[args.command](args)
 
 

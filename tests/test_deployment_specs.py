@@ -1,0 +1,105 @@
+"""The declared deployments agree with the configs and the flows, without a server; the "nothing new"
+path of a queued triggered run against Prefect's test harness."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_rows, tiny_config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _entry(entrypoint: str):
+    file, attr = entrypoint.split(":")
+    spec = importlib.util.spec_from_file_location(f"_spec_{Path(file).stem}", REPO / file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, attr)
+
+
+def test_prefect_yaml_matches_the_configs_and_the_flows():
+    from prefect.events import DeploymentEventTrigger
+
+    from tasks.config import load_config
+    from tasks.watch import EVENT, resource_id
+
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"scheduled", "on-new-data", "batch", "landing"}
+    flows = {name: _entry(d["entrypoint"]) for name, d in deployments.items()}
+    assert {n: f.name for n, f in flows.items()} == {"scheduled": "retrain", "on-new-data": "retrain", "batch": "predict", "landing": "watch"}
+    for name, d in deployments.items():
+        params = inspect.signature(flows[name].fn).parameters
+        assert set(d["parameters"]) <= set(params), name
+        for t in d.get("triggers", []):
+            assert set(t["parameters"]) <= set(params), name
+    cfg = load_config(REPO / deployments["scheduled"]["parameters"]["config_path"])
+    assert deployments["scheduled"]["schedules"] == [{"cron": cfg.schedule.cron, "timezone": cfg.schedule.timezone}]
+    (trigger,) = deployments["on-new-data"]["triggers"]
+    parsed = DeploymentEventTrigger.model_validate({k: v for k, v in trigger.items() if k != "type"})
+    assert parsed.expect == {EVENT}
+    assert trigger["match"] == {"prefect.resource.id": resource_id(cfg.name)}
+    assert deployments["batch"]["parameters"]["model"] == f"{cfg.registry.model_name}@champion"
+
+
+def test_serve_builds_the_deployments_from_the_config(tmp_path, tiny_model_dir):
+    from tuneflow.deployments import build_deployments
+
+    raw = tiny_config_dict(Path("unused"), tiny_model_dir, schedule={"cron": "0 3 * * 1", "timezone": "Europe/Berlin"})
+    raw["data"] = {"landing": str(tmp_path / "landing"), "labels": ["ham", "spam"]}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    deployments, _ = build_deployments([str(path)])
+    by_name = {d.name: d for d in deployments}
+    assert set(by_name) == {"scheduled", "on-new-data", "batch"}
+    assert by_name["scheduled"].schedules[0].schedule.cron == "0 3 * * 1"
+    assert by_name["scheduled"].schedules[0].schedule.timezone == "Europe/Berlin"
+    (trigger,) = by_name["on-new-data"].triggers
+    assert trigger.match.model_dump() == {"prefect.resource.id": "tuneflow.dataset.tiny"} and trigger.expect == {"tuneflow.data.arrived"}
+    assert trigger.parameters["trigger"] == "{{ event.payload }}" and by_name["on-new-data"].parameters["only_if_new_data"] is True
+    assert by_name["batch"].parameters == {"model": "tiny-clf@champion"}
+    # Without a schedule section there is no scheduled deployment; a file config has no trigger either.
+    raw.pop("schedule")
+    raw["data"] = {"path": str(tmp_path / "d.csv"), "labels": ["ham", "spam"]}
+    path.write_text(yaml.safe_dump(raw))
+    assert [d.name for d in build_deployments([str(path)])[0]] == ["batch"]
+
+
+def test_serve_without_a_server_says_how_to_start_one(monkeypatch, capsys):
+    from tuneflow.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["serve", "--config", "configs/sms-spam-landing.yaml"]) == 2
+    assert "prefect server start" in capsys.readouterr().err
+
+
+def test_a_triggered_run_with_nothing_new_completes_without_training(prefect_harness, workdir, tiny_model_dir):
+    from flows.retrain import retrain_from_file
+
+    landing = workdir / "landing"
+    (landing / "incoming").mkdir(parents=True)
+    (landing / "accepted").mkdir()
+    make_rows(30).to_csv(landing / "accepted" / "old.csv", index=False)
+    (landing / "incoming" / "half-written.csv.part").write_text("text,la")
+    raw = tiny_config_dict(Path("unused"), tiny_model_dir)
+    raw["data"] = {"landing": str(landing), "labels": ["ham", "spam"]}
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    trigger = {"dataset": "tiny", "landing": str(landing), "files": [{"name": "x.csv", "sha256": "0" * 64, "size": 1}]}
+    out = retrain_from_file(str(path), only_if_new_data=True, trigger=trigger)
+    assert out == {"status": "nothing new", "model_name": "tiny-clf"}
+    assert not (workdir / "mlruns" / "artifacts").exists() or not any((workdir / "mlruns" / "artifacts").rglob("model"))
+
+
+def test_source_list_tag_stays_within_mlflow_limit():
+    from tasks.tracking import MAX_INPUT_TAG, _sources_tag
+
+    assert _sources_tag(["a.csv", "b.csv"]) == '["a.csv", "b.csv"]'
+    long = _sources_tag([f"batch-{i:04d}-from-the-nightly-export.csv" for i in range(200)])
+    assert len(long) <= MAX_INPUT_TAG and long.endswith('more"]')

@@ -1,0 +1,251 @@
+"""Schedules, data triggers and the per-model slot against a real Prefect server on loopback.
+
+One module-wide server (``prefect server start``) and one ``tuneflow serve`` process (deployments +
+watcher) for a tiny-model landing-zone config; each scenario drops files and watches flow runs through
+the API. Every process the tests start is killed in ``finally``. Run with ``pytest -m integration``.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_rows, tiny_config_dict
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET_S = 1.0
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group this test started (the server / serve and their flow-run children), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def _base_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env |= {
+        "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONPATH": str(REPO),
+    }
+    return env
+
+
+class Stack:
+    """What the scenarios share: API URL, landing zone, MLflow store, the client helpers."""
+
+    def __init__(self, api: str, landing: Path, mlflow_uri: str, log: Path):
+        self.api, self.landing, self.mlflow_uri, self.log = api, landing, mlflow_uri, log
+
+    def client(self):
+        from prefect.client.orchestration import SyncPrefectClient
+
+        return SyncPrefectClient(self.api)
+
+    def runs(self, deployment: str) -> list:
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        with self.client() as c:
+            dep = c.read_deployment_by_name(deployment)
+            runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                                    sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+        return [r for r in runs if r.state_type.value != "SCHEDULED"]
+
+    def wait_runs(self, deployment: str, count: int, timeout: float, done: bool = True) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = self.runs(deployment)
+            if len(runs) >= count and (not done or all(r.state_type.value in TERMINAL for r in runs)):
+                return runs
+            time.sleep(1)
+        raise AssertionError(f"{deployment}: wanted {count} finished run(s) within {timeout:.0f} s, have "
+                             f"{[(r.name, r.state_type.value) for r in self.runs(deployment)]}\n--- serve log ---\n{self.log.read_text()[-4000:]}")
+
+    def versions(self) -> list[str]:
+        from mlflow import MlflowClient
+
+        return sorted((str(v.version) for v in MlflowClient(self.mlflow_uri, self.mlflow_uri).search_model_versions("name='tiny-clf'")), key=int)
+
+    def logs(self, run_id) -> list:
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        with self.client() as c:
+            return c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+
+    def explain(self, run) -> str:
+        """The end of a run's log, for assertion messages."""
+        return f"run {run.name} {run.state_type.value}:\n" + "\n".join(l.message[:800] for l in self.logs(run.id)[-8:])
+
+    def drop(self, name: str, seed: int) -> Path:
+        path = self.landing / "incoming" / name
+        tmp = path.with_name(name + ".part")  # written under a name the watcher ignores, then renamed
+        make_rows(30, seed=seed).to_csv(tmp, index=False)
+        os.rename(tmp, path)
+        return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("deployments")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = _base_env(tmp / "prefect-home")
+    server_env = env | {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_UI_ENABLED": "false"}
+    server_log = open(tmp / "server.log", "w")
+    procs = []
+    try:
+        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                      env=server_env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{api}/health", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline or procs[0].poll() is not None:
+                    raise RuntimeError(f"prefect server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+
+        landing = tmp / "landing"
+        (landing / "accepted").mkdir(parents=True)
+        (landing / "incoming").mkdir()
+        make_rows(60, seed=100).to_csv(landing / "accepted" / "seed.csv", index=False)  # what the scheduled run trains on
+        cfg = tiny_config_dict(Path("unused"), tiny_model_dir)
+        cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
+        cfg["schedule"] = {"cron": "* * * * *", "timezone": "UTC"}  # the shortest cron: fires at the next minute
+        cfg["watch"] = {"quiet_seconds": QUIET_S, "poll_seconds": 0.3}
+        config_path = tmp / "tiny.yaml"
+        config_path.write_text(yaml.safe_dump(cfg))
+        mlflow_uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
+        (tmp / "mlruns").mkdir()
+        serve_env = env | {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_uri, "TUNEFLOW_CACHE_DIR": str(tmp / "cache"),
+                           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+        serve_log = tmp / "serve.log"
+        with open(serve_log, "w") as fh:
+            procs.append(subprocess.Popen([sys.executable, "-m", "tuneflow.cli", "serve", "--config", str(config_path)],
+                                          cwd=REPO, env=serve_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+        st = Stack(api, landing, mlflow_uri, serve_log)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                st.runs("retrain/on-new-data")
+                st.runs("retrain/scheduled")
+                break
+            except Exception:
+                if time.monotonic() > deadline or procs[1].poll() is not None:
+                    raise RuntimeError(f"tuneflow serve did not register its deployments:\n{serve_log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield st
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        server_log.close()
+
+
+def test_a_scheduled_run_fires_and_registers_a_model(stack):
+    from prefect.client.schemas.filters import DeploymentFilter
+
+    t0 = time.monotonic()
+    runs = stack.wait_runs("retrain/scheduled", 1, timeout=150)
+    assert [r.state_type.value for r in runs[:1]] == ["COMPLETED"], stack.explain(runs[0])
+    assert runs[0].parameters["config_path"].endswith("tiny.yaml")
+    assert stack.versions() == ["1"]
+    with stack.client() as c:
+        dep = c.read_deployment_by_name("retrain/scheduled")
+        assert [s.schedule.cron for s in dep.schedules] == ["* * * * *"]  # what the UI shows
+        c.pause_deployment(dep.id)  # the scenarios below count runs: no more minute-by-minute retrains
+        deadline = time.monotonic() + 30
+        while any(r.state_type.value not in TERMINAL and r.state_type.value != "SCHEDULED" for r in stack.runs("retrain/scheduled")):
+            assert time.monotonic() < deadline, "a second scheduled run kept running"
+            time.sleep(1)
+    print(f"scheduled run fired and finished after {time.monotonic() - t0:.0f} s")
+
+
+def test_a_new_file_leads_to_exactly_one_retrain_and_a_new_version(stack):
+    before, n0 = stack.versions(), len(stack.runs("retrain/on-new-data"))
+    stack.drop("batch-b.csv", seed=1)
+    t0 = time.monotonic()
+    run = stack.wait_runs("retrain/on-new-data", n0 + 1, timeout=120)[-1]
+    assert run.state_type.value == "COMPLETED", stack.explain(run)
+    trigger = run.parameters["trigger"]
+    assert [f["name"] for f in trigger["files"]] == ["batch-b.csv"] and len(trigger["files"][0]["sha256"]) == 64
+    assert len(stack.versions()) == len(before) + 1
+    assert (stack.landing / "accepted" / "batch-b.csv").exists()
+    time.sleep(QUIET_S + 4)
+    assert len(stack.runs("retrain/on-new-data")) == n0 + 1
+    print(f"one file -> one run in {time.monotonic() - t0:.0f} s")
+
+
+def test_five_files_dropped_together_lead_to_one_run(stack):
+    before, n0 = stack.versions(), len(stack.runs("retrain/on-new-data"))
+    for i in range(5):
+        stack.drop(f"burst-{i}.csv", seed=10 + i)
+    stack.wait_runs("retrain/on-new-data", n0 + 1, timeout=120)
+    time.sleep(QUIET_S + 4)
+    runs = stack.runs("retrain/on-new-data")
+    assert len(runs) == n0 + 1 and runs[-1].state_type.value == "COMPLETED", stack.explain(runs[-1])
+    assert sorted(f["name"] for f in runs[-1].parameters["trigger"]["files"]) == [f"burst-{i}.csv" for i in range(5)]
+    assert len(stack.versions()) == len(before) + 1
+
+
+def test_the_same_file_again_triggers_nothing(stack):
+    n0 = len(stack.runs("retrain/on-new-data"))
+    known = next(p for p in sorted((stack.landing / "accepted").iterdir()) if p.name != "seed.csv")  # announced before
+    copy = stack.landing / "incoming" / "same-bytes-again.csv"
+    shutil.copy(known, copy)
+    time.sleep(QUIET_S + 6)
+    assert len(stack.runs("retrain/on-new-data")) == n0
+    copy.unlink()  # a later run's gate would quarantine it as a repeat
+
+
+def test_a_trigger_during_a_running_retrain_is_queued_and_runs_after_it(stack):
+    n0 = len(stack.runs("retrain/on-new-data"))
+    stack.drop("during-1.csv", seed=21)
+    stack.wait_runs("retrain/on-new-data", n0 + 1, timeout=60, done=False)
+    deadline = time.monotonic() + 60
+    while stack.runs("retrain/on-new-data")[n0].state_type.value != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    stack.drop("during-2.csv", seed=22)
+    runs = stack.wait_runs("retrain/on-new-data", n0 + 2, timeout=150)
+    first, second = runs[n0], runs[n0 + 1]
+    assert [first.state_type.value, second.state_type.value] == ["COMPLETED", "COMPLETED"], stack.explain(first) + stack.explain(second)
+    # The second run was started while the first ran, and got the model's slot only when the first finished.
+    assert second.start_time < first.end_time
+    got_slot = [l.timestamp for l in stack.logs(second.id) if "got the retrain slot" in l.message]
+    assert got_slot and got_slot[0] >= first.end_time - timedelta(seconds=3)
+    waited = [l for l in stack.logs(second.id) if "waiting for the retrain slot" in l.message]
+    assert waited and waited[0].timestamp < first.end_time
+    assert {"during-1.csv", "during-2.csv"} <= {p.name for p in (stack.landing / "accepted").iterdir()}
+    print(f"first {first.start_time}..{first.end_time}, second waited from {waited[0].timestamp}, got the slot {got_slot[0]}")

@@ -1,0 +1,181 @@
+"""The watcher's decisions without a server: settling, partial files, dedup by digest, state on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import make_rows, tiny_config_dict
+from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.watch import STATE_FILE, WatchState, list_incoming, scan, scan_landing
+
+
+def _cfg(landing: str, model_dir: Path, quiet: float = 5.0) -> PipelineConfig:
+    raw = tiny_config_dict(Path("unused"), model_dir)
+    raw["data"] = {"landing": landing, "labels": ["ham", "spam"]}
+    raw["watch"] = {"quiet_seconds": quiet, "poll_seconds": 0.1}
+    return PipelineConfig.model_validate(raw)
+
+
+@pytest.fixture
+def landing(tmp_path) -> Path:
+    (tmp_path / "incoming").mkdir()
+    return tmp_path
+
+
+def _drop(landing: Path, name: str, seed: int = 0) -> Path:
+    path = landing / "incoming" / name
+    make_rows(20, seed=seed).to_csv(path, index=False)
+    return path
+
+
+def _scans(cfg, times, sent):
+    return [scan_landing(cfg, now=t, emit=sent.append) for t in times]
+
+
+def test_a_burst_is_announced_once_after_the_quiet_period(landing, tiny_model_dir):
+    cfg, sent = _cfg(str(landing), tiny_model_dir), []
+    for i in range(5):
+        _drop(landing, f"batch-{i}.csv", seed=i)
+    out = _scans(cfg, [100.0, 102.0, 104.9], sent)
+    assert out == [None, None, None] and sent == []  # quiet period (5 s) not over yet
+    out = _scans(cfg, [105.0, 106.0, 200.0], sent)
+    assert len(sent) == 1 and out[0] is sent[0] and out[1:] == [None, None]
+    files = sent[0].files
+    assert [f["name"] for f in files] == [f"batch-{i}.csv" for i in range(5)]
+    assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in files)
+    assert sent[0].payload["dataset"] == "tiny" and sent[0].payload["landing"] == str(landing)
+
+
+def test_a_file_still_growing_resets_the_quiet_period(landing, tiny_model_dir):
+    cfg, sent = _cfg(str(landing), tiny_model_dir), []
+    path = _drop(landing, "a.csv")
+    _scans(cfg, [0.0, 4.0], sent)
+    with open(path, "a") as fh:
+        fh.write("more text here,ham\n")
+    _scans(cfg, [6.0, 10.0], sent)  # changed at 6: not settled at 10
+    assert sent == []
+    _scans(cfg, [11.0], sent)
+    assert [f["name"] for f in sent[0].files] == ["a.csv"]
+
+
+def test_a_touched_file_counts_as_still_being_written(landing, tiny_model_dir):
+    cfg, sent = _cfg(str(landing), tiny_model_dir), []
+    path = _drop(landing, "a.csv")
+    _scans(cfg, [0.0], sent)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, new mtime
+    _scans(cfg, [5.0], sent)
+    assert sent == []
+    _scans(cfg, [10.0], sent)
+    assert len(sent) == 1
+
+
+def test_dotfiles_and_partial_uploads_are_ignored(landing, tiny_model_dir):
+    cfg, sent = _cfg(str(landing), tiny_model_dir), []
+    for name in (".hidden.csv", "upload.csv.part", "upload.csv.tmp", "x.CSV.PART"):
+        _drop(landing, name)
+    (landing / "incoming" / "subdir").mkdir()
+    assert list_incoming(str(landing)) == {}
+    _scans(cfg, [0.0, 10.0, 20.0], sent)
+    assert sent == []
+    os.rename(landing / "incoming" / "upload.csv.part", landing / "incoming" / "upload.csv")  # upload finished
+    _scans(cfg, [21.0, 30.0], sent)
+    assert [f["name"] for f in sent[0].files] == ["upload.csv"]
+
+
+def test_the_same_content_is_never_announced_twice(landing, tiny_model_dir):
+    cfg, sent = _cfg(str(landing), tiny_model_dir), []
+    _drop(landing, "a.csv", seed=1)
+    _scans(cfg, [0.0, 10.0], sent)
+    assert len(sent) == 1
+    # The gate moves the batch away; the same bytes come back, under the old name and under a new one.
+    data = (landing / "incoming" / "a.csv").read_bytes()
+    (landing / "incoming" / "a.csv").unlink()
+    _scans(cfg, [11.0], sent)
+    (landing / "incoming" / "a.csv").write_bytes(data)
+    (landing / "incoming" / "copy-of-a.csv").write_bytes(data)
+    _scans(cfg, [12.0, 30.0, 60.0], sent)
+    assert len(sent) == 1
+    # A new file next to the old bytes: only the new one is announced.
+    _drop(landing, "b.csv", seed=2)
+    _scans(cfg, [61.0, 70.0], sent)
+    assert len(sent) == 2 and [f["name"] for f in sent[1].files] == ["b.csv"]
+
+
+def test_state_survives_a_restart_and_is_written_atomically(landing, tiny_model_dir):
+    cfg, sent = _cfg(str(landing), tiny_model_dir), []
+    _drop(landing, "a.csv")
+    _scans(cfg, [0.0, 10.0], sent)
+    state = json.loads((landing / STATE_FILE).read_text())
+    assert len(state["seen"]) == 1 and "a.csv" in state["known"]
+    assert not list(landing.glob(f"{STATE_FILE}.*"))  # no temp file left behind
+    # A new watcher process (fresh objects, same folder) remembers what was announced.
+    _scans(_cfg(str(landing), tiny_model_dir), [20.0, 40.0], sent)
+    assert len(sent) == 1
+
+
+def test_a_failed_emit_announces_the_burst_again_next_time(landing, tiny_model_dir):
+    cfg = _cfg(str(landing), tiny_model_dir, quiet=0)
+    _drop(landing, "a.csv")
+
+    def broken(_):
+        raise RuntimeError("server down")
+
+    scan_landing(cfg, now=0.0, emit=broken)
+    with pytest.raises(RuntimeError):
+        scan_landing(cfg, now=1.0, emit=broken)
+    sent = []
+    scan_landing(cfg, now=2.0, emit=sent.append)
+    scan_landing(cfg, now=3.0, emit=sent.append)
+    assert len(sent) == 1
+
+
+def test_scan_logic_with_a_fake_listing():
+    state, hashed = WatchState(), []
+
+    def digest(name):
+        hashed.append(name)
+        return {"a": "1" * 64, "b": "1" * 64}[name]  # same bytes under two names
+
+    assert scan(state, {"a": [10, 1]}, 0.0, 1.0, digest) == []
+    assert scan(state, {"a": [10, 1], "b": [10, 2]}, 0.5, 1.0, digest) == []  # b joined the burst
+    assert scan(state, {"a": [10, 1], "b": [10, 2]}, 1.2, 1.0, digest) == []  # 0.7 s quiet only
+    out = scan(state, {"a": [10, 1], "b": [10, 2]}, 1.5, 1.0, digest)
+    assert [f["name"] for f in out] == ["a"]  # b has a's digest
+    assert scan(state, {"a": [10, 1], "b": [10, 2]}, 9.0, 1.0, digest) == [] and hashed == ["a", "b"]  # not re-hashed
+
+
+def test_fsspec_url_landing_zone(tiny_model_dir):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/tuneflow-test/incoming/a.csv", b"text,label\nhello there,ham\n")
+    fs.pipe("/tuneflow-test/incoming/b.csv.part", b"text,la")
+    cfg, sent = _cfg("memory://tuneflow-test", tiny_model_dir), []
+    _scans(cfg, [0.0, 10.0, 20.0], sent)
+    assert [f["name"] for f in sent[0].files] == ["a.csv"] and len(sent) == 1
+    assert fs.exists(f"/tuneflow-test/{STATE_FILE}")
+
+
+def test_schedule_section_is_validated_with_a_fix(tmp_path, tiny_model_dir):
+    import yaml
+
+    raw = tiny_config_dict(tmp_path / "d.csv", tiny_model_dir, schedule={"cron": "0 3 * *"})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"schedule.*not a valid cron.*5 fields"):
+        load_config(path)
+    raw["schedule"] = {"cron": "0 3 * * 1", "timezone": "Mars/Olympus"}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="IANA time zone"):
+        load_config(path)
+    raw["schedule"] = {"cron": "0 3 * * 1", "timezone": "Europe/Berlin"}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    assert cfg.schedule.cron == "0 3 * * 1"
+    no_schedule = PipelineConfig.model_validate({k: v for k, v in raw.items() if k != "schedule"})
+    assert cfg.digest() == no_schedule.digest()  # when it runs does not change what it trains

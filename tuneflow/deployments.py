@@ -1,0 +1,105 @@
+"""The deployments of a pipeline config, and ``tuneflow serve``: everything one machine needs.
+
+Per config (``name`` is the config's name; a suffix ``-<name>`` is added when several configs are served):
+
+    retrain/scheduled     the config's ``schedule`` (cron + time zone); only when the config has one
+    retrain/on-new-data   trigger: event ``tuneflow.data.arrived`` on resource ``tuneflow.dataset.<name>``;
+                          only for a landing-zone config (``data.landing``)
+    predict/batch         score a file or folder with ``<registry.model_name>@champion``
+
+The same deployments for workers on other machines are in ``deployments/prefect.yaml`` (``prefect deploy``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tasks.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+
+log = logging.getLogger(__name__)
+
+
+def trigger_for(cfg: PipelineConfig, config_path: str):
+    """The deployment trigger of ``retrain/on-new-data``: one run per ``tuneflow.data.arrived`` of this dataset."""
+    from prefect.events import DeploymentEventTrigger
+
+    from tasks.watch import EVENT, resource_id
+
+    return DeploymentEventTrigger(
+        name=f"{cfg.name}: retrain on new data",
+        description=f"Retrain {cfg.registry.model_name} when new batches land in {cfg.data.landing}/incoming",
+        expect={EVENT},
+        match={"prefect.resource.id": resource_id(cfg.name)},
+        # A single-expression template keeps its JSON type (Prefect renders it with `| tojson`), so the
+        # run's `trigger` parameter is the payload itself: files, sizes and sha256 digests.
+        parameters={"config_path": config_path, "only_if_new_data": True, "trigger": "{{ event.payload }}"},
+    )
+
+
+def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], list[PipelineConfig]]:
+    """The deployments to serve for these configs (validated first: a bad config fails before anything starts)."""
+    from prefect.schedules import Cron
+
+    from flows.predict import predict
+    from flows.retrain import retrain_from_file
+    from tasks.config import load_config
+
+    configs = [(str(Path(p).resolve()), load_config(p)) for p in config_paths]
+    names = [c.name for _, c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"configs share a name ({names}); deployments and events are keyed by it. Fix: give each config its own name")
+    deployments, loaded = [], []
+    for path, cfg in configs:
+        sfx = f"-{cfg.name}" if len(configs) > 1 else ""
+        tags = [f"tuneflow:{cfg.name}", f"model:{cfg.registry.model_name}"]
+        loaded.append(cfg)
+        if cfg.schedule is not None:
+            deployments.append(retrain_from_file.to_deployment(
+                name=f"scheduled{sfx}", parameters={"config_path": path}, tags=tags,
+                schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
+                description=f"Retrain {cfg.registry.model_name} on schedule `{cfg.schedule.cron}` ({cfg.schedule.timezone}) from {path}",
+            ))
+        else:
+            log.info("%s has no schedule section: no retrain/scheduled deployment", path)
+        if cfg.data.landing:
+            deployments.append(retrain_from_file.to_deployment(
+                name=f"on-new-data{sfx}", parameters={"config_path": path, "only_if_new_data": True}, tags=tags,
+                triggers=[trigger_for(cfg, path)],
+                description=f"Retrain {cfg.registry.model_name} when tuneflow.data.arrived is emitted for tuneflow.dataset.{cfg.name}",
+            ))
+        deployments.append(predict.to_deployment(
+            name=f"batch{sfx}", parameters={"model": f"{cfg.registry.model_name}@champion"}, tags=tags,
+            description=f"Batch-score a file or folder with {cfg.registry.model_name}@champion",
+        ))
+    return deployments, loaded
+
+
+def serve(config_paths: list[str], watch: bool = True) -> None:
+    """Serve the deployments of ``config_paths`` against ``PREFECT_API_URL`` and watch their landing zones.
+
+    Blocks until interrupted (Ctrl-C / SIGTERM); flow runs execute as subprocesses of this process.
+    """
+    import prefect
+
+    from tasks.schedule import ensure_concurrency_limit, limit_name
+    from tasks.watch import watch_forever
+
+    deployments, configs = build_deployments(config_paths)
+    for cfg in configs:
+        ensure_concurrency_limit(limit_name(cfg.registry.model_name))
+    stop = threading.Event()
+    watched = [c for c in configs if c.data.landing]
+    if watch and watched:
+        thread = threading.Thread(target=watch_forever, args=(watched, stop.is_set), name="tuneflow-watch", daemon=True)
+        thread.start()
+        log.info("watching %s", ", ".join(f"{c.data.landing}/incoming" for c in watched))
+    try:
+        prefect.serve(*deployments)
+    finally:
+        stop.set()
