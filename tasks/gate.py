@@ -65,7 +65,7 @@ class BatchRejected(DataError):
     def __init__(self, result: GateResult):
         parts = [f"{len(result.quarantined)} batch(es) quarantined, {len(result.accepted)} accepted; nothing was trained."]
         for o in result.quarantined:
-            parts.append(f"\n{o.path} (report: {o.path.parent / (o.name + '.report')}/index.html)\n{o.report.summary()}")
+            parts.append(f"\n{o.path}\n{o.report.summary()}")  # the summary ends with the report's path
         super().__init__("\n".join(parts), check=result.quarantined[0].report.failed[0].name if result.quarantined[0].report.failed else "validation")
         self.result = result
 
