@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 import pandas as pd
 
 from tasks.config import PipelineConfig
-from tasks.data import LABEL, TEXT, DataError, LoadedData, content_digest, normalize_text, read_table
+from tasks.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table
 from tasks.validate import NORM, ValidationReport, failure_report, validate_frame
 
 if TYPE_CHECKING:

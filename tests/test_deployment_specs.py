@@ -7,7 +7,6 @@ import importlib.util
 import inspect
 from pathlib import Path
 
-import pytest
 import yaml
 
 from conftest import make_rows, tiny_config_dict

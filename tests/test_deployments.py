@@ -11,7 +11,6 @@ import os
 from datetime import timedelta
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,13 @@ import pytest
 import yaml
 
 from conftest import make_rows, tiny_config_dict
+from servers import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET_S = 1.0
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -118,7 +112,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("deployments")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = _base_env(tmp / "prefect-home")
     server_env = env | {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5", "PREFECT_UI_ENABLED": "false"}
@@ -174,7 +168,6 @@ def stack(tmp_path_factory, tiny_model_dir):
 
 
 def test_a_scheduled_run_fires_and_registers_a_model(stack):
-    from prefect.client.schemas.filters import DeploymentFilter
 
     t0 = time.monotonic()
     runs = stack.wait_runs("retrain/scheduled", 1, timeout=150)

@@ -6,7 +6,6 @@ import hashlib
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -75,7 +74,7 @@ def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, 
     # history entries: one champion move so far, by the first flow run.
     card = v2.description
     assert mlflow.artifacts.load_text(v2.tags["tuneflow.model_card"]) == card
-    for needle in (f"champion v1", "Not promoted", "## Validation", ": passed, ", "Trained 1 epochs", "| ham |", "Known limits"):
+    for needle in ("champion v1", "Not promoted", "## Validation", ": passed, ", "Trained 1 epochs", "| ham |", "Known limits"):
         assert needle in card, needle
     assert v2.tags["tuneflow.validation"] == "passed"
     from tasks.history import read_history

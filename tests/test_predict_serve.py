@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from transformers import AutoTokenizer
 from tasks.config import ModelConfig, PipelineConfig
 from tasks.register import decide, register
 from tasks.train import load_base_model
+from servers import free_port, wait_until_up
 
 NAME = "serve-clf"
 
@@ -67,14 +66,8 @@ def test_predict_flow_scores_a_folder_and_logs_a_summary(champion, workdir, pref
     assert "holds no" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_with_a_label(champion, workdir):
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
@@ -90,17 +83,7 @@ def test_mlflow_models_serve_answers_with_a_label(champion, workdir):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{(workdir / 'serve.log').read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"no /ping answer in 120 s:\n{(workdir / 'serve.log').read_text()[-3000:]}"
-            time.sleep(1)
+        wait_until_up(f"{base}/ping", proc, workdir / "serve.log")
         req = urllib.request.Request(f"{base}/invocations", data=json.dumps({"inputs": ["WINNER! claim your prize", "see you at lunch"]}).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:

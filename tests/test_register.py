@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
 from mlflow import MlflowClient
 from transformers import AutoTokenizer
 

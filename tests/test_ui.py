@@ -8,11 +8,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -25,18 +22,13 @@ from tasks.data import Split
 from tasks.evaluate import EvaluateOutput, Evaluation
 from tasks.register import decide, model_card, register
 from tasks.train import load_base_model
+from servers import free_port, wait_until_up
 
 pytestmark = pytest.mark.ui
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 NAME = "ui-clf"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
@@ -64,7 +56,7 @@ def test_model_version_page_shows_aliases_card_and_metrics(workdir, tiny_model_d
     with mlflow.start_run():
         mv = register(model, tok, cfg, decision, {"tuneflow.validation": "passed"}, card, ["hi"])
 
-    port = _free_port()
+    port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = tmp_path / "server.log"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
@@ -77,17 +69,7 @@ def test_model_version_page_shows_aliases_card_and_metrics(workdir, tiny_model_d
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, f"mlflow server exited:\n{log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"mlflow server did not answer /health in 120 s:\n{log_path.read_text()[-3000:]}"
-            time.sleep(1)
+        wait_until_up(f"{base}/health", server, log_path)
 
         url = f"{base}/#/models/{NAME}/versions/{mv.version}"
         shot = ARTIFACTS / "mlflow-model-version.png"

@@ -1,0 +1,30 @@
+"""Helpers for tests that start real servers (MLflow, Prefect) as subprocesses on loopback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log tail if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"no answer from {url} in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}"
+        time.sleep(1)
