@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -28,3 +30,18 @@ def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout_s: float 
             pass
         assert time.monotonic() < deadline, f"no answer from {url} in {timeout_s:.0f} s:\n{log.read_text()[-3000:]}"
         time.sleep(1)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group a test started (servers fork workers and flow runs), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)

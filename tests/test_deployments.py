@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -21,28 +20,13 @@ import pytest
 import yaml
 
 from conftest import make_rows, tiny_config_dict
-from servers import free_port
+from servers import free_port, stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET_S = 1.0
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group this test started (the server / serve and their flow-run children), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=15)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
 
 
 def _base_env(home: Path) -> dict[str, str]:
@@ -163,7 +147,7 @@ def stack(tmp_path_factory, tiny_model_dir):
         yield st
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_group(p)
         server_log.close()
 
 

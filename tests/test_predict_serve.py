@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from tasks.config import ModelConfig, PipelineConfig
 from tasks.register import decide, register
 from tasks.train import load_base_model
-from servers import free_port, wait_until_up
+from servers import free_port, stop_group, wait_until_up
 
 NAME = "serve-clf"
 
@@ -91,10 +91,5 @@ def test_mlflow_models_serve_answers_with_a_label(champion, workdir):
         preds = body["predictions"]
         assert len(preds) == 2 and {p["label"] for p in preds} <= {"ham", "spam"} and all(0 <= p["score"] <= 1 for p in preds)
     finally:
-        os.killpg(proc.pid, 15)  # the server forks workers: stop the whole process group we started
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+        stop_group(proc)
         log.close()

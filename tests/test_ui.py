@@ -22,7 +22,7 @@ from tasks.data import Split
 from tasks.evaluate import EvaluateOutput, Evaluation
 from tasks.register import decide, model_card, register
 from tasks.train import load_base_model
-from servers import free_port, wait_until_up
+from servers import free_port, stop_group, wait_until_up
 
 pytestmark = pytest.mark.ui
 
@@ -89,11 +89,6 @@ def test_model_version_page_shows_aliases_card_and_metrics(workdir, tiny_model_d
         for what, pattern in expected.items():
             assert re.search(pattern, flat), f"{what} not on the rendered page {url}; see {ARTIFACTS}/mlflow-model-version.*"
     finally:
-        os.killpg(server.pid, 15)  # the server forks workers: stop the whole process group we started
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait()
+        stop_group(server)
         shutil.rmtree(tmp_path / "profile-shot", ignore_errors=True)
         shutil.rmtree(tmp_path / "profile-dom", ignore_errors=True)
