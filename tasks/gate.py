@@ -27,6 +27,7 @@ import pandas as pd
 
 from tasks.config import PipelineConfig
 from tasks.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table
+from tasks.watch import is_candidate
 from tasks.validate import NORM, ValidationReport, failure_report, validate_frame
 
 if TYPE_CHECKING:
@@ -173,7 +174,8 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
         shutil.rmtree(landing / ".work", ignore_errors=True)  # scratch of an earlier gate
         current = load_accepted(cfg, landing)
         reference = current.frame if current is not None else None
-        for path in sorted(p for p in incoming.iterdir() if not p.name.startswith(".")):
+        # Same rule as the watcher: dotfiles and *.tmp / *.part are files still being written.
+        for path in sorted(p for p in incoming.iterdir() if is_candidate(p.name)):
             if not (path.is_file() or path.is_symlink()):
                 continue
             work = landing / ".work" / path.name

@@ -78,7 +78,8 @@ def _fs(landing: str):
     return url_to_fs(landing)
 
 
-def _eligible(name: str) -> bool:
+def is_candidate(name: str) -> bool:
+    """A file that is complete by name: not a dotfile, not *.tmp / *.part (the gate uses this rule too)."""
     return not name.startswith(".") and not name.lower().endswith(IGNORED_SUFFIXES)
 
 
@@ -106,7 +107,7 @@ def list_incoming(landing: str) -> dict[str, list[int]]:
     out = {}
     for info in fs.ls(incoming, detail=True):
         name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-        if info.get("type") != "file" or not _eligible(name):
+        if info.get("type") != "file" or not is_candidate(name):
             continue
         out[name] = [int(info.get("size") or 0), _mtime_ns(info)]
     return out

@@ -185,3 +185,12 @@ def test_review_commands_score_on_the_accepted_union(corpus_run, tiny_model_dir)
     union = load_accepted(cfg, landing).frame
     expected = split_by_text_hash(union, cfg.data.eval_fraction, cfg.data.split_salt).eval
     assert current_eval_frame(cfg)["text"].tolist() == expected["text"].tolist()
+
+
+def test_files_still_being_written_are_left_in_incoming(tmp_path, tiny_model_dir, tokenizer):
+    landing = tmp_path / "sms"
+    incoming, accepted, quarantine = folders(landing)
+    for name in (".base.csv", "base.csv.part", "base.csv.tmp"):
+        shutil.copy(CORPUS / "base.csv", incoming / name)
+    result = run_gate(gate_config(landing, tiny_model_dir), landing, tokenizer)
+    assert result.outcomes == [] and len(list(incoming.iterdir())) == 3
