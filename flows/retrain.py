@@ -16,12 +16,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from tasks.config import PipelineConfig
+from tasks.data import DataError
 from tasks.evaluate import evaluate_task, metrics_table
 from tasks.register import register_task
 from tasks.tokenize import tokenize_task
 from tasks.tracking import configure_tracking, ensure_experiment, flatten, git_commit, log_dataset_inputs, model_url, run_url
 from tasks.train import train_task
-from tasks.data import DataError
 from tasks.validate import validate_task
 from tuneflow.runtime import cache_dir, configure_environment
 
