@@ -32,7 +32,7 @@ def _artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") + "-retrain"
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
     """Retrain ``config.registry.model_name`` on ``config.data`` and promote it only if it is better.
 
@@ -118,7 +118,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
     return result
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain_from_file(config_path: str, overrides: list[str] | None = None, only_if_new_data: bool = False,
                       trigger: dict[str, Any] | None = None) -> dict[str, Any]:
     """The deployed retrain: load the config from a path, wait for the model's slot, retrain.
@@ -163,8 +163,12 @@ def retrain_from_file(config_path: str, overrides: list[str] | None = None, only
                          "run got its slot: the run before it already trained on these files.",
                 description="Nothing new to train on; nothing was trained or registered.",
             )
-            return {"status": "nothing new", "model_name": config.registry.model_name}
-        return {"status": "trained", **retrain.fn(config, config_file=config_path)}
+            result = {"status": "nothing new", "model_name": config.registry.model_name}
+        else:
+            result = {"status": "trained", **retrain.fn(config, config_file=config_path)}
+    # The run's end time comes later (results, logs, state): this line marks when the slot was freed.
+    logger.info("released the retrain slot %r", slot)
+    return result
 
 
 if __name__ == "__main__":
