@@ -20,16 +20,12 @@ from tasks.data import DataError
 from tasks.evaluate import evaluate_task, metrics_table
 from tasks.register import register_task
 from tasks.tokenize import tokenize_task
-from tasks.tracking import configure_tracking, ensure_experiment, flatten, git_commit, log_dataset_inputs, model_url, run_url
+from tasks.tracking import artifact_key, configure_tracking, ensure_experiment, flatten, git_commit, log_dataset_inputs, model_url, run_url
 from tasks.train import train_task
 from tasks.validate import validate_task
 from tuneflow.runtime import cache_dir, configure_environment
 
 log = logging.getLogger(__name__)
-
-
-def _artifact_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") + "-retrain"
 
 
 @flow(name="retrain")
@@ -67,7 +63,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
             loaded, reports = validate_task(config, pid, config_file or "the config", work_dir)
         except DataError as exc:
             create_markdown_artifact(
-                key=_artifact_key(config.name),
+                key=artifact_key(config.name, "retrain"),
                 markdown=f"# Retrain stopped: the data was rejected\n\n```\n{exc}\n```\n\nMLflow run: [{pid}]({url})",
                 description="Data rejected; nothing was trained or registered.",
             )
@@ -103,7 +99,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
             if config.registry.enabled else "Registration is off (registry.enabled: false)."
         )
         create_markdown_artifact(
-            key=_artifact_key(config.name),
+            key=artifact_key(config.name, "retrain"),
             markdown=(
                 f"# Retrain `{config.name}`\n\n{decision_md}\n\n"
                 f"Data `{loaded.source}` ({len(loaded.frame)} rows from {len(loaded.sources)} file(s), digest `{loaded.digest[:16]}`), "
@@ -148,7 +144,7 @@ def retrain_from_file(config_path: str, overrides: list[str] | None = None, only
     logger = get_run_logger()
     config = load_config(config_path, overrides or [])
     if trigger:
-        create_markdown_artifact(key=_artifact_key(config.name) + "-trigger", markdown=trigger_markdown(trigger),
+        create_markdown_artifact(key=artifact_key(config.name, "retrain-trigger"), markdown=trigger_markdown(trigger),
                                  description="The event that started this run")
     slot = limit_name(config.registry.model_name)
     ensure_concurrency_limit(slot)
@@ -158,7 +154,7 @@ def retrain_from_file(config_path: str, overrides: list[str] | None = None, only
         if only_if_new_data and not has_new_batches(config):
             logger.info("nothing new in %s/incoming: an earlier run already trained on this data", config.data.landing)
             create_markdown_artifact(
-                key=_artifact_key(config.name),
+                key=artifact_key(config.name, "retrain"),
                 markdown=f"# Retrain `{config.name}`: nothing new\n\n`{config.data.landing}/incoming` was empty when this "
                          "run got its slot: the run before it already trained on these files.",
                 description="Nothing new to train on; nothing was trained or registered.",

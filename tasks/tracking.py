@@ -48,6 +48,11 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "default"
 
 
+def artifact_key(name: str, kind: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes), e.g. ``sms-spam-retrain``."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") + f"-{kind}"
+
+
 def ensure_experiment(name: str) -> str:
     """Get or create the experiment; on the local sqlite store its artifacts go under ``mlruns/artifacts``."""
     import mlflow

@@ -317,6 +317,14 @@ def _examples(result: dict[str, Any], table: Table, limit: int) -> list[str]:
     return out
 
 
+def _user_column(column: str, cfg: PipelineConfig) -> str:
+    """The name a user knows a checked column by (the file's column names, not the derived ones)."""
+    d = cfg.data
+    names = {TEXT: d.text_column, LABEL: d.label_column, NORM: f"{d.text_column} (normalized)",
+             ROWS: "rows per label", IMBALANCE: "largest class / this class"}
+    return names.get(column, column)
+
+
 def _docs_context(docs_dir: Path | None):
     import great_expectations as gx
 
@@ -413,7 +421,7 @@ def validate_frame(
             results[check.name] = CheckResult(
                 name=check.name,
                 expectation=r.expectation_config.type,
-                column=str(r.expectation_config.kwargs.get("column")),
+                column=_user_column(str(r.expectation_config.kwargs.get("column")), cfg),
                 rule=check.rule,
                 success=bool(r.success),
                 observed=_observed(r.result),
@@ -432,13 +440,6 @@ def validate_frame(
 
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-
-def display_columns(report: ValidationReport, cfg: PipelineConfig) -> None:
-    """Show the user's column names (not tuneflow's internal ones) in the report."""
-    names = {TEXT: cfg.data.text_column, LABEL: cfg.data.label_column, NORM: f"{cfg.data.text_column} (normalized)", ROWS: "rows per label", IMBALANCE: "largest class / this class"}
-    for c in report.checks:
-        c.column = names.get(c.column, c.column)
 
 
 def drop_out_of_bounds(loaded, cfg: PipelineConfig):
@@ -480,7 +481,7 @@ def validate_task(cfg: PipelineConfig, parent_run_id: str, config_file: str, wor
 
     from tasks.data import read_table
     from tasks.gate import BatchRejected, load_accepted, run_gate
-    from tasks.tracking import stage_run
+    from tasks.tracking import artifact_key, stage_run
     from tasks.train import load_tokenizer
 
     with stage_run(parent_run_id, "validate"):
@@ -490,7 +491,6 @@ def validate_task(cfg: PipelineConfig, parent_run_id: str, config_file: str, wor
             gate = run_gate(cfg, landing, tokenizer)
             reports = [o.report for o in gate.outcomes]
             for o in gate.outcomes:
-                display_columns(o.report, cfg)
                 _log_report(o.report, f"validation/{o.status}/{o.path.name}")
             mlflow.log_metrics({"validation/batches_accepted": len(gate.accepted), "validation/batches_quarantined": len(gate.quarantined)})
             error: DataError | None = BatchRejected(gate) if gate.quarantined else None
@@ -501,14 +501,13 @@ def validate_task(cfg: PipelineConfig, parent_run_id: str, config_file: str, wor
         else:
             loaded = read_table(cfg.data, config_file)
             report = validate_frame(loaded.frame, cfg, loaded.source, raw=loaded.raw, tokenizer=tokenizer, docs_dir=work_dir / "data_docs")
-            display_columns(report, cfg)
             _log_report(report, "validation")
             reports = [report]
             error = None if report.success else ValidationFailed(report)
         passed = error is None
         if reports:
             create_markdown_artifact(
-                key=f"{''.join(ch if ch.isalnum() else '-' for ch in cfg.name.lower())}-validation",
+                key=artifact_key(cfg.name, "validation"),
                 markdown="# Data validation\n\n" + "\n\n".join(r.markdown() for r in reports),
                 description="Every expectation of every batch: result, observed value, threshold",
             )
