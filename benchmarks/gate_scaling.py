@@ -32,10 +32,10 @@ def main(sizes: list[int]) -> None:
     from tuneflow.runtime import configure_environment
 
     configure_environment()
-    from tasks.config import load_config
-    from tasks.data import content_digest
-    from tasks.gate import folders, run_gate
-    from tasks.train import load_tokenizer
+    from tuneflow.config import load_config
+    from tuneflow.data import content_digest
+    from tuneflow.landing import folders, run_gate
+    from tuneflow.models import load_tokenizer
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "configs/sms-spam.yaml")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 
-STAGES = ["validate", "tokenize", "train", "evaluate", "register"]
+STAGES = ["validate", "tokenize", "train", "evaluate", "champion", "register"]
 
 
 def main(experiment: str = "sms-spam", n_runs: int = 2) -> None:
     import mlflow
 
-    from tasks.tracking import configure_tracking
+    from tuneflow.tracking import configure_tracking
 
     configure_tracking()
     runs = mlflow.search_runs(

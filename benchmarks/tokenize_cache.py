@@ -19,10 +19,10 @@ def main(repeats: int = 5) -> None:
     configure_environment()
     from datasets.utils.logging import disable_progress_bar
 
-    from tasks.config import load_config
-    from tasks.data import read_table, split_by_text_hash
-    from tasks.tokenize import tokenize_split
-    from tasks.train import load_tokenizer
+    from tuneflow.config import load_config
+    from tuneflow.data import read_table, split_by_text_hash
+    from tuneflow.tokenization import tokenize_split
+    from tuneflow.models import load_tokenizer
 
     disable_progress_bar()
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/sms-spam.yaml")

@@ -1,1 +1,1 @@
-"""Prefect flows: they sequence the stages in ``tasks/`` and hold the orchestration policy."""
+"""Prefect flows: they sequence the stages (``tuneflow.tasks``) and hold the decisions. Installed as ``tuneflow.flows``."""

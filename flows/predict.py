@@ -10,9 +10,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tasks.predict import log_summary_task, score_task
-from tasks.tracking import configure_tracking, run_url
 from tuneflow.runtime import configure_environment
+from tuneflow.tasks.predict import log_summary_task, score_task
+from tuneflow.tracking import configure_tracking, run_url
 
 
 @flow(name="predict", log_prints=True)
@@ -50,10 +50,3 @@ def predict(model: str, input_path: str, output_path: str, text_column: str = "t
         "run_url": run_url(experiment_id, run_id),
     }
 
-
-if __name__ == "__main__":
-    import sys
-
-    from tuneflow.cli import main
-
-    sys.exit(main(["predict", *sys.argv[1:]]))

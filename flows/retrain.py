@@ -1,7 +1,8 @@
-"""The retrain flow: validate -> tokenize -> fine-tune -> evaluate -> register (with the promotion gate).
+"""The retrain flows: validate -> split -> tokenize -> fine-tune -> evaluate -> score champion -> decide -> register.
 
-It only sequences stages and records the run; each stage lives in ``tasks/``. Stages are not retried:
-a failed validation or training run must be looked at, not repeated.
+``retrain`` takes a loaded config (``tuneflow run``); ``retrain_deployed`` loads it from a path and
+waits for the model's slot first (schedules, new-data triggers, workers). Stages are not retried: a
+failed validation or training run must be looked at, not repeated.
 """
 
 from __future__ import annotations
@@ -15,20 +16,42 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from tasks.config import PipelineConfig
-from tasks.data import DataError
-from tasks.evaluate import evaluate_task, metrics_table
-from tasks.register import register_task
-from tasks.tokenize import tokenize_task
-from tasks.tracking import artifact_key, configure_tracking, ensure_experiment, flatten, git_commit, log_dataset_inputs, model_url, run_url
-from tasks.train import train_task
-from tasks.validate import validate_task
+from tuneflow.config import PipelineConfig, load_config
+from tuneflow.data import TEXT, DataError, split_data
+from tuneflow.evaluate import EvaluateOutput
+from tuneflow.landing import has_new_batches
+from tuneflow.registry import decide_promotion, version_tags
+from tuneflow.reporting import (
+    artifact_key,
+    model_card,
+    nothing_new_markdown,
+    rejected_markdown,
+    retrain_markdown,
+    trigger_markdown,
+)
 from tuneflow.runtime import cache_dir, configure_environment
+from tuneflow.tasks.evaluate import evaluate_task, score_champion_task
+from tuneflow.tasks.register import promote_task, register_task
+from tuneflow.tasks.tokenize import tokenize_task
+from tuneflow.tasks.train import train_task
+from tuneflow.tasks.validate import validate_task
+from tuneflow.tracking import (
+    RunContext,
+    configure_tracking,
+    ensure_experiment,
+    git_commit,
+    log_dataset_inputs,
+    model_url,
+    run_url,
+    start_parent_run,
+)
 
 log = logging.getLogger(__name__)
 
 
-@flow(name="retrain")
+# Two flows, two names: deployments belong to "retrain" (retrain/scheduled, retrain/on-new-data), which
+# calls this one's body; "retrain-once" is a run started directly (`tuneflow run`, Python).
+@flow(name="retrain-once")
 def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
     """Retrain ``config.registry.model_name`` on ``config.data`` and promote it only if it is better.
 
@@ -37,86 +60,97 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
         config_file: where the config came from, for error messages.
 
     Returns:
-        MLflow run id and URL, eval metrics, registered version, gate decision and model URI.
+        MLflow run id and URL, eval metrics, registered version, decision and model URI.
     """
-    import mlflow
-
     configure_environment()
-    logger = get_run_logger()
     configure_tracking()
+    logger = get_run_logger()
     experiment_id = ensure_experiment(config.name)
-    cache_root = cache_dir()
-    work_dir = cache_root / "runs" / str(flow_run.get_id() or "local")
+    flow_run_id = str(flow_run.get_id() or "")
     lineage = {
         "tuneflow.config_digest": config.digest(),
         "tuneflow.git_commit": git_commit(Path(__file__).resolve().parent),
-        "tuneflow.prefect_flow_run_id": str(flow_run.get_id() or ""),
+        "tuneflow.prefect_flow_run_id": flow_run_id,
         "tuneflow.base_model": config.model.base_model,
     }
-    with mlflow.start_run(run_name=f"retrain-{flow_run.get_name() or 'local'}", tags=lineage) as parent:
+    with start_parent_run(config, f"retrain-{flow_run.get_name() or 'local'}", lineage) as parent:
         pid = parent.info.run_id
         url = run_url(experiment_id, pid)
         logger.info("MLflow run %s: %s", pid, url)
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump(mode="json")).items()})
-        mlflow.log_dict(config.model_dump(mode="json"), "config.json")
+        run = RunContext(pid, cache_dir() / "runs" / (flow_run_id or "local"), cache_dir())
+
         try:
-            loaded, reports = validate_task(config, pid, config_file or "the config", work_dir)
+            checked = validate_task(config, run, config_file or "the config")
         except DataError as exc:
-            create_markdown_artifact(
-                key=artifact_key(config.name, "retrain"),
-                markdown=f"# Retrain stopped: the data was rejected\n\n```\n{exc}\n```\n\nMLflow run: [{pid}]({url})",
-                description="Data rejected; nothing was trained or registered.",
-            )
+            create_markdown_artifact(key=artifact_key(config.name, "retrain"), markdown=rejected_markdown(exc, pid, url),
+                                     description="Data rejected; nothing was trained or registered.")
             raise
-        lineage["tuneflow.data_digest"] = loaded.digest
-        mlflow.set_tag("tuneflow.data_digest", loaded.digest)
-        split, tokenizer, tokenized = tokenize_task(config, loaded, pid, cache_root)
-        log_dataset_inputs(config, loaded, split)
-        trained = train_task(config, tokenizer, tokenized, pid, work_dir)
-        evaluation = evaluate_task(config, trained.model, tokenizer, split, pid, work_dir)
-        result: dict[str, Any] = {
-            "run_id": pid,
-            "run_url": url,
-            "experiment_id": experiment_id,
-            "metrics": evaluation.challenger.metrics,
-            "tokenize_cache_hit": tokenized.cache_hit,
-        }
+        data = checked.data
+        lineage["tuneflow.data_digest"] = data.digest
+        split = split_data(data, config.data)
+        log_dataset_inputs(config, data, split)
+
+        tokenized = tokenize_task(config, data, split, run)
+        trained = train_task(config, tokenized, run)
+        challenger = evaluate_task(config, trained.model, tokenized.tokenizer, split, run)
+        champion = score_champion_task(config, split, run)
+        decision = decide_promotion(config, challenger, champion)
+        scores = EvaluateOutput(challenger, champion.version, champion.evaluation, champion.error)
+
+        version = None
         if config.registry.enabled:
-            reg = register_task(config, trained.model, tokenizer, evaluation, split, loaded, pid, lineage, report=reports, training=trained)
-            decision = reg["decision"]
-            result |= {
-                "version": reg["version"],
-                "model_uri": reg["model_uri"],
-                "promoted": decision.promote,
-                "reason": decision.reason,
-                "version_url": model_url(config.registry.model_name, reg["version"]),
-            }
-        champion = {"champion" + (f" v{evaluation.champion_version}" if evaluation.champion_version else ""): evaluation.champion.metrics if evaluation.champion else None}
-        table = metrics_table({"this model": evaluation.challenger.metrics, **champion}, config.data.labels)
-        decision_md = (
-            f"**Registered** `{config.registry.model_name}` version {result['version']} "
-            f"({'promoted to `champion`' if result['promoted'] else 'alias `challenger`, champion kept'}): {result['reason']}"
-            if config.registry.enabled else "Registration is off (registry.enabled: false)."
-        )
+            card = model_card(config, decision, scores, split, data.digest, pid, checked.reports, trained)
+            version = register_task(config, trained.model, tokenized.tokenizer, decision, card,
+                                    version_tags(lineage, checked.reports), list(split.eval[TEXT][:2]), run)
+            if decision.promote:
+                promote_task(config, version, decision, actor=flow_run_id or f"run {pid}")
+
         create_markdown_artifact(
             key=artifact_key(config.name, "retrain"),
-            markdown=(
-                f"# Retrain `{config.name}`\n\n{decision_md}\n\n"
-                f"Data `{loaded.source}` ({len(loaded.frame)} rows from {len(loaded.sources)} file(s), digest `{loaded.digest[:16]}`), "
-                f"{len(split.train)} train / {len(split.eval)} eval rows; "
-                f"tokenization {'loaded from cache' if tokenized.cache_hit else 'computed'}; "
-                f"{trained.epochs_run:g} epochs in {trained.train_seconds:.0f} s.\n\n{table}\n\n"
-                f"MLflow run: [{pid}]({url})"
-            ),
+            markdown=retrain_markdown(config, data, split, tokenized.cache_hit, trained, scores, decision, version, pid, url),
             description=f"Eval metrics and promotion decision for {config.registry.model_name}",
         )
-    shutil.rmtree(work_dir, ignore_errors=True)  # plots and Data Docs are in MLflow now; kept after a failure
+    shutil.rmtree(run.work_dir, ignore_errors=True)  # plots and Data Docs are in MLflow now; kept after a failure
+    result: dict[str, Any] = {"run_id": pid, "run_url": url, "experiment_id": experiment_id,
+                              "metrics": challenger.metrics, "tokenize_cache_hit": tokenized.cache_hit}
+    if version is not None:
+        result |= {"version": version, "model_uri": f"models:/{config.registry.model_name}/{version}",
+                   "promoted": decision.promote, "reason": decision.reason,
+                   "version_url": model_url(config.registry.model_name, version)}
     return result
 
 
+def limit_name(model_name: str) -> str:
+    """The global concurrency limit that lets one retrain of ``model_name`` run at a time."""
+    return f"retrain-{model_name}"
+
+
+def ensure_concurrency_limit(name: str, limit: int = 1) -> None:
+    """Create the global concurrency limit ``name`` if it does not exist (an existing one is kept as is).
+
+    Prefect skips, with only a warning, a ``concurrency()`` block whose limit does not exist, so the
+    limit is created before every acquisition rather than trusted to be there.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            log.info("created global concurrency limit %s (limit %d)", name, limit)
+        except ObjectAlreadyExists:  # another run created it a moment ago
+            pass
+
+
 @flow(name="retrain")
-def retrain_from_file(config_path: str, overrides: list[str] | None = None, only_if_new_data: bool = False,
-                      trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+def retrain_deployed(config_path: str, overrides: list[str] | None = None, only_if_new_data: bool = False,
+                     trigger: dict[str, Any] | None = None) -> dict[str, Any]:
     """The deployed retrain: load the config from a path, wait for the model's slot, retrain.
 
     At most one retrain of a model runs at a time, whatever started it (schedule, new-data trigger,
@@ -137,9 +171,6 @@ def retrain_from_file(config_path: str, overrides: list[str] | None = None, only
     """
     from prefect.concurrency.sync import concurrency
 
-    from tasks.config import load_config
-    from tasks.schedule import ensure_concurrency_limit, has_new_batches, limit_name, trigger_markdown
-
     configure_environment()
     logger = get_run_logger()
     config = load_config(config_path, overrides or [])
@@ -153,23 +184,11 @@ def retrain_from_file(config_path: str, overrides: list[str] | None = None, only
         logger.info("got the retrain slot %r", slot)
         if only_if_new_data and not has_new_batches(config):
             logger.info("nothing new in %s/incoming: an earlier run already trained on this data", config.data.landing)
-            create_markdown_artifact(
-                key=artifact_key(config.name, "retrain"),
-                markdown=f"# Retrain `{config.name}`: nothing new\n\n`{config.data.landing}/incoming` was empty when this "
-                         "run got its slot: the run before it already trained on these files.",
-                description="Nothing new to train on; nothing was trained or registered.",
-            )
+            create_markdown_artifact(key=artifact_key(config.name, "retrain"), markdown=nothing_new_markdown(config),
+                                     description="Nothing new to train on; nothing was trained or registered.")
             result = {"status": "nothing new", "model_name": config.registry.model_name}
         else:
             result = {"status": "trained", **retrain.fn(config, config_file=config_path)}
     # The run's end time comes later (results, logs, state): this line marks when the slot was freed.
     logger.info("released the retrain slot %r", slot)
     return result
-
-
-if __name__ == "__main__":
-    import sys
-
-    from tuneflow.cli import main
-
-    sys.exit(main(["run", *sys.argv[1:]]))

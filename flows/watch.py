@@ -6,14 +6,32 @@ where a worker runs the deployment ``watch/landing`` (deployments/prefect.yaml) 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tasks.config import load_config
-from tasks.watch import emit_arrival, scan_landing
+from tuneflow.config import load_config
 from tuneflow.runtime import configure_environment
+from tuneflow.watch import EVENT, Arrival, resource_id, scan_landing
+
+log = logging.getLogger(__name__)
+
+
+def emit_arrival(arrival: Arrival) -> None:
+    """Send ``tuneflow.data.arrived`` to the Prefect API (``PREFECT_API_URL``)."""
+    from prefect.events import emit_event
+
+    event = emit_event(
+        event=EVENT,
+        resource={"prefect.resource.id": resource_id(arrival.dataset), "prefect.resource.name": arrival.dataset},
+        payload=arrival.payload,
+    )
+    if event is None:
+        raise RuntimeError("Prefect did not send the event: events need a Prefect API. "
+                           "Fix: start `prefect server start` and set PREFECT_API_URL")
+    log.info("emitted %s for %s: %s", EVENT, arrival.dataset, ", ".join(f["name"] for f in arrival.files))
 
 
 @flow(name="watch", log_prints=True)

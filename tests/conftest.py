@@ -65,7 +65,7 @@ def workdir(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("TUNEFLOW_CACHE_DIR", raising=False)
-    from tasks.tracking import configure_tracking, ensure_experiment
+    from tuneflow.tracking import configure_tracking, ensure_experiment
 
     configure_tracking(tmp_path)
     ensure_experiment("tests")  # also replaces MLflow's process-wide active experiment of an earlier test
@@ -96,9 +96,52 @@ def tiny_config_dict(data_path: Path, model_dir: Path, **sections) -> dict:
 
 @pytest.fixture
 def tiny_config(data_csv, tiny_model_dir):
-    from tasks.config import PipelineConfig
+    from tuneflow.config import PipelineConfig
 
     return PipelineConfig.model_validate(tiny_config_dict(data_csv, tiny_model_dir))
+
+
+def tiny_registry_config(model_name: str, tiny_model_dir: Path):
+    """A config for registering the tiny model as ``model_name`` (its data file is never read)."""
+    from tuneflow.config import PipelineConfig
+
+    return PipelineConfig.model_validate({
+        "name": model_name.removesuffix("-clf"), "data": {"path": "x.csv", "labels": ["ham", "spam"]},
+        "model": {"base_model": str(tiny_model_dir), "max_length": 32}, "registry": {"model_name": model_name},
+    })
+
+
+@pytest.fixture
+def register_tiny(workdir, tiny_model_dir):
+    """``register_tiny(cfg_or_name, decision, tags=None, card="card", example=("hi",))``: the retrain's last steps.
+
+    Logs the tiny (untrained) model into a new MLflow run, registers it with ``tags`` and ``card`` (alias
+    ``challenger``) and, when ``decision.promote``, moves ``champion`` to it as the gate does. Returns the
+    registered ``ModelVersion`` as it is after the move.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from transformers import AutoTokenizer
+
+    from tuneflow.history import promote_by_gate
+    from tuneflow.kinds.classification import load_base_model
+    from tuneflow.registry import register_version
+
+    cache = {}
+
+    def register(cfg_or_name, decision, tags: dict | None = None, card: str = "card", example=("hi",)):
+        cfg = tiny_registry_config(cfg_or_name, tiny_model_dir) if isinstance(cfg_or_name, str) else cfg_or_name
+        if not cache:
+            cache["model"] = load_base_model(cfg.model, ["ham", "spam"])
+            cache["tokenizer"] = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+        with mlflow.start_run() as run:
+            mv = register_version(cache["model"], cache["tokenizer"], cfg, decision, dict(tags or {}), card, list(example))
+        if decision.promote:
+            actor = (tags or {}).get("tuneflow.prefect_flow_run_id") or f"run {run.info.run_id}"
+            promote_by_gate(cfg.registry.model_name, str(mv.version), decision, actor)
+        return MlflowClient().get_model_version(cfg.registry.model_name, mv.version)
+
+    return register
 
 
 @pytest.fixture(scope="session")

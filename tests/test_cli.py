@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-import mlflow
 import pandas as pd
-from transformers import AutoTokenizer
 
-from tasks.config import ModelConfig, PipelineConfig
-from tasks.register import decide, register
-from tasks.train import load_base_model
 from tuneflow.cli import main
+from tuneflow.registry import decide
 
 
 def test_run_with_unknown_config_key_fails_before_any_work(tmp_path, capsys):
@@ -28,14 +24,8 @@ def test_run_with_wrong_type_names_field_and_value(capsys):
     assert "train.batch_size: value 'big'" in err
 
 
-def test_models_and_predict_with_champion(workdir, tiny_model_dir, capsys, prefect_harness):
-    cfg = PipelineConfig.model_validate({
-        "name": "cli", "data": {"path": "x.csv", "labels": ["ham", "spam"]},
-        "model": {"base_model": str(tiny_model_dir), "max_length": 32}, "registry": {"model_name": "cli-clf"},
-    })
-    model = load_base_model(ModelConfig(base_model=str(tiny_model_dir), max_length=32), ["ham", "spam"])
-    with mlflow.start_run():
-        register(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), cfg, decide("macro_f1", 0.9, None, None, 0.0), {}, "card", ["hi"])
+def test_models_and_predict_with_champion(workdir, register_tiny, capsys, prefect_harness):
+    register_tiny("cli-clf", decide("macro_f1", 0.9, None, None, 0.0))
 
     assert main(["models"]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import ConfigError, PipelineConfig, load_config, parse_overrides
+from tuneflow.config import ConfigError, PipelineConfig, load_config, parse_overrides
 
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "sms-spam.yaml"
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import PipelineConfig
-from tasks.data import DataError, content_digest, read_table, resolve_path, split_by_text_hash
+from tuneflow.config import PipelineConfig
+from tuneflow.data import DataError, content_digest, read_table, resolve_path, split_by_text_hash
 
 LV = {"0": "ham", "1": "spam"}
 ROWS = pd.DataFrame({"sms": ["hello there", "WIN a prize", "see you soon", "free cash now"], "is_spam": [0, 1, 0, 1]})

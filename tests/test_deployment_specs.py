@@ -25,8 +25,8 @@ def _entry(entrypoint: str):
 def test_prefect_yaml_matches_the_configs_and_the_flows():
     from prefect.events import DeploymentEventTrigger
 
-    from tasks.config import load_config
-    from tasks.watch import EVENT, resource_id
+    from tuneflow.config import load_config
+    from tuneflow.watch import EVENT, resource_id
 
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
@@ -48,7 +48,7 @@ def test_prefect_yaml_matches_the_configs_and_the_flows():
 
 
 def test_serve_builds_the_deployments_from_the_config(tmp_path, tiny_model_dir):
-    from tuneflow.deployments import build_deployments
+    from tuneflow.flows.serve import build_deployments
 
     raw = tiny_config_dict(Path("unused"), tiny_model_dir, schedule={"cron": "0 3 * * 1", "timezone": "Europe/Berlin"})
     raw["data"] = {"landing": str(tmp_path / "landing"), "labels": ["ham", "spam"]}
@@ -79,7 +79,7 @@ def test_serve_without_a_server_says_how_to_start_one(monkeypatch, capsys):
 
 
 def test_a_triggered_run_with_nothing_new_completes_without_training(prefect_harness, workdir, tiny_model_dir):
-    from flows.retrain import retrain_from_file
+    from tuneflow.flows.retrain import retrain_deployed
 
     landing = workdir / "landing"
     (landing / "incoming").mkdir(parents=True)
@@ -91,13 +91,13 @@ def test_a_triggered_run_with_nothing_new_completes_without_training(prefect_har
     path = workdir / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     trigger = {"dataset": "tiny", "landing": str(landing), "files": [{"name": "x.csv", "sha256": "0" * 64, "size": 1}]}
-    out = retrain_from_file(str(path), only_if_new_data=True, trigger=trigger)
+    out = retrain_deployed(str(path), only_if_new_data=True, trigger=trigger)
     assert out == {"status": "nothing new", "model_name": "tiny-clf"}
     assert not (workdir / "mlruns" / "artifacts").exists() or not any((workdir / "mlruns" / "artifacts").rglob("model"))
 
 
 def test_source_list_tag_stays_within_mlflow_limit():
-    from tasks.tracking import MAX_INPUT_TAG, _sources_tag
+    from tuneflow.tracking import MAX_INPUT_TAG, _sources_tag
 
     assert _sources_tag(["a.csv", "b.csv"]) == '["a.csv", "b.csv"]'
     long = _sources_tag([f"batch-{i:04d}-from-the-nightly-export.csv" for i in range(200)])

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import make_rows
-from tasks.config import ModelConfig
-from tasks.evaluate import classification_metrics, evaluate_model, metrics_table, plot_confusion
-from tasks.train import load_base_model
+from tuneflow.config import ModelConfig
+from tuneflow.evaluate import plot_confusion
+from tuneflow.kinds.classification import classification_metrics, evaluate_model, load_base_model
+from tuneflow.reporting import metrics_table
 
 
 def test_classification_metrics_match_hand_computed_values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import mlflow
@@ -10,13 +11,13 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import make_rows, tiny_config_dict
-from tasks.config import PipelineConfig
+from tuneflow.config import PipelineConfig
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _run(cfg_dict: dict) -> dict:
-    from flows.retrain import retrain
+    from tuneflow.flows.retrain import retrain
 
     return retrain(PipelineConfig.model_validate(cfg_dict), config_file="test.yaml")
 
@@ -40,10 +41,10 @@ def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, 
     # Logged metrics, per-stage nested runs and the confusion-matrix plot on the parent run.
     run = client.get_run(first["run_id"])
     assert run.data.metrics["eval/macro_f1"] == pytest.approx(first["metrics"]["macro_f1"])
-    for stage in ("validate", "tokenize", "train", "evaluate", "register"):
+    for stage in ("validate", "tokenize", "train", "evaluate", "champion", "register"):
         assert f"time/{stage}_seconds" in run.data.metrics
     children = mlflow.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'", output_format="list")
-    assert sorted(r.data.tags["tuneflow.stage"] for r in children) == ["evaluate", "register", "tokenize", "train", "validate"]
+    assert sorted(r.data.tags["tuneflow.stage"] for r in children) == ["champion", "evaluate", "register", "tokenize", "train", "validate"]
     train_run = next(r for r in children if r.data.tags["tuneflow.stage"] == "train")
     assert len(client.get_metric_history(train_run.info.run_id, "train/loss")) >= 2  # logged as training went
     assert "plots/confusion_matrix.png" in [a.path for a in client.list_artifacts(first["run_id"], "plots")]
@@ -77,7 +78,7 @@ def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, 
     for needle in ("champion v1", "Not promoted", "## Validation", ": passed, ", "Trained 1 epochs", "| ham |", "Known limits"):
         assert needle in card, needle
     assert v2.tags["tuneflow.validation"] == "passed"
-    from tasks.history import read_history
+    from tuneflow.history import read_history
 
     assert [(m.from_version, m.to_version, m.by, m.actor) for m in read_history("tiny-clf")] == [(None, "1", "gate", champ.tags["tuneflow.prefect_flow_run_id"])]
 
@@ -117,7 +118,7 @@ def _write_bad(kind: str, content, path: Path) -> None:
 
 @pytest.mark.parametrize("kind", list(BAD_INPUTS))
 def test_bad_input_stops_before_training_and_registers_nothing(kind, workdir, tiny_model_dir):
-    from tasks.data import DataError
+    from tuneflow.data import DataError
 
     content, expected = BAD_INPUTS[kind]
     path = workdir / f"{kind}.csv"
@@ -127,14 +128,14 @@ def test_bad_input_stops_before_training_and_registers_nothing(kind, workdir, ti
         _run(tiny_config_dict(path, tiny_model_dir))
     msg = str(err.value)
     assert expected in msg and path.name in msg
-    assert "ix" in msg  # every message carries a fix ("Fix:" / "fix:")
+    assert re.search(r"(^|\s)[Ff]ix: \S", msg), msg  # every message says what to do: "Fix: ..." or "fix: ..."
     assert MlflowClient().search_registered_models() == []
     assert (_sha(path) if path.exists() else None) == before
     assert not (workdir / ".cache" / "tuneflow" / "tokenized").exists()  # stopped before tokenization
 
 
 def test_landing_zone_flow_trains_on_accepted_batches_and_stops_on_a_bad_one(workdir, tiny_model_dir):
-    from tasks.gate import BatchRejected
+    from tuneflow.landing import BatchRejected
 
     landing = workdir / "data" / "tiny"
     (landing / "incoming").mkdir(parents=True)

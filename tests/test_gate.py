@@ -12,8 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import tiny_config_dict
-from tasks.config import PipelineConfig
-from tasks.gate import folders, load_accepted, run_gate
+from tuneflow.config import PipelineConfig
+from tuneflow.landing import folders, load_accepted, run_gate
 
 CORPUS = Path(__file__).parent / "data" / "bad"
 EXPECTED: dict[str, str] = json.loads((CORPUS / "EXPECTED.json").read_text())
@@ -136,7 +136,7 @@ def test_a_repeated_delivery_is_quarantined_not_overwritten(tmp_path, tiny_model
 
 @pytest.mark.parametrize("crash_at", ["report", "move"])
 def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(crash_at, tmp_path, tiny_model_dir, tokenizer, monkeypatch):
-    import tasks.gate as gate
+    import tuneflow.landing as gate
 
     landing = tmp_path / "sms"
     incoming, accepted, quarantine = folders(landing)
@@ -144,7 +144,7 @@ def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(crash_at, tmp_pat
     names = ["base.csv", "bad_label.csv", "crlf.csv", "null_text.csv"]
     for name in names:
         shutil.copy(CORPUS / name, incoming)
-    real_write, real_rename = gate._write_json, gate.os.rename
+    real_write, real_rename = gate.write_json_atomic, gate.os.rename
     calls = {"n": 0}
 
     def crash_on_second(real):
@@ -156,7 +156,7 @@ def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(crash_at, tmp_pat
         return wrapper
 
     if crash_at == "report":
-        monkeypatch.setattr(gate, "_write_json", crash_on_second(real_write))
+        monkeypatch.setattr(gate, "write_json_atomic", crash_on_second(real_write))
     else:
         monkeypatch.setattr(gate.os, "rename", crash_on_second(real_rename))
     with pytest.raises(KeyboardInterrupt):
@@ -177,8 +177,8 @@ def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(crash_at, tmp_pat
 
 
 def test_review_commands_score_on_the_accepted_union(corpus_run, tiny_model_dir):
-    from tasks.data import split_by_text_hash
-    from tasks.review import current_eval_frame
+    from tuneflow.data import split_by_text_hash
+    from tuneflow.review import current_eval_frame
 
     landing, _ = corpus_run
     cfg = gate_config(landing, tiny_model_dir)

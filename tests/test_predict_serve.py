@@ -13,31 +13,21 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from transformers import AutoTokenizer
 
-from tasks.config import ModelConfig, PipelineConfig
-from tasks.register import decide, register
-from tasks.train import load_base_model
+from tuneflow.registry import decide
 from servers import free_port, stop_group, wait_until_up
 
 NAME = "serve-clf"
 
 
 @pytest.fixture
-def champion(workdir, tiny_model_dir) -> str:
-    cfg = PipelineConfig.model_validate({
-        "name": "serve", "data": {"path": "x.csv", "labels": ["ham", "spam"]},
-        "model": {"base_model": str(tiny_model_dir), "max_length": 32}, "registry": {"model_name": NAME},
-    })
-    model = load_base_model(ModelConfig(base_model=str(tiny_model_dir), max_length=32), ["ham", "spam"])
-    with mlflow.start_run():
-        mv = register(model, AutoTokenizer.from_pretrained(str(tiny_model_dir)), cfg, decide("macro_f1", 0.9, None, None, 0.0),
-                      {"tuneflow.validation": "passed"}, "## card", ["hi"])
+def champion(register_tiny) -> str:
+    mv = register_tiny(NAME, decide("macro_f1", 0.9, None, None, 0.0), {"tuneflow.validation": "passed"}, "## card")
     return str(mv.version)
 
 
 def test_predict_flow_scores_a_folder_and_logs_a_summary(champion, workdir, prefect_harness, capsys):
-    from flows.predict import predict
+    from tuneflow.flows.predict import predict
     from tuneflow.cli import main
 
     inbox = workdir / "inbox"

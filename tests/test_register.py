@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from mlflow import MlflowClient
-from transformers import AutoTokenizer
 
-from tasks.config import ModelConfig, PipelineConfig
-from tasks.register import decide, list_versions, register
-from tasks.train import load_base_model
+from tuneflow.registry import decide, list_versions
 
 
 def test_a_worse_or_equal_model_is_never_promoted():
+    # Inputs built so that the challenger is at most the champion: whatever the margin, never promoted.
     rng = random.Random(7)
     for _ in range(2000):
         champion = rng.random()
-        challenger = rng.choice([champion, rng.random(), champion + rng.uniform(-0.01, 0.01)])
-        margin = rng.choice([0.0, 0.001, 0.01, 0.05])
-        d = decide("macro_f1", challenger, champion, "3", margin)
-        assert d.promote == (challenger - champion >= margin and challenger > champion), (challenger, champion, margin)
-        assert d.champion_score == champion and d.challenger_score == challenger
-        if not d.promote:
-            assert "champion kept" in d.reason
+        challenger = champion - rng.choice([0.0, 1e-9, rng.uniform(0, 0.05), rng.random() * champion])
+        d = decide("macro_f1", challenger, champion, "3", rng.choice([0.0, 0.001, 0.01, 0.05]))
+        assert d.promote is False, (challenger, champion)
+        assert "champion kept" in d.reason and d.champion_score == champion and d.challenger_score == challenger
+
+
+@pytest.mark.parametrize(
+    ("challenger", "champion", "margin", "promoted"),
+    [
+        (0.90, 0.85, 0.0, True),  # better, no margin asked
+        (0.90, 0.85, 0.05, True),  # better by exactly... 0.05 in floats is 0.0500000000000000
+        (0.90, 0.85, 0.06, False),  # better, but by less than the margin
+        (0.851, 0.85, 0.0, True),
+        (0.85, 0.85, 0.0, False),  # a tie keeps the champion
+    ],
+)
+def test_a_better_model_is_promoted_only_past_the_margin(challenger, champion, margin, promoted):
+    assert decide("macro_f1", challenger, champion, "3", margin).promote is promoted
 
 
 def test_first_model_is_promoted_and_unscorable_champion_is_not_replaced():
@@ -31,21 +41,13 @@ def test_first_model_is_promoted_and_unscorable_champion_is_not_replaced():
     assert d.promote is False and "v5 could not be re-evaluated" in d.reason
 
 
-def test_register_tags_aliases_and_lists_versions(workdir, tiny_model_dir):
+def test_register_tags_aliases_and_lists_versions(workdir, register_tiny):
     import mlflow
 
-    cfg = PipelineConfig.model_validate({
-        "name": "reg", "data": {"path": "x.csv", "labels": ["ham", "spam"]},
-        "model": {"base_model": str(tiny_model_dir), "max_length": 32}, "registry": {"model_name": "reg-clf"},
-    })
-    model = load_base_model(ModelConfig(base_model=str(tiny_model_dir), max_length=32), ["ham", "spam"])
-    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    lineage = {"tuneflow.data_digest": "d" * 64, "tuneflow.config_digest": cfg.digest()}
+    lineage = {"tuneflow.data_digest": "d" * 64, "tuneflow.config_digest": "c" * 16}
     client = MlflowClient()
-    with mlflow.start_run():
-        v1 = register(model, tok, cfg, decide("macro_f1", 0.8, None, None, 0.0), lineage, "card 1", ["hi", "free prize"])
-    with mlflow.start_run():
-        v2 = register(model, tok, cfg, decide("macro_f1", 0.7, 0.8, "1", 0.0), lineage, "card 2", ["hi"])
+    v1 = register_tiny("reg-clf", decide("macro_f1", 0.8, None, None, 0.0), lineage, "card 1", ["hi", "free prize"])
+    v2 = register_tiny("reg-clf", decide("macro_f1", 0.7, 0.8, "1", 0.0), lineage, "card 2")
     assert str(client.get_model_version_by_alias("reg-clf", "champion").version) == str(v1.version) == "1"
     assert str(client.get_model_version_by_alias("reg-clf", "challenger").version) == str(v2.version) == "2"
     assert v2.tags["tuneflow.decision"] == "rejected" and v2.tags["tuneflow.champion_score"] == "0.800000"

@@ -7,17 +7,17 @@ import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
-from transformers import AutoTokenizer
 
-import tasks.history as history
+import tuneflow.history as history
 from conftest import make_rows, tiny_config_dict
-from tasks.config import ModelConfig, PipelineConfig
-from tasks.data import Split
-from tasks.evaluate import EvaluateOutput, Evaluation
-from tasks.register import decide, model_card, register
-from tasks.train import TrainResult, load_base_model
-from tasks.validate import CheckResult, ValidationReport
 from tuneflow.cli import main
+from tuneflow.config import PipelineConfig
+from tuneflow.data import Split
+from tuneflow.evaluate import EvaluateOutput, Evaluation
+from tuneflow.registry import decide
+from tuneflow.reporting import model_card
+from tuneflow.train import TrainResult
+from tuneflow.validation import CheckResult, ValidationReport
 
 NAME = "tiny-clf"
 VALIDATED = {"tuneflow.data_digest": "d" * 64, "tuneflow.validation": "passed", "tuneflow.prefect_flow_run_id": "flow-run-1"}
@@ -28,7 +28,7 @@ class Crash(RuntimeError):
 
 
 @pytest.fixture
-def setup(workdir, tiny_model_dir):
+def setup(workdir, tiny_model_dir, register_tiny):
     """A config file on generated data, and a function that registers the tiny model as a new version."""
     data = workdir / "data.csv"
     make_rows(60).to_csv(data, index=False)
@@ -36,15 +36,12 @@ def setup(workdir, tiny_model_dir):
     cfg_path = workdir / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg_dict))
     cfg = PipelineConfig.model_validate(cfg_dict)
-    model = load_base_model(ModelConfig(base_model=str(tiny_model_dir), max_length=32), ["ham", "spam"])
-    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
 
     def add(score: float, tags: dict | None = None) -> str:
         champ = history.champion_version(NAME)
         champ_score = None if champ is None else 0.5
-        with mlflow.start_run():
-            mv = register(model, tok, cfg, decide("macro_f1", score, champ_score, champ, 0.0), VALIDATED if tags is None else tags,
-                          f"card for score {score}", ["hi", "free prize"])
+        mv = register_tiny(cfg, decide("macro_f1", score, champ_score, champ, 0.0), VALIDATED if tags is None else tags,
+                           f"card for score {score}", ["hi", "free prize"])
         return str(mv.version)
 
     return cfg_path, add
@@ -176,7 +173,7 @@ def test_interrupted_writes_leave_the_registry_consistent(setup, monkeypatch, tm
 
     # Crash before the history entry is written (manual promotion): nothing moved.
     cfg = PipelineConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
-    from tasks.review import promote, rollback
+    from tuneflow.review import promote, rollback
 
     monkeypatch.setattr(history, "write_entry", crash)
     with pytest.raises(Crash):
@@ -192,6 +189,6 @@ def test_interrupted_writes_leave_the_registry_consistent(setup, monkeypatch, tm
     assert rollback(NAME).to_version == v1
     assert champion() == v1
     assert_consistent()
-    from tasks.review import history_rows
+    from tuneflow.review import history_rows
 
     assert [("NOT APPLIED" in r["action"]) for r in history_rows(NAME)] == [False, True, False, False]

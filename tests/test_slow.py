@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from tasks.config import load_config
+from tuneflow.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 def test_default_config_trains_a_real_model_to_at_least_090_macro_f1(workdir):
     from pathlib import Path
 
-    from flows.retrain import retrain
+    from tuneflow.flows.retrain import retrain
 
     repo = Path(__file__).resolve().parents[1]
     # One epoch (about 75 s of training here; 0.967 macro-F1 measured). A third of an epoch once ended

@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import make_rows
-from tasks.data import content_digest, split_by_text_hash
-from tasks.tokenize import tokenize_split
+from tuneflow.data import content_digest, split_by_text_hash
+from tuneflow.tokenization import tokenize_split
 
 
 @pytest.fixture

@@ -9,10 +9,12 @@ import torch
 from transformers import AutoTokenizer
 
 from conftest import make_rows, tiny_config_dict
-from tasks.config import PipelineConfig
-from tasks.data import content_digest, split_by_text_hash
-from tasks.tokenize import tokenize_split
-from tasks.train import ModelError, load_base_model, resolve_base_model, train_model
+from tuneflow.config import PipelineConfig
+from tuneflow.data import content_digest, split_by_text_hash
+from tuneflow.tokenization import tokenize_split
+from tuneflow.kinds.classification import load_base_model
+from tuneflow.models import ModelError, resolve_base_model
+from tuneflow.train import train_model
 
 
 def _setup(tiny_model_dir, tmp_path, **train):

@@ -15,13 +15,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from transformers import AutoTokenizer
 
-from tasks.config import ModelConfig, PipelineConfig
-from tasks.data import Split
-from tasks.evaluate import EvaluateOutput, Evaluation
-from tasks.register import decide, model_card, register
-from tasks.train import load_base_model
+from tuneflow.config import PipelineConfig
+from tuneflow.data import Split
+from tuneflow.evaluate import EvaluateOutput, Evaluation
+from tuneflow.registry import decide
+from tuneflow.reporting import model_card
 from servers import free_port, stop_group, wait_until_up
 
 pytestmark = pytest.mark.ui
@@ -40,21 +39,18 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium); .ci/run installs it")
-def test_model_version_page_shows_aliases_card_and_metrics(workdir, tiny_model_dir, tmp_path):
+def test_model_version_page_shows_aliases_card_and_metrics(workdir, tiny_model_dir, register_tiny, tmp_path):
     cfg = PipelineConfig.model_validate({
         "name": "ui", "data": {"path": "sms.csv", "labels": ["ham", "spam"]},
         "model": {"base_model": str(tiny_model_dir), "max_length": 32}, "registry": {"model_name": NAME},
     })
-    model = load_base_model(ModelConfig(base_model=str(tiny_model_dir), max_length=32), ["ham", "spam"])
-    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     metrics = {"accuracy": 0.9731, "macro_f1": 0.9517, "precision_ham": 0.98, "recall_ham": 0.99, "f1_ham": 0.985,
                "precision_spam": 0.93, "recall_spam": 0.9, "f1_spam": 0.915}
     ev = EvaluateOutput(Evaluation(metrics, [[1, 0], [0, 1]], ["ham", "spam"], []), None, None, None)
     split = Split(pd.DataFrame({"text": ["a", "b"], "label": ["ham", "spam"]}), pd.DataFrame({"text": ["c"], "label": ["spam"]}))
     decision = decide("macro_f1", 0.9517, None, None, 0.0)
     card = model_card(cfg, decision, ev, split, "e" * 64, "run-ui", None, None)
-    with mlflow.start_run():
-        mv = register(model, tok, cfg, decision, {"tuneflow.validation": "passed"}, card, ["hi"])
+    mv = register_tiny(cfg, decision, {"tuneflow.validation": "passed"}, card)
 
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)

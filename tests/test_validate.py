@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.config import DEFAULT_SEVERITY, PipelineConfig
-from tasks.data import DataError
-from tasks.validate import ValidationFailed, validate_frame
+from tuneflow.config import DEFAULT_SEVERITY, PipelineConfig
+from tuneflow.data import DataError
+from tuneflow.validation import ValidationFailed, validate_frame
 
 SOURCE = "data/sms-train.csv"
 CHECKS = list(DEFAULT_SEVERITY)  # every check runs (or reports why it was skipped), in this order

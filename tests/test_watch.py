@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_rows, tiny_config_dict
-from tasks.config import ConfigError, PipelineConfig, load_config
-from tasks.watch import STATE_FILE, WatchState, list_incoming, scan, scan_landing
+from tuneflow.config import ConfigError, PipelineConfig, load_config
+from tuneflow.watch import STATE_FILE, WatchState, list_incoming, scan, scan_landing
 
 
 def _cfg(landing: str, model_dir: Path, quiet: float = 5.0) -> PipelineConfig:

@@ -11,15 +11,18 @@ import getpass
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from tasks.config import PipelineConfig
-from tasks.data import LABEL, TEXT, read_table, split_by_text_hash
-from tasks.evaluate import Evaluation, metrics_table
-from tasks.history import Move, RegistryError, champion_version, move_champion, read_history, rollback_target
-from tasks.register import TAG, VALIDATION_TAG, evaluate_version
+from tuneflow.config import PipelineConfig
+from tuneflow.data import LABEL, TEXT, read_table, split_by_text_hash
+from tuneflow.evaluate import Evaluation
+from tuneflow.history import Move, move_champion, read_history, rollback_target
+from tuneflow.landing import load_accepted
+from tuneflow.registry import TAG, VALIDATION_TAG, RegistryError, champion_version, get_version, score_version
+from tuneflow.reporting import metrics_table
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,6 @@ def current_eval_frame(cfg: PipelineConfig, config_file: str = "the config") -> 
     scored (no text, unknown label) are left out.
     """
     if cfg.data.landing:
-        from pathlib import Path
-
-        from tasks.gate import load_accepted
-
         accepted = load_accepted(cfg, Path(cfg.data.landing))  # what the retrain flow trains on
         if accepted is None:
             raise RegistryError(f"no accepted data in {cfg.data.landing}/accepted. Fix: run the retrain flow on a batch first")
@@ -78,19 +77,11 @@ def current_eval_frame(cfg: PipelineConfig, config_file: str = "the config") -> 
 
 def score_versions(cfg: PipelineConfig, name: str, versions: list[str], eval_frame: pd.DataFrame) -> dict[str, Evaluation]:
     """Score each version on ``eval_frame`` with its own ``max_length`` (from its tags)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    client = MlflowClient()
     out = {}
     for v in versions:
+        mv = get_version(name, v)
         try:
-            mv = client.get_model_version(name, str(v))
-        except MlflowException as exc:
-            raise RegistryError(f"{name} version {v} not found in the registry. Fix: pick a version listed by 'tuneflow models {name}'") from exc
-        max_length = int((mv.tags or {}).get(f"{TAG}max_length", cfg.model.max_length))
-        try:
-            out[str(v)] = evaluate_version(name, str(v), eval_frame, cfg.data.labels, max_length, cfg.train.eval_batch_size)
+            out[str(v)] = score_version(cfg, mv, eval_frame)
         except (ValueError, OSError) as exc:
             raise RegistryError(f"{name} v{v} cannot be scored on this eval split: {exc}. Fix: compare with a config whose labels the model knows") from exc
     return out
@@ -113,16 +104,10 @@ def promote(cfg: PipelineConfig, name: str, version: str, reason: str, force: bo
         RegistryError: unknown version, already champion, no reason, a version that failed or lacks
             validation (unless ``force``), or a config of another model.
     """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     _check_name(cfg, name, config_file)
     if not reason.strip():
         raise RegistryError("a promotion needs a reason. Fix: pass --reason \"why this version\"")
-    try:
-        mv = MlflowClient().get_model_version(name, str(version))
-    except MlflowException as exc:
-        raise RegistryError(f"{name} version {version} not found in the registry. Fix: pick a version listed by 'tuneflow models {name}'") from exc
+    mv = get_version(name, version)
     current = champion_version(name)
     if current == str(version):
         raise RegistryError(f"{name} v{version} already is the champion; nothing to do")

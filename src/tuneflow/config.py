@@ -193,17 +193,18 @@ class ScheduleConfig(_Section):
     def _valid(self) -> ScheduleConfig:
         from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-        from prefect.client.schemas.schedules import CronSchedule  # the same check the server applies
+        from croniter import croniter
 
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"schedule.timezone {self.timezone!r} is not an IANA time zone; use e.g. UTC or Europe/Berlin") from None
-        try:
-            CronSchedule(cron=self.cron, timezone=self.timezone)
-        except ValidationError:
+        # The check Prefect's server applies (croniter, no random/hashed "R"/"H" fields), without
+        # importing Prefect; five fields, as a deployment schedule has no seconds field.
+        fields = self.cron.split()
+        if len(fields) != 5 or not croniter.is_valid(self.cron) or any(f.casefold() in ("r", "h") for f in fields):
             raise ValueError(f"schedule.cron {self.cron!r} is not a valid cron string; use 5 fields "
-                             "(minute hour day-of-month month day-of-week), e.g. '0 3 * * 1'") from None
+                             "(minute hour day-of-month month day-of-week), e.g. '0 3 * * 1'")
         return self
 
 
@@ -216,8 +217,16 @@ class WatchConfig(_Section):
     poll_seconds: float = Field(2.0, gt=0, description="How often the watcher lists <landing>/incoming.")
 
 
+Kind = Literal["classification"]
+
+
 class PipelineConfig(_Section):
     name: str = Field(min_length=1, description="Pipeline name; also the MLflow experiment name.")
+    kind: Kind = Field(
+        "classification",
+        description="The kind of fine-tuning (tuneflow.kinds): 'classification' (sequence classification, "
+        "labels from data.labels).",
+    )
     data: DataConfig
     validation: ValidationConfig = ValidationConfig()
     model: ModelConfig
@@ -231,7 +240,10 @@ class PipelineConfig(_Section):
         """A stable digest of every setting that shapes the model, to tag runs and versions with."""
         # When and how often a retrain runs does not change what it trains: leave those out, so a
         # schedule edit does not make every earlier version look like it came from another config.
-        blob = json.dumps(self.model_dump(mode="json", exclude={"schedule", "watch"}), sort_keys=True).encode()
+        # ``kind`` joined the config after the first versions were registered: left out while it is the
+        # default, digests of unchanged configs stay what they were.
+        exclude = {"schedule", "watch"} | ({"kind"} if self.kind == "classification" else set())
+        blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

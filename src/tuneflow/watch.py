@@ -15,7 +15,6 @@ atomically (temp file + rename), so a restarted watcher neither repeats nor forg
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -24,13 +23,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from tasks.config import PipelineConfig
+from tuneflow.config import PipelineConfig
+from tuneflow.files import file_lock
 
 log = logging.getLogger(__name__)
 
-EVENT = "tuneflow.data.arrived"
+EVENT = "tuneflow.data.arrived"  # the Prefect event a settled burst is announced as
 STATE_FILE = ".watch-state.json"
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 MAX_SEEN = 10_000  # digests remembered; older ones are dropped first
@@ -152,13 +153,8 @@ def watch_lock(landing: str) -> Iterator[None]:
     if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         yield
         return
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".watch.lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with file_lock(Path(root) / ".watch.lock", what="another watcher"):
+        yield
 
 
 def scan(state: WatchState, listing: dict[str, list[int]], now: float, quiet_seconds: float,
@@ -216,24 +212,11 @@ def scan_landing(cfg: PipelineConfig, now: float | None = None,
     return arrival
 
 
-def emit_arrival(arrival: Arrival) -> None:
-    """Send ``tuneflow.data.arrived`` to the Prefect API (``PREFECT_API_URL``)."""
-    from prefect.events import emit_event
+def watch_forever(configs: list[PipelineConfig], should_stop: Callable[[], bool], emit: Callable[[Arrival], None]) -> None:
+    """Scan every config's landing zone every ``watch.poll_seconds`` until ``should_stop()``.
 
-    event = emit_event(
-        event=EVENT,
-        resource={"prefect.resource.id": resource_id(arrival.dataset), "prefect.resource.name": arrival.dataset},
-        payload=arrival.payload,
-    )
-    if event is None:
-        raise RuntimeError("Prefect did not send the event: events need a Prefect API. "
-                           "Fix: start `prefect server start` and set PREFECT_API_URL")
-    log.info("emitted %s for %s: %s", EVENT, arrival.dataset, ", ".join(f["name"] for f in arrival.files))
-
-
-def watch_forever(configs: list[PipelineConfig], should_stop: Callable[[], bool],
-                  emit: Callable[[Arrival], None] = emit_arrival) -> None:
-    """Scan every config's landing zone every ``watch.poll_seconds`` until ``should_stop()``."""
+    ``emit`` announces a settled burst (``tuneflow.flows.watch.emit_arrival`` sends it to Prefect).
+    """
     next_at = {c.name: 0.0 for c in configs}
     while not should_stop():
         now = time.monotonic()

@@ -7,7 +7,8 @@ Per config (``name`` is the config's name; a suffix ``-<name>`` is added when se
                           only for a landing-zone config (``data.landing``)
     predict/batch         score a file or folder with ``<registry.model_name>@champion``
 
-The same deployments for workers on other machines are in ``deployments/prefect.yaml`` (``prefect deploy``).
+The same deployments for workers on other machines are in ``deployments/prefect.yaml`` (``prefect deploy``);
+``deployments/serve.py`` is the script form of ``tuneflow serve``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tasks.config import PipelineConfig
+from tuneflow.config import PipelineConfig, load_config
+from tuneflow.flows.predict import predict
+from tuneflow.flows.retrain import ensure_concurrency_limit, limit_name, retrain_deployed
+from tuneflow.flows.watch import emit_arrival
+from tuneflow.watch import EVENT, resource_id, watch_forever
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment
@@ -28,8 +33,6 @@ log = logging.getLogger(__name__)
 def trigger_for(cfg: PipelineConfig, config_path: str):
     """The deployment trigger of ``retrain/on-new-data``: one run per ``tuneflow.data.arrived`` of this dataset."""
     from prefect.events import DeploymentEventTrigger
-
-    from tasks.watch import EVENT, resource_id
 
     return DeploymentEventTrigger(
         name=f"{cfg.name}: retrain on new data",
@@ -46,10 +49,6 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
     """The deployments to serve for these configs (validated first: a bad config fails before anything starts)."""
     from prefect.schedules import Cron
 
-    from flows.predict import predict
-    from flows.retrain import retrain_from_file
-    from tasks.config import load_config
-
     configs = [(str(Path(p).resolve()), load_config(p)) for p in config_paths]
     names = [c.name for _, c in configs]
     if len(set(names)) != len(names):
@@ -60,7 +59,7 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
         tags = [f"tuneflow:{cfg.name}", f"model:{cfg.registry.model_name}"]
         loaded.append(cfg)
         if cfg.schedule is not None:
-            deployments.append(retrain_from_file.to_deployment(
+            deployments.append(retrain_deployed.to_deployment(
                 name=f"scheduled{sfx}", parameters={"config_path": path}, tags=tags,
                 schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
                 description=f"Retrain {cfg.registry.model_name} on schedule `{cfg.schedule.cron}` ({cfg.schedule.timezone}) from {path}",
@@ -68,7 +67,7 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
         else:
             log.info("%s has no schedule section: no retrain/scheduled deployment", path)
         if cfg.data.landing:
-            deployments.append(retrain_from_file.to_deployment(
+            deployments.append(retrain_deployed.to_deployment(
                 name=f"on-new-data{sfx}", parameters={"config_path": path, "only_if_new_data": True}, tags=tags,
                 triggers=[trigger_for(cfg, path)],
                 description=f"Retrain {cfg.registry.model_name} when tuneflow.data.arrived is emitted for tuneflow.dataset.{cfg.name}",
@@ -87,16 +86,13 @@ def serve(config_paths: list[str], watch: bool = True) -> None:
     """
     import prefect
 
-    from tasks.schedule import ensure_concurrency_limit, limit_name
-    from tasks.watch import watch_forever
-
     deployments, configs = build_deployments(config_paths)
     for cfg in configs:
         ensure_concurrency_limit(limit_name(cfg.registry.model_name))
     stop = threading.Event()
     watched = [c for c in configs if c.data.landing]
     if watch and watched:
-        thread = threading.Thread(target=watch_forever, args=(watched, stop.is_set), name="tuneflow-watch", daemon=True)
+        thread = threading.Thread(target=watch_forever, args=(watched, stop.is_set, emit_arrival), name="tuneflow-watch", daemon=True)
         thread.start()
         log.info("watching %s", ", ".join(f"{c.data.landing}/incoming" for c in watched))
     try:

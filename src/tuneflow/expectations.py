@@ -1,7 +1,7 @@
 """Custom Great Expectations 1.x expectations for text-classification data.
 
 GE 1.x customizes an expectation by subclassing a built-in one with fixed parameters and a
-description. Each class here checks a column that ``tasks.validate`` derives from the batch (and from
+description. Each class here checks a column that ``tuneflow.validation`` derives from the batch (and from
 the data accepted before it), so the pass/fail logic, the result format and the Data Docs rendering
 all stay Great Expectations'.
 """

@@ -1,0 +1,59 @@
+"""Kinds of fine-tuning: the one seam between the stages and what a task is.
+
+The stages (tokenize, train, evaluate, register, predict) call a ``FineTuningKind``; they never branch
+on the kind. A new kind is one module here that implements the protocol, plus its name in
+``tuneflow.config.Kind`` and in ``KINDS`` below.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import pandas as pd
+    from datasets import DatasetDict
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tuneflow.config import PipelineConfig
+    from tuneflow.data import Split
+    from tuneflow.evaluate import Evaluation
+
+
+class FineTuningKind(Protocol):
+    name: str
+    mlflow_task: str  # the transformers pipeline task the MLflow model is logged with
+
+    def load_model(self, cfg: PipelineConfig) -> PreTrainedModel:
+        """The base model, ready to fine-tune (e.g. with a new head)."""
+
+    def encode(self, split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int, labels: list[str]) -> DatasetDict:
+        """Both splits as model inputs (``train`` / ``eval``), unpadded."""
+
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
+        """Pads each training batch to its longest row."""
+
+    def trainer_metrics(self, cfg: PipelineConfig) -> Callable[[Any], dict[str, float]]:
+        """The Trainer's ``compute_metrics``; must report ``evaluate.primary_metric``."""
+
+    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame,
+                 cfg: PipelineConfig, max_length: int) -> Evaluation:
+        """Score a model (the new one or the champion) on eval rows, with the same code for both."""
+
+    def prediction_columns(self, output: pd.DataFrame) -> dict[str, Any]:
+        """The columns batch scoring adds, from the logged MLflow model's output."""
+
+    def empty_output(self) -> pd.DataFrame:
+        """The model output of zero rows."""
+
+
+def get_kind(name: str) -> FineTuningKind:
+    """The kind called ``name`` (``PipelineConfig.kind``)."""
+    from tuneflow.kinds.classification import Classification
+
+    kinds: dict[str, type] = {"classification": Classification}
+    try:
+        return kinds[name]()
+    except KeyError:
+        raise ValueError(f"unknown fine-tuning kind {name!r}; the kinds are: {', '.join(kinds)}") from None

@@ -1,0 +1,254 @@
+"""The registry: the champion lookup, the promotion decision, registering a version, scoring a version.
+
+A retrain logs its model, registers it with its model card and lineage tags, aliases it ``challenger``,
+and (``tuneflow.history.move_champion``) moves ``champion`` to it only when ``decide`` says it beats the
+current champion re-scored on the same eval split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib.metadata import version as pkg_version
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from tuneflow.config import PipelineConfig
+from tuneflow.evaluate import Evaluation, evaluate
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+TAG = "tuneflow."
+CARD_FILE = "model_card.md"
+VALIDATION_TAG = "tuneflow.validation"  # passed | failed: the data checks of the run that produced the version
+CARD_TAG = "tuneflow.model_card"
+KIND_TAG = "tuneflow.kind"
+_MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's error codes for "no such alias"
+
+
+class RegistryError(ValueError):
+    """A registry operation was refused; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    metric: str
+    challenger_score: float
+    champion_score: float | None = None
+    champion_version: str | None = None
+
+
+def decide(metric: str, challenger_score: float, champion_score: float | None, champion_version: str | None, min_improvement: float) -> Decision:
+    """The promotion gate (higher is better for every supported primary metric).
+
+    No champion: the challenger (which passed validation to get here) becomes champion. Otherwise it
+    must beat the champion's score on the same eval split by at least ``min_improvement``.
+    """
+    if champion_score is None:
+        if champion_version is None:
+            return Decision(True, f"no champion yet; first validated model becomes champion ({metric}={challenger_score:.4f})", metric, challenger_score)
+        return Decision(False, f"champion v{champion_version} could not be re-evaluated on this eval split; promote manually after review", metric, challenger_score, None, champion_version)
+    delta = challenger_score - champion_score
+    if delta >= min_improvement and delta > 0:
+        return Decision(True, f"{metric} {challenger_score:.4f} beats champion v{champion_version} ({champion_score:.4f}) by {delta:+.4f} (>= {min_improvement})", metric, challenger_score, champion_score, champion_version)
+    return Decision(False, f"{metric} {challenger_score:.4f} vs champion v{champion_version} {champion_score:.4f}: {delta:+.4f} is not an improvement of at least {min_improvement}; champion kept", metric, challenger_score, champion_score, champion_version)
+
+
+def decide_promotion(cfg: PipelineConfig, challenger: Evaluation, champion: ChampionScore) -> Decision:
+    """``decide`` on the configured primary metric, the new model against the re-scored champion."""
+    primary = cfg.evaluate.primary_metric
+    champion_score = champion.evaluation.metrics[primary] if champion.evaluation is not None else None
+    return decide(primary, challenger.metrics[primary], champion_score, champion.version, cfg.registry.min_improvement)
+
+
+def version_by_alias(name: str, alias: str) -> ModelVersion | None:
+    """The version ``alias`` points at, or None when there is no such alias (or no such model yet)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in _MISSING:
+            return None
+        raise
+
+
+def current_champion(name: str) -> ModelVersion | None:
+    """The version aliased ``champion``, or None when there is none (or no such model yet)."""
+    return version_by_alias(name, CHAMPION)
+
+
+def kind_of(mv: ModelVersion) -> str:
+    """The kind of fine-tuning that produced a version (versions from before kinds are classification)."""
+    return (mv.tags or {}).get(KIND_TAG, "classification")
+
+
+def champion_version(name: str) -> str | None:
+    champ = current_champion(name)
+    return None if champ is None else str(champ.version)
+
+
+def get_version(name: str, version: str) -> ModelVersion:
+    """A registered version.
+
+    Raises:
+        RegistryError: no such model or version.
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient().get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise RegistryError(f"{name} version {version} not found in the registry. "
+                            f"Fix: pick a version listed by 'tuneflow models {name}'") from exc
+
+
+def score_version(cfg: PipelineConfig, mv: ModelVersion, eval_frame: pd.DataFrame) -> Evaluation:
+    """Load a registered version offline and score it with the code that scores a new model.
+
+    The version's own ``max_length`` (its tag) is used, so it is scored as it was trained.
+    """
+    import mlflow
+
+    max_length = int((mv.tags or {}).get(f"{TAG}max_length", cfg.model.max_length))
+    parts = mlflow.transformers.load_model(f"models:/{mv.name}/{mv.version}", return_type="components")
+    return evaluate(parts["model"], parts["tokenizer"], eval_frame, cfg, max_length)
+
+
+@dataclass
+class ChampionScore:
+    """The current champion scored on this run's eval split (version None: there is no champion)."""
+
+    version: str | None
+    evaluation: Evaluation | None
+    error: str | None  # it exists but cannot be scored here (e.g. it lacks a label)
+
+
+def score_champion(cfg: PipelineConfig, eval_frame: pd.DataFrame) -> ChampionScore:
+    """Re-score the current champion on ``eval_frame``, so the decision compares like with like."""
+    champ = current_champion(cfg.registry.model_name)
+    if champ is None:
+        return ChampionScore(None, None, None)
+    try:
+        return ChampionScore(str(champ.version), score_version(cfg, champ, eval_frame), None)
+    except (ValueError, OSError) as exc:
+        log.warning("champion v%s could not be scored on this eval split: %s", champ.version, exc)
+        return ChampionScore(str(champ.version), None, str(exc))
+
+
+def pip_requirements() -> list[str]:
+    """Explicit, because MLflow's inference looks for torchvision and fails without it."""
+    reqs = [f"torch=={pkg_version('torch').split('+')[0]}"]
+    reqs += [f"{p}=={pkg_version(p)}" for p in ("transformers", "tokenizers", "mlflow", "pandas", "numpy")]
+    return reqs
+
+
+def register_version(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: PipelineConfig,
+    decision: Decision,
+    tags: dict[str, str],
+    description: str,
+    example: list[str],
+) -> ModelVersion:
+    """Log the model (transformers flavor) and its card into the active run, register it, alias it ``challenger``.
+
+    Write order, so an interruption anywhere leaves the registry consistent (see ``tuneflow.history``):
+    1. model and ``model_card.md`` go to the active run (no registry entry yet);
+    2. the version is created with its lineage/decision tags AND the card as description in one call,
+       so a version never exists without its card or tags;
+    3. alias ``challenger``. Moving ``champion`` is a separate step (``tuneflow.history.move_champion``).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from tuneflow.kinds import get_kind
+
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name="model",
+        task=get_kind(cfg.kind).mlflow_task,
+        pip_requirements=pip_requirements(),
+        input_example=example[:2],
+    )
+    run_id = mlflow.active_run().info.run_id
+    mlflow.log_text(description, CARD_FILE)
+    name = cfg.registry.model_name
+    all_tags = {
+        **tags,
+        **decision_tags(decision),
+        f"{TAG}max_length": str(cfg.model.max_length),
+        KIND_TAG: cfg.kind,
+        CARD_TAG: f"runs:/{run_id}/{CARD_FILE}",
+    }
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags=all_tags, description=description, model_id=info.model_id)
+    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    return client.get_model_version(name, mv.version)
+
+
+def version_tags(lineage: dict[str, str], reports: list[Any] | None) -> dict[str, str]:
+    """A new version's tags: the run's lineage, and whether its data passed validation.
+
+    Only validated data reaches registration; a landing-zone run without new batches (no reports)
+    trains on batches accepted, and so validated, earlier.
+    """
+    tags = dict(lineage)
+    if reports is not None:
+        tags[VALIDATION_TAG] = "passed" if all(r.success for r in reports) else "failed"
+    return tags
+
+
+def decision_tags(decision: Decision) -> dict[str, str]:
+    return {
+        f"{TAG}decision": "promoted" if decision.promote else "rejected",
+        f"{TAG}decision_reason": decision.reason,
+        f"{TAG}primary_metric": decision.metric,
+        f"{TAG}challenger_score": f"{decision.challenger_score:.6f}",
+        f"{TAG}champion_score": "" if decision.champion_score is None else f"{decision.champion_score:.6f}",
+        f"{TAG}champion_version_before": decision.champion_version or "",
+    }
+
+
+def list_versions(name: str | None = None) -> list[dict[str, Any]]:
+    """Registered versions (newest first) with aliases, primary metric, data digest and decision."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    models = [client.get_registered_model(name)] if name else client.search_registered_models()
+    rows = []
+    for rm in models:
+        aliases: dict[str, list[str]] = {}
+        for alias, ver in (rm.aliases or {}).items():
+            aliases.setdefault(str(ver), []).append(alias)
+        for mv in client.search_model_versions(f"name='{rm.name}'"):
+            t = mv.tags or {}
+            rows.append({
+                "name": rm.name,
+                "version": int(mv.version),
+                "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
+                "metric": t.get(f"{TAG}primary_metric", ""),
+                "score": t.get(f"{TAG}challenger_score", ""),
+                "decision": t.get(f"{TAG}decision", ""),
+                "data_digest": t.get(f"{TAG}data_digest", "")[:12],
+                "created": pd.Timestamp(mv.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M"),
+            })
+    return sorted(rows, key=lambda r: (r["name"], -r["version"]))

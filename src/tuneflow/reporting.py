@@ -1,0 +1,238 @@
+"""Every string a person reads in markdown or HTML: model cards, Prefect artifacts, reports, tables.
+
+The logic modules return dataclasses; this module turns them into text, so wording and layout live in
+one place and the logic stays testable without string matching on markdown.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from tuneflow.config import PipelineConfig
+    from tuneflow.data import LoadedData, Split
+    from tuneflow.evaluate import EvaluateOutput
+    from tuneflow.registry import Decision
+    from tuneflow.train import TrainResult
+    from tuneflow.validation import ValidationReport
+
+
+def artifact_key(name: str, kind: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes), e.g. ``sms-spam-retrain``."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") + f"-{kind}"
+
+
+def metrics_table(rows: dict[str, dict[str, float] | None], labels: list[str]) -> str:
+    """A markdown table with one column per model (e.g. challenger, champion)."""
+    names = ["accuracy", "macro_f1"] + [f"{m}_{lab}" for lab in labels for m in ("precision", "recall", "f1")]
+    cols = list(rows)
+    out = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name in names:
+        cells = [f"{rows[c][name]:.4f}" if rows[c] and name in rows[c] else "-" for c in cols]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def validation_summary(report: ValidationReport) -> str:
+    """The plain-text report of one batch: what failed, a few offending values, the fix (error messages, logs)."""
+    errors = [c for c in report.checks if c.severity == "error"]
+    lines = [
+        f"Data validation {'passed' if report.success else 'FAILED'} for {report.source} "
+        f"({report.row_count} rows): {len(errors) - len(report.failed)}/{len(errors)} expectations met"
+        + (f", {len(report.warnings)} warning(s)." if report.warnings else ".")
+    ]
+    for c in report.failed + report.warnings:
+        mark = "x" if c.severity == "error" else "! warning:"
+        lines.append(f"  {mark} {c.name} [{c.expectation} on '{c.column}']: {c.rule}")
+        lines.append(f"      observed: {c.observed}")
+        if c.examples:
+            lines.append(f"      offending: {'; '.join(c.examples)}")
+        lines.append(f"      fix: {c.fix}")
+    if report.docs_index:
+        lines.append(f"  report: {report.docs_index}")
+    return "\n".join(lines)
+
+def validation_markdown(report: ValidationReport) -> str:
+    """One batch's checks as a markdown table (result, observed value, threshold)."""
+    out = [
+        f"**{report.source}** ({report.row_count} rows): {'passed' if report.success else '**FAILED**'}",
+        "",
+        "| check | severity | result | observed | threshold |",
+        "|---|---|---|---|---|",
+    ]
+    for c in report.checks:
+        out.append(f"| {c.name} | {c.severity} | {c.status} | {str(c.observed).replace('|', '/')} | {c.threshold} |")
+    return "\n".join(out)
+
+
+def validation_artifact(reports: list[ValidationReport]) -> str:
+    """The Prefect artifact of the validate stage: every expectation of every batch of the run."""
+    return "# Data validation\n\n" + "\n\n".join(validation_markdown(r) for r in reports)
+
+
+def unreadable_batch_html(report: ValidationReport) -> str:
+    """The quarantine report of a file that could not be read as a batch (no expectation ran)."""
+    c = report.checks[0]
+    return (
+        "<!doctype html><meta charset='utf-8'><title>tuneflow: batch rejected</title>"
+        f"<h1>Batch rejected: {html.escape(report.source)}</h1>"
+        f"<p><b>{html.escape(c.name)}</b>: {html.escape(str(c.observed))}</p>"
+        "<p>The file could not be read as a data batch, so no expectation ran.</p>"
+    )
+
+
+
+def rejected_markdown(error: Exception, run_id: str, url: str) -> str:
+    """The retrain artifact when the data was rejected before training."""
+    return f"# Retrain stopped: the data was rejected\n\n```\n{error}\n```\n\nMLflow run: [{run_id}]({url})"
+
+
+def retrain_markdown(
+    cfg: PipelineConfig,
+    data: LoadedData,
+    split: Split,
+    tokenize_cache_hit: bool,
+    training: TrainResult,
+    evaluation: EvaluateOutput,
+    decision: Decision,
+    version: str | None,
+    run_id: str,
+    url: str,
+) -> str:
+    """The retrain artifact: what was trained on, the metrics next to the champion's, the decision, the run."""
+    champion_col = "champion" + (f" v{evaluation.champion_version}" if evaluation.champion_version else "")
+    table = metrics_table(
+        {"this model": evaluation.challenger.metrics, champion_col: evaluation.champion.metrics if evaluation.champion else None},
+        cfg.data.labels,
+    )
+    if version is not None:
+        outcome = "promoted to `champion`" if decision.promote else "alias `challenger`, champion kept"
+        decision_md = f"**Registered** `{cfg.registry.model_name}` version {version} ({outcome}): {decision.reason}"
+    else:
+        decision_md = "Registration is off (registry.enabled: false)."
+    return (
+        f"# Retrain `{cfg.name}`\n\n{decision_md}\n\n"
+        f"Data `{data.source}` ({len(data.frame)} rows from {len(data.sources)} file(s), digest `{data.digest[:16]}`), "
+        f"{len(split.train)} train / {len(split.eval)} eval rows; "
+        f"tokenization {'loaded from cache' if tokenize_cache_hit else 'computed'}; "
+        f"{training.epochs_run:g} epochs in {training.train_seconds:.0f} s.\n\n{table}\n\n"
+        f"MLflow run: [{run_id}]({url})"
+    )
+
+
+def nothing_new_markdown(cfg: PipelineConfig) -> str:
+    """The retrain artifact of a triggered run that found its data already trained on."""
+    return (
+        f"# Retrain `{cfg.name}`: nothing new\n\n`{cfg.data.landing}/incoming` was empty when this "
+        "run got its slot: the run before it already trained on these files."
+    )
+
+
+def trigger_markdown(trigger: dict[str, Any]) -> str:
+    """The triggering event as a table (shown as an artifact of the run it started)."""
+    files = trigger.get("files") or []
+    rows = "\n".join(f"| `{f.get('name')}` | {f.get('size', '')} | `{f.get('sha256', '')}` |" for f in files)
+    return (
+        f"# Started by `tuneflow.data.arrived` for `{trigger.get('dataset', '?')}`\n\n"
+        f"Landing zone: `{trigger.get('landing', '?')}`; {len(files)} file(s):\n\n"
+        f"| file | bytes | sha256 |\n|---|---|---|\n{rows}\n"
+    )
+
+
+def _distribution(frame: pd.DataFrame, labels: list[str]) -> dict[str, int]:
+    from tuneflow.data import LABEL
+
+    counts = frame[LABEL].value_counts()
+    return {lab: int(counts.get(lab, 0)) for lab in labels}
+
+
+def model_card(
+    cfg: PipelineConfig,
+    decision: Decision,
+    evaluation: EvaluateOutput,
+    split: Split,
+    data_digest: str,
+    run_id: str,
+    validation: ValidationReport | list[ValidationReport] | None = None,
+    training: TrainResult | None = None,
+) -> str:
+    """The version's model card (markdown): the registry description and ``model_card.md``.
+
+    Args:
+        evaluation: ``EvaluateOutput`` (challenger, champion_version, champion, champion_error).
+        split: ``Split`` with ``train``/``eval`` frames (``text``, ``label``).
+        validation: ``ValidationReport`` of the data (``None``: not available).
+        training: ``TrainResult`` (``train_seconds``, ``epochs_run``; ``None``: not available).
+    """
+    labels = cfg.data.labels
+    t = cfg.train
+    cols: dict[str, dict[str, float] | None] = {"this version": evaluation.challenger.metrics}
+    if evaluation.champion_version:
+        cols[f"champion v{evaluation.champion_version}"] = evaluation.champion.metrics if evaluation.champion else None
+    train_dist, eval_dist = _distribution(split.train, labels), _distribution(split.eval, labels)
+    lines = [
+        f"# Model card: {cfg.registry.model_name}",
+        "",
+        f"Fine-tuned from `{cfg.model.base_model}` for **text classification** into "
+        f"{len(labels)} labels: {', '.join(f'`{x}`' for x in labels)} (id order).",
+        "",
+        "## Promotion decision",
+        f"**{'Promoted to champion' if decision.promote else 'Not promoted'}**: {decision.reason}",
+        "",
+        f"## Eval metrics (same eval split of {len(split.eval)} rows for every column)",
+        "",
+        metrics_table(cols, labels),
+    ]
+    if evaluation.champion_version and evaluation.champion is None:
+        lines += ["", f"Champion v{evaluation.champion_version} could not be scored: {evaluation.champion_error}"]
+    lines += [
+        "",
+        "## Data",
+        f"- Source: `{cfg.data.path or cfg.data.landing}`; content digest `{data_digest}`",
+        f"- Split by text hash (eval_fraction {cfg.data.eval_fraction}, salt `{cfg.data.split_salt}`): "
+        f"{len(split.train)} train / {len(split.eval)} eval rows",
+        "",
+        "| label | train | eval |",
+        "|---|---|---|",
+        *[f"| {lab} | {train_dist[lab]} | {eval_dist[lab]} |" for lab in labels],
+        "",
+        "## Validation",
+    ]
+    reports = validation if isinstance(validation, list) else [] if validation is None else [validation]
+    if validation is None:
+        lines.append("- Not recorded for this version.")
+    elif not reports:
+        lines.append("- No new batch in this run: the training data is the accepted batches, each validated when it arrived.")
+    for report in reports:
+        passed = sum(c.success for c in report.checks)
+        lines.append(f"- `{report.source}`: {'passed' if report.success else 'FAILED'}, {passed}/{len(report.checks)} "
+                     f"Great Expectations checks met on {report.row_count} rows")
+        lines += [f"  - {c.status} `{c.name}`: {c.rule} (observed: {c.observed})" for c in report.checks]
+    lines += [
+        "",
+        "## Training",
+        f"- Config `{cfg.name}` (digest `{cfg.digest()}`): max_length {cfg.model.max_length}, epochs <= {t.epochs:g}, "
+        f"batch {t.batch_size}, learning rate {t.learning_rate:g}, weight decay {t.weight_decay:g}, seed {t.seed}, "
+        f"bf16 {t.bf16}, early stopping patience {t.early_stopping_patience}",
+    ]
+    if training is not None:
+        lines.append(f"- Trained {training.epochs_run:g} epochs in {training.train_seconds:.1f} s")
+    lines += [
+        f"- MLflow run `{run_id}`",
+        "",
+        "## Intended use",
+        f"Classify short texts like those in `{cfg.data.path or cfg.data.landing}` into {', '.join(labels)}, in batch "
+        "(`tuneflow predict`) or behind `mlflow models serve`. Review with `tuneflow compare` before a manual promotion.",
+        "",
+        "## Known limits",
+        f"- Texts longer than {cfg.model.max_length} tokens are truncated; only the start is read.",
+        f"- It can only answer one of {', '.join(labels)}; other kinds of text still get one of these labels.",
+        "- Scores are softmax probabilities, not calibrated; the metrics above hold for data like the eval split only.",
+        "- Trained on the data above alone: texts from another source, language or period may score worse.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,119 @@
+"""Tokenization: a fast tokenizer, no padding (pad per batch at training time), cached on disk.
+
+The cache key is the data's content digest + the tokenizer's full definition + max_length + the label
+order, so an unchanged re-run loads the tokenized splits from disk, and any change re-tokenizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tuneflow.config import PipelineConfig
+from tuneflow.data import LoadedData, Split, split_digest
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokenized:
+    datasets: DatasetDict  # "train" / "eval" with input_ids, attention_mask, labels
+    cache_key: str
+    cache_hit: bool
+    path: Path
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+    def stats(self, max_length: int) -> dict[str, float]:
+        """Rows and real (unpadded) tokens of the training split, and the share of truncated rows."""
+        lengths = [len(x) for x in self.datasets["train"]["input_ids"]]
+        n = max(1, len(lengths))
+        return {
+            "rows/train": len(self.datasets["train"]), "rows/eval": len(self.datasets["eval"]),
+            "tokens/train": sum(lengths), "tokens/train_mean_length": sum(lengths) / n,
+            "tokens/truncated_share": sum(x >= max_length for x in lengths) / n,
+        }
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Digest of the tokenizer's complete definition (vocab, normalizer, special tokens)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; tuneflow needs one (use_fast=True)")
+    spec = json.loads(backend.to_str())
+    # Calling the tokenizer with truncation/padding stores those settings in the backend; they are
+    # call arguments (max_length is in the cache key), not part of the tokenizer's identity.
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    h.update(type(tokenizer).__name__.encode())
+    return h.hexdigest()[:16]
+
+
+def cache_key(data_digest: str, tokenizer: PreTrainedTokenizerBase, max_length: int, labels: list[str], split_digest: str,
+              kind: str = "classification") -> str:
+    spec = {"data": data_digest, "split": split_digest, "tokenizer": tokenizer_fingerprint(tokenizer),
+            "max_length": max_length, "labels": labels, "v": 1}
+    if kind != "classification":  # keeps the keys of existing classification caches
+        spec["kind"] = kind
+    blob = json.dumps(spec, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def tokenize_split(
+    split: Split,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    labels: list[str],
+    data_digest: str,
+    split_digest: str,
+    cache_dir: Path,
+    kind: str = "classification",
+) -> Tokenized:
+    """Tokenize both splits (truncate to ``max_length``, no padding) or load them from the cache.
+
+    Args:
+        split: train/eval frames with text and label-name columns.
+        tokenizer: a fast tokenizer.
+        max_length: truncation length in tokens.
+        labels: label names in id order.
+        data_digest: content digest of the full data.
+        split_digest: digest of the split settings (fraction, salt).
+        cache_dir: root of the tokenized-data cache.
+        kind: the kind of fine-tuning (``tuneflow.kinds``), which turns rows into model inputs.
+    """
+    from datasets import load_from_disk
+
+    from tuneflow.kinds import get_kind
+
+    key = cache_key(data_digest, tokenizer, max_length, labels, split_digest, kind)
+    path = cache_dir / key
+    if (path / "dataset_dict.json").exists():
+        log.info("tokenized data cache hit: %s", path)
+        return Tokenized(load_from_disk(str(path)), key, True, path, tokenizer)
+
+    dd = get_kind(kind).encode(split, tokenizer, max_length, labels)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dd.save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.replace(path)  # atomic: a crashed run never leaves a half-written cache entry behind
+    log.info("tokenized %d train / %d eval rows into %s", len(dd["train"]), len(dd["eval"]), path)
+    return Tokenized(load_from_disk(str(path)), key, False, path, tokenizer)
+
+
+def tokenize_data(cfg: PipelineConfig, data: LoadedData, split: Split, cache_root: Path) -> Tokenized:
+    """Tokenize both splits with the base model's tokenizer, or load them from ``cache_root/tokenized``."""
+    from tuneflow.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    return tokenize_split(split, tokenizer, cfg.model.max_length, cfg.data.labels, data.digest, split_digest(cfg.data),
+                          cache_root / "tokenized", cfg.kind)

@@ -1,0 +1,292 @@
+"""MLflow setup: the local sqlite store by default, a team server through MLFLOW_TRACKING_URI.
+
+Nothing here runs at import time; the CLI and the flow call ``configure_tracking`` at their start.
+The ``log_*`` functions record one stage's results in the active (stage) run and the parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tuneflow.config import PipelineConfig
+    from tuneflow.data import LoadedData, Split
+    from tuneflow.evaluate import Evaluation
+    from tuneflow.landing import DataCheck
+    from tuneflow.registry import ChampionScore, Decision
+    from tuneflow.tokenization import Tokenized
+    from tuneflow.train import TrainResult
+    from tuneflow.validation import ValidationReport
+
+log = logging.getLogger(__name__)
+
+STORE_DIR = "mlruns"
+DEFAULT_UI = "http://127.0.0.1:5000"
+
+
+def local_store(root: Path | None = None) -> Path:
+    return ((root or Path.cwd()) / STORE_DIR).resolve()
+
+
+def configure_tracking(root: Path | None = None) -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` if set, else at ``mlruns/mlflow.db`` under ``root`` (cwd).
+
+    MLflow 3's plain-folder store is in maintenance mode, so the local default is a sqlite database
+    with artifacts in ``mlruns/artifacts``.
+    """
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        store = local_store(root)
+        store.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where a retrain's stages record and keep things: the MLflow parent run and the run's folders."""
+
+    parent_run_id: str
+    work_dir: Path  # scratch of this run (plots, Data Docs, checkpoints); removed after a successful run
+    cache_root: Path  # derived data kept across runs (tokenized splits)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "default"
+
+
+def ensure_experiment(name: str) -> str:
+    """Get or create the experiment; on the local sqlite store its artifacts go under ``mlruns/artifacts``."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        mlflow.set_experiment(experiment_id=exp.experiment_id)
+        return exp.experiment_id
+    location = None
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        location = (db.parent / "artifacts" / _slug(name)).as_uri()
+    exp_id = mlflow.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def ui_base_url() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    return os.environ.get("TUNEFLOW_MLFLOW_UI_URL", DEFAULT_UI).rstrip("/")
+
+
+def run_url(experiment_id: str, run_id: str) -> str:
+    return f"{ui_base_url()}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def model_url(name: str, version: str) -> str:
+    return f"{ui_base_url()}/#/models/{name}/versions/{version}"
+
+
+@contextmanager
+def stage_run(parent_run_id: str, stage: str) -> Iterator[Any]:
+    """A nested MLflow run for one stage; its wall time goes to the stage run and the parent run.
+
+    The parent is passed explicitly because Prefect may run a task on another thread, and MLflow's
+    active-run stack is per thread.
+    """
+    import mlflow
+
+    start = time.perf_counter()
+    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id, tags={"tuneflow.stage": stage}) as run:
+        yield run
+        seconds = time.perf_counter() - start
+        mlflow.log_metric("stage_seconds", seconds)
+        mlflow.MlflowClient().log_metric(parent_run_id, f"time/{stage}_seconds", seconds)
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+MAX_INPUT_TAG = 500  # MLflow 3 rejects a dataset input tag value longer than this (the whole run fails)
+
+
+def _sources_tag(names: list[str]) -> str:
+    """The source file names as JSON within MLflow's tag limit; a long list ends in "+N more".
+
+    The names are relative to the dataset source (the accepted/ folder of a landing zone).
+    """
+    for keep in range(len(names), 0, -1):
+        shown = names[:keep] + ([f"+{len(names) - keep} more"] if keep < len(names) else [])
+        text = json.dumps(shown)
+        if len(text) <= MAX_INPUT_TAG:
+            return text
+    return json.dumps([f"{len(names)} files"])
+
+
+def log_dataset_inputs(cfg: PipelineConfig, loaded: LoadedData, split: Split) -> None:
+    """Log the train and eval inputs to the active run with the full-content digest and source files.
+
+    MLflow's own pandas digest hashes only the first 10,000 rows; tuneflow passes its own digest over
+    every row, so a model version leads to exactly the data that trained it.
+    """
+    import mlflow
+
+    from tuneflow.data import LABEL, TEXT, content_digest
+
+    sources = _sources_tag([p.name for p in loaded.sources] or [str(loaded.source)])
+    for context, frame in (("training", split.train), ("evaluation", split.eval)):
+        digest = content_digest(frame)
+        ds = mlflow.data.from_pandas(frame[[TEXT, LABEL]], source=str(loaded.source), targets=LABEL,
+                                     # MLflow caps a dataset digest at 36 characters; the full one is in the tags
+                                     name=f"{cfg.name}-{'train' if context == 'training' else 'eval'}", digest=digest[:32])
+        mlflow.log_input(ds, context=context, tags={
+            "rows": str(len(frame)),
+            "tuneflow.data_digest": loaded.digest,
+            "tuneflow.split_digest": digest,
+            "tuneflow.sources": sources,
+        })
+
+
+def start_parent_run(cfg: PipelineConfig, run_name: str, lineage: dict[str, str]) -> Any:
+    """Open the retrain's parent run (a context manager) with its lineage tags; the config as params and JSON."""
+    import mlflow
+
+    run = mlflow.start_run(run_name=run_name, tags=lineage)
+    mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
+    mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
+    return run
+
+
+def _log_report(report: ValidationReport, prefix: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(report.to_json(), f"{prefix}/report.json")
+    if report.docs_index:
+        mlflow.log_artifacts(str(Path(report.docs_index).parent), f"{prefix}/data_docs")
+
+
+def log_validation(check: DataCheck, parent_run_id: str) -> None:
+    """Each batch's report (JSON + Data Docs), the verdict counts, and the ``tuneflow.validation`` tag."""
+    import mlflow
+
+    if check.gate is not None:
+        for o in check.gate.outcomes:
+            _log_report(o.report, f"validation/{o.status}/{o.path.name}")
+        mlflow.log_metrics({"validation/batches_accepted": len(check.gate.accepted),
+                            "validation/batches_quarantined": len(check.gate.quarantined)})
+    else:
+        for report in check.reports:
+            _log_report(report, "validation")
+    mlflow.log_metrics({"validation/checks_failed": sum(len(r.failed) for r in check.reports),
+                        "validation/warnings": sum(len(r.warnings) for r in check.reports)})
+    verdict = "passed" if check.error is None else "failed"
+    mlflow.set_tag("tuneflow.validation", verdict)
+    mlflow.MlflowClient().set_tag(parent_run_id, "tuneflow.validation", verdict)
+    if check.data is not None:
+        data = check.data
+        mlflow.log_params({"data.source": str(data.source), "data.rows": len(data.frame), "data.digest": data.digest,
+                           "data.files": len(data.sources)})
+        mlflow.log_metric("validation/rows_dropped", check.rows_dropped)
+        mlflow.MlflowClient().set_tag(parent_run_id, "tuneflow.data_digest", data.digest)
+
+
+def log_tokenization(tok: Tokenized, max_length: int, parent_run_id: str) -> None:
+    import mlflow
+
+    from tuneflow.tokenization import tokenizer_fingerprint
+
+    mlflow.log_params({"tokenize.cache_key": tok.cache_key, "tokenize.cache_hit": tok.cache_hit,
+                       "tokenize.tokenizer": tokenizer_fingerprint(tok.tokenizer)})
+    mlflow.log_metrics(tok.stats(max_length))
+    mlflow.MlflowClient().set_tag(parent_run_id, "tuneflow.tokenize_cache_hit", str(tok.cache_hit))
+
+
+def log_training(cfg: PipelineConfig, result: TrainResult) -> None:
+    import mlflow
+
+    from tuneflow.models import resolve_base_model
+
+    mlflow.log_params({"base_model": cfg.model.base_model, "base_model_path": str(resolve_base_model(cfg.model.base_model))})
+    mlflow.log_metrics({"train_seconds": result.train_seconds, "epochs_run": result.epochs_run, "steps": result.steps})
+
+
+def log_evaluation(evaluation: Evaluation, parent_run_id: str, plots_dir: Path) -> None:
+    """Eval metrics (``eval/...``) and the confusion-matrix plot, on the stage run and the parent run."""
+    import mlflow
+
+    from tuneflow.evaluate import plot_confusion
+
+    mlflow.log_metrics({f"eval/{k}": v for k, v in evaluation.metrics.items()})
+    client = mlflow.MlflowClient()
+    for k, v in evaluation.metrics.items():
+        client.log_metric(parent_run_id, f"eval/{k}", v)
+    png = plot_confusion(evaluation, plots_dir / "confusion_matrix.png")
+    mlflow.log_artifact(str(png), "plots")
+    client.log_artifact(parent_run_id, str(png), "plots")
+    mlflow.log_dict({"labels": evaluation.labels, "matrix": evaluation.confusion}, "confusion_matrix.json")
+
+
+def log_champion_score(champion: ChampionScore, parent_run_id: str, plots_dir: Path) -> None:
+    """The champion's metrics on this eval split (``champion/...``) and its confusion matrix, on the stage run;
+    the metrics and ``tuneflow.champion_version`` on the parent run too."""
+    import mlflow
+
+    from tuneflow.evaluate import plot_confusion
+
+    if champion.evaluation is None:
+        return
+    metrics = {f"champion/{k}": v for k, v in champion.evaluation.metrics.items()}
+    mlflow.log_metrics(metrics)
+    mlflow.set_tag("tuneflow.champion_version", champion.version)
+    client = mlflow.MlflowClient()
+    for k, v in metrics.items():
+        client.log_metric(parent_run_id, k, v)
+    client.set_tag(parent_run_id, "tuneflow.champion_version", champion.version)
+    png = plot_confusion(champion.evaluation, plots_dir / "champion_confusion_matrix.png",
+                         f"Champion v{champion.version} on this eval split")
+    mlflow.log_artifact(str(png), "plots")
+
+
+def log_decision(decision: Decision, version: str | None, parent_run_id: str) -> None:
+    """The promotion decision (and the registered version) as tags of the stage run and the parent run."""
+    import mlflow
+
+    from tuneflow.registry import TAG, decision_tags
+
+    tags = decision_tags(decision) | ({f"{TAG}registered_version": version} if version is not None else {})
+    mlflow.set_tags(tags)
+    client = mlflow.MlflowClient()
+    for k, v in tags.items():
+        client.set_tag(parent_run_id, k, v)

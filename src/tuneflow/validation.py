@@ -1,0 +1,428 @@
+"""Validation: check the data with a Great Expectations suite before anything is trained on it.
+
+Each check is one Great Expectations expectation (built-in, or a subclass in ``tuneflow.expectations``)
+plus a human rule, a threshold, a fix and a severity (``error`` stops the run, ``warn`` is reported,
+``off`` skips it; defaults in ``tuneflow.config.DEFAULT_SEVERITY``). Adding a check means adding one
+``Check`` to ``build_checks``. Checks run on four small tables derived from the batch:
+
+- ``schema``: the text and label columns as the file typed them (index = line in the file);
+- ``rows``: one row per record (index = line) with derived columns: normalized text, token count,
+  whether the text conflicts with another label, whether it was accepted before;
+- ``classes``: rows and imbalance per configured label;
+- ``drift``: p-values of the batch against accepted data (only when there is accepted data).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from tuneflow.config import PipelineConfig, Severity
+from tuneflow.data import LABEL, LINE, TEXT, DataError, LoadedData, normalize_text
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+Table = Literal["schema", "rows", "classes", "drift"]
+TABLES: tuple[Table, ...] = ("schema", "rows", "classes", "drift")
+NORM = "text_normalized"
+TOKENS = "text_tokens"
+CONFLICT = "label_conflict"
+SEEN = "seen_before"
+ROWS = "rows"
+IMBALANCE = "imbalance"
+LABEL_P = "label_drift_p_value"
+LENGTH_P = "length_drift_p_value"
+# Any tokenizer here makes at most one token per UTF-8 byte, plus a few special tokens; a text whose
+# byte length plus this margin is within the token limit cannot exceed it and is not tokenized.
+_TOKEN_MARGIN = 8
+_LABEL_TYPES = ["str", "int", "int64", "int32", "bool", "bool_"]
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    table: Table
+    rule: str
+    threshold: str
+    fix: str
+    expectation: Callable[[], Any]  # builds the GE expectation (GE is imported lazily)
+    needs_reference: bool = False
+
+
+@dataclass
+class CheckResult:
+    name: str
+    expectation: str
+    column: str
+    rule: str
+    success: bool
+    observed: Any
+    examples: list[str] = field(default_factory=list)
+    fix: str = ""
+    severity: Severity = "error"
+    threshold: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.success:
+            return "skipped" if str(self.observed).startswith("skipped") else "pass"
+        return "FAIL" if self.severity == "error" else "warn"
+
+
+@dataclass
+class ValidationReport:
+    source: str
+    row_count: int
+    checks: list[CheckResult]
+    raw: dict[str, Any]
+    docs_index: str | None = None  # Data Docs index.html, when built
+
+    @property
+    def success(self) -> bool:
+        return not self.failed
+
+    @property
+    def failed(self) -> list[CheckResult]:
+        """Failed checks of severity ``error``: these stop the run."""
+        return [c for c in self.checks if not c.success and c.severity == "error"]
+
+    @property
+    def warnings(self) -> list[CheckResult]:
+        return [c for c in self.checks if not c.success and c.severity != "error"]
+
+    def summary(self) -> str:
+        """Plain text: what failed, a few offending values, the fix (for error messages and logs)."""
+        from tuneflow.reporting import validation_summary
+
+        return validation_summary(self)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "row_count": self.row_count,
+            "success": self.success,
+            "checks": [{**c.__dict__, "status": c.status} for c in self.checks],
+            "great_expectations": self.raw,
+        }
+
+
+class ValidationFailed(DataError):
+    """The data broke at least one expectation of severity ``error``; nothing downstream may run on it."""
+
+    def __init__(self, report: ValidationReport):
+        super().__init__(report.summary(), check=report.failed[0].name if report.failed else "validation")
+        self.report = report
+
+
+def failure_report(source: str, error: DataError) -> ValidationReport:
+    """A report for a file that could not even be read (so no expectation could run)."""
+    return ValidationReport(
+        source=source,
+        row_count=0,
+        checks=[CheckResult(name=error.check, expectation="(read)", column="(file)", rule="the file is a readable batch",
+                            success=False, observed=str(error), fix=str(error).rpartition("Fix:")[2].strip() or "see the message")],
+        raw={},
+    )
+
+
+def build_checks(cfg: PipelineConfig) -> list[Check]:
+    import great_expectations.expectations as gxe
+
+    from tuneflow import expectations as tfx
+
+    v, d = cfg.validation, cfg.data
+    tokens = v.max_text_tokens or cfg.model.max_length
+    return [
+        Check("text_type", "schema", "texts are strings", "str", f"store '{d.text_column}' as text (quote numbers in CSV, strings in JSONL/Parquet)",
+              lambda: gxe.ExpectColumnValuesToBeInTypeList(column=TEXT, type_list=["str"])),
+        Check("label_type", "schema", "labels are strings or integers", " / ".join(_LABEL_TYPES[:2]),
+              f"store '{d.label_column}' as text or integer codes (not floats); map codes with data.label_values",
+              lambda: gxe.ExpectColumnValuesToBeInTypeList(column=LABEL, type_list=_LABEL_TYPES)),
+        Check("text_not_null", "rows", "every row has a text", "0 nulls", f"fill or drop rows with an empty '{d.text_column}'",
+              lambda: gxe.ExpectColumnValuesToNotBeNull(column=TEXT)),
+        Check("text_not_blank", "rows", "no text is only whitespace", "0 rows", f"drop rows whose '{d.text_column}' is blank",
+              lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=TEXT, regex=r"^\s*$")),
+        Check("text_length", "rows", f"text length is {v.min_text_chars}..{v.max_text_chars} characters"
+              + (f" for at least {v.text_length_mostly:.1%} of rows" if v.text_length_mostly < 1 else ""),
+              f"{v.min_text_chars}..{v.max_text_chars} chars" + (f", mostly {v.text_length_mostly}" if v.text_length_mostly < 1 else ""),
+              "drop or shorten those rows, or change validation.min_text_chars / max_text_chars",
+              lambda: gxe.ExpectColumnValueLengthsToBeBetween(column=TEXT, min_value=v.min_text_chars, max_value=v.max_text_chars, mostly=v.text_length_mostly)),
+        Check("text_tokens", "rows", f"texts fit in {tokens} tokens of the model's tokenizer", f"<= {tokens} tokens",
+              "longer texts are truncated in training: shorten them, or raise model.max_length / validation.max_text_tokens",
+              lambda: gxe.ExpectColumnValuesToBeBetween(column=TOKENS, max_value=tokens)),
+        Check("text_encoding", "rows", "no control characters or broken encoding (mojibake)", "0 rows",
+              "re-export the data as UTF-8 from its source (text decoded with the wrong codec looks like 'Ã©')",
+              lambda: tfx.ExpectTextToBeCleanUnicode(column=TEXT)),
+        Check("label_not_null", "rows", "every row has a label", "0 nulls", f"fill or drop rows with an empty '{d.label_column}'",
+              lambda: gxe.ExpectColumnValuesToNotBeNull(column=LABEL)),
+        Check("label_in_set", "rows", f"labels are one of {d.labels}", ", ".join(d.labels),
+              "fix those rows, or add the label to data.labels (or map it with data.label_values)",
+              lambda: gxe.ExpectColumnValuesToBeInSet(column=LABEL, value_set=list(d.labels))),
+        Check("duplicate_rate", "rows", f"at most {v.max_duplicate_rate:.0%} of rows repeat another row's text", f"<= {v.max_duplicate_rate:.0%}",
+              "deduplicate the file, or raise validation.max_duplicate_rate",
+              lambda: gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(column=NORM, min_value=1.0 - v.max_duplicate_rate)),
+        Check("label_conflict", "rows", "the same text never has two different labels", "0 rows",
+              "decide the right label for those texts and fix the rows (here or in the accepted data)",
+              lambda: tfx.ExpectTextsToHaveOneLabel()),
+        Check("repeats_accepted", "rows", f"at most {v.max_repeat_share:.0%} of rows repeat already-accepted data", f"<= {v.max_repeat_share:.0%}",
+              "send only new rows (was this batch delivered twice?), or raise validation.max_repeat_share",
+              lambda: tfx.ExpectRowsToBeNewData(mostly=1.0 - v.max_repeat_share) if v.max_repeat_share < 1 else tfx.ExpectRowsToBeNewData(mostly=0.0),
+              needs_reference=True),
+        Check("rows_per_class", "classes", f"every label has at least {v.min_rows_per_class} rows", f">= {v.min_rows_per_class} rows",
+              "add rows for those labels, or lower validation.min_rows_per_class",
+              lambda: gxe.ExpectColumnValuesToBeBetween(column=ROWS, min_value=v.min_rows_per_class)),
+        Check("class_imbalance", "classes", f"the largest class has at most {v.max_class_imbalance:g}x the rows of each other class",
+              f"<= {v.max_class_imbalance:g}x", "add rows for the small classes, or raise validation.max_class_imbalance",
+              lambda: gxe.ExpectColumnValuesToBeBetween(column=IMBALANCE, max_value=v.max_class_imbalance)),
+        Check("drift_labels", "drift", "the label distribution matches the accepted data", f"p >= {v.drift_p_value}",
+              "check the source of this batch; if the shift is real, set validation.severity.drift_labels: warn",
+              lambda: tfx.ExpectLabelDistributionToMatchAccepted(min_value=v.drift_p_value), needs_reference=True),
+        Check("drift_text_length", "drift", "the text-length distribution matches the accepted data", f"p >= {v.drift_p_value}",
+              "check the source of this batch (truncated or concatenated texts?); if real, relax validation.drift_p_value",
+              lambda: tfx.ExpectTextLengthDistributionToMatchAccepted(min_value=v.drift_p_value), needs_reference=True),
+    ]
+
+
+def _token_counts(texts: pd.Series, tokenizer: PreTrainedTokenizerBase, limit: int) -> pd.Series:
+    """Token counts for the texts that could exceed ``limit``; NaN (not checked) for the rest."""
+    from tokenizers import Tokenizer
+
+    counts = pd.Series(np.nan, index=texts.index, dtype="float64")
+    nbytes = texts.map(lambda t: len(t.encode("utf-8")) if isinstance(t, str) else 0)
+    candidates = texts[nbytes + _TOKEN_MARGIN > limit]
+    if len(candidates):
+        # A private copy of the Rust tokenizer: no truncation or padding state leaks in or out, and
+        # encode_batch_fast (no offsets) is about 2x faster than the transformers call.
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+        # Past 64 bytes per allowed token, a prefix is enough to know the text is over the limit.
+        clipped = [t[: limit * 64] for t in candidates]
+        # tuneflow turns the tokenizers' thread pool off process-wide (TOKENIZERS_PARALLELISM=false,
+        # because forking after it was used warns and disables it); this call forks nothing, and the
+        # second core shortens the gate's longest step.
+        previous = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        try:
+            encodings = backend.encode_batch_fast(clipped, add_special_tokens=True)
+        finally:
+            if previous is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = previous
+        counts.loc[candidates.index] = [len(e) for e in encodings]
+    return counts
+
+
+def _tables(frame: pd.DataFrame, cfg: PipelineConfig, raw: pd.DataFrame | None, reference: pd.DataFrame | None,
+            tokenizer: PreTrainedTokenizerBase | None, wanted: set[str]) -> dict[Table, pd.DataFrame]:
+    v = cfg.validation
+    if NORM in frame.columns:  # computed once by the caller (the gate keeps it for the next batch)
+        rows = frame.set_index(LINE)[[TEXT, LABEL, NORM]].copy()
+    else:
+        rows = frame.set_index(LINE)[[TEXT, LABEL]].copy()
+        rows[NORM] = rows[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
+    if "text_tokens" in wanted and tokenizer is not None:
+        rows[TOKENS] = _token_counts(rows[TEXT], tokenizer, v.max_text_tokens or cfg.model.max_length)
+    pairs = rows[[NORM, LABEL]].dropna()
+    ref_pairs = reference[[NORM, LABEL]].dropna() if reference is not None else pairs.iloc[:0]
+    both = pd.concat([pairs, ref_pairs], ignore_index=True)
+    label_sets = both.groupby(NORM)[LABEL].nunique()
+    conflicting = set(label_sets[label_sets > 1].index)
+    rows[CONFLICT] = rows[NORM].isin(conflicting)
+    if reference is not None:
+        rows[SEEN] = rows[NORM].isin(set(reference[NORM]))
+
+    counts = frame[LABEL].value_counts()
+    per_label = np.array([int(counts.get(lab, 0)) for lab in cfg.data.labels])
+    largest = per_label.max() if len(per_label) else 0
+    # An empty class has no ratio (NaN: GE skips it); rows_per_class reports it instead.
+    imbalance = [float(largest / n) if n else np.nan for n in per_label]
+    classes = pd.DataFrame({ROWS: per_label, IMBALANCE: imbalance}, index=pd.Index(cfg.data.labels, name=LABEL))
+
+    tables: dict[Table, pd.DataFrame] = {"rows": rows, "classes": classes}
+    tables["schema"] = raw if raw is not None else frame.set_index(LINE)[[TEXT, LABEL]].astype(object)
+    if reference is not None and len(frame) >= v.drift_min_rows and len(reference) >= v.drift_min_rows:
+        from scipy.stats import chi2_contingency, ks_2samp
+
+        ref_counts = reference[LABEL].value_counts()
+        table = np.array([per_label, [int(ref_counts.get(lab, 0)) for lab in cfg.data.labels]])
+        table = table[:, table.sum(axis=0) > 0]
+        # No test without two labels seen and rows on both sides (label_in_set reports unknown labels).
+        testable = table.shape[1] > 1 and (table.sum(axis=1) > 0).all()
+        label_p = float(chi2_contingency(table)[1]) if testable else 1.0
+        lengths = frame[TEXT].dropna().str.len()
+        length_p = float(ks_2samp(lengths, reference[TEXT].str.len()).pvalue) if len(lengths) else 1.0
+        tables["drift"] = pd.DataFrame({LABEL_P: [label_p], LENGTH_P: [length_p]}, index=pd.Index(["batch"], name="vs_accepted"))
+    return tables
+
+
+def _observed(result: dict[str, Any]) -> Any:
+    if "observed_value" in result:
+        return result["observed_value"]
+    if "unexpected_count" in result:
+        # GE reports unexpected_percent as None when every value is null
+        return f"{result['unexpected_count']} of {result.get('element_count')} rows ({result.get('unexpected_percent') or 0.0:.1f}%)"
+    return None
+
+
+def _examples(result: dict[str, Any], table: Table, limit: int) -> list[str]:
+    values = result.get("partial_unexpected_list") or []
+    index = result.get("partial_unexpected_index_list") or []
+    where = {"rows": "line", "schema": "line", "classes": "label", "drift": ""}[table]
+    out = []
+    for idx, value in list(zip(index, values))[:limit]:
+        if isinstance(idx, dict):  # GE gives {index name: value, ...} for a named index
+            idx = idx.get(LINE, idx.get(LABEL, idx))
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # a count read back from a float column
+        shown = repr(value) if not isinstance(value, float) or value == value else "null"
+        if isinstance(value, str) and len(value) > 60:
+            shown = repr(value[:57] + "...")
+        out.append(f"{where} {idx}: {shown}".strip())
+    return out
+
+
+def _user_column(column: str, cfg: PipelineConfig) -> str:
+    """The name a user knows a checked column by (the file's column names, not the derived ones)."""
+    d = cfg.data
+    names = {TEXT: d.text_column, LABEL: d.label_column, NORM: f"{d.text_column} (normalized)",
+             ROWS: "rows per label", IMBALANCE: "largest class / this class"}
+    return names.get(column, column)
+
+
+def _docs_context(docs_dir: Path | None):
+    import great_expectations as gx
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = {"globally": False}
+    if docs_dir is not None:
+        # The ephemeral context's site lives in a temp dir; point it at docs_dir instead.
+        ctx.update_data_docs_site("local_site", {
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            # GE requires an absolute base_directory when the context has no root directory
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+        })
+    return ctx
+
+
+def validate_frame(
+    frame: pd.DataFrame,
+    cfg: PipelineConfig,
+    source: str | Path,
+    *,
+    raw: pd.DataFrame | None = None,
+    reference: pd.DataFrame | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    docs_dir: Path | None = None,
+) -> ValidationReport:
+    """Run every enabled check on ``frame`` (columns text/label/line) and return the report (never raises).
+
+    Args:
+        frame: the batch, as read by ``tuneflow.data.read_table``.
+        cfg: thresholds and severities come from ``cfg.validation``.
+        source: named in the report.
+        raw: the text/label columns as typed in the file (for the schema checks); defaults to ``frame``'s.
+        reference: already-accepted data (columns text, label, text_normalized), for the repeat,
+            conflict and drift checks; None for a single-file dataset.
+        tokenizer: for the token-length check; without one it is skipped.
+        docs_dir: when set, Great Expectations Data Docs (HTML) are written there.
+    """
+    import great_expectations as gx
+
+    checks = [c for c in build_checks(cfg) if cfg.validation.severity_of(c.name) != "off"]
+    tables = _tables(frame, cfg, raw, reference, tokenizer, {c.name for c in checks})
+    ctx = _docs_context(docs_dir)
+    source_ = ctx.data_sources.add_pandas("tuneflow")
+    results: dict[str, CheckResult] = {}
+    raw_results: dict[str, Any] = {}
+    limit = cfg.validation.max_failed_examples
+    for check in checks:
+        if check.needs_reference and reference is None:
+            reason = "skipped: no accepted data to compare with"
+        elif check.table == "drift" and "drift" not in tables:
+            reason = f"skipped: fewer than {cfg.validation.drift_min_rows} rows"
+        elif check.name == "text_tokens" and tokenizer is None:
+            reason = "skipped: no tokenizer given"
+        else:
+            continue
+        results[check.name] = CheckResult(check.name, "", check.table, check.rule, True, reason, [], check.fix,
+                                          cfg.validation.severity_of(check.name), check.threshold)
+    for table in TABLES:
+        table_checks = [c for c in checks if c.table == table and c.name not in results]
+        if not table_checks:
+            continue
+        broken_schema = [r.name for r in results.values() if r.name in ("text_type", "label_type") and not r.success]
+        if table != "schema" and broken_schema:
+            # Row checks on a mistyped column only repeat the root cause in other words.
+            for check in table_checks:
+                results[check.name] = CheckResult(check.name, "", check.table, check.rule, True,
+                                                  f"skipped: {' and '.join(broken_schema)} failed", [], check.fix,
+                                                  cfg.validation.severity_of(check.name), check.threshold)
+            continue
+        suite = ctx.suites.add(gx.ExpectationSuite(name=f"{cfg.name}-{table}"))
+        for check in table_checks:
+            exp = check.expectation()
+            exp.meta = {"check": check.name, "rule": check.rule, "fix": check.fix}
+            suite.add_expectation(exp)
+        batch = source_.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
+        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{cfg.name}-{table}", data=batch, suite=suite))
+        result_format = {"result_format": "SUMMARY", "partial_unexpected_count": max(limit, 20)}
+        params = {"dataframe": tables[table]}
+        if docs_dir is not None:
+            cp = ctx.checkpoints.add(gx.Checkpoint(
+                name=f"{cfg.name}-{table}", validation_definitions=[vd], result_format=result_format,
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["local_site"])],
+            ))
+            run = next(iter(cp.run(batch_parameters=params).run_results.values()))
+        else:
+            run = vd.run(batch_parameters=params, result_format=result_format)
+        raw_results[table] = run.to_json_dict()
+        by_name = {c.name: c for c in table_checks}
+        for r in run.results:
+            check = by_name[r.expectation_config.meta["check"]]
+            if r.exception_info and r.exception_info.get("raised_exception"):
+                raise RuntimeError(f"Great Expectations could not run {check.name}: {r.exception_info.get('exception_message')}")
+            results[check.name] = CheckResult(
+                name=check.name,
+                expectation=r.expectation_config.type,
+                column=_user_column(str(r.expectation_config.kwargs.get("column")), cfg),
+                rule=check.rule,
+                success=bool(r.success),
+                observed=_observed(r.result),
+                examples=[] if r.success else _examples(r.result, table, limit),
+                fix=check.fix,
+                severity=cfg.validation.severity_of(check.name),
+                threshold=check.threshold,
+            )
+    ordered = [results[c.name] for c in checks]  # GE returns results grouped by column; keep ours
+    docs_index = str(docs_dir / "index.html") if docs_dir is not None and (docs_dir / "index.html").exists() else None
+    return ValidationReport(source=str(source), row_count=len(frame), checks=ordered,
+                            raw=json.loads(json.dumps(raw_results, default=str)), docs_index=docs_index)
+
+
+def drop_out_of_bounds(loaded: LoadedData, cfg: PipelineConfig) -> tuple[LoadedData, int]:
+    """Drop the rows outside the text length bounds that ``validation.text_length_mostly`` tolerated.
+
+    The data digest still covers the whole file: it identifies the input, not what was kept.
+    """
+    v = cfg.validation
+    lengths = loaded.frame[TEXT].str.len()
+    keep = lengths.between(v.min_text_chars, v.max_text_chars)
+    dropped = int((~keep).sum())
+    if dropped:
+        log.warning("dropping %d rows outside %d..%d characters (tolerated by validation.text_length_mostly=%s)",
+                    dropped, v.min_text_chars, v.max_text_chars, v.text_length_mostly)
+    return replace(loaded, frame=loaded.frame[keep].reset_index(drop=True)), dropped
