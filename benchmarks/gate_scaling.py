@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-WORDS = ("call me later lunch home tonight free prize claim cash urgent txt offer win now your the to and "
-         "you for this is a ok see soon thanks love meeting class reply stop www mobile").split()
+WORDS = (
+    "call me later lunch home tonight free prize claim cash urgent txt offer win now your the to and "
+    "you for this is a ok see soon thanks love meeting class reply stop www mobile"
+).split()
 
 
 def generate(n: int, seed: int) -> pd.DataFrame:
@@ -50,7 +52,13 @@ def main(sizes: list[int]) -> None:
             frame = generate(n, seed=n)
             frame.to_csv(incoming / "batch.csv", index=False)
             mb = (incoming / "batch.csv").stat().st_size / 1e6
-            run_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": None, "landing": str(landing), "label_values": None, "label_column": "label"})})
+            run_cfg = cfg.model_copy(
+                update={
+                    "data": cfg.data.model_copy(
+                        update={"path": None, "landing": str(landing), "label_values": None, "label_column": "label"}
+                    )
+                }
+            )
             t = time.perf_counter()
             result = run_gate(run_cfg, landing, tokenizer)
             gate_s = time.perf_counter() - t
@@ -58,8 +66,13 @@ def main(sizes: list[int]) -> None:
             t = time.perf_counter()
             content_digest(frame)
             digest_s = time.perf_counter() - t
-            status = outcome.status + ("" if outcome.report.success else f" ({', '.join(c.name for c in outcome.report.failed)})")
-            print(f"| {n:,} | {mb:.1f} | {gate_s:.1f} | {n / gate_s:,.0f} | {gate_s * 1e6 / n:.1f} | {digest_s:.2f} | {mb / digest_s:.0f} | {status} |", flush=True)
+            status = outcome.status + (
+                "" if outcome.report.success else f" ({', '.join(c.name for c in outcome.report.failed)})"
+            )
+            print(
+                f"| {n:,} | {mb:.1f} | {gate_s:.1f} | {n / gate_s:,.0f} | {gate_s * 1e6 / n:.1f} | {digest_s:.2f} | {mb / digest_s:.0f} | {status} |",
+                flush=True,
+            )
             shutil.rmtree(landing, ignore_errors=True)
 
 

@@ -32,7 +32,8 @@ def main(experiment: str = "sms-spam", n_runs: int = 2) -> None:
         times = [m.get(f"time/{s}_seconds", float("nan")) for s in STAGES]
         wall = (r.info.end_time - r.info.start_time) / 1000
         print(
-            f"| {r.info.run_name} | " + " | ".join(f"{t:.1f} s" for t in times)
+            f"| {r.info.run_name} | "
+            + " | ".join(f"{t:.1f} s" for t in times)
             + f" | {sum(times):.1f} s | {wall:.1f} s | {r.data.tags.get('tuneflow.tokenize_cache_hit', '?')} | {m.get('eval/macro_f1', float('nan')):.4f} |"
         )
 

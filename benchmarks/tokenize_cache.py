@@ -21,8 +21,8 @@ def main(repeats: int = 5) -> None:
 
     from tuneflow.config import load_config
     from tuneflow.data import read_table, split_by_text_hash
-    from tuneflow.tokenization import tokenize_split
     from tuneflow.models import load_tokenizer
+    from tuneflow.tokenization import tokenize_split
 
     disable_progress_bar()
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/sms-spam.yaml")
@@ -40,7 +40,9 @@ def main(repeats: int = 5) -> None:
             assert tokenize_split(*args).cache_hit
             warm.append(time.perf_counter() - t)
     c, w = statistics.median(cold), statistics.median(warm)
-    print(f"rows: {len(split.train)} train + {len(split.eval)} eval, max_length {cfg.model.max_length}, {repeats} repeats (median)")
+    print(
+        f"rows: {len(split.train)} train + {len(split.eval)} eval, max_length {cfg.model.max_length}, {repeats} repeats (median)"
+    )
     print("| variant | seconds | ratio |")
     print("|---|---:|---:|")
     print(f"| tokenize + write cache (cold) | {c:.3f} | 1.0x |")

@@ -16,7 +16,9 @@ from tuneflow.tracking import configure_tracking, run_url
 
 
 @flow(name="predict", log_prints=True)
-def predict(model: str, input_path: str, output_path: str, text_column: str = "text", batch_size: int = 64) -> dict[str, Any]:
+def predict(
+    model: str, input_path: str, output_path: str, text_column: str = "text", batch_size: int = 64
+) -> dict[str, Any]:
     """Score ``input_path`` (a CSV/JSONL/Parquet file, or a folder of them) with ``model``.
 
     Args:
@@ -37,8 +39,16 @@ def predict(model: str, input_path: str, output_path: str, text_column: str = "t
     summary = score_task(model, Path(input_path), Path(output_path), text_column, batch_size)
     run_id = log_summary_task(summary)
     experiment_id = mlflow.get_run(run_id).info.experiment_id
-    logger.info("scored %d rows from %d file(s) with %s (v%s), %.2f ms/row: %s; MLflow run %s",
-                summary.rows, len(summary.inputs), summary.model_uri, summary.version, summary.ms_per_row, summary.label_counts, run_id)
+    logger.info(
+        "scored %d rows from %d file(s) with %s (v%s), %.2f ms/row: %s; MLflow run %s",
+        summary.rows,
+        len(summary.inputs),
+        summary.model_uri,
+        summary.version,
+        summary.ms_per_row,
+        summary.label_counts,
+        run_id,
+    )
     return {
         "rows": summary.rows,
         "label_counts": summary.label_counts,
@@ -49,4 +59,3 @@ def predict(model: str, input_path: str, output_path: str, text_column: str = "t
         "run_id": run_id,
         "run_url": run_url(experiment_id, run_id),
     }
-

@@ -82,8 +82,11 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
         try:
             checked = validate_task(config, run, config_file or "the config")
         except DataError as exc:
-            create_markdown_artifact(key=artifact_key(config.name, "retrain"), markdown=rejected_markdown(exc, pid, url),
-                                     description="Data rejected; nothing was trained or registered.")
+            create_markdown_artifact(
+                key=artifact_key(config.name, "retrain"),
+                markdown=rejected_markdown(exc, pid, url),
+                description="Data rejected; nothing was trained or registered.",
+            )
             raise
         data = checked.data
         lineage["tuneflow.data_digest"] = data.digest
@@ -100,23 +103,42 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
         version = None
         if config.registry.enabled:
             card = model_card(config, decision, scores, split, data.digest, pid, checked.reports, trained)
-            version = register_task(config, trained.model, tokenized.tokenizer, decision, card,
-                                    version_tags(lineage, checked.reports), list(split.eval[TEXT][:2]), run)
+            version = register_task(
+                config,
+                trained.model,
+                tokenized.tokenizer,
+                decision,
+                card,
+                version_tags(lineage, checked.reports),
+                list(split.eval[TEXT][:2]),
+                run,
+            )
             if decision.promote:
                 promote_task(config, version, decision, actor=flow_run_id or f"run {pid}")
 
         create_markdown_artifact(
             key=artifact_key(config.name, "retrain"),
-            markdown=retrain_markdown(config, data, split, tokenized.cache_hit, trained, scores, decision, version, pid, url),
+            markdown=retrain_markdown(
+                config, data, split, tokenized.cache_hit, trained, scores, decision, version, pid, url
+            ),
             description=f"Eval metrics and promotion decision for {config.registry.model_name}",
         )
     shutil.rmtree(run.work_dir, ignore_errors=True)  # plots and Data Docs are in MLflow now; kept after a failure
-    result: dict[str, Any] = {"run_id": pid, "run_url": url, "experiment_id": experiment_id,
-                              "metrics": challenger.metrics, "tokenize_cache_hit": tokenized.cache_hit}
+    result: dict[str, Any] = {
+        "run_id": pid,
+        "run_url": url,
+        "experiment_id": experiment_id,
+        "metrics": challenger.metrics,
+        "tokenize_cache_hit": tokenized.cache_hit,
+    }
     if version is not None:
-        result |= {"version": version, "model_uri": f"models:/{config.registry.model_name}/{version}",
-                   "promoted": decision.promote, "reason": decision.reason,
-                   "version_url": model_url(config.registry.model_name, version)}
+        result |= {
+            "version": version,
+            "model_uri": f"models:/{config.registry.model_name}/{version}",
+            "promoted": decision.promote,
+            "reason": decision.reason,
+            "version_url": model_url(config.registry.model_name, version),
+        }
     return result
 
 
@@ -149,8 +171,12 @@ def ensure_concurrency_limit(name: str, limit: int = 1) -> None:
 
 
 @flow(name="retrain")
-def retrain_deployed(config_path: str, overrides: list[str] | None = None, only_if_new_data: bool = False,
-                     trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+def retrain_deployed(
+    config_path: str,
+    overrides: list[str] | None = None,
+    only_if_new_data: bool = False,
+    trigger: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The deployed retrain: load the config from a path, wait for the model's slot, retrain.
 
     At most one retrain of a model runs at a time, whatever started it (schedule, new-data trigger,
@@ -175,8 +201,11 @@ def retrain_deployed(config_path: str, overrides: list[str] | None = None, only_
     logger = get_run_logger()
     config = load_config(config_path, overrides or [])
     if trigger:
-        create_markdown_artifact(key=artifact_key(config.name, "retrain-trigger"), markdown=trigger_markdown(trigger),
-                                 description="The event that started this run")
+        create_markdown_artifact(
+            key=artifact_key(config.name, "retrain-trigger"),
+            markdown=trigger_markdown(trigger),
+            description="The event that started this run",
+        )
     slot = limit_name(config.registry.model_name)
     ensure_concurrency_limit(slot)
     logger.info("waiting for the retrain slot %r (one retrain of %s at a time)", slot, config.registry.model_name)
@@ -184,8 +213,11 @@ def retrain_deployed(config_path: str, overrides: list[str] | None = None, only_
         logger.info("got the retrain slot %r", slot)
         if only_if_new_data and not has_new_batches(config):
             logger.info("nothing new in %s/incoming: an earlier run already trained on this data", config.data.landing)
-            create_markdown_artifact(key=artifact_key(config.name, "retrain"), markdown=nothing_new_markdown(config),
-                                     description="Nothing new to train on; nothing was trained or registered.")
+            create_markdown_artifact(
+                key=artifact_key(config.name, "retrain"),
+                markdown=nothing_new_markdown(config),
+                description="Nothing new to train on; nothing was trained or registered.",
+            )
             result = {"status": "nothing new", "model_name": config.registry.model_name}
         else:
             result = {"status": "trained", **retrain.fn(config, config_file=config_path)}

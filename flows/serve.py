@@ -52,30 +52,44 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
     configs = [(str(Path(p).resolve()), load_config(p)) for p in config_paths]
     names = [c.name for _, c in configs]
     if len(set(names)) != len(names):
-        raise ValueError(f"configs share a name ({names}); deployments and events are keyed by it. Fix: give each config its own name")
+        raise ValueError(
+            f"configs share a name ({names}); deployments and events are keyed by it. Fix: give each config its own name"
+        )
     deployments, loaded = [], []
     for path, cfg in configs:
         sfx = f"-{cfg.name}" if len(configs) > 1 else ""
         tags = [f"tuneflow:{cfg.name}", f"model:{cfg.registry.model_name}"]
         loaded.append(cfg)
         if cfg.schedule is not None:
-            deployments.append(retrain_deployed.to_deployment(
-                name=f"scheduled{sfx}", parameters={"config_path": path}, tags=tags,
-                schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
-                description=f"Retrain {cfg.registry.model_name} on schedule `{cfg.schedule.cron}` ({cfg.schedule.timezone}) from {path}",
-            ))
+            deployments.append(
+                retrain_deployed.to_deployment(
+                    name=f"scheduled{sfx}",
+                    parameters={"config_path": path},
+                    tags=tags,
+                    schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
+                    description=f"Retrain {cfg.registry.model_name} on schedule `{cfg.schedule.cron}` ({cfg.schedule.timezone}) from {path}",
+                )
+            )
         else:
             log.info("%s has no schedule section: no retrain/scheduled deployment", path)
         if cfg.data.landing:
-            deployments.append(retrain_deployed.to_deployment(
-                name=f"on-new-data{sfx}", parameters={"config_path": path, "only_if_new_data": True}, tags=tags,
-                triggers=[trigger_for(cfg, path)],
-                description=f"Retrain {cfg.registry.model_name} when tuneflow.data.arrived is emitted for tuneflow.dataset.{cfg.name}",
-            ))
-        deployments.append(predict.to_deployment(
-            name=f"batch{sfx}", parameters={"model": f"{cfg.registry.model_name}@champion"}, tags=tags,
-            description=f"Batch-score a file or folder with {cfg.registry.model_name}@champion",
-        ))
+            deployments.append(
+                retrain_deployed.to_deployment(
+                    name=f"on-new-data{sfx}",
+                    parameters={"config_path": path, "only_if_new_data": True},
+                    tags=tags,
+                    triggers=[trigger_for(cfg, path)],
+                    description=f"Retrain {cfg.registry.model_name} when tuneflow.data.arrived is emitted for tuneflow.dataset.{cfg.name}",
+                )
+            )
+        deployments.append(
+            predict.to_deployment(
+                name=f"batch{sfx}",
+                parameters={"model": f"{cfg.registry.model_name}@champion"},
+                tags=tags,
+                description=f"Batch-score a file or folder with {cfg.registry.model_name}@champion",
+            )
+        )
     return deployments, loaded
 
 
@@ -92,7 +106,9 @@ def serve(config_paths: list[str], watch: bool = True) -> None:
     stop = threading.Event()
     watched = [c for c in configs if c.data.landing]
     if watch and watched:
-        thread = threading.Thread(target=watch_forever, args=(watched, stop.is_set, emit_arrival), name="tuneflow-watch", daemon=True)
+        thread = threading.Thread(
+            target=watch_forever, args=(watched, stop.is_set, emit_arrival), name="tuneflow-watch", daemon=True
+        )
         thread.start()
         log.info("watching %s", ", ".join(f"{c.data.landing}/incoming" for c in watched))
     try:

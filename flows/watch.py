@@ -29,8 +29,10 @@ def emit_arrival(arrival: Arrival) -> None:
         payload=arrival.payload,
     )
     if event is None:
-        raise RuntimeError("Prefect did not send the event: events need a Prefect API. "
-                           "Fix: start `prefect server start` and set PREFECT_API_URL")
+        raise RuntimeError(
+            "Prefect did not send the event: events need a Prefect API. "
+            "Fix: start `prefect server start` and set PREFECT_API_URL"
+        )
     log.info("emitted %s for %s: %s", EVENT, arrival.dataset, ", ".join(f["name"] for f in arrival.files))
 
 
@@ -52,8 +54,12 @@ def watch(config_path: str, duration_seconds: float = 0.0) -> dict[str, Any]:
     while True:
         arrival = scan_landing(cfg, emit=emit_arrival)
         if arrival is not None:
-            logger.info("announced %d new file(s) in %s: %s", len(arrival.files), cfg.data.landing,
-                        ", ".join(f["name"] for f in arrival.files))
+            logger.info(
+                "announced %d new file(s) in %s: %s",
+                len(arrival.files),
+                cfg.data.landing,
+                ", ".join(f["name"] for f in arrival.files),
+            )
             announced.append(arrival.payload)
         if time.monotonic() + cfg.watch.poll_seconds > end:
             break

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: PipelineConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split,
-                  run: RunContext) -> Evaluation:
+def evaluate_task(
+    cfg: PipelineConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split, run: RunContext
+) -> Evaluation:
     with stage_run(run.parent_run_id, "evaluate"):
         evaluation = evaluate(model, tokenizer, split.eval, cfg)
         log_evaluation(evaluation, run.parent_run_id, run.work_dir)

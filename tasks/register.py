@@ -18,8 +18,16 @@ if TYPE_CHECKING:
 
 # Not retried: a half-done registration is resumed by nobody; its write order keeps the registry consistent.
 @task(name="register", cache_policy=NO_CACHE)
-def register_task(cfg: PipelineConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, decision: Decision,
-                  card: str, tags: dict[str, str], example: list[str], run: RunContext) -> str:
+def register_task(
+    cfg: PipelineConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    decision: Decision,
+    card: str,
+    tags: dict[str, str],
+    example: list[str],
+    run: RunContext,
+) -> str:
     """Returns the registered version number."""
     with stage_run(run.parent_run_id, "register"):
         mv = register_version(model, tokenizer, cfg, decision, tags, card, example)

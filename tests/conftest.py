@@ -13,6 +13,11 @@ from tuneflow.runtime import configure_environment
 
 configure_environment()  # the test session is an entry point: offline + telemetry off before any import
 
+# Prefect binds its console log handler to sys.stdout when it is first imported. The library no longer
+# imports it, so without this the first import would happen inside a test using capsys, whose stream
+# is closed after that test: later flow runs then fail with "I/O operation on closed file".
+import prefect  # noqa: E402, F401
+
 HAM_WORDS = "lunch later home tonight dinner movie call back soon thanks meeting class love sleep".split()
 SPAM_WORDS = "winner prize claim free cash urgent txt offer ringtone awarded guaranteed voucher".split()
 SHARED_WORDS = "you the to and a is now for your this".split()
@@ -51,10 +56,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
     fast.save_pretrained(out)
-    cfg = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(cfg).save_pretrained(out)
     return out
 
@@ -85,8 +98,15 @@ def tiny_config_dict(data_path: Path, model_dir: Path, **sections) -> dict:
         "data": {"path": str(data_path), "labels": ["ham", "spam"], "eval_fraction": 0.25},
         "validation": {"min_rows_per_class": 10, "max_text_chars": 500},
         "model": {"base_model": str(model_dir), "max_length": 32},
-        "train": {"epochs": 4, "batch_size": 16, "learning_rate": 5e-3, "early_stopping_patience": 0,
-                  "bf16": False, "logging_steps": 5, "threads": 1},
+        "train": {
+            "epochs": 4,
+            "batch_size": 16,
+            "learning_rate": 5e-3,
+            "early_stopping_patience": 0,
+            "bf16": False,
+            "logging_steps": 5,
+            "threads": 1,
+        },
         "registry": {"model_name": "tiny-clf"},
     }
     for section, values in sections.items():
@@ -105,10 +125,14 @@ def tiny_registry_config(model_name: str, tiny_model_dir: Path):
     """A config for registering the tiny model as ``model_name`` (its data file is never read)."""
     from tuneflow.config import PipelineConfig
 
-    return PipelineConfig.model_validate({
-        "name": model_name.removesuffix("-clf"), "data": {"path": "x.csv", "labels": ["ham", "spam"]},
-        "model": {"base_model": str(tiny_model_dir), "max_length": 32}, "registry": {"model_name": model_name},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "name": model_name.removesuffix("-clf"),
+            "data": {"path": "x.csv", "labels": ["ham", "spam"]},
+            "model": {"base_model": str(tiny_model_dir), "max_length": 32},
+            "registry": {"model_name": model_name},
+        }
+    )
 
 
 @pytest.fixture
@@ -135,7 +159,9 @@ def register_tiny(workdir, tiny_model_dir):
             cache["model"] = load_base_model(cfg.model, ["ham", "spam"])
             cache["tokenizer"] = AutoTokenizer.from_pretrained(str(tiny_model_dir))
         with mlflow.start_run() as run:
-            mv = register_version(cache["model"], cache["tokenizer"], cfg, decision, dict(tags or {}), card, list(example))
+            mv = register_version(
+                cache["model"], cache["tokenizer"], cfg, decision, dict(tags or {}), card, list(example)
+            )
         if decision.promote:
             actor = (tags or {}).get("tuneflow.prefect_flow_run_id") or f"run {run.info.run_id}"
             promote_by_gate(cfg.registry.model_name, str(mv.version), decision, actor)

@@ -116,7 +116,10 @@ def test_wrong_type_names_field_and_value(write_yaml):
     ("edit", "expected"),
     [
         (lambda t: t["validation"].update(min_text_chars=50, max_text_chars=10), r"min_text_chars \(50\) is above"),
-        (lambda t: t["data"].update(label_values={"0": "ham", "1": "junk"}), r"maps to \['junk'\].*not in data\.labels"),
+        (
+            lambda t: t["data"].update(label_values={"0": "ham", "1": "junk"}),
+            r"maps to \['junk'\].*not in data\.labels",
+        ),
         (lambda t: t["data"].update(labels=["ham", "ham"]), r"data\.labels has repeated names"),
         (lambda t: t["data"].update(eval_fraction=1.5), r"data\.eval_fraction: value 1\.5"),
         (lambda t: t.pop("registry"), r"registry: required field is missing"),

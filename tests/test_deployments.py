@@ -31,8 +31,13 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 def _base_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env |= {
-        "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
         "PYTHONPATH": str(REPO),
     }
     return env
@@ -55,8 +60,10 @@ class Stack:
 
         with self.client() as c:
             dep = c.read_deployment_by_name(deployment)
-            runs = c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-                                    sort=FlowRunSort.EXPECTED_START_TIME_ASC)
+            runs = c.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            )
         return [r for r in runs if r.state_type.value != "SCHEDULED"]
 
     def wait_runs(self, deployment: str, count: int, timeout: float, done: bool = True) -> list:
@@ -66,24 +73,35 @@ class Stack:
             if len(runs) >= count and (not done or all(r.state_type.value in TERMINAL for r in runs)):
                 return runs
             time.sleep(1)
-        raise AssertionError(f"{deployment}: wanted {count} finished run(s) within {timeout:.0f} s, have "
-                             f"{[(r.name, r.state_type.value) for r in self.runs(deployment)]}\n--- serve log ---\n{self.log.read_text()[-4000:]}")
+        raise AssertionError(
+            f"{deployment}: wanted {count} finished run(s) within {timeout:.0f} s, have "
+            f"{[(r.name, r.state_type.value) for r in self.runs(deployment)]}\n--- serve log ---\n{self.log.read_text()[-4000:]}"
+        )
 
     def versions(self) -> list[str]:
         from mlflow import MlflowClient
 
-        return sorted((str(v.version) for v in MlflowClient(self.mlflow_uri, self.mlflow_uri).search_model_versions("name='tiny-clf'")), key=int)
+        return sorted(
+            (
+                str(v.version)
+                for v in MlflowClient(self.mlflow_uri, self.mlflow_uri).search_model_versions("name='tiny-clf'")
+            ),
+            key=int,
+        )
 
     def logs(self, run_id) -> list:
         from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
         from prefect.client.schemas.sorting import LogSort
 
         logs: list = []
         with self.client() as c:
             while True:  # the API returns one page (200 by default); a retrain logs more than that
-                page = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])), limit=200,
-                                   offset=len(logs), sort=LogSort.TIMESTAMP_ASC)
+                page = c.read_logs(
+                    LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                    limit=200,
+                    offset=len(logs),
+                    sort=LogSort.TIMESTAMP_ASC,
+                )
                 logs += page
                 if len(page) < 200:
                     return logs
@@ -120,8 +138,15 @@ def stack(tmp_path_factory, tiny_model_dir):
     server_log = open(tmp / "server.log", "w")
     procs = []
     try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                      env=server_env, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                env=server_env,
+                stdout=server_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         deadline = time.monotonic() + 90
         while True:
             try:
@@ -135,7 +160,9 @@ def stack(tmp_path_factory, tiny_model_dir):
         landing = tmp / "landing"
         (landing / "accepted").mkdir(parents=True)
         (landing / "incoming").mkdir()
-        make_rows(60, seed=100).to_csv(landing / "accepted" / "seed.csv", index=False)  # what the scheduled run trains on
+        make_rows(60, seed=100).to_csv(
+            landing / "accepted" / "seed.csv", index=False
+        )  # what the scheduled run trains on
         cfg = tiny_config_dict(Path("unused"), tiny_model_dir)
         cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
         cfg["schedule"] = {"cron": "* * * * *", "timezone": "UTC"}  # the shortest cron: fires at the next minute
@@ -144,12 +171,25 @@ def stack(tmp_path_factory, tiny_model_dir):
         config_path.write_text(yaml.safe_dump(cfg))
         mlflow_uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
         (tmp / "mlruns").mkdir()
-        serve_env = env | {"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": mlflow_uri, "TUNEFLOW_CACHE_DIR": str(tmp / "cache"),
-                           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOGGING_LEVEL": "INFO"}
+        serve_env = env | {
+            "PREFECT_API_URL": api,
+            "MLFLOW_TRACKING_URI": mlflow_uri,
+            "TUNEFLOW_CACHE_DIR": str(tmp / "cache"),
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+        }
         serve_log = tmp / "serve.log"
         with open(serve_log, "w") as fh:
-            procs.append(subprocess.Popen([sys.executable, "-m", "tuneflow.cli", "serve", "--config", str(config_path)],
-                                          cwd=REPO, env=serve_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tuneflow.cli", "serve", "--config", str(config_path)],
+                    cwd=REPO,
+                    env=serve_env,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         st = Stack(api, landing, mlflow_uri, serve_log)
         deadline = time.monotonic() + 120
         while True:
@@ -159,7 +199,9 @@ def stack(tmp_path_factory, tiny_model_dir):
                 break
             except Exception:
                 if time.monotonic() > deadline or procs[1].poll() is not None:
-                    raise RuntimeError(f"tuneflow serve did not register its deployments:\n{serve_log.read_text()[-3000:]}")
+                    raise RuntimeError(
+                        f"tuneflow serve did not register its deployments:\n{serve_log.read_text()[-3000:]}"
+                    )
                 time.sleep(1)
         yield st
     finally:
@@ -169,7 +211,6 @@ def stack(tmp_path_factory, tiny_model_dir):
 
 
 def test_a_scheduled_run_fires_and_registers_a_model(stack):
-
     t0 = time.monotonic()
     runs = stack.wait_runs("retrain/scheduled", 1, timeout=150)
     assert [r.state_type.value for r in runs[:1]] == ["COMPLETED"], stack.explain(runs[0])
@@ -180,7 +221,10 @@ def test_a_scheduled_run_fires_and_registers_a_model(stack):
         assert [s.schedule.cron for s in dep.schedules] == ["* * * * *"]  # what the UI shows
         c.pause_deployment(dep.id)  # the scenarios below count runs: no more minute-by-minute retrains
         deadline = time.monotonic() + 30
-        while any(r.state_type.value not in TERMINAL and r.state_type.value != "SCHEDULED" for r in stack.runs("retrain/scheduled")):
+        while any(
+            r.state_type.value not in TERMINAL and r.state_type.value != "SCHEDULED"
+            for r in stack.runs("retrain/scheduled")
+        ):
             assert time.monotonic() < deadline, "a second scheduled run kept running"
             time.sleep(1)
     print(f"scheduled run fired and finished after {time.monotonic() - t0:.0f} s")
@@ -234,7 +278,9 @@ def test_a_trigger_during_a_running_retrain_is_queued_and_runs_after_it(stack):
     stack.drop("during-2.csv", seed=22)
     runs = stack.wait_runs("retrain/on-new-data", n0 + 2, timeout=150)
     first, second = runs[n0], runs[n0 + 1]
-    assert [first.state_type.value, second.state_type.value] == ["COMPLETED", "COMPLETED"], stack.explain(first) + stack.explain(second)
+    assert [first.state_type.value, second.state_type.value] == ["COMPLETED", "COMPLETED"], stack.explain(
+        first
+    ) + stack.explain(second)
     # The second run was started while the first ran, and got the model's slot only when the first finished.
     assert second.start_time < first.end_time
     # Compare with the first run's release of the slot, not its end time: a flow run ends seconds
@@ -245,4 +291,6 @@ def test_a_trigger_during_a_running_retrain_is_queued_and_runs_after_it(stack):
     waited = stack.log_times(second.id, "waiting for the retrain slot")
     assert waited and waited[0] < released[0]
     assert {"during-1.csv", "during-2.csv"} <= {p.name for p in (stack.landing / "accepted").iterdir()}
-    print(f"first {first.start_time}..{first.end_time} (slot released {released[0]}), second waited from {waited[0]}, got the slot {got_slot[0]}")
+    print(
+        f"first {first.start_time}..{first.end_time} (slot released {released[0]}), second waited from {waited[0]}, got the slot {got_slot[0]}"
+    )

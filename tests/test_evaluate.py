@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from conftest import make_rows
 from tuneflow.config import ModelConfig
 from tuneflow.evaluate import plot_confusion
 from tuneflow.kinds.classification import classification_metrics, evaluate_model, load_base_model
 from tuneflow.reporting import metrics_table
+
+from conftest import make_rows
 
 
 def test_classification_metrics_match_hand_computed_values():

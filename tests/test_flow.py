@@ -10,8 +10,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from conftest import make_rows, tiny_config_dict
 from tuneflow.config import PipelineConfig
+
+from conftest import make_rows, tiny_config_dict
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -34,7 +35,15 @@ def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, 
     assert first["promoted"] is True
     champ = client.get_model_version_by_alias("tiny-clf", "champion")
     assert str(champ.version) == first["version"] == "1"
-    for tag in ("data_digest", "config_digest", "git_commit", "prefect_flow_run_id", "decision", "decision_reason", "challenger_score"):
+    for tag in (
+        "data_digest",
+        "config_digest",
+        "git_commit",
+        "prefect_flow_run_id",
+        "decision",
+        "decision_reason",
+        "challenger_score",
+    ):
         assert champ.tags.get(f"tuneflow.{tag}"), tag
     assert first["metrics"]["macro_f1"] > 0.9, first["metrics"]
 
@@ -43,8 +52,17 @@ def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, 
     assert run.data.metrics["eval/macro_f1"] == pytest.approx(first["metrics"]["macro_f1"])
     for stage in ("validate", "tokenize", "train", "evaluate", "champion", "register"):
         assert f"time/{stage}_seconds" in run.data.metrics
-    children = mlflow.search_runs([run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'", output_format="list")
-    assert sorted(r.data.tags["tuneflow.stage"] for r in children) == ["champion", "evaluate", "register", "tokenize", "train", "validate"]
+    children = mlflow.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'", output_format="list"
+    )
+    assert sorted(r.data.tags["tuneflow.stage"] for r in children) == [
+        "champion",
+        "evaluate",
+        "register",
+        "tokenize",
+        "train",
+        "validate",
+    ]
     train_run = next(r for r in children if r.data.tags["tuneflow.stage"] == "train")
     assert len(client.get_metric_history(train_run.info.run_id, "train/loss")) >= 2  # logged as training went
     assert "plots/confusion_matrix.png" in [a.path for a in client.list_artifacts(first["run_id"], "plots")]
@@ -54,10 +72,16 @@ def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, 
 
     artifact = Artifact.get("tiny-retrain")
     assert artifact is not None and str(artifact.flow_run_id) == champ.tags["tuneflow.prefect_flow_run_id"]
-    assert "| macro_f1 |" in artifact.data and first["run_id"] in artifact.data and "promoted to `champion`" in artifact.data
+    assert (
+        "| macro_f1 |" in artifact.data
+        and first["run_id"] in artifact.data
+        and "promoted to `champion`" in artifact.data
+    )
 
     # The champion loads offline through pyfunc and predicts label names.
-    preds = mlflow.pyfunc.load_model("models:/tiny-clf@champion").predict(["winner prize claim cash", "lunch dinner home later"])
+    preds = mlflow.pyfunc.load_model("models:/tiny-clf@champion").predict(
+        ["winner prize claim cash", "lunch dinner home later"]
+    )
     assert set(preds["label"]) <= {"ham", "spam"}
 
     # Second run: nothing changed in the data, so tokenization is a cache hit; a worse model (learning
@@ -75,12 +99,22 @@ def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, 
     # history entries: one champion move so far, by the first flow run.
     card = v2.description
     assert mlflow.artifacts.load_text(v2.tags["tuneflow.model_card"]) == card
-    for needle in ("champion v1", "Not promoted", "## Validation", ": passed, ", "Trained 1 epochs", "| ham |", "Known limits"):
+    for needle in (
+        "champion v1",
+        "Not promoted",
+        "## Validation",
+        ": passed, ",
+        "Trained 1 epochs",
+        "| ham |",
+        "Known limits",
+    ):
         assert needle in card, needle
     assert v2.tags["tuneflow.validation"] == "passed"
     from tuneflow.history import read_history
 
-    assert [(m.from_version, m.to_version, m.by, m.actor) for m in read_history("tiny-clf")] == [(None, "1", "gate", champ.tags["tuneflow.prefect_flow_run_id"])]
+    assert [(m.from_version, m.to_version, m.by, m.actor) for m in read_history("tiny-clf")] == [
+        (None, "1", "gate", champ.tags["tuneflow.prefect_flow_run_id"])
+    ]
 
 
 def test_better_model_is_promoted(workdir, data_csv, tiny_model_dir):
@@ -155,7 +189,11 @@ def test_landing_zone_flow_trains_on_accepted_batches_and_stops_on_a_bad_one(wor
         tags = {t.key: t.value for t in i.tags}
         assert tags["tuneflow.data_digest"] == version.tags["tuneflow.data_digest"]
         assert "batch-001.csv" in tags["tuneflow.sources"]
-    assert int({t.key: t.value for t in contexts["training"].tags}["rows"]) + int({t.key: t.value for t in contexts["evaluation"].tags}["rows"]) == 300
+    assert (
+        int({t.key: t.value for t in contexts["training"].tags}["rows"])
+        + int({t.key: t.value for t in contexts["evaluation"].tags}["rows"])
+        == 300
+    )
 
     bad = make_rows(40, seed=2)
     bad.loc[0, "label"] = "eggs"

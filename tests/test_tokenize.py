@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import make_rows
 from tuneflow.data import content_digest, split_by_text_hash
 from tuneflow.tokenization import tokenize_split
+
+from conftest import make_rows
 
 
 @pytest.fixture

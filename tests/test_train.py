@@ -8,13 +8,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from conftest import make_rows, tiny_config_dict
 from tuneflow.config import PipelineConfig
 from tuneflow.data import content_digest, split_by_text_hash
-from tuneflow.tokenization import tokenize_split
 from tuneflow.kinds.classification import load_base_model
 from tuneflow.models import ModelError, resolve_base_model
+from tuneflow.tokenization import tokenize_split
 from tuneflow.train import train_model
+
+from conftest import make_rows, tiny_config_dict
 
 
 def _setup(tiny_model_dir, tmp_path, **train):

@@ -21,6 +21,7 @@ from tuneflow.data import Split
 from tuneflow.evaluate import EvaluateOutput, Evaluation
 from tuneflow.registry import decide
 from tuneflow.reporting import model_card
+
 from servers import free_port, stop_group, wait_until_up
 
 pytestmark = pytest.mark.ui
@@ -32,22 +33,51 @@ NAME = "ui-clf"
 
 def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
     # Flags: no sandbox (containers), no GPU, and nothing that phones home (offline machine).
-    base = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}", "--virtual-time-budget=15000", "--window-size=1400,2400"]
+    base = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=15000",
+        "--window-size=1400,2400",
+    ]
     return subprocess.run(base + args, capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium); .ci/run installs it")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium); .ci/run installs it",
+)
 def test_model_version_page_shows_aliases_card_and_metrics(workdir, tiny_model_dir, register_tiny, tmp_path):
-    cfg = PipelineConfig.model_validate({
-        "name": "ui", "data": {"path": "sms.csv", "labels": ["ham", "spam"]},
-        "model": {"base_model": str(tiny_model_dir), "max_length": 32}, "registry": {"model_name": NAME},
-    })
-    metrics = {"accuracy": 0.9731, "macro_f1": 0.9517, "precision_ham": 0.98, "recall_ham": 0.99, "f1_ham": 0.985,
-               "precision_spam": 0.93, "recall_spam": 0.9, "f1_spam": 0.915}
+    cfg = PipelineConfig.model_validate(
+        {
+            "name": "ui",
+            "data": {"path": "sms.csv", "labels": ["ham", "spam"]},
+            "model": {"base_model": str(tiny_model_dir), "max_length": 32},
+            "registry": {"model_name": NAME},
+        }
+    )
+    metrics = {
+        "accuracy": 0.9731,
+        "macro_f1": 0.9517,
+        "precision_ham": 0.98,
+        "recall_ham": 0.99,
+        "f1_ham": 0.985,
+        "precision_spam": 0.93,
+        "recall_spam": 0.9,
+        "f1_spam": 0.915,
+    }
     ev = EvaluateOutput(Evaluation(metrics, [[1, 0], [0, 1]], ["ham", "spam"], []), None, None, None)
-    split = Split(pd.DataFrame({"text": ["a", "b"], "label": ["ham", "spam"]}), pd.DataFrame({"text": ["c"], "label": ["spam"]}))
+    split = Split(
+        pd.DataFrame({"text": ["a", "b"], "label": ["ham", "spam"]}), pd.DataFrame({"text": ["c"], "label": ["spam"]})
+    )
     decision = decide("macro_f1", 0.9517, None, None, 0.0)
     card = model_card(cfg, decision, ev, split, "e" * 64, "run-ui", None, None)
     mv = register_tiny(cfg, decision, {"tuneflow.validation": "passed"}, card)
@@ -55,13 +85,32 @@ def test_model_version_page_shows_aliases_card_and_metrics(workdir, tiny_model_d
     port = free_port()
     ARTIFACTS.mkdir(exist_ok=True)
     log_path = tmp_path / "server.log"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     with log_path.open("w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", mlflow.get_tracking_uri(),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                mlflow.get_tracking_uri(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -83,7 +132,9 @@ def test_model_version_page_shows_aliases_card_and_metrics(workdir, tiny_model_d
             "metrics table": r"<td>accuracy</td><td>0\.9731</td></tr><tr><td>macro_f1</td><td>0\.9517</td>",
         }
         for what, pattern in expected.items():
-            assert re.search(pattern, flat), f"{what} not on the rendered page {url}; see {ARTIFACTS}/mlflow-model-version.*"
+            assert re.search(pattern, flat), (
+                f"{what} not on the rendered page {url}; see {ARTIFACTS}/mlflow-model-version.*"
+            )
     finally:
         stop_group(server)
         shutil.rmtree(tmp_path / "profile-shot", ignore_errors=True)

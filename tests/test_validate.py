@@ -16,17 +16,23 @@ CHECKS = list(DEFAULT_SEVERITY)  # every check runs (or reports why it was skipp
 
 
 def make_cfg(**validation) -> PipelineConfig:
-    return PipelineConfig.model_validate({
-        "name": "t", "data": {"path": SOURCE, "text_column": "text", "label_column": "label", "labels": ["ham", "spam"]},
-        "validation": validation, "model": {"base_model": "unused"}, "registry": {"model_name": "m"},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "name": "t",
+            "data": {"path": SOURCE, "text_column": "text", "label_column": "label", "labels": ["ham", "spam"]},
+            "validation": validation,
+            "model": {"base_model": "unused"},
+            "registry": {"model_name": "m"},
+        }
+    )
 
 
 def make_frame(per_class: int = 40, extra=()) -> pd.DataFrame:
     """Distinct texts, ``per_class`` rows per label, then ``extra`` (text, label) rows; lines start at 2."""
     rows = [(f"{lab} message number {i}", lab) for lab in ("ham", "spam") for i in range(per_class)] + list(extra)
-    return pd.DataFrame({"text": [t for t, _ in rows], "label": [lab for _, lab in rows],
-                         "line": range(2, len(rows) + 2)}).astype({"text": object, "label": object})
+    return pd.DataFrame(
+        {"text": [t for t, _ in rows], "label": [lab for _, lab in rows], "line": range(2, len(rows) + 2)}
+    ).astype({"text": object, "label": object})
 
 
 def with_null(frame: pd.DataFrame, column: str, row: int) -> pd.DataFrame:
@@ -58,8 +64,12 @@ FAILURES = {
     "too_short": (make_frame(extra=[("hi", "spam")]), {"min_text_chars": 3}, "text_length", "line 82: 'hi'"),
     "few_rows": (make_frame().iloc[:45], {}, "rows_per_class", "label spam: 5"),
     # 30 copies of an existing text, differing only in case/whitespace: 80 unique of 110 rows
-    "duplicates": (make_frame(extra=[(f" HAM  message{' ' * (i % 3 + 1)}number 1", "ham") for i in range(30)]), {},
-                   "duplicate_rate", None),
+    "duplicates": (
+        make_frame(extra=[(f" HAM  message{' ' * (i % 3 + 1)}number 1", "ham") for i in range(30)]),
+        {},
+        "duplicate_rate",
+        None,
+    ),
 }
 
 
@@ -125,7 +135,9 @@ def test_report_to_json_is_serialisable(good_report, multi_failure_report):
         assert data["source"] == SOURCE and data["success"] is report.success
         assert [c["name"] for c in data["checks"]] == CHECKS
         assert set(data["great_expectations"]) == {"schema", "rows", "classes"}
-    failed = {c["name"]: c for c in json.loads(json.dumps(multi_failure_report.to_json()))["checks"] if not c["success"]}
+    failed = {
+        c["name"]: c for c in json.loads(json.dumps(multi_failure_report.to_json()))["checks"] if not c["success"]
+    }
     assert failed["label_in_set"]["examples"] == ["line 82: 'eggs'"]
 
 

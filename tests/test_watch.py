@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_rows, tiny_config_dict
 from tuneflow.config import ConfigError, PipelineConfig, load_config
 from tuneflow.watch import STATE_FILE, WatchState, list_incoming, scan, scan_landing
+
+from conftest import make_rows, tiny_config_dict
 
 
 def _cfg(landing: str, model_dir: Path, quiet: float = 5.0) -> PipelineConfig:

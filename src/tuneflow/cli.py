@@ -17,18 +17,30 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the retrain flow once (validate, tokenize, fine-tune, evaluate, register)")
     run.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline config YAML (default: {DEFAULT_CONFIG})")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field, e.g. --set train.epochs=1 (repeatable)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.epochs=1 (repeatable)",
+    )
 
     models = sub.add_parser("models", help="list registered model versions, their aliases and scores")
     models.add_argument("name", nargs="?", help="registered model name (default: all)")
-    models.add_argument("--history", action="store_true", help="show the champion history of NAME (time, from -> to, by, reason)")
+    models.add_argument(
+        "--history", action="store_true", help="show the champion history of NAME (time, from -> to, by, reason)"
+    )
 
-    prom = sub.add_parser("promote", help="make a version champion by hand (re-scores it and the champion on the current eval split)")
+    prom = sub.add_parser(
+        "promote", help="make a version champion by hand (re-scores it and the champion on the current eval split)"
+    )
     prom.add_argument("name", help="registered model name")
     prom.add_argument("version", help="version number to promote")
     prom.add_argument("--reason", required=True, help="why (recorded in the champion history)")
-    prom.add_argument("--config", default=DEFAULT_CONFIG, help=f"config whose data gives the eval split (default: {DEFAULT_CONFIG})")
+    prom.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"config whose data gives the eval split (default: {DEFAULT_CONFIG})"
+    )
     prom.add_argument("--force", action="store_true", help="promote even a version that failed or lacks validation")
 
     rb = sub.add_parser("rollback", help="move champion back to the previous champion recorded in the history")
@@ -39,21 +51,40 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("name", help="registered model name")
     cmp_.add_argument("v1")
     cmp_.add_argument("v2")
-    cmp_.add_argument("--config", default=DEFAULT_CONFIG, help=f"config whose data gives the eval split (default: {DEFAULT_CONFIG})")
+    cmp_.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"config whose data gives the eval split (default: {DEFAULT_CONFIG})"
+    )
 
-    pred = sub.add_parser("predict", help="batch-score a CSV/JSONL/Parquet file or a folder with a registered model (Prefect flow)")
+    pred = sub.add_parser(
+        "predict", help="batch-score a CSV/JSONL/Parquet file or a folder with a registered model (Prefect flow)"
+    )
     pred.add_argument("--model", required=True, help="NAME@ALIAS or NAME/VERSION, e.g. sms-spam-classifier@champion")
     pred.add_argument("--input", required=True, type=Path, help="a data file, or a folder of them")
-    pred.add_argument("--output", required=True, type=Path,
-                      help="CSV to write (input columns + label, score, model_version); a folder when --input is a folder")
+    pred.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="CSV to write (input columns + label, score, model_version); a folder when --input is a folder",
+    )
     pred.add_argument("--text-column", default="text")
     pred.add_argument("--batch-size", type=int, default=64)
 
-    srv = sub.add_parser("serve", help="serve the deployments (schedule, new-data trigger, batch predict) and watch landing zones; "
-                         "needs a Prefect server (PREFECT_API_URL)")
-    srv.add_argument("--config", dest="configs", action="append", default=[], metavar="PATH",
-                     help=f"pipeline config YAML (repeatable; default: {DEFAULT_CONFIG})")
-    srv.add_argument("--no-watch", action="store_true", help="do not watch the landing zones (events come from elsewhere)")
+    srv = sub.add_parser(
+        "serve",
+        help="serve the deployments (schedule, new-data trigger, batch predict) and watch landing zones; "
+        "needs a Prefect server (PREFECT_API_URL)",
+    )
+    srv.add_argument(
+        "--config",
+        dest="configs",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help=f"pipeline config YAML (repeatable; default: {DEFAULT_CONFIG})",
+    )
+    srv.add_argument(
+        "--no-watch", action="store_true", help="do not watch the landing zones (events come from elsewhere)"
+    )
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the local store (mlruns/)")
     ui.add_argument("--port", type=int, default=5000)
@@ -164,7 +195,9 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     if rc:
         return rc
     print(f"scored on the current eval split ({out.eval_rows} rows of {cfg.data.path}):\n{out.table}\n")
-    print(f"champion of {args.name}: v{out.move.from_version or '-'} -> v{out.move.to_version} ({out.move.by}:{out.move.actor}): {out.move.reason}")
+    print(
+        f"champion of {args.name}: v{out.move.from_version or '-'} -> v{out.move.to_version} ({out.move.by}:{out.move.actor}): {out.move.reason}"
+    )
     return 0
 
 
@@ -176,7 +209,9 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     move, rc = _review(rollback, args.name, args.reason)
     if rc:
         return rc
-    print(f"champion of {args.name} rolled back: v{move.from_version} -> v{move.to_version} ({move.by}:{move.actor}): {move.reason}")
+    print(
+        f"champion of {args.name} rolled back: v{move.from_version} -> v{move.to_version} ({move.by}:{move.actor}): {move.reason}"
+    )
     return 0
 
 
@@ -192,7 +227,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if rc:
         return rc
     table, n = out
-    print(f"{args.name} v{args.v1} vs v{args.v2}, scored on the current eval split ({n} rows of {cfg.data.path}):\n{table}")
+    print(
+        f"{args.name} v{args.v1} vs v{args.v2}, scored on the current eval split ({n} rows of {cfg.data.path}):\n{table}"
+    )
     return 0
 
 
@@ -220,8 +257,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if not os.environ.get("PREFECT_API_URL"):
         # Without a server, Prefect would start a temporary one that dies with this process: schedules,
         # triggers and the UI would vanish with it.
-        print("error: tuneflow serve needs a running Prefect server. Fix: run `prefect server start` in another "
-              "terminal, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`", file=sys.stderr)
+        print(
+            "error: tuneflow serve needs a running Prefect server. Fix: run `prefect server start` in another "
+            "terminal, then `export PREFECT_API_URL=http://127.0.0.1:4200/api`",
+            file=sys.stderr,
+        )
         return 2
     from tuneflow.flows.serve import serve
 
@@ -240,15 +280,37 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     uri = configure_tracking()
     print(f"MLflow UI on http://127.0.0.1:{args.port} for {uri} (Ctrl-C to stop)")
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)])
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.port),
+        ],
+    )
     return 0  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_environment()
-    commands = {"run": _cmd_run, "models": _cmd_models, "promote": _cmd_promote, "rollback": _cmd_rollback,
-                "compare": _cmd_compare, "predict": _cmd_predict, "serve": _cmd_serve, "ui": _cmd_ui}
+    commands = {
+        "run": _cmd_run,
+        "models": _cmd_models,
+        "promote": _cmd_promote,
+        "rollback": _cmd_rollback,
+        "compare": _cmd_compare,
+        "predict": _cmd_predict,
+        "serve": _cmd_serve,
+        "ui": _cmd_ui,
+    }
     return commands[args.command](args)
 
 

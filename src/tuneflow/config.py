@@ -79,9 +79,7 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _labels_unique(self) -> DataConfig:
         if (self.path is None) == (self.landing is None):
-            raise ValueError(
-                "set exactly one of data.path (a single file) and data.landing (a landing-zone folder)"
-            )
+            raise ValueError("set exactly one of data.path (a single file) and data.landing (a landing-zone folder)")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"data.labels has repeated names: {self.labels}; list each label once")
         if self.label_values is not None:
@@ -98,7 +96,9 @@ class ValidationConfig(_Section):
     min_text_chars: int = Field(1, ge=1, description="Shortest allowed text, in characters.")
     max_text_chars: int = Field(5000, ge=1, description="Longest allowed text, in characters.")
     text_length_mostly: float = Field(
-        1.0, gt=0.0, le=1.0,
+        1.0,
+        gt=0.0,
+        le=1.0,
         description="Share of rows that must be within the length bounds (Great Expectations' 'mostly'); "
         "the tolerated rest are reported and dropped before training.",
     )
@@ -107,7 +107,8 @@ class ValidationConfig(_Section):
         0.2, ge=0.0, le=1.0, description="Highest allowed share of rows whose normalized text repeats another."
     )
     max_text_tokens: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Longest allowed text in tokens of the configured tokenizer; unset means model.max_length "
         "(the check then reports texts that training would truncate).",
     )
@@ -115,11 +116,15 @@ class ValidationConfig(_Section):
         20.0, ge=1.0, description="Highest allowed ratio of the largest to the smallest class (rows)."
     )
     max_repeat_share: float = Field(
-        0.5, ge=0.0, le=1.0,
+        0.5,
+        ge=0.0,
+        le=1.0,
         description="Highest share of a batch's rows whose text was already accepted in an earlier batch.",
     )
     drift_p_value: float = Field(
-        0.001, gt=0.0, lt=1.0,
+        0.001,
+        gt=0.0,
+        lt=1.0,
         description="A batch drifts when a test against the accepted data gives a p-value below this "
         "(chi-square for the label distribution, Kolmogorov-Smirnov for text length).",
     )
@@ -164,7 +169,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
     seed: int = Field(42, description="Seed for weights of the new head, data order and dropout.")
-    early_stopping_patience: int = Field(1, ge=0, description="Epochs without improvement before stopping; 0 turns it off.")
+    early_stopping_patience: int = Field(
+        1, ge=0, description="Epochs without improvement before stopping; 0 turns it off."
+    )
     bf16: bool = Field(False, description="bfloat16 autocast (fast on CPUs with AMX / avx512_bf16).")
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; unset keeps torch's default.")
@@ -186,7 +193,9 @@ class RegistryConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    cron: str = Field(description="When the deployment retrain/scheduled runs, a 5-field cron, e.g. '0 3 * * 1' (Mondays 03:00).")
+    cron: str = Field(
+        description="When the deployment retrain/scheduled runs, a 5-field cron, e.g. '0 3 * * 1' (Mondays 03:00)."
+    )
     timezone: str = Field("UTC", description="IANA time zone the cron is read in, e.g. Europe/Berlin.")
 
     @model_validator(mode="after")
@@ -198,19 +207,24 @@ class ScheduleConfig(_Section):
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"schedule.timezone {self.timezone!r} is not an IANA time zone; use e.g. UTC or Europe/Berlin") from None
+            raise ValueError(
+                f"schedule.timezone {self.timezone!r} is not an IANA time zone; use e.g. UTC or Europe/Berlin"
+            ) from None
         # The check Prefect's server applies (croniter, no random/hashed "R"/"H" fields), without
         # importing Prefect; five fields, as a deployment schedule has no seconds field.
         fields = self.cron.split()
         if len(fields) != 5 or not croniter.is_valid(self.cron) or any(f.casefold() in ("r", "h") for f in fields):
-            raise ValueError(f"schedule.cron {self.cron!r} is not a valid cron string; use 5 fields "
-                             "(minute hour day-of-month month day-of-week), e.g. '0 3 * * 1'")
+            raise ValueError(
+                f"schedule.cron {self.cron!r} is not a valid cron string; use 5 fields "
+                "(minute hour day-of-month month day-of-week), e.g. '0 3 * * 1'"
+            )
         return self
 
 
 class WatchConfig(_Section):
     quiet_seconds: float = Field(
-        10.0, ge=0,
+        10.0,
+        ge=0,
         description="A burst of new files in <landing>/incoming counts as complete once no file was added, "
         "grown or touched for this long; then one tuneflow.data.arrived event is emitted.",
     )
@@ -233,7 +247,9 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig
-    schedule: ScheduleConfig | None = Field(None, description="Recurring retraining (deployment retrain/scheduled); unset: none.")
+    schedule: ScheduleConfig | None = Field(
+        None, description="Recurring retraining (deployment retrain/scheduled); unset: none."
+    )
     watch: WatchConfig = WatchConfig()
 
     def digest(self) -> str:
@@ -267,9 +283,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             allowed = _allowed_keys(PipelineConfig, loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            lines.append(
-                f"  - {dotted}: unknown key. Fix: {hint}remove it or use one of: {', '.join(allowed)}"
-            )
+            lines.append(f"  - {dotted}: unknown key. Fix: {hint}remove it or use one of: {', '.join(allowed)}")
         elif e["type"] == "value_error":  # a cross-field check; its message already names fields and fix
             lines.append(f"  - {dotted}: {e['msg'].removeprefix('Value error, ')}")
         elif e["type"] == "missing":
@@ -302,7 +316,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__}). Fix: quote it, e.g. --set '{key.strip()}=\"{raw}\"'") from exc
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__}). Fix: quote it, e.g. --set '{key.strip()}=\"{raw}\"'"
+            ) from exc
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -332,13 +348,17 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}. Fix: pass --config with an existing YAML file (see configs/)")
+        raise ConfigError(
+            f"config file not found: {path}. Fix: pass --config with an existing YAML file (see configs/)"
+        )
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections (name, data, model, ...), got {type(raw).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections (name, data, model, ...), got {type(raw).__name__}"
+        )
     raw = _merge(raw, parse_overrides(overrides or []))
     try:
         return PipelineConfig.model_validate(raw)

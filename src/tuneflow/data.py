@@ -21,6 +21,7 @@ TEXT = "text"
 LABEL = "label"
 LINE = "line"  # 1-based line (CSV/JSONL) or row (Parquet) number in the source file, for error messages
 
+
 class DataError(ValueError):
     """Data that cannot be read or used; the message names the file, the column and the fix.
 
@@ -119,7 +120,9 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
 
 
-def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | None = None, digest: bool = True) -> LoadedData:
+def read_table(
+    cfg: DataConfig, config_file: str = "the config", path: Path | None = None, digest: bool = True
+) -> LoadedData:
     """Read the configured file and return ``text`` / ``label`` / ``line`` columns.
 
     Labels are returned as names (``label_values`` applied); checking them against the configured
@@ -161,10 +164,14 @@ def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | No
             f"Fix: re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.csv"
         ) from exc
     except pd.errors.EmptyDataError as exc:
-        raise DataError(f"data file {path} is empty (no header, no rows). Fix: point data.path at a file with rows") from exc
+        raise DataError(
+            f"data file {path} is empty (no header, no rows). Fix: point data.path at a file with rows"
+        ) from exc
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         # pyarrow's ArrowInvalid is a ValueError; a broken JSONL line raises ValueError too.
-        raise DataError(f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}. Fix: check the file is valid {fmt}") from exc
+        raise DataError(
+            f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}. Fix: check the file is valid {fmt}"
+        ) from exc
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in raw.columns]
     if missing:
         which = " and ".join(f"'{c}'" for c in missing)
@@ -185,15 +192,15 @@ def read_table(cfg: DataConfig, config_file: str = "the config", path: Path | No
         mapping = {str(k): v for k, v in cfg.label_values.items()}
         labels = labels.map(lambda v: mapping.get(v, v) if v is not None else None)
     text = raw[cfg.text_column].map(lambda v: None if pd.isna(v) else str(v))
-    frame = pd.DataFrame(
-        {TEXT: text.astype(object), LABEL: labels.astype(object), LINE: lines}
-    )
+    frame = pd.DataFrame({TEXT: text.astype(object), LABEL: labels.astype(object), LINE: lines})
     typed = pd.DataFrame(
         {TEXT: raw[cfg.text_column].astype(object).to_numpy(), LABEL: raw[cfg.label_column].astype(object).to_numpy()},
         index=pd.Index(lines, name=LINE),
         dtype=object,  # pandas 3 would infer its str dtype, which GE's type check cannot read per value
     )
-    return LoadedData(frame=frame, source=path, digest=content_digest(frame) if digest else "", raw=typed, sources=(path,))
+    return LoadedData(
+        frame=frame, source=path, digest=content_digest(frame) if digest else "", raw=typed, sources=(path,)
+    )
 
 
 def _field(value: object) -> str:
@@ -214,10 +221,12 @@ def content_digest(frame: pd.DataFrame, chunk_rows: int = 65536) -> str:
     lanes = np.zeros(4, dtype=np.uint64)
     texts, labels = frame[TEXT].tolist(), frame[LABEL].tolist()
     for start in range(0, len(texts), chunk_rows):
-        hashes = b"".join([
-            blake(f"{_field(t)}|{_field(lab)}".encode(), digest_size=32).digest()
-            for t, lab in zip(texts[start : start + chunk_rows], labels[start : start + chunk_rows])
-        ])
+        hashes = b"".join(
+            [
+                blake(f"{_field(t)}|{_field(lab)}".encode(), digest_size=32).digest()
+                for t, lab in zip(texts[start : start + chunk_rows], labels[start : start + chunk_rows])
+            ]
+        )
         lanes += np.frombuffer(hashes, dtype="<u8").reshape(-1, 4).sum(axis=0, dtype=np.uint64)
     return hashlib.sha256(f"tuneflow-rows-v2|{len(texts)}|{lanes.tobytes().hex()}".encode()).hexdigest()
 

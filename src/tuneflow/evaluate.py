@@ -40,8 +40,13 @@ class EvaluateOutput:
     champion_error: str | None = None  # the champion exists but could not be scored
 
 
-def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, cfg: PipelineConfig,
-             max_length: int | None = None) -> Evaluation:
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    frame: pd.DataFrame,
+    cfg: PipelineConfig,
+    max_length: int | None = None,
+) -> Evaluation:
     """Score ``model`` on ``frame`` (eval rows) with the metrics of ``cfg.kind``.
 
     Args:

@@ -44,8 +44,18 @@ class Move:
     applied: bool = True
 
     def to_json(self) -> str:
-        return json.dumps({"seq": self.seq, "time": self.time, "action": self.action, "by": self.by, "actor": self.actor,
-                           "from": self.from_version, "to": self.to_version, "reason": self.reason})
+        return json.dumps(
+            {
+                "seq": self.seq,
+                "time": self.time,
+                "action": self.action,
+                "by": self.by,
+                "actor": self.actor,
+                "from": self.from_version,
+                "to": self.to_version,
+                "reason": self.reason,
+            }
+        )
 
 
 def _client():
@@ -62,7 +72,9 @@ def read_history(name: str) -> list[Move]:
     """All recorded moves of ``champion`` for ``name``, oldest first, each marked applied or not."""
     tags = _client().get_registered_model(name).tags or {}
     raw = [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(HISTORY_TAG)]
-    moves = [Move(e["seq"], e["time"], e["action"], e["by"], e["actor"], e["from"], str(e["to"]), e["reason"]) for e in raw]
+    moves = [
+        Move(e["seq"], e["time"], e["action"], e["by"], e["actor"], e["from"], str(e["to"]), e["reason"]) for e in raw
+    ]
     return applied_moves(moves, champion_version(name))
 
 
@@ -75,7 +87,9 @@ def applied_moves(moves: list[Move], current: str | None) -> list[Move]:
     out = []
     for i, m in enumerate(moves):
         after = moves[i + 1].from_version if i + 1 < len(moves) else current
-        out.append(Move(m.seq, m.time, m.action, m.by, m.actor, m.from_version, m.to_version, m.reason, after == m.to_version))
+        out.append(
+            Move(m.seq, m.time, m.action, m.by, m.actor, m.from_version, m.to_version, m.reason, after == m.to_version)
+        )
     return out
 
 
@@ -104,12 +118,16 @@ def rollback_target(name: str) -> tuple[str, str]:
         RegistryError: no champion, no history, or nothing earlier to go back to.
     """
     current = champion_version(name)
-    fix = f"Fix: pick a version with 'tuneflow models {name}' and run 'tuneflow promote {name} VERSION --reason \"...\"'"
+    fix = (
+        f"Fix: pick a version with 'tuneflow models {name}' and run 'tuneflow promote {name} VERSION --reason \"...\"'"
+    )
     if current is None:
         raise RegistryError(f"{name} has no champion, so there is nothing to roll back. {fix}")
     moves = read_history(name)
     if not moves:
-        raise RegistryError(f"{name} has no promotion history (champion v{current} was set before tuneflow recorded moves). {fix}")
+        raise RegistryError(
+            f"{name} has no promotion history (champion v{current} was set before tuneflow recorded moves). {fix}"
+        )
     stack = champion_stack(moves)
     if not stack or stack[-1] != current:
         raise RegistryError(
@@ -117,7 +135,9 @@ def rollback_target(name: str) -> tuple[str, str]:
             f"outside tuneflow, so the history cannot say what came before. {fix}"
         )
     if len(stack) < 2:
-        raise RegistryError(f"champion v{current} of {name} is the first recorded champion; there is no earlier champion to roll back to. {fix}")
+        raise RegistryError(
+            f"champion v{current} of {name} is the first recorded champion; there is no earlier champion to roll back to. {fix}"
+        )
     return current, stack[-2]
 
 
@@ -140,13 +160,24 @@ def move_champion(name: str, version: str, action: str, by: str, actor: str, rea
     client = _client()
     mv = get_version(name, version)
     if not has_card(mv):
-        raise RegistryError(f"{name} v{version} has no model card (empty description); refusing to make it champion. Fix: register it through 'tuneflow run'")
+        raise RegistryError(
+            f"{name} v{version} has no model card (empty description); refusing to make it champion. Fix: register it through 'tuneflow run'"
+        )
     current = champion_version(name)
     if current == str(version):
         raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
     tags = client.get_registered_model(name).tags or {}
     seq = 1 + max((int(k.removeprefix(HISTORY_TAG)) for k in tags if k.startswith(HISTORY_TAG)), default=0)
-    move = Move(seq, datetime.now(UTC).isoformat(timespec="seconds"), action, by, actor, current, str(version), reason[:MAX_REASON_CHARS])
+    move = Move(
+        seq,
+        datetime.now(UTC).isoformat(timespec="seconds"),
+        action,
+        by,
+        actor,
+        current,
+        str(version),
+        reason[:MAX_REASON_CHARS],
+    )
     write_entry(name, move)
     set_champion_alias(name, str(version))
     log.info("champion of %s: v%s -> v%s (%s by %s/%s): %s", name, current, version, action, by, actor, reason)

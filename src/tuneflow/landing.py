@@ -11,7 +11,6 @@ same filesystem, so after a crash at any point every batch is in exactly one of 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -25,7 +24,14 @@ from tuneflow.config import PipelineConfig
 from tuneflow.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table
 from tuneflow.files import file_lock, write_json_atomic
 from tuneflow.reporting import unreadable_batch_html
-from tuneflow.validation import NORM, ValidationFailed, ValidationReport, drop_out_of_bounds, failure_report, validate_frame
+from tuneflow.validation import (
+    NORM,
+    ValidationFailed,
+    ValidationReport,
+    drop_out_of_bounds,
+    failure_report,
+    validate_frame,
+)
 from tuneflow.watch import is_candidate, list_incoming
 
 if TYPE_CHECKING:
@@ -62,10 +68,15 @@ class BatchRejected(DataError):
     """At least one incoming batch failed validation and was quarantined."""
 
     def __init__(self, result: GateResult):
-        parts = [f"{len(result.quarantined)} batch(es) quarantined, {len(result.accepted)} accepted; nothing was trained."]
+        parts = [
+            f"{len(result.quarantined)} batch(es) quarantined, {len(result.accepted)} accepted; nothing was trained."
+        ]
         for o in result.quarantined:
             parts.append(f"\n{o.path}\n{o.report.summary()}")  # the summary ends with the report's path
-        super().__init__("\n".join(parts), check=result.quarantined[0].report.failed[0].name if result.quarantined[0].report.failed else "validation")
+        super().__init__(
+            "\n".join(parts),
+            check=result.quarantined[0].report.failed[0].name if result.quarantined[0].report.failed else "validation",
+        )
         self.result = result
 
 
@@ -112,19 +123,30 @@ def load_accepted(cfg: PipelineConfig, landing: Path) -> LoadedData | None:
     return LoadedData(frame=union, source=accepted, digest=content_digest(union), sources=tuple(files))
 
 
-def judge_batch(path: Path, cfg: PipelineConfig, reference: pd.DataFrame | None, landing: Path,
-                tokenizer: PreTrainedTokenizerBase | None, docs_dir: Path) -> tuple[ValidationReport, LoadedData | None]:
+def judge_batch(
+    path: Path,
+    cfg: PipelineConfig,
+    reference: pd.DataFrame | None,
+    landing: Path,
+    tokenizer: PreTrainedTokenizerBase | None,
+    docs_dir: Path,
+) -> tuple[ValidationReport, LoadedData | None]:
     """Validate one incoming file; never raises for bad data (the report says what is wrong)."""
     if _is_outside(path, landing):
-        err = DataError(f"{path} is a symbolic link to {path.resolve()}, outside the landing zone. "
-                        "Fix: copy the file into incoming/ instead of linking it", check="file_inside_landing_zone")
+        err = DataError(
+            f"{path} is a symbolic link to {path.resolve()}, outside the landing zone. "
+            "Fix: copy the file into incoming/ instead of linking it",
+            check="file_inside_landing_zone",
+        )
         return failure_report(str(path), err), None
     try:
         loaded = read_table(cfg.data, config_file="the config", path=path, digest=False)
     except DataError as err:
         return failure_report(str(path), err), None
     loaded.frame[NORM] = loaded.frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
-    report = validate_frame(loaded.frame, cfg, path, raw=loaded.raw, reference=reference, tokenizer=tokenizer, docs_dir=docs_dir)
+    report = validate_frame(
+        loaded.frame, cfg, path, raw=loaded.raw, reference=reference, tokenizer=tokenizer, docs_dir=docs_dir
+    )
     return report, loaded
 
 
@@ -192,8 +214,9 @@ class DataCheck:
     rows_dropped: int = 0
 
 
-def check_data(cfg: PipelineConfig, config_file: str, docs_dir: Path,
-               tokenizer: PreTrainedTokenizerBase | None = None) -> DataCheck:
+def check_data(
+    cfg: PipelineConfig, config_file: str, docs_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None
+) -> DataCheck:
     """Validate the configured data: every new batch of a landing zone, or the single file of ``data.path``.
 
     A landing zone trains on the union of its accepted batches; a single file must pass every check of
@@ -214,11 +237,16 @@ def check_data(cfg: PipelineConfig, config_file: str, docs_dir: Path,
         error: DataError | None = BatchRejected(gate) if gate.quarantined else None
         loaded = None if error else load_accepted(cfg, landing)
         if error is None and loaded is None:
-            error = DataError(f"no data in {landing / ACCEPTED} and no new batch in {landing / INCOMING}. "
-                              f"Fix: drop a CSV/JSONL/Parquet batch into {landing / INCOMING}", check="file_exists")
+            error = DataError(
+                f"no data in {landing / ACCEPTED} and no new batch in {landing / INCOMING}. "
+                f"Fix: drop a CSV/JSONL/Parquet batch into {landing / INCOMING}",
+                check="file_exists",
+            )
     else:
         loaded = read_table(cfg.data, config_file)
-        report = validate_frame(loaded.frame, cfg, loaded.source, raw=loaded.raw, tokenizer=tokenizer, docs_dir=docs_dir)
+        report = validate_frame(
+            loaded.frame, cfg, loaded.source, raw=loaded.raw, tokenizer=tokenizer, docs_dir=docs_dir
+        )
         reports = [report]
         error = None if report.success else ValidationFailed(report)
     if error is not None:

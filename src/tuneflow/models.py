@@ -29,7 +29,9 @@ def resolve_base_model(spec: str) -> Path:
                 f"Fix: run 'make setup', or set model.base_model to a model folder"
             ) from None
         configs = sorted(root.rglob("config.json"), key=lambda p: len(p.parts))
-        candidates = [p.parent for p in configs if (p.parent / "tokenizer.json").exists() or (p.parent / "vocab.txt").exists()]
+        candidates = [
+            p.parent for p in configs if (p.parent / "tokenizer.json").exists() or (p.parent / "vocab.txt").exists()
+        ]
         if not candidates:
             raise ModelError(f"model.base_model {spec!r}: no model folder (config.json + tokenizer) inside {root}")
         return candidates[0]

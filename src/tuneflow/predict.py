@@ -38,8 +38,9 @@ def resolve_model(ref: str) -> ModelVersion:
         name, alias = ref.split("@", 1)
         mv = version_by_alias(name, alias)
         if mv is None:
-            raise PredictError(f"model {ref!r} not found in the registry: {name} has no alias {alias!r}. "
-                               "Fix: check 'tuneflow models'")
+            raise PredictError(
+                f"model {ref!r} not found in the registry: {name} has no alias {alias!r}. Fix: check 'tuneflow models'"
+            )
         return mv
     if "/" in ref:
         name, version = ref.rsplit("/", 1)
@@ -87,12 +88,16 @@ def list_inputs(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
         if not files:
-            raise DataError(f"folder {path} holds no {'/'.join(INPUT_SUFFIXES)} files. Fix: point the input at a data file or a folder of them")
+            raise DataError(
+                f"folder {path} holds no {'/'.join(INPUT_SUFFIXES)} files. Fix: point the input at a data file or a folder of them"
+            )
         return files
     raise DataError(f"input not found: {path}. Fix: pass an existing file or folder")
 
 
-def _score_frame(model, kind: FineTuningKind, frame: pd.DataFrame, text_column: str, batch_size: int, version: str) -> pd.DataFrame:
+def _score_frame(
+    model, kind: FineTuningKind, frame: pd.DataFrame, text_column: str, batch_size: int, version: str
+) -> pd.DataFrame:
     texts = frame[text_column].fillna("").astype(str).tolist()
     preds = pd.concat(
         [model.predict(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)] or [kind.empty_output()],
@@ -105,7 +110,9 @@ def _score_frame(model, kind: FineTuningKind, frame: pd.DataFrame, text_column: 
     return out
 
 
-def score_path(ref: str, input_path: Path, output_path: Path, text_column: str = "text", batch_size: int = 64) -> BatchSummary:
+def score_path(
+    ref: str, input_path: Path, output_path: Path, text_column: str = "text", batch_size: int = 64
+) -> BatchSummary:
     """Score a file (output: a CSV file) or a folder of files (output: a folder of ``<stem>.scored.csv``).
 
     Every input is read and checked before the model is loaded, so a bad file fails fast.
@@ -116,7 +123,9 @@ def score_path(ref: str, input_path: Path, output_path: Path, text_column: str =
     frames = {f: _read(f) for f in files}
     for f, frame in frames.items():
         if text_column not in frame.columns:
-            raise DataError(f"column '{text_column}' not found in {f}; columns are: {', '.join(map(str, frame.columns))}. Fix: pass --text-column")
+            raise DataError(
+                f"column '{text_column}' not found in {f}; columns are: {', '.join(map(str, frame.columns))}. Fix: pass --text-column"
+            )
     mv = resolve_model(ref)
     uri, version = f"models:/{mv.name}/{mv.version}", str(mv.version)
     kind = get_kind(kind_of(mv))
@@ -134,7 +143,17 @@ def score_path(ref: str, input_path: Path, output_path: Path, text_column: str =
         per_file[str(f)] = len(out)
         for label, n in out["label"].value_counts().items():
             counts[str(label)] = counts.get(str(label), 0) + int(n)
-    return BatchSummary(ref, uri, version, [str(f) for f in files], outputs, sum(per_file.values()), dict(sorted(counts.items())), seconds, per_file)
+    return BatchSummary(
+        ref,
+        uri,
+        version,
+        [str(f) for f in files],
+        outputs,
+        sum(per_file.values()),
+        dict(sorted(counts.items())),
+        seconds,
+        per_file,
+    )
 
 
 def log_summary(summary: BatchSummary) -> str:
@@ -145,9 +164,19 @@ def log_summary(summary: BatchSummary) -> str:
 
     name = summary.model_uri.removeprefix("models:/").rsplit("/", 1)[0]
     ensure_experiment(f"{name}-predictions")
-    with mlflow.start_run(run_name=f"predict-v{summary.version}", tags={"tuneflow.model_version": summary.version, "tuneflow.model_ref": summary.model_ref}) as run:
-        mlflow.log_params({"model_ref": summary.model_ref, "model_uri": summary.model_uri, "model_version": summary.version,
-                           "inputs": ",".join(summary.inputs)[:500], "files": len(summary.inputs)})
+    with mlflow.start_run(
+        run_name=f"predict-v{summary.version}",
+        tags={"tuneflow.model_version": summary.version, "tuneflow.model_ref": summary.model_ref},
+    ) as run:
+        mlflow.log_params(
+            {
+                "model_ref": summary.model_ref,
+                "model_uri": summary.model_uri,
+                "model_version": summary.version,
+                "inputs": ",".join(summary.inputs)[:500],
+                "files": len(summary.inputs),
+            }
+        )
         metrics = {"rows": summary.rows, "seconds": summary.seconds, "latency_ms_per_row": summary.ms_per_row}
         for label, n in summary.label_counts.items():
             metrics[f"label_count/{label}"] = n

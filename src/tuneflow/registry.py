@@ -47,7 +47,13 @@ class Decision:
     champion_version: str | None = None
 
 
-def decide(metric: str, challenger_score: float, champion_score: float | None, champion_version: str | None, min_improvement: float) -> Decision:
+def decide(
+    metric: str,
+    challenger_score: float,
+    champion_score: float | None,
+    champion_version: str | None,
+    min_improvement: float,
+) -> Decision:
     """The promotion gate (higher is better for every supported primary metric).
 
     No champion: the challenger (which passed validation to get here) becomes champion. Otherwise it
@@ -55,12 +61,38 @@ def decide(metric: str, challenger_score: float, champion_score: float | None, c
     """
     if champion_score is None:
         if champion_version is None:
-            return Decision(True, f"no champion yet; first validated model becomes champion ({metric}={challenger_score:.4f})", metric, challenger_score)
-        return Decision(False, f"champion v{champion_version} could not be re-evaluated on this eval split; promote manually after review", metric, challenger_score, None, champion_version)
+            return Decision(
+                True,
+                f"no champion yet; first validated model becomes champion ({metric}={challenger_score:.4f})",
+                metric,
+                challenger_score,
+            )
+        return Decision(
+            False,
+            f"champion v{champion_version} could not be re-evaluated on this eval split; promote manually after review",
+            metric,
+            challenger_score,
+            None,
+            champion_version,
+        )
     delta = challenger_score - champion_score
     if delta >= min_improvement and delta > 0:
-        return Decision(True, f"{metric} {challenger_score:.4f} beats champion v{champion_version} ({champion_score:.4f}) by {delta:+.4f} (>= {min_improvement})", metric, challenger_score, champion_score, champion_version)
-    return Decision(False, f"{metric} {challenger_score:.4f} vs champion v{champion_version} {champion_score:.4f}: {delta:+.4f} is not an improvement of at least {min_improvement}; champion kept", metric, challenger_score, champion_score, champion_version)
+        return Decision(
+            True,
+            f"{metric} {challenger_score:.4f} beats champion v{champion_version} ({champion_score:.4f}) by {delta:+.4f} (>= {min_improvement})",
+            metric,
+            challenger_score,
+            champion_score,
+            champion_version,
+        )
+    return Decision(
+        False,
+        f"{metric} {challenger_score:.4f} vs champion v{champion_version} {champion_score:.4f}: {delta:+.4f} is not an improvement of at least {min_improvement}; champion kept",
+        metric,
+        challenger_score,
+        champion_score,
+        champion_version,
+    )
 
 
 def decide_promotion(cfg: PipelineConfig, challenger: Evaluation, champion: ChampionScore) -> Decision:
@@ -110,8 +142,10 @@ def get_version(name: str, version: str) -> ModelVersion:
     try:
         return MlflowClient().get_model_version(name, str(version))
     except MlflowException as exc:
-        raise RegistryError(f"{name} version {version} not found in the registry. "
-                            f"Fix: pick a version listed by 'tuneflow models {name}'") from exc
+        raise RegistryError(
+            f"{name} version {version} not found in the registry. "
+            f"Fix: pick a version listed by 'tuneflow models {name}'"
+        ) from exc
 
 
 def score_version(cfg: PipelineConfig, mv: ModelVersion, eval_frame: pd.DataFrame) -> Evaluation:
@@ -200,7 +234,9 @@ def register_version(
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags=all_tags, description=description, model_id=info.model_id)
+    mv = client.create_model_version(
+        name, info.model_uri, run_id=run_id, tags=all_tags, description=description, model_id=info.model_id
+    )
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     return client.get_model_version(name, mv.version)
 
@@ -241,14 +277,16 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
             aliases.setdefault(str(ver), []).append(alias)
         for mv in client.search_model_versions(f"name='{rm.name}'"):
             t = mv.tags or {}
-            rows.append({
-                "name": rm.name,
-                "version": int(mv.version),
-                "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-                "metric": t.get(f"{TAG}primary_metric", ""),
-                "score": t.get(f"{TAG}challenger_score", ""),
-                "decision": t.get(f"{TAG}decision", ""),
-                "data_digest": t.get(f"{TAG}data_digest", "")[:12],
-                "created": pd.Timestamp(mv.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M"),
-            })
+            rows.append(
+                {
+                    "name": rm.name,
+                    "version": int(mv.version),
+                    "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
+                    "metric": t.get(f"{TAG}primary_metric", ""),
+                    "score": t.get(f"{TAG}challenger_score", ""),
+                    "decision": t.get(f"{TAG}decision", ""),
+                    "data_digest": t.get(f"{TAG}data_digest", "")[:12],
+                    "created": pd.Timestamp(mv.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M"),
+                }
+            )
     return sorted(rows, key=lambda r: (r["name"], -r["version"]))

@@ -10,7 +10,6 @@ import html
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pathlib import Path
 
     import pandas as pd
 
@@ -57,6 +56,7 @@ def validation_summary(report: ValidationReport) -> str:
         lines.append(f"  report: {report.docs_index}")
     return "\n".join(lines)
 
+
 def validation_markdown(report: ValidationReport) -> str:
     """One batch's checks as a markdown table (result, observed value, threshold)."""
     out = [
@@ -86,7 +86,6 @@ def unreadable_batch_html(report: ValidationReport) -> str:
     )
 
 
-
 def rejected_markdown(error: Exception, run_id: str, url: str) -> str:
     """The retrain artifact when the data was rejected before training."""
     return f"# Retrain stopped: the data was rejected\n\n```\n{error}\n```\n\nMLflow run: [{run_id}]({url})"
@@ -107,7 +106,10 @@ def retrain_markdown(
     """The retrain artifact: what was trained on, the metrics next to the champion's, the decision, the run."""
     champion_col = "champion" + (f" v{evaluation.champion_version}" if evaluation.champion_version else "")
     table = metrics_table(
-        {"this model": evaluation.challenger.metrics, champion_col: evaluation.champion.metrics if evaluation.champion else None},
+        {
+            "this model": evaluation.challenger.metrics,
+            champion_col: evaluation.champion.metrics if evaluation.champion else None,
+        },
         cfg.data.labels,
     )
     if version is not None:
@@ -207,11 +209,15 @@ def model_card(
     if validation is None:
         lines.append("- Not recorded for this version.")
     elif not reports:
-        lines.append("- No new batch in this run: the training data is the accepted batches, each validated when it arrived.")
+        lines.append(
+            "- No new batch in this run: the training data is the accepted batches, each validated when it arrived."
+        )
     for report in reports:
         passed = sum(c.success for c in report.checks)
-        lines.append(f"- `{report.source}`: {'passed' if report.success else 'FAILED'}, {passed}/{len(report.checks)} "
-                     f"Great Expectations checks met on {report.row_count} rows")
+        lines.append(
+            f"- `{report.source}`: {'passed' if report.success else 'FAILED'}, {passed}/{len(report.checks)} "
+            f"Great Expectations checks met on {report.row_count} rows"
+        )
         lines += [f"  - {c.status} `{c.name}`: {c.rule} (observed: {c.observed})" for c in report.checks]
     lines += [
         "",

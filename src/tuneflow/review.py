@@ -62,20 +62,31 @@ def current_eval_frame(cfg: PipelineConfig, config_file: str = "the config") -> 
     if cfg.data.landing:
         accepted = load_accepted(cfg, Path(cfg.data.landing))  # what the retrain flow trains on
         if accepted is None:
-            raise RegistryError(f"no accepted data in {cfg.data.landing}/accepted. Fix: run the retrain flow on a batch first")
+            raise RegistryError(
+                f"no accepted data in {cfg.data.landing}/accepted. Fix: run the retrain flow on a batch first"
+            )
         frame = accepted.frame
     else:
         frame = read_table(cfg.data, config_file).frame
     usable = frame[frame[TEXT].notna() & frame[LABEL].isin(cfg.data.labels)]
     if len(usable) < len(frame):
-        log.info("left out %d of %d rows without text or with a label outside %s", len(frame) - len(usable), len(frame), cfg.data.labels)
+        log.info(
+            "left out %d of %d rows without text or with a label outside %s",
+            len(frame) - len(usable),
+            len(frame),
+            cfg.data.labels,
+        )
     ev = split_by_text_hash(usable.reset_index(drop=True), cfg.data.eval_fraction, cfg.data.split_salt).eval
     if ev.empty:
-        raise RegistryError(f"the eval split of {cfg.data.path or cfg.data.landing} is empty. Fix: add rows or raise data.eval_fraction in {config_file}")
+        raise RegistryError(
+            f"the eval split of {cfg.data.path or cfg.data.landing} is empty. Fix: add rows or raise data.eval_fraction in {config_file}"
+        )
     return ev
 
 
-def score_versions(cfg: PipelineConfig, name: str, versions: list[str], eval_frame: pd.DataFrame) -> dict[str, Evaluation]:
+def score_versions(
+    cfg: PipelineConfig, name: str, versions: list[str], eval_frame: pd.DataFrame
+) -> dict[str, Evaluation]:
     """Score each version on ``eval_frame`` with its own ``max_length`` (from its tags)."""
     out = {}
     for v in versions:
@@ -83,21 +94,32 @@ def score_versions(cfg: PipelineConfig, name: str, versions: list[str], eval_fra
         try:
             out[str(v)] = score_version(cfg, mv, eval_frame)
         except (ValueError, OSError) as exc:
-            raise RegistryError(f"{name} v{v} cannot be scored on this eval split: {exc}. Fix: compare with a config whose labels the model knows") from exc
+            raise RegistryError(
+                f"{name} v{v} cannot be scored on this eval split: {exc}. Fix: compare with a config whose labels the model knows"
+            ) from exc
     return out
 
 
 def promotion_blockers(mv: Any) -> list[str]:
     """Why a version should not become champion without --force (empty: nothing against it)."""
     tags = mv.tags or {}
-    problems = [f"tag {t} is missing (not registered by a validated tuneflow run)" for t in REQUIRED_LINEAGE if not tags.get(t)]
+    problems = [
+        f"tag {t} is missing (not registered by a validated tuneflow run)" for t in REQUIRED_LINEAGE if not tags.get(t)
+    ]
     if tags.get(VALIDATION_TAG) and tags[VALIDATION_TAG] != "passed":
         problems.append(f"its data failed validation ({VALIDATION_TAG}={tags[VALIDATION_TAG]})")
     return problems
 
 
-def promote(cfg: PipelineConfig, name: str, version: str, reason: str, force: bool = False, config_file: str = "the config",
-            actor: str | None = None) -> PromoteOutcome:
+def promote(
+    cfg: PipelineConfig,
+    name: str,
+    version: str,
+    reason: str,
+    force: bool = False,
+    config_file: str = "the config",
+    actor: str | None = None,
+) -> PromoteOutcome:
     """Manual promotion: re-score the champion and the candidate on the current eval split, then move ``champion``.
 
     Raises:
@@ -106,22 +128,32 @@ def promote(cfg: PipelineConfig, name: str, version: str, reason: str, force: bo
     """
     _check_name(cfg, name, config_file)
     if not reason.strip():
-        raise RegistryError("a promotion needs a reason. Fix: pass --reason \"why this version\"")
+        raise RegistryError('a promotion needs a reason. Fix: pass --reason "why this version"')
     mv = get_version(name, version)
     current = champion_version(name)
     if current == str(version):
         raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
     blockers = promotion_blockers(mv)
     if blockers and not force:
-        raise RegistryError(f"refusing to promote {name} v{version}: " + "; ".join(blockers) + ". Fix: promote a validated version, or pass --force after review")
+        raise RegistryError(
+            f"refusing to promote {name} v{version}: "
+            + "; ".join(blockers)
+            + ". Fix: promote a validated version, or pass --force after review"
+        )
     eval_frame = current_eval_frame(cfg, config_file)
     scored = score_versions(cfg, name, [str(version)] + ([current] if current else []), eval_frame)
     cols: dict[str, dict[str, float] | None] = {f"candidate v{version}": scored[str(version)].metrics}
     if current:
         cols[f"champion v{current}"] = scored[current].metrics
     primary = cfg.evaluate.primary_metric
-    note = f"{primary} v{version}={scored[str(version)].metrics[primary]:.4f}" + (f" vs v{current}={scored[current].metrics[primary]:.4f}" if current else "")
-    full_reason = f"{reason} [{note} on {len(eval_frame)} eval rows" + ("; forced past: " + "; ".join(blockers) if blockers else "") + "]"
+    note = f"{primary} v{version}={scored[str(version)].metrics[primary]:.4f}" + (
+        f" vs v{current}={scored[current].metrics[primary]:.4f}" if current else ""
+    )
+    full_reason = (
+        f"{reason} [{note} on {len(eval_frame)} eval rows"
+        + ("; forced past: " + "; ".join(blockers) if blockers else "")
+        + "]"
+    )
     move = move_champion(name, str(version), "promote", "cli", actor or cli_actor(), full_reason)
     return PromoteOutcome(move, metrics_table(cols, cfg.data.labels), len(eval_frame))
 

@@ -37,8 +37,10 @@ class Tokenized:
         lengths = [len(x) for x in self.datasets["train"]["input_ids"]]
         n = max(1, len(lengths))
         return {
-            "rows/train": len(self.datasets["train"]), "rows/eval": len(self.datasets["eval"]),
-            "tokens/train": sum(lengths), "tokens/train_mean_length": sum(lengths) / n,
+            "rows/train": len(self.datasets["train"]),
+            "rows/eval": len(self.datasets["eval"]),
+            "tokens/train": sum(lengths),
+            "tokens/train_mean_length": sum(lengths) / n,
             "tokens/truncated_share": sum(x >= max_length for x in lengths) / n,
         }
 
@@ -58,10 +60,22 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(data_digest: str, tokenizer: PreTrainedTokenizerBase, max_length: int, labels: list[str], split_digest: str,
-              kind: str = "classification") -> str:
-    spec = {"data": data_digest, "split": split_digest, "tokenizer": tokenizer_fingerprint(tokenizer),
-            "max_length": max_length, "labels": labels, "v": 1}
+def cache_key(
+    data_digest: str,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    labels: list[str],
+    split_digest: str,
+    kind: str = "classification",
+) -> str:
+    spec = {
+        "data": data_digest,
+        "split": split_digest,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": max_length,
+        "labels": labels,
+        "v": 1,
+    }
     if kind != "classification":  # keeps the keys of existing classification caches
         spec["kind"] = kind
     blob = json.dumps(spec, sort_keys=True)
@@ -115,5 +129,13 @@ def tokenize_data(cfg: PipelineConfig, data: LoadedData, split: Split, cache_roo
     from tuneflow.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    return tokenize_split(split, tokenizer, cfg.model.max_length, cfg.data.labels, data.digest, split_digest(cfg.data),
-                          cache_root / "tokenized", cfg.kind)
+    return tokenize_split(
+        split,
+        tokenizer,
+        cfg.model.max_length,
+        cfg.data.labels,
+        data.digest,
+        split_digest(cfg.data),
+        cache_root / "tokenized",
+        cfg.kind,
+    )

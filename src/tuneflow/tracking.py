@@ -112,7 +112,9 @@ def stage_run(parent_run_id: str, stage: str) -> Iterator[Any]:
     import mlflow
 
     start = time.perf_counter()
-    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id, tags={"tuneflow.stage": stage}) as run:
+    with mlflow.start_run(
+        run_name=stage, nested=True, parent_run_id=parent_run_id, tags={"tuneflow.stage": stage}
+    ) as run:
         yield run
         seconds = time.perf_counter() - start
         mlflow.log_metric("stage_seconds", seconds)
@@ -121,8 +123,12 @@ def stage_run(parent_run_id: str, stage: str) -> Iterator[Any]:
 
 def git_commit(cwd: Path | None = None) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -168,15 +174,24 @@ def log_dataset_inputs(cfg: PipelineConfig, loaded: LoadedData, split: Split) ->
     sources = _sources_tag([p.name for p in loaded.sources] or [str(loaded.source)])
     for context, frame in (("training", split.train), ("evaluation", split.eval)):
         digest = content_digest(frame)
-        ds = mlflow.data.from_pandas(frame[[TEXT, LABEL]], source=str(loaded.source), targets=LABEL,
-                                     # MLflow caps a dataset digest at 36 characters; the full one is in the tags
-                                     name=f"{cfg.name}-{'train' if context == 'training' else 'eval'}", digest=digest[:32])
-        mlflow.log_input(ds, context=context, tags={
-            "rows": str(len(frame)),
-            "tuneflow.data_digest": loaded.digest,
-            "tuneflow.split_digest": digest,
-            "tuneflow.sources": sources,
-        })
+        ds = mlflow.data.from_pandas(
+            frame[[TEXT, LABEL]],
+            source=str(loaded.source),
+            targets=LABEL,
+            # MLflow caps a dataset digest at 36 characters; the full one is in the tags
+            name=f"{cfg.name}-{'train' if context == 'training' else 'eval'}",
+            digest=digest[:32],
+        )
+        mlflow.log_input(
+            ds,
+            context=context,
+            tags={
+                "rows": str(len(frame)),
+                "tuneflow.data_digest": loaded.digest,
+                "tuneflow.split_digest": digest,
+                "tuneflow.sources": sources,
+            },
+        )
 
 
 def start_parent_run(cfg: PipelineConfig, run_name: str, lineage: dict[str, str]) -> Any:
@@ -204,20 +219,34 @@ def log_validation(check: DataCheck, parent_run_id: str) -> None:
     if check.gate is not None:
         for o in check.gate.outcomes:
             _log_report(o.report, f"validation/{o.status}/{o.path.name}")
-        mlflow.log_metrics({"validation/batches_accepted": len(check.gate.accepted),
-                            "validation/batches_quarantined": len(check.gate.quarantined)})
+        mlflow.log_metrics(
+            {
+                "validation/batches_accepted": len(check.gate.accepted),
+                "validation/batches_quarantined": len(check.gate.quarantined),
+            }
+        )
     else:
         for report in check.reports:
             _log_report(report, "validation")
-    mlflow.log_metrics({"validation/checks_failed": sum(len(r.failed) for r in check.reports),
-                        "validation/warnings": sum(len(r.warnings) for r in check.reports)})
+    mlflow.log_metrics(
+        {
+            "validation/checks_failed": sum(len(r.failed) for r in check.reports),
+            "validation/warnings": sum(len(r.warnings) for r in check.reports),
+        }
+    )
     verdict = "passed" if check.error is None else "failed"
     mlflow.set_tag("tuneflow.validation", verdict)
     mlflow.MlflowClient().set_tag(parent_run_id, "tuneflow.validation", verdict)
     if check.data is not None:
         data = check.data
-        mlflow.log_params({"data.source": str(data.source), "data.rows": len(data.frame), "data.digest": data.digest,
-                           "data.files": len(data.sources)})
+        mlflow.log_params(
+            {
+                "data.source": str(data.source),
+                "data.rows": len(data.frame),
+                "data.digest": data.digest,
+                "data.files": len(data.sources),
+            }
+        )
         mlflow.log_metric("validation/rows_dropped", check.rows_dropped)
         mlflow.MlflowClient().set_tag(parent_run_id, "tuneflow.data_digest", data.digest)
 
@@ -227,8 +256,13 @@ def log_tokenization(tok: Tokenized, max_length: int, parent_run_id: str) -> Non
 
     from tuneflow.tokenization import tokenizer_fingerprint
 
-    mlflow.log_params({"tokenize.cache_key": tok.cache_key, "tokenize.cache_hit": tok.cache_hit,
-                       "tokenize.tokenizer": tokenizer_fingerprint(tok.tokenizer)})
+    mlflow.log_params(
+        {
+            "tokenize.cache_key": tok.cache_key,
+            "tokenize.cache_hit": tok.cache_hit,
+            "tokenize.tokenizer": tokenizer_fingerprint(tok.tokenizer),
+        }
+    )
     mlflow.log_metrics(tok.stats(max_length))
     mlflow.MlflowClient().set_tag(parent_run_id, "tuneflow.tokenize_cache_hit", str(tok.cache_hit))
 
@@ -238,7 +272,9 @@ def log_training(cfg: PipelineConfig, result: TrainResult) -> None:
 
     from tuneflow.models import resolve_base_model
 
-    mlflow.log_params({"base_model": cfg.model.base_model, "base_model_path": str(resolve_base_model(cfg.model.base_model))})
+    mlflow.log_params(
+        {"base_model": cfg.model.base_model, "base_model_path": str(resolve_base_model(cfg.model.base_model))}
+    )
     mlflow.log_metrics({"train_seconds": result.train_seconds, "epochs_run": result.epochs_run, "steps": result.steps})
 
 
@@ -274,8 +310,11 @@ def log_champion_score(champion: ChampionScore, parent_run_id: str, plots_dir: P
     for k, v in metrics.items():
         client.log_metric(parent_run_id, k, v)
     client.set_tag(parent_run_id, "tuneflow.champion_version", champion.version)
-    png = plot_confusion(champion.evaluation, plots_dir / "champion_confusion_matrix.png",
-                         f"Champion v{champion.version} on this eval split")
+    png = plot_confusion(
+        champion.evaluation,
+        plots_dir / "champion_confusion_matrix.png",
+        f"Champion v{champion.version} on this eval split",
+    )
     mlflow.log_artifact(str(png), "plots")
 
 

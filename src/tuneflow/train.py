@@ -46,12 +46,17 @@ def _mlflow_callback():
             if not logs or mlflow.active_run() is None:
                 return
             values = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            mlflow.log_metrics({k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}": v for k, v in values.items()}, step=state.global_step)
+            mlflow.log_metrics(
+                {k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}": v for k, v in values.items()},
+                step=state.global_step,
+            )
 
     return MlflowMetrics()
 
 
-def train_model(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path) -> TrainResult:
+def train_model(
+    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path
+) -> TrainResult:
     """Fine-tune ``cfg.model.base_model`` on ``data["train"]``, evaluating on ``data["eval"]`` each epoch.
 
     Seeded; early stopping on the primary metric; the best epoch's weights are restored at the end.

@@ -130,8 +130,17 @@ def failure_report(source: str, error: DataError) -> ValidationReport:
     return ValidationReport(
         source=source,
         row_count=0,
-        checks=[CheckResult(name=error.check, expectation="(read)", column="(file)", rule="the file is a readable batch",
-                            success=False, observed=str(error), fix=str(error).rpartition("Fix:")[2].strip() or "see the message")],
+        checks=[
+            CheckResult(
+                name=error.check,
+                expectation="(read)",
+                column="(file)",
+                rule="the file is a readable batch",
+                success=False,
+                observed=str(error),
+                fix=str(error).rpartition("Fix:")[2].strip() or "see the message",
+            )
+        ],
         raw={},
     )
 
@@ -144,53 +153,145 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
     v, d = cfg.validation, cfg.data
     tokens = v.max_text_tokens or cfg.model.max_length
     return [
-        Check("text_type", "schema", "texts are strings", "str", f"store '{d.text_column}' as text (quote numbers in CSV, strings in JSONL/Parquet)",
-              lambda: gxe.ExpectColumnValuesToBeInTypeList(column=TEXT, type_list=["str"])),
-        Check("label_type", "schema", "labels are strings or integers", " / ".join(_LABEL_TYPES[:2]),
-              f"store '{d.label_column}' as text or integer codes (not floats); map codes with data.label_values",
-              lambda: gxe.ExpectColumnValuesToBeInTypeList(column=LABEL, type_list=_LABEL_TYPES)),
-        Check("text_not_null", "rows", "every row has a text", "0 nulls", f"fill or drop rows with an empty '{d.text_column}'",
-              lambda: gxe.ExpectColumnValuesToNotBeNull(column=TEXT)),
-        Check("text_not_blank", "rows", "no text is only whitespace", "0 rows", f"drop rows whose '{d.text_column}' is blank",
-              lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=TEXT, regex=r"^\s*$")),
-        Check("text_length", "rows", f"text length is {v.min_text_chars}..{v.max_text_chars} characters"
-              + (f" for at least {v.text_length_mostly:.1%} of rows" if v.text_length_mostly < 1 else ""),
-              f"{v.min_text_chars}..{v.max_text_chars} chars" + (f", mostly {v.text_length_mostly}" if v.text_length_mostly < 1 else ""),
-              "drop or shorten those rows, or change validation.min_text_chars / max_text_chars",
-              lambda: gxe.ExpectColumnValueLengthsToBeBetween(column=TEXT, min_value=v.min_text_chars, max_value=v.max_text_chars, mostly=v.text_length_mostly)),
-        Check("text_tokens", "rows", f"texts fit in {tokens} tokens of the model's tokenizer", f"<= {tokens} tokens",
-              "longer texts are truncated in training: shorten them, or raise model.max_length / validation.max_text_tokens",
-              lambda: gxe.ExpectColumnValuesToBeBetween(column=TOKENS, max_value=tokens)),
-        Check("text_encoding", "rows", "no control characters or broken encoding (mojibake)", "0 rows",
-              "re-export the data as UTF-8 from its source (text decoded with the wrong codec looks like 'Ã©')",
-              lambda: tfx.ExpectTextToBeCleanUnicode(column=TEXT)),
-        Check("label_not_null", "rows", "every row has a label", "0 nulls", f"fill or drop rows with an empty '{d.label_column}'",
-              lambda: gxe.ExpectColumnValuesToNotBeNull(column=LABEL)),
-        Check("label_in_set", "rows", f"labels are one of {d.labels}", ", ".join(d.labels),
-              "fix those rows, or add the label to data.labels (or map it with data.label_values)",
-              lambda: gxe.ExpectColumnValuesToBeInSet(column=LABEL, value_set=list(d.labels))),
-        Check("duplicate_rate", "rows", f"at most {v.max_duplicate_rate:.0%} of rows repeat another row's text", f"<= {v.max_duplicate_rate:.0%}",
-              "deduplicate the file, or raise validation.max_duplicate_rate",
-              lambda: gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(column=NORM, min_value=1.0 - v.max_duplicate_rate)),
-        Check("label_conflict", "rows", "the same text never has two different labels", "0 rows",
-              "decide the right label for those texts and fix the rows (here or in the accepted data)",
-              lambda: tfx.ExpectTextsToHaveOneLabel()),
-        Check("repeats_accepted", "rows", f"at most {v.max_repeat_share:.0%} of rows repeat already-accepted data", f"<= {v.max_repeat_share:.0%}",
-              "send only new rows (was this batch delivered twice?), or raise validation.max_repeat_share",
-              lambda: tfx.ExpectRowsToBeNewData(mostly=1.0 - v.max_repeat_share) if v.max_repeat_share < 1 else tfx.ExpectRowsToBeNewData(mostly=0.0),
-              needs_reference=True),
-        Check("rows_per_class", "classes", f"every label has at least {v.min_rows_per_class} rows", f">= {v.min_rows_per_class} rows",
-              "add rows for those labels, or lower validation.min_rows_per_class",
-              lambda: gxe.ExpectColumnValuesToBeBetween(column=ROWS, min_value=v.min_rows_per_class)),
-        Check("class_imbalance", "classes", f"the largest class has at most {v.max_class_imbalance:g}x the rows of each other class",
-              f"<= {v.max_class_imbalance:g}x", "add rows for the small classes, or raise validation.max_class_imbalance",
-              lambda: gxe.ExpectColumnValuesToBeBetween(column=IMBALANCE, max_value=v.max_class_imbalance)),
-        Check("drift_labels", "drift", "the label distribution matches the accepted data", f"p >= {v.drift_p_value}",
-              "check the source of this batch; if the shift is real, set validation.severity.drift_labels: warn",
-              lambda: tfx.ExpectLabelDistributionToMatchAccepted(min_value=v.drift_p_value), needs_reference=True),
-        Check("drift_text_length", "drift", "the text-length distribution matches the accepted data", f"p >= {v.drift_p_value}",
-              "check the source of this batch (truncated or concatenated texts?); if real, relax validation.drift_p_value",
-              lambda: tfx.ExpectTextLengthDistributionToMatchAccepted(min_value=v.drift_p_value), needs_reference=True),
+        Check(
+            "text_type",
+            "schema",
+            "texts are strings",
+            "str",
+            f"store '{d.text_column}' as text (quote numbers in CSV, strings in JSONL/Parquet)",
+            lambda: gxe.ExpectColumnValuesToBeInTypeList(column=TEXT, type_list=["str"]),
+        ),
+        Check(
+            "label_type",
+            "schema",
+            "labels are strings or integers",
+            " / ".join(_LABEL_TYPES[:2]),
+            f"store '{d.label_column}' as text or integer codes (not floats); map codes with data.label_values",
+            lambda: gxe.ExpectColumnValuesToBeInTypeList(column=LABEL, type_list=_LABEL_TYPES),
+        ),
+        Check(
+            "text_not_null",
+            "rows",
+            "every row has a text",
+            "0 nulls",
+            f"fill or drop rows with an empty '{d.text_column}'",
+            lambda: gxe.ExpectColumnValuesToNotBeNull(column=TEXT),
+        ),
+        Check(
+            "text_not_blank",
+            "rows",
+            "no text is only whitespace",
+            "0 rows",
+            f"drop rows whose '{d.text_column}' is blank",
+            lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=TEXT, regex=r"^\s*$"),
+        ),
+        Check(
+            "text_length",
+            "rows",
+            f"text length is {v.min_text_chars}..{v.max_text_chars} characters"
+            + (f" for at least {v.text_length_mostly:.1%} of rows" if v.text_length_mostly < 1 else ""),
+            f"{v.min_text_chars}..{v.max_text_chars} chars"
+            + (f", mostly {v.text_length_mostly}" if v.text_length_mostly < 1 else ""),
+            "drop or shorten those rows, or change validation.min_text_chars / max_text_chars",
+            lambda: gxe.ExpectColumnValueLengthsToBeBetween(
+                column=TEXT, min_value=v.min_text_chars, max_value=v.max_text_chars, mostly=v.text_length_mostly
+            ),
+        ),
+        Check(
+            "text_tokens",
+            "rows",
+            f"texts fit in {tokens} tokens of the model's tokenizer",
+            f"<= {tokens} tokens",
+            "longer texts are truncated in training: shorten them, or raise model.max_length / validation.max_text_tokens",
+            lambda: gxe.ExpectColumnValuesToBeBetween(column=TOKENS, max_value=tokens),
+        ),
+        Check(
+            "text_encoding",
+            "rows",
+            "no control characters or broken encoding (mojibake)",
+            "0 rows",
+            "re-export the data as UTF-8 from its source (text decoded with the wrong codec looks like 'Ã©')",
+            lambda: tfx.ExpectTextToBeCleanUnicode(column=TEXT),
+        ),
+        Check(
+            "label_not_null",
+            "rows",
+            "every row has a label",
+            "0 nulls",
+            f"fill or drop rows with an empty '{d.label_column}'",
+            lambda: gxe.ExpectColumnValuesToNotBeNull(column=LABEL),
+        ),
+        Check(
+            "label_in_set",
+            "rows",
+            f"labels are one of {d.labels}",
+            ", ".join(d.labels),
+            "fix those rows, or add the label to data.labels (or map it with data.label_values)",
+            lambda: gxe.ExpectColumnValuesToBeInSet(column=LABEL, value_set=list(d.labels)),
+        ),
+        Check(
+            "duplicate_rate",
+            "rows",
+            f"at most {v.max_duplicate_rate:.0%} of rows repeat another row's text",
+            f"<= {v.max_duplicate_rate:.0%}",
+            "deduplicate the file, or raise validation.max_duplicate_rate",
+            lambda: gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(
+                column=NORM, min_value=1.0 - v.max_duplicate_rate
+            ),
+        ),
+        Check(
+            "label_conflict",
+            "rows",
+            "the same text never has two different labels",
+            "0 rows",
+            "decide the right label for those texts and fix the rows (here or in the accepted data)",
+            lambda: tfx.ExpectTextsToHaveOneLabel(),
+        ),
+        Check(
+            "repeats_accepted",
+            "rows",
+            f"at most {v.max_repeat_share:.0%} of rows repeat already-accepted data",
+            f"<= {v.max_repeat_share:.0%}",
+            "send only new rows (was this batch delivered twice?), or raise validation.max_repeat_share",
+            lambda: tfx.ExpectRowsToBeNewData(mostly=1.0 - v.max_repeat_share)
+            if v.max_repeat_share < 1
+            else tfx.ExpectRowsToBeNewData(mostly=0.0),
+            needs_reference=True,
+        ),
+        Check(
+            "rows_per_class",
+            "classes",
+            f"every label has at least {v.min_rows_per_class} rows",
+            f">= {v.min_rows_per_class} rows",
+            "add rows for those labels, or lower validation.min_rows_per_class",
+            lambda: gxe.ExpectColumnValuesToBeBetween(column=ROWS, min_value=v.min_rows_per_class),
+        ),
+        Check(
+            "class_imbalance",
+            "classes",
+            f"the largest class has at most {v.max_class_imbalance:g}x the rows of each other class",
+            f"<= {v.max_class_imbalance:g}x",
+            "add rows for the small classes, or raise validation.max_class_imbalance",
+            lambda: gxe.ExpectColumnValuesToBeBetween(column=IMBALANCE, max_value=v.max_class_imbalance),
+        ),
+        Check(
+            "drift_labels",
+            "drift",
+            "the label distribution matches the accepted data",
+            f"p >= {v.drift_p_value}",
+            "check the source of this batch; if the shift is real, set validation.severity.drift_labels: warn",
+            lambda: tfx.ExpectLabelDistributionToMatchAccepted(min_value=v.drift_p_value),
+            needs_reference=True,
+        ),
+        Check(
+            "drift_text_length",
+            "drift",
+            "the text-length distribution matches the accepted data",
+            f"p >= {v.drift_p_value}",
+            "check the source of this batch (truncated or concatenated texts?); if real, relax validation.drift_p_value",
+            lambda: tfx.ExpectTextLengthDistributionToMatchAccepted(min_value=v.drift_p_value),
+            needs_reference=True,
+        ),
     ]
 
 
@@ -225,8 +326,14 @@ def _token_counts(texts: pd.Series, tokenizer: PreTrainedTokenizerBase, limit: i
     return counts
 
 
-def _tables(frame: pd.DataFrame, cfg: PipelineConfig, raw: pd.DataFrame | None, reference: pd.DataFrame | None,
-            tokenizer: PreTrainedTokenizerBase | None, wanted: set[str]) -> dict[Table, pd.DataFrame]:
+def _tables(
+    frame: pd.DataFrame,
+    cfg: PipelineConfig,
+    raw: pd.DataFrame | None,
+    reference: pd.DataFrame | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    wanted: set[str],
+) -> dict[Table, pd.DataFrame]:
     v = cfg.validation
     if NORM in frame.columns:  # computed once by the caller (the gate keeps it for the next batch)
         rows = frame.set_index(LINE)[[TEXT, LABEL, NORM]].copy()
@@ -264,7 +371,9 @@ def _tables(frame: pd.DataFrame, cfg: PipelineConfig, raw: pd.DataFrame | None, 
         label_p = float(chi2_contingency(table)[1]) if testable else 1.0
         lengths = frame[TEXT].dropna().str.len()
         length_p = float(ks_2samp(lengths, reference[TEXT].str.len()).pvalue) if len(lengths) else 1.0
-        tables["drift"] = pd.DataFrame({LABEL_P: [label_p], LENGTH_P: [length_p]}, index=pd.Index(["batch"], name="vs_accepted"))
+        tables["drift"] = pd.DataFrame(
+            {LABEL_P: [label_p], LENGTH_P: [length_p]}, index=pd.Index(["batch"], name="vs_accepted")
+        )
     return tables
 
 
@@ -297,8 +406,13 @@ def _examples(result: dict[str, Any], table: Table, limit: int) -> list[str]:
 def _user_column(column: str, cfg: PipelineConfig) -> str:
     """The name a user knows a checked column by (the file's column names, not the derived ones)."""
     d = cfg.data
-    names = {TEXT: d.text_column, LABEL: d.label_column, NORM: f"{d.text_column} (normalized)",
-             ROWS: "rows per label", IMBALANCE: "largest class / this class"}
+    names = {
+        TEXT: d.text_column,
+        LABEL: d.label_column,
+        NORM: f"{d.text_column} (normalized)",
+        ROWS: "rows per label",
+        IMBALANCE: "largest class / this class",
+    }
     return names.get(column, column)
 
 
@@ -309,12 +423,18 @@ def _docs_context(docs_dir: Path | None):
     ctx.variables.progress_bars = {"globally": False}
     if docs_dir is not None:
         # The ephemeral context's site lives in a temp dir; point it at docs_dir instead.
-        ctx.update_data_docs_site("local_site", {
-            "class_name": "SiteBuilder",
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            # GE requires an absolute base_directory when the context has no root directory
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
-        })
+        ctx.update_data_docs_site(
+            "local_site",
+            {
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                # GE requires an absolute base_directory when the context has no root directory
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir.resolve()),
+                },
+            },
+        )
     return ctx
 
 
@@ -358,8 +478,18 @@ def validate_frame(
             reason = "skipped: no tokenizer given"
         else:
             continue
-        results[check.name] = CheckResult(check.name, "", check.table, check.rule, True, reason, [], check.fix,
-                                          cfg.validation.severity_of(check.name), check.threshold)
+        results[check.name] = CheckResult(
+            check.name,
+            "",
+            check.table,
+            check.rule,
+            True,
+            reason,
+            [],
+            check.fix,
+            cfg.validation.severity_of(check.name),
+            check.threshold,
+        )
     for table in TABLES:
         table_checks = [c for c in checks if c.table == table and c.name not in results]
         if not table_checks:
@@ -368,9 +498,18 @@ def validate_frame(
         if table != "schema" and broken_schema:
             # Row checks on a mistyped column only repeat the root cause in other words.
             for check in table_checks:
-                results[check.name] = CheckResult(check.name, "", check.table, check.rule, True,
-                                                  f"skipped: {' and '.join(broken_schema)} failed", [], check.fix,
-                                                  cfg.validation.severity_of(check.name), check.threshold)
+                results[check.name] = CheckResult(
+                    check.name,
+                    "",
+                    check.table,
+                    check.rule,
+                    True,
+                    f"skipped: {' and '.join(broken_schema)} failed",
+                    [],
+                    check.fix,
+                    cfg.validation.severity_of(check.name),
+                    check.threshold,
+                )
             continue
         suite = ctx.suites.add(gx.ExpectationSuite(name=f"{cfg.name}-{table}"))
         for check in table_checks:
@@ -378,14 +517,20 @@ def validate_frame(
             exp.meta = {"check": check.name, "rule": check.rule, "fix": check.fix}
             suite.add_expectation(exp)
         batch = source_.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
-        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{cfg.name}-{table}", data=batch, suite=suite))
+        vd = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{cfg.name}-{table}", data=batch, suite=suite)
+        )
         result_format = {"result_format": "SUMMARY", "partial_unexpected_count": max(limit, 20)}
         params = {"dataframe": tables[table]}
         if docs_dir is not None:
-            cp = ctx.checkpoints.add(gx.Checkpoint(
-                name=f"{cfg.name}-{table}", validation_definitions=[vd], result_format=result_format,
-                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["local_site"])],
-            ))
+            cp = ctx.checkpoints.add(
+                gx.Checkpoint(
+                    name=f"{cfg.name}-{table}",
+                    validation_definitions=[vd],
+                    result_format=result_format,
+                    actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["local_site"])],
+                )
+            )
             run = next(iter(cp.run(batch_parameters=params).run_results.values()))
         else:
             run = vd.run(batch_parameters=params, result_format=result_format)
@@ -394,7 +539,9 @@ def validate_frame(
         for r in run.results:
             check = by_name[r.expectation_config.meta["check"]]
             if r.exception_info and r.exception_info.get("raised_exception"):
-                raise RuntimeError(f"Great Expectations could not run {check.name}: {r.exception_info.get('exception_message')}")
+                raise RuntimeError(
+                    f"Great Expectations could not run {check.name}: {r.exception_info.get('exception_message')}"
+                )
             results[check.name] = CheckResult(
                 name=check.name,
                 expectation=r.expectation_config.type,
@@ -409,8 +556,13 @@ def validate_frame(
             )
     ordered = [results[c.name] for c in checks]  # GE returns results grouped by column; keep ours
     docs_index = str(docs_dir / "index.html") if docs_dir is not None and (docs_dir / "index.html").exists() else None
-    return ValidationReport(source=str(source), row_count=len(frame), checks=ordered,
-                            raw=json.loads(json.dumps(raw_results, default=str)), docs_index=docs_index)
+    return ValidationReport(
+        source=str(source),
+        row_count=len(frame),
+        checks=ordered,
+        raw=json.loads(json.dumps(raw_results, default=str)),
+        docs_index=docs_index,
+    )
 
 
 def drop_out_of_bounds(loaded: LoadedData, cfg: PipelineConfig) -> tuple[LoadedData, int]:
@@ -423,6 +575,11 @@ def drop_out_of_bounds(loaded: LoadedData, cfg: PipelineConfig) -> tuple[LoadedD
     keep = lengths.between(v.min_text_chars, v.max_text_chars)
     dropped = int((~keep).sum())
     if dropped:
-        log.warning("dropping %d rows outside %d..%d characters (tolerated by validation.text_length_mostly=%s)",
-                    dropped, v.min_text_chars, v.max_text_chars, v.text_length_mostly)
+        log.warning(
+            "dropping %d rows outside %d..%d characters (tolerated by validation.text_length_mostly=%s)",
+            dropped,
+            v.min_text_chars,
+            v.max_text_chars,
+            v.text_length_mostly,
+        )
     return replace(loaded, frame=loaded.frame[keep].reset_index(drop=True)), dropped

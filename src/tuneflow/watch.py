@@ -53,11 +53,20 @@ class WatchState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WatchState:
-        return cls(pending=data.get("pending", {}), changed_at=float(data.get("changed_at", 0.0)),
-                   known=data.get("known", {}), seen=list(data.get("seen", [])))
+        return cls(
+            pending=data.get("pending", {}),
+            changed_at=float(data.get("changed_at", 0.0)),
+            known=data.get("known", {}),
+            seen=list(data.get("seen", [])),
+        )
 
     def to_json(self) -> dict[str, Any]:
-        return {"pending": self.pending, "changed_at": self.changed_at, "known": self.known, "seen": self.seen[-MAX_SEEN:]}
+        return {
+            "pending": self.pending,
+            "changed_at": self.changed_at,
+            "known": self.known,
+            "seen": self.seen[-MAX_SEEN:],
+        }
 
 
 @dataclass
@@ -157,8 +166,9 @@ def watch_lock(landing: str) -> Iterator[None]:
         yield
 
 
-def scan(state: WatchState, listing: dict[str, list[int]], now: float, quiet_seconds: float,
-         digest: Callable[[str], str]) -> list[dict[str, Any]]:
+def scan(
+    state: WatchState, listing: dict[str, list[int]], now: float, quiet_seconds: float, digest: Callable[[str], str]
+) -> list[dict[str, Any]]:
     """One step of the watcher: update ``state`` from ``listing`` and return the files to announce.
 
     Pure except for ``digest`` (called only for files that have settled), so tests drive it with a
@@ -190,21 +200,29 @@ def scan(state: WatchState, listing: dict[str, list[int]], now: float, quiet_sec
     return files
 
 
-def scan_landing(cfg: PipelineConfig, now: float | None = None,
-                 emit: Callable[[Arrival], None] | None = None) -> Arrival | None:
+def scan_landing(
+    cfg: PipelineConfig, now: float | None = None, emit: Callable[[Arrival], None] | None = None
+) -> Arrival | None:
     """Scan ``cfg.data.landing`` once; if a burst settled, announce it (``emit``) and remember it.
 
     The state is saved only after ``emit`` returned: if emitting fails, the burst is announced again
     on the next scan rather than lost.
     """
     if not cfg.data.landing:
-        raise ValueError(f"config {cfg.name!r} has no data.landing; the watcher needs a landing zone. "
-                         "Fix: set data.landing to a folder with incoming/ (or drop this config from the watcher)")
+        raise ValueError(
+            f"config {cfg.name!r} has no data.landing; the watcher needs a landing zone. "
+            "Fix: set data.landing to a folder with incoming/ (or drop this config from the watcher)"
+        )
     landing = cfg.data.landing
     with watch_lock(landing):
         state = load_state(landing)
-        files = scan(state, list_incoming(landing), time.time() if now is None else now,
-                     cfg.watch.quiet_seconds, lambda name: file_digest(landing, name))
+        files = scan(
+            state,
+            list_incoming(landing),
+            time.time() if now is None else now,
+            cfg.watch.quiet_seconds,
+            lambda name: file_digest(landing, name),
+        )
         arrival = Arrival(cfg.name, landing, files) if files else None
         if arrival is not None and emit is not None:
             emit(arrival)
@@ -212,7 +230,9 @@ def scan_landing(cfg: PipelineConfig, now: float | None = None,
     return arrival
 
 
-def watch_forever(configs: list[PipelineConfig], should_stop: Callable[[], bool], emit: Callable[[Arrival], None]) -> None:
+def watch_forever(
+    configs: list[PipelineConfig], should_stop: Callable[[], bool], emit: Callable[[Arrival], None]
+) -> None:
     """Scan every config's landing zone every ``watch.poll_seconds`` until ``should_stop()``.
 
     ``emit`` announces a settled burst (``tuneflow.flows.watch.emit_arrival`` sends it to Prefect).
@@ -225,6 +245,8 @@ def watch_forever(configs: list[PipelineConfig], should_stop: Callable[[], bool]
                 try:
                     scan_landing(cfg, emit=emit)
                 except OSError as exc:  # a share briefly unreachable: the next poll tries again
-                    log.warning("watching %s failed (%s); retrying in %.0f s", cfg.data.landing, exc, cfg.watch.poll_seconds)
+                    log.warning(
+                        "watching %s failed (%s); retrying in %.0f s", cfg.data.landing, exc, cfg.watch.poll_seconds
+                    )
                 next_at[cfg.name] = now + cfg.watch.poll_seconds
         time.sleep(min(0.5, min(c.watch.poll_seconds for c in configs)))

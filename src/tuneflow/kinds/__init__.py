@@ -28,7 +28,9 @@ class FineTuningKind(Protocol):
     def load_model(self, cfg: PipelineConfig) -> PreTrainedModel:
         """The base model, ready to fine-tune (e.g. with a new head)."""
 
-    def encode(self, split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int, labels: list[str]) -> DatasetDict:
+    def encode(
+        self, split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int, labels: list[str]
+    ) -> DatasetDict:
         """Both splits as model inputs (``train`` / ``eval``), unpadded."""
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
@@ -37,8 +39,14 @@ class FineTuningKind(Protocol):
     def trainer_metrics(self, cfg: PipelineConfig) -> Callable[[Any], dict[str, float]]:
         """The Trainer's ``compute_metrics``; must report ``evaluate.primary_metric``."""
 
-    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame,
-                 cfg: PipelineConfig, max_length: int) -> Evaluation:
+    def evaluate(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        frame: pd.DataFrame,
+        cfg: PipelineConfig,
+        max_length: int,
+    ) -> Evaluation:
         """Score a model (the new one or the champion) on eval rows, with the same code for both."""
 
     def prediction_columns(self, output: pd.DataFrame) -> dict[str, Any]:

@@ -78,8 +78,12 @@ def predict_ids(
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            enc = tokenizer(
+                [texts[i] for i in idx], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+            )
+            enc = {
+                k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+            }
             preds[idx] = model(**enc).logits.argmax(-1).cpu().numpy()
     return preds
 
@@ -124,7 +128,9 @@ class Classification:
     def load_model(self, cfg: PipelineConfig) -> PreTrainedModel:
         return load_base_model(cfg.model, cfg.data.labels)
 
-    def encode(self, split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int, labels: list[str]) -> DatasetDict:
+    def encode(
+        self, split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int, labels: list[str]
+    ) -> DatasetDict:
         """Token ids (truncated to ``max_length``, not padded: batches are padded at training time) and label ids."""
         from datasets import Dataset, DatasetDict
 
@@ -133,10 +139,12 @@ class Classification:
         def encode(batch: dict[str, list]) -> dict[str, list]:
             return tokenizer(batch[TEXT], truncation=True, max_length=max_length)
 
-        dd = DatasetDict({
-            name: Dataset.from_dict({TEXT: list(frame[TEXT]), "labels": [label2id[lab] for lab in frame[LABEL]]})
-            for name, frame in (("train", split.train), ("eval", split.eval))
-        })
+        dd = DatasetDict(
+            {
+                name: Dataset.from_dict({TEXT: list(frame[TEXT]), "labels": [label2id[lab] for lab in frame[LABEL]]})
+                for name, frame in (("train", split.train), ("eval", split.eval))
+            }
+        )
         return dd.map(encode, batched=True, batch_size=_MAP_BATCH, remove_columns=[TEXT], desc="Tokenizing")
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
@@ -154,10 +162,23 @@ class Classification:
 
         return compute_metrics
 
-    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame,
-                 cfg: PipelineConfig, max_length: int) -> Evaluation:
-        return evaluate_model(model, tokenizer, list(frame[TEXT]), list(frame[LABEL]), cfg.data.labels, max_length,
-                              cfg.train.eval_batch_size)
+    def evaluate(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        frame: pd.DataFrame,
+        cfg: PipelineConfig,
+        max_length: int,
+    ) -> Evaluation:
+        return evaluate_model(
+            model,
+            tokenizer,
+            list(frame[TEXT]),
+            list(frame[LABEL]),
+            cfg.data.labels,
+            max_length,
+            cfg.train.eval_batch_size,
+        )
 
     def prediction_columns(self, output: pd.DataFrame) -> dict[str, Any]:
         """The columns ``tuneflow predict`` adds, from the MLflow model's output (``label``, ``score``)."""
