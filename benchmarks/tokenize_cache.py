@@ -41,7 +41,8 @@ def main(repeats: int = 5) -> None:
             warm.append(time.perf_counter() - t)
     c, w = statistics.median(cold), statistics.median(warm)
     print(
-        f"rows: {len(split.train)} train + {len(split.eval)} eval, max_length {cfg.model.max_length}, {repeats} repeats (median)"
+        f"rows: {len(split.train)} train + {len(split.eval)} eval, max_length {cfg.model.max_length}, {repeats} "
+        "repeats (median)"
     )
     print("| variant | seconds | ratio |")
     print("|---|---:|---:|")

@@ -1,1 +1,4 @@
-"""Prefect flows: they sequence the stages (``tuneflow.tasks``) and hold the decisions. Installed as ``tuneflow.flows``."""
+"""Prefect flows: they sequence the stages (``tuneflow.tasks``) and hold the decisions.
+
+Installed as ``tuneflow.flows``.
+"""

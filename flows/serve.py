@@ -53,7 +53,8 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
     names = [c.name for _, c in configs]
     if len(set(names)) != len(names):
         raise ValueError(
-            f"configs share a name ({names}); deployments and events are keyed by it. Fix: give each config its own name"
+            f"configs share a name ({names}); deployments and events are keyed by it. Fix: give each config its "
+            "own name"
         )
     deployments, loaded = [], []
     for path, cfg in configs:
@@ -67,7 +68,10 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
                     parameters={"config_path": path},
                     tags=tags,
                     schedules=[Cron(cfg.schedule.cron, timezone=cfg.schedule.timezone)],
-                    description=f"Retrain {cfg.registry.model_name} on schedule `{cfg.schedule.cron}` ({cfg.schedule.timezone}) from {path}",
+                    description=(
+                        f"Retrain {cfg.registry.model_name} on schedule `{cfg.schedule.cron}` "
+                        f"({cfg.schedule.timezone}) from {path}"
+                    ),
                 )
             )
         else:
@@ -79,7 +83,10 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
                     parameters={"config_path": path, "only_if_new_data": True},
                     tags=tags,
                     triggers=[trigger_for(cfg, path)],
-                    description=f"Retrain {cfg.registry.model_name} when tuneflow.data.arrived is emitted for tuneflow.dataset.{cfg.name}",
+                    description=(
+                        f"Retrain {cfg.registry.model_name} when tuneflow.data.arrived is emitted for "
+                        f"tuneflow.dataset.{cfg.name}"
+                    ),
                 )
             )
         deployments.append(

@@ -196,7 +196,8 @@ def _cmd_promote(args: argparse.Namespace) -> int:
         return rc
     print(f"scored on the current eval split ({out.eval_rows} rows of {cfg.data.path}):\n{out.table}\n")
     print(
-        f"champion of {args.name}: v{out.move.from_version or '-'} -> v{out.move.to_version} ({out.move.by}:{out.move.actor}): {out.move.reason}"
+        f"champion of {args.name}: v{out.move.from_version or '-'} -> v{out.move.to_version} "
+        f"({out.move.by}:{out.move.actor}): {out.move.reason}"
     )
     return 0
 
@@ -210,7 +211,8 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     if rc:
         return rc
     print(
-        f"champion of {args.name} rolled back: v{move.from_version} -> v{move.to_version} ({move.by}:{move.actor}): {move.reason}"
+        f"champion of {args.name} rolled back: v{move.from_version} -> v{move.to_version} "
+        f"({move.by}:{move.actor}): {move.reason}"
     )
     return 0
 
@@ -228,7 +230,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return rc
     table, n = out
     print(
-        f"{args.name} v{args.v1} vs v{args.v2}, scored on the current eval split ({n} rows of {cfg.data.path}):\n{table}"
+        f"{args.name} v{args.v1} vs v{args.v2}, scored on the current eval split ({n} rows of "
+        f"{cfg.data.path}):\n{table}"
     )
     return 0
 

@@ -317,7 +317,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError as exc:
             raise ConfigError(
-                f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__}). Fix: quote it, e.g. --set '{key.strip()}=\"{raw}\"'"
+                f"--set {item!r}: the value is not valid YAML ({exc.__class__.__name__}). Fix: quote it, e.g. "
+                f"--set '{key.strip()}=\"{raw}\"'"
             ) from exc
         _set_dotted(tree, key.strip(), value)
     return tree

@@ -224,7 +224,7 @@ def content_digest(frame: pd.DataFrame, chunk_rows: int = 65536) -> str:
         hashes = b"".join(
             [
                 blake(f"{_field(t)}|{_field(lab)}".encode(), digest_size=32).digest()
-                for t, lab in zip(texts[start : start + chunk_rows], labels[start : start + chunk_rows])
+                for t, lab in zip(texts[start : start + chunk_rows], labels[start : start + chunk_rows], strict=True)
             ]
         )
         lanes += np.frombuffer(hashes, dtype="<u8").reshape(-1, 4).sum(axis=0, dtype=np.uint64)

@@ -131,12 +131,14 @@ def rollback_target(name: str) -> tuple[str, str]:
     stack = champion_stack(moves)
     if not stack or stack[-1] != current:
         raise RegistryError(
-            f"champion of {name} is v{current}, but the history ends at v{stack[-1] if stack else '?'}: the alias was moved "
+            f"champion of {name} is v{current}, but the history ends at v{stack[-1] if stack else '?'}: the "
+            "alias was moved "
             f"outside tuneflow, so the history cannot say what came before. {fix}"
         )
     if len(stack) < 2:
         raise RegistryError(
-            f"champion v{current} of {name} is the first recorded champion; there is no earlier champion to roll back to. {fix}"
+            f"champion v{current} of {name} is the first recorded champion; there is no earlier champion to "
+            f"roll back to. {fix}"
         )
     return current, stack[-2]
 
@@ -161,7 +163,8 @@ def move_champion(name: str, version: str, action: str, by: str, actor: str, rea
     mv = get_version(name, version)
     if not has_card(mv):
         raise RegistryError(
-            f"{name} v{version} has no model card (empty description); refusing to make it champion. Fix: register it through 'tuneflow run'"
+            f"{name} v{version} has no model card (empty description); refusing to make it champion. Fix: "
+            "register it through 'tuneflow run'"
         )
     current = champion_version(name)
     if current == str(version):

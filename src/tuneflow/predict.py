@@ -89,7 +89,8 @@ def list_inputs(path: Path) -> list[Path]:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
         if not files:
             raise DataError(
-                f"folder {path} holds no {'/'.join(INPUT_SUFFIXES)} files. Fix: point the input at a data file or a folder of them"
+                f"folder {path} holds no {'/'.join(INPUT_SUFFIXES)} files. Fix: point the input at a data file "
+                "or a folder of them"
             )
         return files
     raise DataError(f"input not found: {path}. Fix: pass an existing file or folder")
@@ -124,7 +125,8 @@ def score_path(
     for f, frame in frames.items():
         if text_column not in frame.columns:
             raise DataError(
-                f"column '{text_column}' not found in {f}; columns are: {', '.join(map(str, frame.columns))}. Fix: pass --text-column"
+                f"column '{text_column}' not found in {f}; columns are: {', '.join(map(str, frame.columns))}. "
+                "Fix: pass --text-column"
             )
     mv = resolve_model(ref)
     uri, version = f"models:/{mv.name}/{mv.version}", str(mv.version)

@@ -79,7 +79,8 @@ def decide(
     if delta >= min_improvement and delta > 0:
         return Decision(
             True,
-            f"{metric} {challenger_score:.4f} beats champion v{champion_version} ({champion_score:.4f}) by {delta:+.4f} (>= {min_improvement})",
+            f"{metric} {challenger_score:.4f} beats champion v{champion_version} ({champion_score:.4f}) by "
+            f"{delta:+.4f} (>= {min_improvement})",
             metric,
             challenger_score,
             champion_score,
@@ -87,7 +88,8 @@ def decide(
         )
     return Decision(
         False,
-        f"{metric} {challenger_score:.4f} vs champion v{champion_version} {champion_score:.4f}: {delta:+.4f} is not an improvement of at least {min_improvement}; champion kept",
+        f"{metric} {challenger_score:.4f} vs champion v{champion_version} {champion_score:.4f}: {delta:+.4f} is "
+        f"not an improvement of at least {min_improvement}; champion kept",
         metric,
         challenger_score,
         champion_score,

@@ -10,7 +10,6 @@ import html
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-
     import pandas as pd
 
     from tuneflow.config import PipelineConfig
@@ -233,7 +232,8 @@ def model_card(
         "",
         "## Intended use",
         f"Classify short texts like those in `{cfg.data.path or cfg.data.landing}` into {', '.join(labels)}, in batch "
-        "(`tuneflow predict`) or behind `mlflow models serve`. Review with `tuneflow compare` before a manual promotion.",
+        "(`tuneflow predict`) or behind `mlflow models serve`. Review with `tuneflow compare` before a manual "
+        "promotion.",
         "",
         "## Known limits",
         f"- Texts longer than {cfg.model.max_length} tokens are truncated; only the start is read.",

@@ -48,7 +48,8 @@ def cli_actor() -> str:
 def _check_name(cfg: PipelineConfig, name: str, config_file: str) -> None:
     if cfg.registry.model_name != name:
         raise RegistryError(
-            f"{config_file} is the config of '{cfg.registry.model_name}', not '{name}'; its eval split would be the wrong data. "
+            f"{config_file} is the config of '{cfg.registry.model_name}', not '{name}'; its eval split would be "
+            "the wrong data. "
             f"Fix: pass --config with the config whose registry.model_name is {name}"
         )
 
@@ -79,7 +80,8 @@ def current_eval_frame(cfg: PipelineConfig, config_file: str = "the config") -> 
     ev = split_by_text_hash(usable.reset_index(drop=True), cfg.data.eval_fraction, cfg.data.split_salt).eval
     if ev.empty:
         raise RegistryError(
-            f"the eval split of {cfg.data.path or cfg.data.landing} is empty. Fix: add rows or raise data.eval_fraction in {config_file}"
+            f"the eval split of {cfg.data.path or cfg.data.landing} is empty. Fix: add rows or raise "
+            f"data.eval_fraction in {config_file}"
         )
     return ev
 
@@ -95,7 +97,8 @@ def score_versions(
             out[str(v)] = score_version(cfg, mv, eval_frame)
         except (ValueError, OSError) as exc:
             raise RegistryError(
-                f"{name} v{v} cannot be scored on this eval split: {exc}. Fix: compare with a config whose labels the model knows"
+                f"{name} v{v} cannot be scored on this eval split: {exc}. Fix: compare with a config whose "
+                "labels the model knows"
             ) from exc
     return out
 

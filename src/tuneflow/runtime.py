@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,13 +23,19 @@ OFFLINE_AND_QUIET = {
     "OMP_WAIT_POLICY": "PASSIVE",
     "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
+    # The library logs through logging.getLogger("tuneflow..."); this makes Prefect send those lines
+    # (gate verdicts, watcher, training) to the flow run's logs. Read when Prefect is first imported.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "tuneflow",
 }
 
 
 def configure_environment() -> None:
-    """Apply the defaults above without overriding anything the user set."""
+    """Apply the defaults above without overriding anything the user set; library logs at INFO."""
     for key, value in OFFLINE_AND_QUIET.items():
         os.environ.setdefault(key, value)
+    library = logging.getLogger("tuneflow")
+    if library.level == logging.NOTSET:  # Prefect's root level is WARNING: gate verdicts would be dropped
+        library.setLevel(logging.INFO)
 
 
 def cache_dir() -> Path:

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,14 +175,21 @@ def log_dataset_inputs(cfg: PipelineConfig, loaded: LoadedData, split: Split) ->
     sources = _sources_tag([p.name for p in loaded.sources] or [str(loaded.source)])
     for context, frame in (("training", split.train), ("evaluation", split.eval)):
         digest = content_digest(frame)
-        ds = mlflow.data.from_pandas(
-            frame[[TEXT, LABEL]],
-            source=str(loaded.source),
-            targets=LABEL,
-            # MLflow caps a dataset digest at 36 characters; the full one is in the tags
-            name=f"{cfg.name}-{'train' if context == 'training' else 'eval'}",
-            digest=digest[:32],
-        )
+        with warnings.catch_warnings():
+            # MLflow 3.17 registers its local-file source class twice ("file" and "local" schemes) and
+            # warns on every resolution that a path "can be interpreted in multiple ways"; both are the
+            # same class, so there is nothing for a user to act on.
+            warnings.filterwarnings(
+                "ignore", message="The specified dataset source can be interpreted in multiple ways"
+            )
+            ds = mlflow.data.from_pandas(
+                frame[[TEXT, LABEL]],
+                source=str(loaded.source),
+                targets=LABEL,
+                # MLflow caps a dataset digest at 36 characters; the full one is in the tags
+                name=f"{cfg.name}-{'train' if context == 'training' else 'eval'}",
+                digest=digest[:32],
+            )
         mlflow.log_input(
             ds,
             context=context,

@@ -202,7 +202,8 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
             "rows",
             f"texts fit in {tokens} tokens of the model's tokenizer",
             f"<= {tokens} tokens",
-            "longer texts are truncated in training: shorten them, or raise model.max_length / validation.max_text_tokens",
+            "longer texts are truncated in training: shorten them, or raise model.max_length / "
+            "validation.max_text_tokens",
             lambda: gxe.ExpectColumnValuesToBeBetween(column=TOKENS, max_value=tokens),
         ),
         Check(
@@ -288,7 +289,8 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
             "drift",
             "the text-length distribution matches the accepted data",
             f"p >= {v.drift_p_value}",
-            "check the source of this batch (truncated or concatenated texts?); if real, relax validation.drift_p_value",
+            "check the source of this batch (truncated or concatenated texts?); if real, relax "
+            "validation.drift_p_value",
             lambda: tfx.ExpectTextLengthDistributionToMatchAccepted(min_value=v.drift_p_value),
             needs_reference=True,
         ),
@@ -382,7 +384,10 @@ def _observed(result: dict[str, Any]) -> Any:
         return result["observed_value"]
     if "unexpected_count" in result:
         # GE reports unexpected_percent as None when every value is null
-        return f"{result['unexpected_count']} of {result.get('element_count')} rows ({result.get('unexpected_percent') or 0.0:.1f}%)"
+        return (
+            f"{result['unexpected_count']} of {result.get('element_count')} rows "
+            f"({result.get('unexpected_percent') or 0.0:.1f}%)"
+        )
     return None
 
 
@@ -391,7 +396,7 @@ def _examples(result: dict[str, Any], table: Table, limit: int) -> list[str]:
     index = result.get("partial_unexpected_index_list") or []
     where = {"rows": "line", "schema": "line", "classes": "label", "drift": ""}[table]
     out = []
-    for idx, value in list(zip(index, values))[:limit]:
+    for idx, value in list(zip(index, values, strict=False))[:limit]:  # GE may cap the two lists differently
         if isinstance(idx, dict):  # GE gives {index name: value, ...} for a named index
             idx = idx.get(LINE, idx.get(LABEL, idx))
         if isinstance(value, float) and value.is_integer():

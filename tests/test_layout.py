@@ -1,0 +1,157 @@
+"""House rules that keep the layout honest: the library never imports Prefect, imports go one way
+(cli -> flows -> tasks -> library), library log lines reach the flow run's logs, no unactionable warnings."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ROOT / "src" / "tuneflow"
+LAYERS = {"library": 0, "tasks": 1, "flows": 2, "cli": 3}
+
+
+def _layer_of_module(name: str) -> str | None:
+    if name == "tuneflow.cli" or name == "tuneflow.__main__":
+        return "cli"
+    for layer in ("tasks", "flows"):
+        if name == f"tuneflow.{layer}" or name.startswith(f"tuneflow.{layer}."):
+            return layer
+    return "library" if name == "tuneflow" or name.startswith("tuneflow.") else None
+
+
+def _source_files() -> dict[str, Path]:
+    """Module name -> file, for every module of the package as installed (src/tuneflow, tasks/, flows/)."""
+    out = {}
+    for folder, package in (
+        (LIBRARY, "tuneflow"),
+        (ROOT / "tasks", "tuneflow.tasks"),
+        (ROOT / "flows", "tuneflow.flows"),
+    ):
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((package, *parts)).removesuffix(".__init__")
+            out[name] = path
+    return out
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_the_library_imports_without_prefect():
+    code = (
+        "import importlib, pkgutil, sys, tuneflow\n"
+        "names = [m.name for m in pkgutil.walk_packages(tuneflow.__path__, 'tuneflow.')\n"
+        "         if not m.name.startswith(('tuneflow.tasks', 'tuneflow.flows')) and m.name != 'tuneflow.__main__']\n"
+        "for name in names: importlib.import_module(name)\n"
+        "assert len(names) > 15, names\n"
+        "loaded = sorted(m for m in sys.modules if m == 'prefect' or m.startswith('prefect.'))\n"
+        "print(len(names), loaded[:5])\n"
+        "sys.exit(1 if loaded else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT / "tests")
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def test_no_module_of_the_library_names_prefect():
+    offenders = [
+        (name, sorted(i for i in _imports(path) if i.split(".")[0] == "prefect"))
+        for name, path in _source_files().items()
+        if _layer_of_module(name) == "library"
+    ]
+    assert [o for o in offenders if o[1]] == []
+
+
+def test_imports_go_one_way_cli_flows_tasks_library():
+    wrong = []
+    for name, path in _source_files().items():
+        here = _layer_of_module(name)
+        for imported in _imports(path):
+            there = _layer_of_module(imported)
+            if there is not None and LAYERS[there] > LAYERS[here]:
+                wrong.append(f"{name} ({here}) imports {imported} ({there})")
+            if imported.split(".")[0] in ("tasks", "flows"):
+                wrong.append(f"{name} imports bare {imported}")
+    assert wrong == []
+
+
+def test_every_stage_has_one_task_module():
+    tasks = {p.stem for p in (ROOT / "tasks").glob("*.py")} - {"__init__"}
+    assert tasks == {"validate", "tokenize", "train", "evaluate", "register", "predict"}
+
+
+def test_library_log_lines_reach_the_flow_run_logs(prefect_harness):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+    from prefect.runtime import flow_run
+
+    from tuneflow.config import ValidationConfig
+    from tuneflow.data import LoadedData
+    from tuneflow.validation import drop_out_of_bounds
+
+    class Cfg:  # drop_out_of_bounds reads cfg.validation only
+        validation = ValidationConfig(min_text_chars=2, max_text_chars=10, text_length_mostly=0.5)
+
+    loaded = LoadedData(
+        pd.DataFrame({"text": ["ok text", "x", "far too long a text"], "label": ["a"] * 3}), Path("x"), "d"
+    )
+
+    @flow
+    def uses_the_library() -> str:
+        kept, dropped = drop_out_of_bounds(loaded, Cfg)  # logs a warning through logging.getLogger("tuneflow...")
+        assert dropped == 2 and len(kept.frame) == 1
+        logging.getLogger("tuneflow.layout_probe").info("info line from the library")
+        return str(flow_run.get_id())
+
+    run_id = uses_the_library()
+    APILogHandler().flush()  # logs are shipped in batches by a background worker
+    messages: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(n.startswith("tuneflow.") for n, _ in messages):
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        messages = [(log.name, log.message) for log in logs]
+        time.sleep(0.5)
+    assert any(n == "tuneflow.validation" and "dropping 2 rows" in m for n, m in messages), messages
+    assert any(n == "tuneflow.layout_probe" and "info line" in m for n, m in messages), messages
+
+
+def test_logging_dataset_inputs_raises_no_mlflow_source_warning(workdir):
+    import mlflow
+
+    from tuneflow.config import PipelineConfig
+    from tuneflow.data import LoadedData, split_by_text_hash
+    from tuneflow.tracking import log_dataset_inputs
+
+    frame = pd.DataFrame({"text": [f"text {i}" for i in range(20)], "label": ["ham", "spam"] * 10})
+    cfg = PipelineConfig.model_validate(
+        {
+            "name": "w",
+            "data": {"path": str(workdir / "d.csv"), "labels": ["ham", "spam"]},
+            "model": {"base_model": "x"},
+            "registry": {"model_name": "w"},
+        }
+    )
+    loaded = LoadedData(frame, workdir / "d.csv", "0" * 64, sources=(workdir / "d.csv",))
+    with mlflow.start_run(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log_dataset_inputs(cfg, loaded, split_by_text_hash(frame, 0.3, "s"))
+    assert [str(w.message) for w in caught if "mlflow" in w.filename] == []
