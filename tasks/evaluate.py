@@ -9,7 +9,8 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneflow.config import PipelineConfig
 from tuneflow.data import Split
-from tuneflow.evaluate import Evaluation, evaluate
+from tuneflow.evaluate import Evaluation
+from tuneflow.kinds import get_kind
 from tuneflow.registry import ChampionScore, score_champion
 from tuneflow.tracking import RunContext, log_champion_score, log_evaluation, stage_run
 
@@ -22,7 +23,7 @@ def evaluate_task(
     cfg: PipelineConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split, run: RunContext
 ) -> Evaluation:
     with stage_run(run.parent_run_id, "evaluate"):
-        evaluation = evaluate(model, tokenizer, split.eval, cfg)
+        evaluation = get_kind(cfg.kind).evaluate(model, tokenizer, split.eval, cfg, cfg.model.max_length)
         log_evaluation(evaluation, run.parent_run_id, run.work_dir)
     return evaluation
 

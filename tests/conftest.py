@@ -13,10 +13,11 @@ from tuneflow.runtime import configure_environment
 
 configure_environment()  # the test session is an entry point: offline + telemetry off before any import
 
-# Prefect binds its console log handler to sys.stdout when it is first imported. The library no longer
-# imports it, so without this the first import would happen inside a test using capsys, whose stream
-# is closed after that test: later flow runs then fail with "I/O operation on closed file".
-import prefect  # noqa: E402, F401
+# Prefect configures logging, binding its console handler to the current sys.stderr, when prefect.main
+# is first imported (`from prefect import flow`). The library no longer imports Prefect, so without this
+# that would happen inside a test using capsys, whose stream is closed after the test: every later flow
+# run then fails with "I/O operation on closed file".
+import prefect.main  # noqa: E402, F401
 
 HAM_WORDS = "lunch later home tonight dinner movie call back soon thanks meeting class love sleep".split()
 SPAM_WORDS = "winner prize claim free cash urgent txt offer ringtone awarded guaranteed voucher".split()

@@ -1,7 +1,7 @@
 """Evaluation: score a model on the held-out split, with the kind's metrics, and plot the confusion matrix.
 
-The same ``evaluate`` scores the new model and the current champion (``tuneflow.registry.score_champion``),
-so the promotion decision compares like with like.
+The kind's ``evaluate`` (``tuneflow.kinds``) scores the new model and the current champion
+(``tuneflow.registry.score_champion``) with the same code, so the promotion decision compares like with like.
 """
 
 from __future__ import annotations
@@ -9,15 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import pandas as pd
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from tuneflow.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +31,6 @@ class EvaluateOutput:
     champion_version: str | None = None
     champion: Evaluation | None = None
     champion_error: str | None = None  # the champion exists but could not be scored
-
-
-def evaluate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    frame: pd.DataFrame,
-    cfg: PipelineConfig,
-    max_length: int | None = None,
-) -> Evaluation:
-    """Score ``model`` on ``frame`` (eval rows) with the metrics of ``cfg.kind``.
-
-    Args:
-        max_length: truncation length; defaults to ``cfg.model.max_length`` (a champion uses its own).
-    """
-    from tuneflow.kinds import get_kind
-
-    return get_kind(cfg.kind).evaluate(model, tokenizer, frame, cfg, max_length or cfg.model.max_length)
 
 
 def plot_confusion(evaluation: Evaluation, path: Path, title: str = "Confusion matrix (eval split)") -> Path:

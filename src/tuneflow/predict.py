@@ -18,6 +18,7 @@ from tuneflow.data import DataError
 from tuneflow.files import FORMATS, read_frame
 from tuneflow.kinds import FineTuningKind, get_kind
 from tuneflow.registry import RegistryError, get_version, kind_of, version_by_alias
+from tuneflow.tracking import ensure_experiment
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -161,8 +162,6 @@ def score_path(
 def log_summary(summary: BatchSummary) -> str:
     """Record a scored batch in the MLflow experiment ``<model name>-predictions``; returns the run id."""
     import mlflow
-
-    from tuneflow.tracking import ensure_experiment
 
     name = summary.model_uri.removeprefix("models:/").rsplit("/", 1)[0]
     ensure_experiment(f"{name}-predictions")

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from tuneflow.config import PipelineConfig
-from tuneflow.evaluate import Evaluation, evaluate
+from tuneflow.evaluate import Evaluation
+from tuneflow.kinds import get_kind
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -159,7 +160,7 @@ def score_version(cfg: PipelineConfig, mv: ModelVersion, eval_frame: pd.DataFram
 
     max_length = int((mv.tags or {}).get(f"{TAG}max_length", cfg.model.max_length))
     parts = mlflow.transformers.load_model(f"models:/{mv.name}/{mv.version}", return_type="components")
-    return evaluate(parts["model"], parts["tokenizer"], eval_frame, cfg, max_length)
+    return get_kind(kind_of(mv)).evaluate(parts["model"], parts["tokenizer"], eval_frame, cfg, max_length)
 
 
 @dataclass
@@ -210,8 +211,6 @@ def register_version(
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
-
-    from tuneflow.kinds import get_kind
 
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},

@@ -9,6 +9,8 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING, Any
 
+from tuneflow.data import LABEL
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -146,8 +148,6 @@ def trigger_markdown(trigger: dict[str, Any]) -> str:
 
 
 def _distribution(frame: pd.DataFrame, labels: list[str]) -> dict[str, int]:
-    from tuneflow.data import LABEL
-
     counts = frame[LABEL].value_counts()
     return {lab: int(counts.get(lab, 0)) for lab in labels}
 

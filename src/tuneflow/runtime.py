@@ -26,6 +26,9 @@ OFFLINE_AND_QUIET = {
     # The library logs through logging.getLogger("tuneflow..."); this makes Prefect send those lines
     # (gate verdicts, watcher, training) to the flow run's logs. Read when Prefect is first imported.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "tuneflow",
+    # ... and the same lines outside a flow run (tuneflow promote, the watcher thread) stay local
+    # instead of warning "attempted to send logs to the API without a flow run id".
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from tuneflow.config import PipelineConfig
 from tuneflow.data import LoadedData, Split, split_digest
+from tuneflow.kinds import get_kind
+from tuneflow.models import load_tokenizer
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -106,8 +108,6 @@ def tokenize_split(
     """
     from datasets import load_from_disk
 
-    from tuneflow.kinds import get_kind
-
     key = cache_key(data_digest, tokenizer, max_length, labels, split_digest, kind)
     path = cache_dir / key
     if (path / "dataset_dict.json").exists():
@@ -126,8 +126,6 @@ def tokenize_split(
 
 def tokenize_data(cfg: PipelineConfig, data: LoadedData, split: Split, cache_root: Path) -> Tokenized:
     """Tokenize both splits with the base model's tokenizer, or load them from ``cache_root/tokenized``."""
-    from tuneflow.models import load_tokenizer
-
     tokenizer = load_tokenizer(cfg.model)
     return tokenize_split(
         split,

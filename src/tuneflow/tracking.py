@@ -19,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneflow.data import LABEL, TEXT, LoadedData, Split, content_digest
+from tuneflow.evaluate import Evaluation, plot_confusion
+from tuneflow.models import resolve_base_model
+from tuneflow.registry import TAG, ChampionScore, Decision, decision_tags
+from tuneflow.tokenization import Tokenized, tokenizer_fingerprint
+
 if TYPE_CHECKING:
     from tuneflow.config import PipelineConfig
-    from tuneflow.data import LoadedData, Split
-    from tuneflow.evaluate import Evaluation
     from tuneflow.landing import DataCheck
-    from tuneflow.registry import ChampionScore, Decision
-    from tuneflow.tokenization import Tokenized
     from tuneflow.train import TrainResult
     from tuneflow.validation import ValidationReport
 
@@ -170,8 +172,6 @@ def log_dataset_inputs(cfg: PipelineConfig, loaded: LoadedData, split: Split) ->
     """
     import mlflow
 
-    from tuneflow.data import LABEL, TEXT, content_digest
-
     sources = _sources_tag([p.name for p in loaded.sources] or [str(loaded.source)])
     for context, frame in (("training", split.train), ("evaluation", split.eval)):
         digest = content_digest(frame)
@@ -262,8 +262,6 @@ def log_validation(check: DataCheck, parent_run_id: str) -> None:
 def log_tokenization(tok: Tokenized, max_length: int, parent_run_id: str) -> None:
     import mlflow
 
-    from tuneflow.tokenization import tokenizer_fingerprint
-
     mlflow.log_params(
         {
             "tokenize.cache_key": tok.cache_key,
@@ -278,8 +276,6 @@ def log_tokenization(tok: Tokenized, max_length: int, parent_run_id: str) -> Non
 def log_training(cfg: PipelineConfig, result: TrainResult) -> None:
     import mlflow
 
-    from tuneflow.models import resolve_base_model
-
     mlflow.log_params(
         {"base_model": cfg.model.base_model, "base_model_path": str(resolve_base_model(cfg.model.base_model))}
     )
@@ -289,8 +285,6 @@ def log_training(cfg: PipelineConfig, result: TrainResult) -> None:
 def log_evaluation(evaluation: Evaluation, parent_run_id: str, plots_dir: Path) -> None:
     """Eval metrics (``eval/...``) and the confusion-matrix plot, on the stage run and the parent run."""
     import mlflow
-
-    from tuneflow.evaluate import plot_confusion
 
     mlflow.log_metrics({f"eval/{k}": v for k, v in evaluation.metrics.items()})
     client = mlflow.MlflowClient()
@@ -306,8 +300,6 @@ def log_champion_score(champion: ChampionScore, parent_run_id: str, plots_dir: P
     """The champion's metrics on this eval split (``champion/...``) and its confusion matrix, on the stage run;
     the metrics and ``tuneflow.champion_version`` on the parent run too."""
     import mlflow
-
-    from tuneflow.evaluate import plot_confusion
 
     if champion.evaluation is None:
         return
@@ -329,8 +321,6 @@ def log_champion_score(champion: ChampionScore, parent_run_id: str, plots_dir: P
 def log_decision(decision: Decision, version: str | None, parent_run_id: str) -> None:
     """The promotion decision (and the registered version) as tags of the stage run and the parent run."""
     import mlflow
-
-    from tuneflow.registry import TAG, decision_tags
 
     tags = decision_tags(decision) | ({f"{TAG}registered_version": version} if version is not None else {})
     mlflow.set_tags(tags)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneflow.config import PipelineConfig
+from tuneflow.kinds import get_kind
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -64,8 +65,6 @@ def train_model(
     """
     import torch
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
-
-    from tuneflow.kinds import get_kind
 
     t = cfg.train
     kind = get_kind(cfg.kind)

@@ -27,6 +27,7 @@ import pandas as pd
 
 from tuneflow.config import PipelineConfig, Severity
 from tuneflow.data import LABEL, LINE, TEXT, DataError, LoadedData, normalize_text
+from tuneflow.reporting import validation_summary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -103,8 +104,6 @@ class ValidationReport:
 
     def summary(self) -> str:
         """Plain text: what failed, a few offending values, the fix (for error messages and logs)."""
-        from tuneflow.reporting import validation_summary
-
         return validation_summary(self)
 
     def to_json(self) -> dict[str, Any]:
@@ -148,7 +147,7 @@ def failure_report(source: str, error: DataError) -> ValidationReport:
 def build_checks(cfg: PipelineConfig) -> list[Check]:
     import great_expectations.expectations as gxe
 
-    from tuneflow import expectations as tfx
+    from tuneflow import expectations as tfx  # imports Great Expectations (3.5 s): only when checks run
 
     v, d = cfg.validation, cfg.data
     tokens = v.max_text_tokens or cfg.model.max_length

@@ -58,10 +58,13 @@ class FineTuningKind(Protocol):
 
 def get_kind(name: str) -> FineTuningKind:
     """The kind called ``name`` (``PipelineConfig.kind``)."""
-    from tuneflow.kinds.classification import Classification
-
-    kinds: dict[str, type] = {"classification": Classification}
     try:
-        return kinds[name]()
+        return KINDS[name]()
     except KeyError:
-        raise ValueError(f"unknown fine-tuning kind {name!r}; the kinds are: {', '.join(kinds)}") from None
+        raise ValueError(f"unknown fine-tuning kind {name!r}; the kinds are: {', '.join(KINDS)}") from None
+
+
+# Imported after the protocol: a kind module may import from this package's other modules.
+from tuneflow.kinds.classification import Classification  # noqa: E402
+
+KINDS: dict[str, type[FineTuningKind]] = {"classification": Classification}
