@@ -4,7 +4,7 @@
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python deployments/serve.py configs/sms-spam-landing.yaml    # same as: tuneflow serve --config ...
 
-The deployments themselves are declared in tuneflow/deployments.py (from each config's schedule,
+The deployments themselves are declared in flows/serve.py (from each config's schedule,
 landing zone and model name); deployments/prefect.yaml declares the same ones for workers.
 """
 
