@@ -183,7 +183,7 @@ def move_champion(name: str, version: str, action: str, by: str, actor: str, rea
     )
     write_entry(name, move)
     set_champion_alias(name, str(version))
-    log.info("champion of %s: v%s -> v%s (%s by %s/%s): %s", name, current, version, action, by, actor, reason)
+    log.info("champion of %s: v%s -> v%s (%s by %s/%s): %s", name, current or "-", version, action, by, actor, reason)
     return move
 
 

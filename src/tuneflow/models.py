@@ -9,6 +9,7 @@ from tuneflow.config import ModelConfig
 from tuneflow.files import PackageNotFound, package_folder, split_package_spec
 
 if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
     from transformers import PreTrainedTokenizerBase
 
 
@@ -48,3 +49,18 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve_base_model(cfg.base_model)))
+
+
+def base_model_card(cfg: ModelConfig, fallback: str) -> ModelCard:
+    """The base model's own Hugging Face model card (``README.md`` in its folder: license, datasets), or
+    ``fallback`` as the card text when the folder has none.
+
+    Logged with the MLflow model, so its license travels with every registered version.
+    """
+    from huggingface_hub import ModelCard
+
+    readme = resolve_base_model(cfg.base_model) / "README.md"
+    if readme.is_file():
+        return ModelCard.load(readme)
+    # No card: say so rather than guess. MLflow then notes that the license is unknown (a thing to check).
+    return ModelCard(f"---\nlicense: other\n---\n{fallback}")

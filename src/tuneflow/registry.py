@@ -17,6 +17,7 @@ import pandas as pd
 from tuneflow.config import PipelineConfig
 from tuneflow.evaluate import Evaluation
 from tuneflow.kinds import get_kind
+from tuneflow.models import base_model_card
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -218,6 +219,8 @@ def register_version(
         task=get_kind(cfg.kind).mlflow_task,
         pip_requirements=pip_requirements(),
         input_example=example[:2],
+        # Without a card MLflow asks the Hugging Face Hub for one (offline: a warning on every run).
+        model_card=base_model_card(cfg.model, description),
     )
     run_id = mlflow.active_run().info.run_id
     mlflow.log_text(description, CARD_FILE)
