@@ -1,13 +1,18 @@
-"""The tuneflow command: config errors, model listing, batch scoring with NAME@ALIAS."""
+"""The tuneflow command: config errors, model listing, batch scoring with NAME@ALIAS, serve without a server.
+
+Every path is absolute or under a test folder: the tests pass from any working directory."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pandas as pd
 
 from tuneflow.cli import main
 from tuneflow.registry import decide
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_run_with_unknown_config_key_fails_before_any_work(tmp_path, capsys):
@@ -19,9 +24,10 @@ def test_run_with_unknown_config_key_fails_before_any_work(tmp_path, capsys):
 
 
 def test_run_with_wrong_type_names_field_and_value(capsys):
-    assert main(["run", "--config", "configs/sms-spam.yaml", "--set", "train.batch_size=big"]) == 2
+    cfg = CONFIGS / "sms-spam.yaml"
+    assert main(["run", "--config", str(cfg), "--set", "train.batch_size=big"]) == 2
     err = capsys.readouterr().err
-    assert "train.batch_size: value 'big'" in err
+    assert "train.batch_size: value 'big'" in err and str(cfg) in err
 
 
 def test_models_and_predict_with_champion(workdir, register_tiny, capsys, prefect_harness):
@@ -44,3 +50,9 @@ def test_models_and_predict_with_champion(workdir, register_tiny, capsys, prefec
 
     assert main(["predict", "--model", "cli-clf@nope", "--input", str(src), "--output", str(dst)]) == 2
     assert "not found in the registry" in capsys.readouterr().err
+
+
+def test_serve_without_a_server_says_how_to_start_one(monkeypatch, capsys):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["serve", "--config", str(CONFIGS / "sms-spam-landing.yaml")]) == 2
+    assert "prefect server start" in capsys.readouterr().err

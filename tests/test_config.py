@@ -10,6 +10,8 @@ import yaml
 
 from tuneflow.config import ConfigError, PipelineConfig, load_config, parse_overrides
 
+from conftest import tiny_config_dict
+
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "sms-spam.yaml"
 
 
@@ -169,3 +171,21 @@ def test_digest_stable_for_equal_configs_and_changes_with_any_field():
     }
     assert a.digest() not in changed and len(changed) == 4
     assert load_config(DEFAULT).digest() == load_config(DEFAULT).digest()
+
+
+def test_schedule_section_is_validated_with_a_fix(tmp_path, tiny_model_dir):
+    raw = tiny_config_dict(tmp_path / "d.csv", tiny_model_dir, schedule={"cron": "0 3 * *"})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"schedule.*not a valid cron.*5 fields"):
+        load_config(path)
+    raw["schedule"] = {"cron": "0 3 * * 1", "timezone": "Mars/Olympus"}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="IANA time zone"):
+        load_config(path)
+    raw["schedule"] = {"cron": "0 3 * * 1", "timezone": "Europe/Berlin"}
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    assert cfg.schedule.cron == "0 3 * * 1"
+    no_schedule = PipelineConfig.model_validate({k: v for k, v in raw.items() if k != "schedule"})
+    assert cfg.digest() == no_schedule.digest()  # when it runs does not change what it trains

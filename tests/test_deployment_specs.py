@@ -1,12 +1,15 @@
-"""The declared deployments agree with the configs and the flows, without a server; the "nothing new"
-path of a queued triggered run against Prefect's test harness."""
+"""The declared deployments agree with the configs and the flows, without a server; the deployed
+retrain against Prefect's test harness: the "nothing new" path of a queued triggered run and the
+per-model slot (a global concurrency limit) it waits for."""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import uuid
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import make_rows, tiny_config_dict
@@ -80,14 +83,6 @@ def test_serve_builds_the_deployments_from_the_config(tmp_path, tiny_model_dir):
     assert [d.name for d in build_deployments([str(path)])[0]] == ["batch"]
 
 
-def test_serve_without_a_server_says_how_to_start_one(monkeypatch, capsys):
-    from tuneflow.cli import main
-
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    assert main(["serve", "--config", "configs/sms-spam-landing.yaml"]) == 2
-    assert "prefect server start" in capsys.readouterr().err
-
-
 def test_a_triggered_run_with_nothing_new_completes_without_training(prefect_harness, workdir, tiny_model_dir):
     from tuneflow.flows.retrain import retrain_deployed
 
@@ -106,9 +101,33 @@ def test_a_triggered_run_with_nothing_new_completes_without_training(prefect_har
     assert not (workdir / "mlruns" / "artifacts").exists() or not any((workdir / "mlruns" / "artifacts").rglob("model"))
 
 
-def test_source_list_tag_stays_within_mlflow_limit():
-    from tuneflow.tracking import MAX_INPUT_TAG, _sources_tag
+def test_the_slot_of_a_model_is_named_after_it():
+    from tuneflow.flows.retrain import limit_name
 
-    assert _sources_tag(["a.csv", "b.csv"]) == '["a.csv", "b.csv"]'
-    long = _sources_tag([f"batch-{i:04d}-from-the-nightly-export.csv" for i in range(200)])
-    assert len(long) <= MAX_INPUT_TAG and long.endswith('more"]')
+    assert limit_name("m") == "retrain-m"
+    assert limit_name("sms-clf") != limit_name("sms-clf-2")
+
+
+def test_the_slot_limit_is_created_once_and_an_existing_one_is_kept(prefect_harness):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from tuneflow.flows.retrain import ensure_concurrency_limit
+
+    new, existing = f"retrain-new-{uuid.uuid4().hex[:8]}", f"retrain-old-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:
+        with pytest.raises(ObjectNotFound):
+            client.read_global_concurrency_limit_by_name(new)
+        ensure_concurrency_limit(new)
+        created = client.read_global_concurrency_limit_by_name(new)
+        assert created.limit == 1 and created.active
+        ensure_concurrency_limit(new, limit=3)  # a second run of the same model: nothing changes
+        again = client.read_global_concurrency_limit_by_name(new)
+        assert (again.id, again.limit) == (created.id, 1)
+        assert [g.name for g in client.read_global_concurrency_limits(limit=200)].count(new) == 1
+
+        # An operator raised a model's limit by hand: the flow keeps it.
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=existing, limit=4))
+        ensure_concurrency_limit(existing)
+        assert client.read_global_concurrency_limit_by_name(existing).limit == 4

@@ -75,7 +75,8 @@ class Stack:
             time.sleep(1)
         raise AssertionError(
             f"{deployment}: wanted {count} finished run(s) within {timeout:.0f} s, have "
-            f"{[(r.name, r.state_type.value) for r in self.runs(deployment)]}\n--- serve log ---\n{self.log.read_text()[-4000:]}"
+            f"{[(r.name, r.state_type.value) for r in self.runs(deployment)]}\n"
+            f"--- serve log ---\n{self.log.read_text()[-4000:]}"
         )
 
     def versions(self) -> list[str]:
@@ -111,14 +112,15 @@ class Stack:
         the server in batches, sometimes after the run is already COMPLETED."""
         deadline = time.monotonic() + timeout_s
         while True:
-            found = [l.timestamp for l in self.logs(run_id) if text in l.message]
+            found = [line.timestamp for line in self.logs(run_id) if text in line.message]
             if found or time.monotonic() > deadline:
                 return found
             time.sleep(1)
 
     def explain(self, run) -> str:
         """The end of a run's log, for assertion messages."""
-        return f"run {run.name} {run.state_type.value}:\n" + "\n".join(l.message[:800] for l in self.logs(run.id)[-8:])
+        tail = self.logs(run.id)[-8:]
+        return f"run {run.name} {run.state_type.value}:\n" + "\n".join(line.message[:800] for line in tail)
 
     def drop(self, name: str, seed: int) -> Path:
         path = self.landing / "incoming" / name
@@ -152,9 +154,10 @@ def stack(tmp_path_factory, tiny_model_dir):
             try:
                 urllib.request.urlopen(f"{api}/health", timeout=2).read()
                 break
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() > deadline or procs[0].poll() is not None:
-                    raise RuntimeError(f"prefect server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+                    log_tail = (tmp / "server.log").read_text()[-3000:]
+                    raise RuntimeError(f"prefect server did not start:\n{log_tail}") from exc
                 time.sleep(0.5)
 
         landing = tmp / "landing"
@@ -197,11 +200,11 @@ def stack(tmp_path_factory, tiny_model_dir):
                 st.runs("retrain/on-new-data")
                 st.runs("retrain/scheduled")
                 break
-            except Exception:
+            except Exception as exc:
                 if time.monotonic() > deadline or procs[1].poll() is not None:
                     raise RuntimeError(
                         f"tuneflow serve did not register its deployments:\n{serve_log.read_text()[-3000:]}"
-                    )
+                    ) from exc
                 time.sleep(1)
         yield st
     finally:
@@ -292,5 +295,6 @@ def test_a_trigger_during_a_running_retrain_is_queued_and_runs_after_it(stack):
     assert waited and waited[0] < released[0]
     assert {"during-1.csv", "during-2.csv"} <= {p.name for p in (stack.landing / "accepted").iterdir()}
     print(
-        f"first {first.start_time}..{first.end_time} (slot released {released[0]}), second waited from {waited[0]}, got the slot {got_slot[0]}"
+        f"first {first.start_time}..{first.end_time} (slot released {released[0]}), "
+        f"second waited from {waited[0]}, got the slot {got_slot[0]}"
     )

@@ -1,51 +1,29 @@
-"""Evaluation: metrics against hand-computed values, label-order independence, the confusion plot."""
+"""The confusion-matrix plot of an evaluation."""
 
 from __future__ import annotations
 
-import copy
+import struct
+from pathlib import Path
 
-import pytest
-import torch
+from tuneflow.evaluate import Evaluation, plot_confusion
 
-from tuneflow.config import ModelConfig
-from tuneflow.evaluate import plot_confusion
-from tuneflow.kinds.classification import classification_metrics, evaluate_model, load_base_model
-from tuneflow.reporting import metrics_table
-
-from conftest import make_rows
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_classification_metrics_match_hand_computed_values():
-    m = classification_metrics([0, 0, 0, 1], [0, 0, 1, 1], ["ham", "spam"])
-    assert m["accuracy"] == pytest.approx(0.75)
-    assert m["precision_spam"] == pytest.approx(0.5) and m["recall_spam"] == pytest.approx(1.0)
-    assert m["f1_ham"] == pytest.approx(0.8) and m["f1_spam"] == pytest.approx(2 / 3)
-    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
-    assert m["support_ham"] == 3
+def _size(png: Path) -> tuple[int, int]:
+    """Width and height from the PNG header (the IHDR chunk comes first)."""
+    return struct.unpack(">II", png.read_bytes()[16:24])
 
 
-def test_scores_do_not_depend_on_the_models_label_order(tiny_model_dir, tmp_path):
-    """A champion trained with another label order must be scored by label name, not by id."""
-    from transformers import AutoTokenizer
+def test_confusion_plot_is_a_png_that_grows_with_the_labels(tmp_path):
+    two = Evaluation({"accuracy": 0.75}, [[2, 1], [0, 1]], ["ham", "spam"], [0, 0, 1, 1])
+    png = plot_confusion(two, tmp_path / "plots" / "cm.png")  # the folder is created
+    assert png == tmp_path / "plots" / "cm.png"
+    assert png.read_bytes()[:8] == PNG
 
-    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    model = load_base_model(ModelConfig(base_model=str(tiny_model_dir), max_length=32), ["ham", "spam"])
-    flipped = copy.deepcopy(model)
-    with torch.no_grad():
-        flipped.classifier.weight.copy_(model.classifier.weight.flip(0))
-        flipped.classifier.bias.copy_(model.classifier.bias.flip(0))
-    flipped.config.id2label = {0: "spam", 1: "ham"}
-    flipped.config.label2id = {"spam": 0, "ham": 1}
-    rows = make_rows(30)
-    args = (list(rows["text"]), list(rows["label"]), ["ham", "spam"], 32)
-    a, b = evaluate_model(model, tok, *args), evaluate_model(flipped, tok, *args)
-    assert a.predictions == b.predictions and a.metrics == b.metrics
-    assert sum(map(sum, a.confusion)) == 60
-
-    with pytest.raises(ValueError, match=r"lacks labels \['eggs'\]"):
-        evaluate_model(model, tok, *args[:2], ["ham", "spam", "eggs"], 32)
-
-    png = plot_confusion(a, tmp_path / "cm.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = metrics_table({"this model": a.metrics, "champion": None}, ["ham", "spam"])
-    assert "| macro_f1 |" in table and "| - |" in table
+    # Three labels, and an all-zero matrix (nothing scored), still plot; the cells keep their size.
+    empty = Evaluation({}, [[0, 0, 0], [0, 0, 0], [0, 0, 0]], ["a", "b", "c"], [])
+    out = plot_confusion(empty, tmp_path / "cm3.png", "Champion v2 on this eval split")
+    assert out.read_bytes()[:8] == PNG
+    (w2, h2), (w3, h3) = _size(png), _size(out)
+    assert w3 > w2 and h3 > h2

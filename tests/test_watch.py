@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneflow.config import ConfigError, PipelineConfig, load_config
+from tuneflow.config import PipelineConfig
 from tuneflow.watch import STATE_FILE, WatchState, list_incoming, scan, scan_landing
 
 from conftest import make_rows, tiny_config_dict
@@ -160,23 +160,3 @@ def test_fsspec_url_landing_zone(tiny_model_dir):
     _scans(cfg, [0.0, 10.0, 20.0], sent)
     assert [f["name"] for f in sent[0].files] == ["a.csv"] and len(sent) == 1
     assert fs.exists(f"/tuneflow-test/{STATE_FILE}")
-
-
-def test_schedule_section_is_validated_with_a_fix(tmp_path, tiny_model_dir):
-    import yaml
-
-    raw = tiny_config_dict(tmp_path / "d.csv", tiny_model_dir, schedule={"cron": "0 3 * *"})
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match=r"schedule.*not a valid cron.*5 fields"):
-        load_config(path)
-    raw["schedule"] = {"cron": "0 3 * * 1", "timezone": "Mars/Olympus"}
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="IANA time zone"):
-        load_config(path)
-    raw["schedule"] = {"cron": "0 3 * * 1", "timezone": "Europe/Berlin"}
-    path.write_text(yaml.safe_dump(raw))
-    cfg = load_config(path)
-    assert cfg.schedule.cron == "0 3 * * 1"
-    no_schedule = PipelineConfig.model_validate({k: v for k, v in raw.items() if k != "schedule"})
-    assert cfg.digest() == no_schedule.digest()  # when it runs does not change what it trains

@@ -1,5 +1,6 @@
 """The landing-zone gate on a corpus of bad batches: each is quarantined for exactly its fault, with
-its report; unusual-but-fine batches are accepted; nothing is lost; two gates never accept twice."""
+its report; unusual-but-fine batches are accepted; nothing is lost; two gates never accept twice.
+Also the retrain's entry to it: whether there is anything new, and the data check of a single file."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from tuneflow.config import PipelineConfig
-from tuneflow.landing import folders, load_accepted, run_gate
+from tuneflow.landing import check_data, folders, has_new_batches, load_accepted, run_gate
+from tuneflow.validation import ValidationFailed
 
-from conftest import tiny_config_dict
+from conftest import make_rows, tiny_config_dict
 
 CORPUS = Path(__file__).parent / "data" / "bad"
 EXPECTED: dict[str, str] = json.loads((CORPUS / "EXPECTED.json").read_text())
@@ -197,17 +199,6 @@ def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(
     assert not list(incoming.iterdir())
 
 
-def test_review_commands_score_on_the_accepted_union(corpus_run, tiny_model_dir):
-    from tuneflow.data import split_by_text_hash
-    from tuneflow.review import current_eval_frame
-
-    landing, _ = corpus_run
-    cfg = gate_config(landing, tiny_model_dir)
-    union = load_accepted(cfg, landing).frame
-    expected = split_by_text_hash(union, cfg.data.eval_fraction, cfg.data.split_salt).eval
-    assert current_eval_frame(cfg)["text"].tolist() == expected["text"].tolist()
-
-
 def test_files_still_being_written_are_left_in_incoming(tmp_path, tiny_model_dir, tokenizer):
     landing = tmp_path / "sms"
     incoming, accepted, quarantine = folders(landing)
@@ -215,3 +206,44 @@ def test_files_still_being_written_are_left_in_incoming(tmp_path, tiny_model_dir
         shutil.copy(CORPUS / "base.csv", incoming / name)
     result = run_gate(gate_config(landing, tiny_model_dir), landing, tokenizer)
     assert result.outcomes == [] and len(list(incoming.iterdir())) == 3
+
+
+def test_has_new_batches_only_for_complete_files_in_incoming(tmp_path, tiny_model_dir, data_csv):
+    single = PipelineConfig.model_validate(tiny_config_dict(data_csv, tiny_model_dir))
+    assert has_new_batches(single) is True  # a single file is always there to train on
+
+    landing = tmp_path / "sms"
+    cfg = gate_config(landing, tiny_model_dir)
+    assert has_new_batches(cfg) is False  # not even created yet
+    incoming, accepted, _ = folders(landing)
+    shutil.copy(CORPUS / "base.csv", accepted)
+    assert has_new_batches(cfg) is False  # accepted batches are not new
+    for name in ("base.csv.part", ".base.csv", "upload.tmp"):
+        shutil.copy(CORPUS / "base.csv", incoming / name)
+    (incoming / "subdir").mkdir()
+    assert has_new_batches(cfg) is False  # still being written, or not a file
+    shutil.copy(CORPUS / "crlf.csv", incoming / "crlf.csv")
+    assert has_new_batches(cfg) is True
+
+
+def test_check_data_of_a_good_single_file_returns_the_rows(workdir, data_csv, tiny_model_dir, tokenizer):
+    cfg = PipelineConfig.model_validate(tiny_config_dict(data_csv, tiny_model_dir))
+    check = check_data(cfg, "tiny.yaml", workdir / "docs", tokenizer)
+    assert check.error is None and check.gate is None
+    assert check.data is not None and len(check.data.frame) == 300 and check.rows_dropped == 0
+    (report,) = check.reports
+    assert report.success and report.source == str(data_csv)
+
+
+def test_check_data_of_a_bad_single_file_returns_the_error_instead_of_raising(workdir, tiny_model_dir, tokenizer):
+    rows = make_rows(40)
+    rows.loc[3, "label"] = "eggs"
+    path = workdir / "bad.csv"
+    rows.to_csv(path, index=False)
+    cfg = PipelineConfig.model_validate(tiny_config_dict(path, tiny_model_dir))
+    check = check_data(cfg, "tiny.yaml", workdir / "docs", tokenizer)
+    assert check.data is None and isinstance(check.error, ValidationFailed)
+    assert "label_in_set" in str(check.error) and "'eggs'" in str(check.error)
+    (report,) = check.reports
+    assert not report.success and [c.name for c in report.failed] == ["label_in_set"]
+    assert (workdir / "docs" / "index.html").exists()  # the Data Docs of the rejected file are there to read

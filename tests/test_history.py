@@ -1,0 +1,83 @@
+"""Champion history: which recorded moves really happened, the champion stack they replay into, and
+what a rollback goes back to (errors checked against a real temporary MLflow registry)."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from tuneflow.history import HISTORY_TAG, Move, applied_moves, champion_stack, read_history, rollback_target
+from tuneflow.registry import RegistryError, decide
+
+NAME = "hist-clf"
+
+
+def move(seq: int, action: str, src: str | None, dst: str) -> Move:
+    by = "gate" if action == "gate" else "cli"
+    return Move(seq, f"2026-01-0{seq}T00:00:00+00:00", action, by, "someone", src, dst, f"move {seq}")
+
+
+# gate v1, gate v2, a promotion to v3 whose alias update was interrupted (the next move still starts
+# from v2), a promotion to v4, a rollback to v2.
+MOVES = [
+    move(1, "gate", None, "1"),
+    move(2, "gate", "1", "2"),
+    move(3, "promote", "2", "3"),
+    move(4, "promote", "2", "4"),
+    move(5, "rollback", "4", "2"),
+]
+
+
+def test_a_move_is_applied_when_the_next_one_starts_from_its_target():
+    marked = applied_moves(MOVES, current="2")
+    assert [m.applied for m in marked] == [True, True, False, True, True]
+    assert [(m.seq, m.from_version, m.to_version, m.reason) for m in marked] == [
+        (m.seq, m.from_version, m.to_version, m.reason) for m in MOVES
+    ]
+    # The last move is judged against the current champion: interrupted if the alias is elsewhere.
+    assert [m.applied for m in applied_moves(MOVES, current="4")][-1] is False
+    assert applied_moves([], current="1") == []
+
+
+def test_the_champion_stack_replays_promotions_and_rollbacks_and_skips_interrupted_moves():
+    marked = applied_moves(MOVES, current="2")
+    assert champion_stack(marked) == ["1", "2"]  # v3 never was champion; the rollback popped v4
+    assert champion_stack(marked[:4]) == ["1", "2", "4"]
+    # Taken at face value, the interrupted move would have made v3 champion in between.
+    assert champion_stack(MOVES[:3]) == ["1", "2", "3"]
+    # History that starts while a champion already existed keeps that champion underneath.
+    assert champion_stack([move(1, "promote", "7", "8")]) == ["7", "8"]
+    assert champion_stack([]) == []
+
+
+def test_rollback_target_is_the_champion_before_the_current_one(workdir, register_tiny):
+    register_tiny(NAME, decide("macro_f1", 0.6, None, None, 0.0))
+    register_tiny(NAME, decide("macro_f1", 0.9, 0.6, "1", 0.0))
+    assert rollback_target(NAME) == ("2", "1")
+
+
+def test_rollback_target_errors_name_the_fix(workdir, register_tiny):
+    # Registered but never promoted (its champion could not be re-scored): no champion.
+    register_tiny(NAME, decide("macro_f1", 0.6, None, "9", 0.0))
+    with pytest.raises(RegistryError, match="has no champion") as err:
+        rollback_target(NAME)
+    assert f"tuneflow promote {NAME} VERSION" in str(err.value)
+
+    # The first recorded champion has nothing before it.
+    register_tiny(NAME, decide("macro_f1", 0.7, None, None, 0.0))
+    with pytest.raises(RegistryError, match="first recorded champion") as err:
+        rollback_target(NAME)
+    assert "Fix:" in str(err.value)
+
+    # The alias moved by hand, outside tuneflow: the history cannot say what came before.
+    client = MlflowClient()
+    client.set_registered_model_alias(NAME, "champion", "1")
+    with pytest.raises(RegistryError, match="moved outside tuneflow"):
+        rollback_target(NAME)
+
+    # A champion set before tuneflow recorded moves.
+    for key in [k for k in client.get_registered_model(NAME).tags if k.startswith(HISTORY_TAG)]:
+        client.delete_registered_model_tag(NAME, key)
+    assert read_history(NAME) == []
+    with pytest.raises(RegistryError, match="no promotion history"):
+        rollback_target(NAME)
