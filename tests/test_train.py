@@ -10,9 +10,9 @@ from transformers import AutoTokenizer
 
 from tuneflow.config import PipelineConfig
 from tuneflow.data import content_digest, split_by_text_hash
+from tuneflow.kinds import get_kind
 from tuneflow.kinds.classification import load_base_model
 from tuneflow.tokenization import tokenize_split
-from tuneflow.train import train_model
 
 from conftest import make_rows, tiny_config_dict
 
@@ -29,7 +29,7 @@ def _setup(tiny_model_dir, tmp_path, **train):
 def test_training_learns_and_changes_parameters(tiny_model_dir, tmp_path):
     cfg, tok, data = _setup(tiny_model_dir, tmp_path, epochs=3)
     base = load_base_model(cfg.model, cfg.data.labels)
-    result = train_model(cfg, tok, data, tmp_path / "work")
+    result = get_kind(cfg.kind).train(cfg, tok, data, tmp_path / "work")
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     assert losses and all(math.isfinite(x) for x in losses)
     encoder_before = base.bert.encoder.layer[0].attention.self.query.weight
@@ -42,5 +42,5 @@ def test_training_learns_and_changes_parameters(tiny_model_dir, tmp_path):
 
 def test_early_stopping_ends_a_run_that_does_not_improve(tiny_model_dir, tmp_path):
     cfg, tok, data = _setup(tiny_model_dir, tmp_path, epochs=6, learning_rate=0.0, early_stopping_patience=1)
-    result = train_model(cfg, tok, data, tmp_path / "work")
+    result = get_kind(cfg.kind).train(cfg, tok, data, tmp_path / "work")
     assert result.epochs_run == pytest.approx(2.0)  # epoch 2 did not beat epoch 1: stop

@@ -41,6 +41,32 @@ DEFAULT_SEVERITY: dict[str, Severity] = {
     "class_imbalance": "warn",
     "drift_labels": "warn",
     "drift_text_length": "warn",
+    # kind: sft (prompt/response rows; TEXT holds the prompt, LABEL the response)
+    "response_type": "error",
+    "response_not_blank": "error",
+    "response_encoding": "error",
+    "prompt_tokens": "error",
+    "pair_tokens": "warn",
+    "response_conflict": "warn",
+}
+
+# Checks that only make sense for one kind of fine-tuning; the others apply to every kind.
+CLASSIFICATION_CHECKS = {
+    "label_type",
+    "label_in_set",
+    "label_conflict",
+    "rows_per_class",
+    "class_imbalance",
+    "drift_labels",
+    "text_tokens",
+}
+SFT_CHECKS = {
+    "response_type",
+    "response_not_blank",
+    "response_encoding",
+    "prompt_tokens",
+    "pair_tokens",
+    "response_conflict",
 }
 
 
@@ -55,14 +81,17 @@ class DataConfig(_Section):
         description="A landing-zone folder with incoming/, accepted/ and quarantine/: each new batch in "
         "incoming/ is validated and moved; training uses every accepted batch. Set this or data.path.",
     )
-    format: Literal["auto", "csv", "jsonl", "parquet"] = Field(
-        "auto", description="File format; 'auto' picks it from the file extension."
+    format: Literal["auto", "csv", "jsonl", "parquet", "chatterbot"] = Field(
+        "auto",
+        description="File format; 'auto' picks it from the file extension. 'chatterbot': a chatterbot-corpus "
+        "YAML file or folder of them (conversations become prompt/response rows; kind sft).",
     )
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the class label.")
     labels: list[str] = Field(
-        min_length=2,
-        description="The allowed labels, in id order (id 0 first). Rows with any other label fail validation.",
+        default_factory=list,
+        description="The allowed labels, in id order (id 0 first). Rows with any other label fail validation. "
+        "Required (two or more) for kind classification; unused for kind sft.",
     )
     label_values: dict[str, str] | None = Field(
         None,
@@ -178,9 +207,25 @@ class TrainConfig(_Section):
     logging_steps: int = Field(20, ge=1, description="Log loss and learning rate to MLflow every N steps.")
 
 
+Metric = Literal["macro_f1", "accuracy", "eval_loss", "perplexity", "chrf"]
+# Which way is better, per metric: the direction belongs to the metric, not to the config.
+LOWER_IS_BETTER = frozenset({"eval_loss", "perplexity"})
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("macro_f1", "accuracy"),
+    "sft": ("eval_loss", "perplexity", "chrf"),
+}
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
 class EvaluateConfig(_Section):
-    primary_metric: Literal["macro_f1", "accuracy"] = Field(
-        "macro_f1", description="Metric used for early stopping and the promotion gate (higher is better)."
+    primary_metric: Metric = Field(
+        "macro_f1",
+        description="Metric used for early stopping and the promotion gate. Classification: macro_f1 or accuracy "
+        "(higher is better); sft: eval_loss or perplexity (lower is better) or chrf (higher is better); "
+        "kind sft defaults to eval_loss.",
     )
 
 
@@ -231,7 +276,54 @@ class WatchConfig(_Section):
     poll_seconds: float = Field(2.0, gt=0, description="How often the watcher lists <landing>/incoming.")
 
 
-Kind = Literal["classification"]
+class LoraSettings(_Section):
+    enabled: bool = Field(True, description="Train LoRA adapters (PEFT) on a frozen base; false: full fine-tuning.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (the adapter's scale is alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Modules that get adapters: 'all-linear' or names such as [q_proj, v_proj].",
+    )
+
+
+class SftConfig(_Section):
+    """Settings of kind ``sft`` (instruction SFT of a causal LM); ignored for classification."""
+
+    prompt_column: str = Field("prompt", description="Column holding the prompt (the user turn).")
+    response_column: str = Field("response", description="Column holding the reference answer.")
+    system_column: str | None = Field(None, description="Optional column holding a system message per row.")
+    messages_column: str | None = Field(
+        None,
+        description="Instead of prompt/response: a column of chat messages (list of {role, content}); the last "
+        "assistant turn is the response, the turns before it the prompt. JSONL or Parquet.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template for a base model whose tokenizer has none; unset: the tokenizer's own, or "
+        "a plain '### User / ### Assistant' template when it has none.",
+    )
+    lora: LoraSettings = LoraSettings()
+    packing: bool = Field(
+        False,
+        description="Pack several examples per row (TRL best-fit packing; examples never attend to each other).",
+    )
+    padding_free: bool = Field(
+        True, description="Concatenate each batch into one row with position ids instead of padding (TRL)."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (caps train.epochs), e.g. to fit a time budget."
+    )
+    max_train_rows: int | None = Field(
+        None, ge=1, description="Train on a seeded sample of at most this many rows of the train split."
+    )
+    generations: int = Field(
+        16, ge=0, description="Greedy generations for up to this many eval prompts, scored with chrF."
+    )
+    max_new_tokens: int = Field(48, ge=1, le=1024, description="Longest generation, in tokens.")
+
+
+Kind = Literal["classification", "sft"]
 
 
 class PipelineConfig(_Section):
@@ -239,7 +331,7 @@ class PipelineConfig(_Section):
     kind: Kind = Field(
         "classification",
         description="The kind of fine-tuning (tuneflow.kinds): 'classification' (sequence classification, "
-        "labels from data.labels).",
+        "labels from data.labels) or 'sft' (instruction SFT of a causal LM on prompt/response rows).",
     )
     data: DataConfig
     validation: ValidationConfig = ValidationConfig()
@@ -251,6 +343,26 @@ class PipelineConfig(_Section):
         None, description="Recurring retraining (deployment retrain/scheduled); unset: none."
     )
     watch: WatchConfig = WatchConfig()
+    sft: SftConfig = SftConfig()
+
+    @model_validator(mode="after")
+    def _kind(self) -> PipelineConfig:
+        metrics = KIND_METRICS[self.kind]
+        if self.kind == "sft" and "primary_metric" not in self.evaluate.model_fields_set:
+            self.evaluate.primary_metric = "eval_loss"
+        if self.evaluate.primary_metric not in metrics:
+            raise ValueError(
+                f"evaluate.primary_metric {self.evaluate.primary_metric!r} is not a metric of kind {self.kind!r}; "
+                f"use one of: {', '.join(metrics)}"
+            )
+        if self.kind == "classification" and len(self.data.labels) < 2:
+            raise ValueError(
+                f"data.labels lists {len(self.data.labels)} label(s); kind classification needs at least two, "
+                "e.g. labels: [ham, spam]"
+            )
+        if self.kind != "sft" and self.data.format == "chatterbot":
+            raise ValueError("data.format chatterbot holds conversations: use it with kind: sft")
+        return self
 
     def digest(self) -> str:
         """A stable digest of every setting that shapes the model, to tag runs and versions with."""
@@ -258,7 +370,8 @@ class PipelineConfig(_Section):
         # schedule edit does not make every earlier version look like it came from another config.
         # ``kind`` joined the config after the first versions were registered: left out while it is the
         # default, digests of unchanged configs stay what they were.
-        exclude = {"schedule", "watch"} | ({"kind"} if self.kind == "classification" else set())
+        # The same for the sft section, which classification does not read.
+        exclude = {"schedule", "watch"} | ({"kind", "sft"} if self.kind == "classification" else set())
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

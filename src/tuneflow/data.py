@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tuneflow.config import DataConfig
+from tuneflow.config import DataConfig, PipelineConfig, SftConfig
 from tuneflow.files import FORMATS, PackageNotFound, package_folder, read_frame, split_package_spec
 
 log = logging.getLogger(__name__)
@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 TEXT = "text"
 LABEL = "label"
 LINE = "line"  # 1-based line (CSV/JSONL) or row (Parquet) number in the source file, for error messages
+# kind sft: TEXT holds the prompt (the last user turn), LABEL the response (the last assistant turn), and
+# CONTEXT the chat messages before the prompt (system and earlier turns) as JSON, or None.
+CONTEXT = "context"
 
 
 class DataError(ValueError):
@@ -120,8 +123,17 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
 
 
+def sft_settings(cfg: PipelineConfig) -> SftConfig | None:
+    """The sft section when the config's kind reads prompt/response rows, else None (for ``read_table``)."""
+    return cfg.sft if cfg.kind == "sft" else None
+
+
 def read_table(
-    cfg: DataConfig, config_file: str = "the config", path: Path | None = None, digest: bool = True
+    cfg: DataConfig,
+    config_file: str = "the config",
+    path: Path | None = None,
+    digest: bool = True,
+    sft: SftConfig | None = None,
 ) -> LoadedData:
     """Read the configured file and return ``text`` / ``label`` / ``line`` columns.
 
@@ -133,6 +145,7 @@ def read_table(
         config_file: named in error messages.
         path: read this file instead of ``cfg.path`` (a landing-zone batch).
         digest: compute the content digest (a gate skips it per batch: it digests the union).
+        sft: read prompt/response rows (kind sft) with these column settings instead of text/label.
 
     Raises:
         DataError: missing, empty, unreadable or non-UTF-8 file, or a missing column.
@@ -141,6 +154,8 @@ def read_table(
         if cfg.path is None:
             raise DataError(f"data.path is not set in {config_file}", check="file_exists")
         path = resolve_path(cfg.path)
+    if cfg.format == "chatterbot":
+        return _read_chatterbot(path, config_file, digest)
     fix_path = f"Fix: set data.path in {config_file} to an existing CSV, JSONL or Parquet file"
     if not path.exists():
         raise DataError(f"data file not found: {path}. {fix_path}", check="file_exists")
@@ -172,6 +187,8 @@ def read_table(
         raise DataError(
             f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}. Fix: check the file is valid {fmt}"
         ) from exc
+    if sft is not None:
+        return _sft_rows(raw, path, fmt, sft, config_file, digest)
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in raw.columns]
     if missing:
         which = " and ".join(f"'{c}'" for c in missing)
@@ -203,6 +220,145 @@ def read_table(
     )
 
 
+def _lines(path: Path, fmt: str, n: int) -> list[int]:
+    lines = _csv_record_lines(path, n) if fmt == "csv" else None
+    if lines is None or len(lines) != n:
+        first = 2 if fmt == "csv" else 1  # CSV line 1 is the header
+        lines = list(range(first, first + n))
+    return lines
+
+
+def _str_or_none(value: object) -> str | None:
+    if value is None or (not isinstance(value, (str, list, dict)) and pd.isna(value)):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def _sft_frame(prompts: list, responses: list, contexts: list, lines: list[int], path: Path, digest: bool):
+    frame = pd.DataFrame(
+        {
+            TEXT: pd.Series([_str_or_none(v) for v in prompts], dtype=object),
+            LABEL: pd.Series([_str_or_none(v) for v in responses], dtype=object),
+            CONTEXT: pd.Series(contexts, dtype=object),
+            LINE: lines,
+        }
+    )
+    typed = pd.DataFrame({TEXT: list(prompts), LABEL: list(responses)}, index=pd.Index(lines, name=LINE), dtype=object)
+    return LoadedData(
+        frame=frame, source=path, digest=content_digest(frame) if digest else "", raw=typed, sources=(path,)
+    )
+
+
+def split_messages(messages: object, where: str) -> tuple[str | None, str | None, str | None]:
+    """(prompt, response, context JSON) from a chat: the last assistant turn is the response, the user
+    turn before it the prompt, anything earlier (system, earlier turns) the context.
+
+    Raises:
+        DataError: not a list of {role, content} messages ending in a user turn and an assistant turn.
+    """
+    import json
+
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except ValueError:
+            messages = None
+    if hasattr(messages, "tolist"):  # a Parquet list column comes back as a numpy array
+        messages = messages.tolist()
+    fix = "Fix: give each row a list of {role, content} messages ending with a user turn and an assistant turn"
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
+    ):
+        raise DataError(f"{where}: messages are not a list of {{role, content}}. {fix}", check="messages_format")
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        raise DataError(f"{where}: the messages have no assistant turn to learn from. {fix}", check="messages_format")
+    if len(messages) < 2 or roles[-1] != "assistant" or roles[-2] != "user":
+        raise DataError(
+            f"{where}: the messages end with roles {roles[-2:]}, not a user turn then an assistant turn. {fix}",
+            check="messages_format",
+        )
+    context = [{"role": m["role"], "content": str(m["content"])} for m in messages[:-2]]
+    return (
+        _str_or_none(messages[-2]["content"]),
+        _str_or_none(messages[-1]["content"]),
+        json.dumps(context, ensure_ascii=False) if context else None,
+    )
+
+
+def _sft_rows(raw: pd.DataFrame, path: Path, fmt: str, sft: SftConfig, config_file: str, digest: bool) -> LoadedData:
+    import json
+
+    columns = ", ".join(map(str, raw.columns)) or "(none)"
+    lines = _lines(path, fmt, len(raw))
+    if sft.messages_column is not None:
+        if sft.messages_column not in raw.columns:
+            raise DataError(
+                f"column '{sft.messages_column}' not found in {path}; columns are: {columns}. "
+                f"Fix: set sft.messages_column in {config_file}",
+                check="required_columns",
+            )
+        rows = [
+            split_messages(m, f"{path} line {line}") for m, line in zip(raw[sft.messages_column], lines, strict=True)
+        ]
+        prompts, responses, contexts = (list(x) for x in zip(*rows, strict=True))
+        return _sft_frame(prompts, responses, contexts, lines, path, digest)
+    wanted = [sft.prompt_column, sft.response_column] + ([sft.system_column] if sft.system_column else [])
+    missing = [c for c in wanted if c not in raw.columns]
+    if missing:
+        which = " and ".join(f"'{c}'" for c in missing)
+        raise DataError(
+            f"column {which} not found in {path}; columns are: {columns}. Fix: set sft.prompt_column / "
+            f"sft.response_column{' / sft.system_column' if sft.system_column else ''} in {config_file}, "
+            "or sft.messages_column for chat messages",
+            check="required_columns",
+        )
+    if raw.empty:
+        raise DataError(f"data file {path} has a header but no rows. Fix: point data.path at a file with rows")
+    contexts: list[str | None] = [None] * len(raw)
+    if sft.system_column:
+        contexts = [
+            json.dumps([{"role": "system", "content": s}], ensure_ascii=False)
+            if isinstance(s, str) and s.strip()
+            else None
+            for s in raw[sft.system_column]
+        ]
+    return _sft_frame(list(raw[sft.prompt_column]), list(raw[sft.response_column]), contexts, lines, path, digest)
+
+
+def _read_chatterbot(path: Path, config_file: str, digest: bool) -> LoadedData:
+    """A chatterbot-corpus YAML file (or a folder of them): each conversation [a, b, c] gives rows a->b, b->c."""
+    import yaml
+
+    if not path.exists():
+        raise DataError(f"data path not found: {path}. Fix: set data.path in {config_file}", check="file_exists")
+    files = sorted(path.glob("*.yml")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"no .yml files in {path}. Fix: point data.path at chatterbot-corpus YAML", check="file_exists")
+    prompts: list[str] = []
+    responses: list[str] = []
+    for f in files:
+        try:
+            doc = yaml.safe_load(f.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read {f} as chatterbot YAML: {exc}. Fix: check the file") from exc
+        conversations = doc.get("conversations") if isinstance(doc, dict) else None
+        if not isinstance(conversations, list):
+            raise DataError(
+                f"{f} has no 'conversations' list. Fix: use chatterbot-corpus YAML (categories, conversations)",
+                check="file_format",
+            )
+        for conv in conversations:
+            if isinstance(conv, list):
+                for a, b in zip(conv, conv[1:], strict=False):
+                    prompts.append(a)
+                    responses.append(b)
+    if not prompts:
+        raise DataError(f"{path} holds no conversations. Fix: point data.path at chatterbot-corpus YAML")
+    n = len(prompts)
+    return _sft_frame(prompts, responses, [None] * n, list(range(1, n + 1)), path, digest)
+
+
 def _field(value: object) -> str:
     if value is None or value != value:  # None or NaN: a missing value
         return "-"
@@ -220,15 +376,30 @@ def content_digest(frame: pd.DataFrame, chunk_rows: int = 65536) -> str:
     blake = hashlib.blake2b
     lanes = np.zeros(4, dtype=np.uint64)
     texts, labels = frame[TEXT].tolist(), frame[LABEL].tolist()
+    # kind sft: a row's chat context is part of it (rows without one hash as before)
+    contexts = frame[CONTEXT].tolist() if CONTEXT in frame.columns else [None] * len(texts)
     for start in range(0, len(texts), chunk_rows):
+        end = start + chunk_rows
         hashes = b"".join(
             [
-                blake(f"{_field(t)}|{_field(lab)}".encode(), digest_size=32).digest()
-                for t, lab in zip(texts[start : start + chunk_rows], labels[start : start + chunk_rows], strict=True)
+                blake(
+                    (f"{_field(t)}|{_field(lab)}" + (f"|{_field(c)}" if isinstance(c, str) else "")).encode(),
+                    digest_size=32,
+                ).digest()
+                for t, lab, c in zip(texts[start:end], labels[start:end], contexts[start:end], strict=True)
             ]
         )
         lanes += np.frombuffer(hashes, dtype="<u8").reshape(-1, 4).sum(axis=0, dtype=np.uint64)
     return hashlib.sha256(f"tuneflow-rows-v2|{len(texts)}|{lanes.tobytes().hex()}".encode()).hexdigest()
+
+
+def row_key(frame: pd.DataFrame, normalized: pd.Series) -> pd.Series:
+    """What makes two rows the same row: the normalized text (classification), or for prompt/response rows
+    (a ``context`` column) the normalized prompt, response and context together."""
+    if CONTEXT not in frame.columns:
+        return normalized
+    response = frame[LABEL].map(lambda t: normalize_text(t) if isinstance(t, str) else "")
+    return normalized.fillna("") + "\x1f" + response + "\x1f" + frame[CONTEXT].fillna("")
 
 
 def _bucket(norm_text: str, salt: str) -> float:

@@ -7,20 +7,22 @@ The kind's ``evaluate`` (``tuneflow.kinds``) scores the new model and the curren
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float]  # accuracy, macro_f1, precision_<label>, recall_<label>, f1_<label>
-    confusion: list[list[int]]  # rows = true label, columns = predicted, in label order
-    labels: list[str]
-    predictions: list[int]
+    metrics: dict[str, float]  # classification: accuracy, macro_f1, ...; sft: eval_loss, perplexity, chrf, ...
+    confusion: list[list[int]] = field(default_factory=list)  # rows = true label, columns = predicted
+    labels: list[str] = field(default_factory=list)
+    predictions: list[int] = field(default_factory=list)
+    samples: pd.DataFrame | None = None  # sft: prompt / reference / generation / chrf / stopped_with_eos
 
 
 @dataclass
@@ -52,6 +54,33 @@ def plot_confusion(evaluation: Evaluation, path: Path, title: str = "Confusion m
     for i in range(n):
         for j in range(n):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > peak / 2 else "black")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_training_loss(log_history: list[dict], path: Path) -> Path | None:
+    """Training loss (and eval loss, when the trainer evaluated) against the step; None without logged losses."""
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title("Training loss", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

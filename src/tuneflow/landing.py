@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import pandas as pd
 
 from tuneflow.config import PipelineConfig
-from tuneflow.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table
+from tuneflow.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table, row_key, sft_settings
 from tuneflow.files import file_lock, write_json_atomic
 from tuneflow.reporting import unreadable_batch_html
 from tuneflow.validation import (
@@ -108,18 +108,19 @@ def _is_outside(path: Path, landing: Path) -> bool:
 
 
 def load_accepted(cfg: PipelineConfig, landing: Path) -> LoadedData | None:
-    """The union of accepted batches, deduplicated by normalized text (first delivery wins)."""
+    """The union of accepted batches, deduplicated by normalized text (kind sft: prompt, response and context;
+    first delivery wins)."""
     _, accepted, _ = folders(landing)
     files = sorted(p for p in accepted.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         return None
     frames = []
     for p in files:
-        frame = read_table(cfg.data, path=p, digest=False).frame
+        frame = read_table(cfg.data, path=p, digest=False, sft=sft_settings(cfg)).frame
         frames.append(frame.assign(**{BATCH: p.name}))
     union = pd.concat(frames, ignore_index=True)
     union[NORM] = union[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
-    union = union.drop_duplicates(NORM, keep="first").reset_index(drop=True)
+    union = union[~row_key(union, union[NORM]).duplicated(keep="first")].reset_index(drop=True)
     return LoadedData(frame=union, source=accepted, digest=content_digest(union), sources=tuple(files))
 
 
@@ -140,7 +141,7 @@ def judge_batch(
         )
         return failure_report(str(path), err), None
     try:
-        loaded = read_table(cfg.data, config_file="the config", path=path, digest=False)
+        loaded = read_table(cfg.data, config_file="the config", path=path, digest=False, sft=sft_settings(cfg))
     except DataError as err:
         return failure_report(str(path), err), None
     loaded.frame[NORM] = loaded.frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
@@ -243,7 +244,7 @@ def check_data(
                 check="file_exists",
             )
     else:
-        loaded = read_table(cfg.data, config_file)
+        loaded = read_table(cfg.data, config_file, sft=sft_settings(cfg))
         report = validate_frame(
             loaded.frame, cfg, loaded.source, raw=loaded.raw, tokenizer=tokenizer, docs_dir=docs_dir
         )

@@ -101,12 +101,13 @@ def _score_frame(
     model, kind: FineTuningKind, frame: pd.DataFrame, text_column: str, batch_size: int, version: str
 ) -> pd.DataFrame:
     texts = frame[text_column].fillna("").astype(str).tolist()
-    preds = pd.concat(
-        [model.predict(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)] or [kind.empty_output()],
-        ignore_index=True,
-    )
+    columns = {c: list(v) for c, v in kind.prediction_columns(kind.empty_output()).items()}
+    for i in range(0, len(texts), batch_size):
+        output = model.predict(kind.model_input(texts[i : i + batch_size]))
+        for column, values in kind.prediction_columns(output).items():
+            columns[column].extend(list(values))
     out = frame.copy()
-    for column, values in kind.prediction_columns(preds).items():
+    for column, values in columns.items():
         out[column] = values
     out["model_version"] = version
     return out
@@ -144,7 +145,7 @@ def score_path(
         out.to_csv(dst, index=False)
         outputs.append(str(dst))
         per_file[str(f)] = len(out)
-        for label, n in out["label"].value_counts().items():
+        for label, n in out["label"].value_counts().items() if "label" in out.columns else []:
             counts[str(label)] = counts.get(str(label), 0) + int(n)
     return BatchSummary(
         ref,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from tuneflow.config import PipelineConfig
+from tuneflow.config import PipelineConfig, higher_is_better
 from tuneflow.evaluate import Evaluation
 from tuneflow.kinds import get_kind
 from tuneflow.models import base_model_card
@@ -56,7 +56,7 @@ def decide(
     champion_version: str | None,
     min_improvement: float,
 ) -> Decision:
-    """The promotion gate (higher is better for every supported primary metric).
+    """The promotion gate, in the metric's own direction (``eval_loss`` and ``perplexity``: lower is better).
 
     No champion: the challenger (which passed validation to get here) becomes champion. Otherwise it
     must beat the champion's score on the same eval split by at least ``min_improvement``.
@@ -77,12 +77,13 @@ def decide(
             None,
             champion_version,
         )
-    delta = challenger_score - champion_score
+    # improvement in the metric's better direction; NaN (a broken score) never promotes
+    delta = challenger_score - champion_score if higher_is_better(metric) else champion_score - challenger_score
     if delta >= min_improvement and delta > 0:
         return Decision(
             True,
             f"{metric} {challenger_score:.4f} beats champion v{champion_version} ({champion_score:.4f}) by "
-            f"{delta:+.4f} (>= {min_improvement})",
+            f"{delta:+.4f} (>= {min_improvement}; {'higher' if higher_is_better(metric) else 'lower'} is better)",
             metric,
             challenger_score,
             champion_score,
@@ -91,7 +92,8 @@ def decide(
     return Decision(
         False,
         f"{metric} {challenger_score:.4f} vs champion v{champion_version} {champion_score:.4f}: {delta:+.4f} is "
-        f"not an improvement of at least {min_improvement}; champion kept",
+        f"not an improvement of at least {min_improvement} ({'higher' if higher_is_better(metric) else 'lower'} "
+        "is better); champion kept",
         metric,
         challenger_score,
         champion_score,
@@ -200,6 +202,7 @@ def register_version(
     tags: dict[str, str],
     description: str,
     example: list[str],
+    metrics: dict[str, float] | None = None,
 ) -> ModelVersion:
     """Log the model (transformers flavor) and its card into the active run, register it, alias it ``challenger``.
 
@@ -208,21 +211,28 @@ def register_version(
     2. the version is created with its lineage/decision tags AND the card as description in one call,
        so a version never exists without its card or tags;
     3. alias ``challenger``. Moving ``champion`` is a separate step (``tuneflow.history.move_champion``).
+
+    ``metrics`` (the eval metrics) go on the run the version points to and on MLflow's logged model, so the
+    registry page links to a run that shows them.
     """
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    kind = get_kind(cfg.kind)
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         name="model",
-        task=get_kind(cfg.kind).mlflow_task,
+        task=kind.mlflow_task,
         pip_requirements=pip_requirements(),
-        input_example=example[:2],
+        input_example=kind.input_example(example),
         # Without a card MLflow asks the Hugging Face Hub for one (offline: a warning on every run).
         model_card=base_model_card(cfg.model, description),
+        **kind.logging_options(cfg),
     )
     run_id = mlflow.active_run().info.run_id
+    if metrics:
+        mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, model_id=info.model_id)
     mlflow.log_text(description, CARD_FILE)
     name = cfg.registry.model_name
     all_tags = {

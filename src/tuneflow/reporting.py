@@ -27,9 +27,15 @@ def artifact_key(name: str, kind: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") + f"-{kind}"
 
 
+SFT_METRICS = ["eval_loss", "perplexity", "chrf", "eos_stop_share", "eval_response_tokens", "generations"]
+
+
 def metrics_table(rows: dict[str, dict[str, float] | None], labels: list[str]) -> str:
-    """A markdown table with one column per model (e.g. challenger, champion)."""
-    names = ["accuracy", "macro_f1"] + [f"{m}_{lab}" for lab in labels for m in ("precision", "recall", "f1")]
+    """A markdown table with one column per model (e.g. challenger, champion); no labels: kind sft's metrics."""
+    if labels:
+        names = ["accuracy", "macro_f1"] + [f"{m}_{lab}" for lab in labels for m in ("precision", "recall", "f1")]
+    else:
+        names = SFT_METRICS
     cols = list(rows)
     out = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for name in names:
@@ -124,8 +130,28 @@ def retrain_markdown(
         f"{len(split.train)} train / {len(split.eval)} eval rows; "
         f"tokenization {'loaded from cache' if tokenize_cache_hit else 'computed'}; "
         f"{training.epochs_run:g} epochs in {training.train_seconds:.0f} s.\n\n{table}\n\n"
-        f"MLflow run: [{run_id}]({url})"
+        + (
+            f"## Sample generations (greedy, eval split)\n\n{samples_markdown(evaluation.challenger.samples)}\n\n"
+            if evaluation.challenger.samples is not None
+            else ""
+        )
+        + f"MLflow run: [{run_id}]({url})"
     )
+
+
+def _cell(text: object, limit: int = 160) -> str:
+    value = str(text).replace("\n", " ").replace("|", "\\|")
+    return value if len(value) <= limit else value[: limit - 3] + "..."
+
+
+def samples_markdown(samples: pd.DataFrame, limit: int = 8) -> str:
+    """Prompt / reference / generation rows (kind sft) as a markdown table."""
+    rows = [
+        f"| {_cell(r.prompt)} | {_cell(r.reference)} | {_cell(r.generation)} | {r.chrf:.1f} | "
+        f"{'yes' if r.stopped_with_eos else 'no'} |"
+        for r in samples.head(limit).itertuples()
+    ]
+    return "| prompt | reference | generation | chrF | stopped with EOS |\n|---|---|---|---|---|\n" + "\n".join(rows)
 
 
 def nothing_new_markdown(cfg: PipelineConfig) -> str:
@@ -170,6 +196,8 @@ def model_card(
         validation: ``ValidationReport`` of the data (``None``: not available).
         training: ``TrainResult`` (``train_seconds``, ``epochs_run``; ``None``: not available).
     """
+    if cfg.kind == "sft":
+        return sft_model_card(cfg, decision, evaluation, split, data_digest, run_id, validation, training)
     labels = cfg.data.labels
     t = cfg.train
     cols: dict[str, dict[str, float] | None] = {"this version": evaluation.challenger.metrics}
@@ -240,5 +268,111 @@ def model_card(
         f"- It can only answer one of {', '.join(labels)}; other kinds of text still get one of these labels.",
         "- Scores are softmax probabilities, not calibrated; the metrics above hold for data like the eval split only.",
         "- Trained on the data above alone: texts from another source, language or period may score worse.",
+    ]
+    return "\n".join(lines)
+
+
+def _validation_lines(validation: ValidationReport | list[ValidationReport] | None) -> list[str]:
+    reports = validation if isinstance(validation, list) else [] if validation is None else [validation]
+    if validation is None:
+        return ["- Not recorded for this version."]
+    if not reports:
+        return [
+            "- No new batch in this run: the training data is the accepted batches, each validated when it arrived."
+        ]
+    lines = []
+    for report in reports:
+        passed = sum(c.success for c in report.checks)
+        lines.append(
+            f"- `{report.source}`: {'passed' if report.success else 'FAILED'}, {passed}/{len(report.checks)} "
+            f"Great Expectations checks met on {report.row_count} rows"
+        )
+        lines += [f"  - {c.status} `{c.name}`: {c.rule} (observed: {c.observed})" for c in report.checks]
+    return lines
+
+
+def sft_model_card(
+    cfg: PipelineConfig,
+    decision: Decision,
+    evaluation: EvaluateOutput,
+    split: Split,
+    data_digest: str,
+    run_id: str,
+    validation: ValidationReport | list[ValidationReport] | None = None,
+    training: TrainResult | None = None,
+) -> str:
+    """The model card of a kind sft version: base, template, LoRA, tokens trained, metrics vs champion, samples."""
+    t, s = cfg.train, cfg.sft
+    cols: dict[str, dict[str, float] | None] = {"this version": evaluation.challenger.metrics}
+    if evaluation.champion_version:
+        cols[f"champion v{evaluation.champion_version}"] = evaluation.champion.metrics if evaluation.champion else None
+    template = "custom (sft.chat_template)" if s.chat_template else "the base tokenizer's own, else a plain one"
+    lora = (
+        f"LoRA r={s.lora.r}, alpha={s.lora.alpha}, dropout={s.lora.dropout}, target_modules={s.lora.target_modules}; "
+        "adapters merged into the base weights for registration"
+        if s.lora.enabled
+        else "full fine-tuning (every weight trained)"
+    )
+    lines = [
+        f"# Model card: {cfg.registry.model_name}",
+        "",
+        f"Instruction-tuned (SFT) from `{cfg.model.base_model}`: a causal language model that answers a user "
+        "prompt in the chat format of its template.",
+        "",
+        "## Promotion decision",
+        f"**{'Promoted to champion' if decision.promote else 'Not promoted'}**: {decision.reason}",
+        "",
+        f"## Eval metrics (same eval split of {len(split.eval)} rows for every column)",
+        "",
+        "eval_loss: mean cross-entropy per response token (prompt excluded); perplexity = exp(eval_loss); chrF: "
+        f"greedy generations (at most {s.max_new_tokens} new tokens) against the reference; eos_stop_share: "
+        "generations that ended with EOS.",
+        "",
+        metrics_table(cols, []),
+    ]
+    if evaluation.champion_version and evaluation.champion is None:
+        lines += ["", f"Champion v{evaluation.champion_version} could not be scored: {evaluation.champion_error}"]
+    if evaluation.challenger.samples is not None:
+        lines += ["", "## Sample generations", "", samples_markdown(evaluation.challenger.samples, limit=5)]
+    lines += [
+        "",
+        "## Data",
+        f"- Source: `{cfg.data.path or cfg.data.landing}`; content digest `{data_digest}`",
+        f"- Split by prompt hash (eval_fraction {cfg.data.eval_fraction}, salt `{cfg.data.split_salt}`): "
+        f"{len(split.train)} train / {len(split.eval)} eval rows",
+        "",
+        "## Validation",
+        *_validation_lines(validation),
+        "",
+        "## Training",
+        f"- Config `{cfg.name}` (digest `{cfg.digest()}`): max_length {cfg.model.max_length}, epochs <= {t.epochs:g}"
+        + (f", max_steps {s.max_steps}" if s.max_steps else "")
+        + f", batch {t.batch_size}, learning rate {t.learning_rate:g}, seed {t.seed}, bf16 {t.bf16}, "
+        f"packing {s.packing}, padding-free {s.padding_free or s.packing}",
+        f"- Chat template: {template}; loss on response tokens only, each response ending with a trained EOS",
+        f"- {lora}",
+    ]
+    if training is not None:
+        extra = training.extra
+        lines.append(
+            f"- {training.steps} steps ({training.epochs_run:.2f} epochs) in {training.train_seconds:.1f} s on "
+            f"{extra.get('train_rows', 0):.0f} rows, {extra.get('response_tokens_per_epoch', 0):.0f} response tokens "
+            f"per epoch; {extra.get('trainable_parameters', 0):,.0f} of {extra.get('total_parameters', 0):,.0f} "
+            "parameters trained"
+        )
+        size = sum(p.numel() * p.element_size() for p in training.model.parameters())
+        lines.append(f"- Size of this version: {size / 2**20:.0f} MiB of weights ({training.model.dtype})")
+    lines += [
+        f"- MLflow run `{run_id}`",
+        "",
+        "## Intended use",
+        "Answer prompts like those in the training data, through `tuneflow predict` (one generation per prompt) or "
+        "`mlflow models serve` (an OpenAI-style chat endpoint). Review sample generations before promoting by hand.",
+        "",
+        "## Known limits",
+        f"- A prompt and its answer share {cfg.model.max_length} tokens; longer prompts are rejected by validation.",
+        "- A small model fine-tuned on little data: answers can be wrong, repetitive or off-topic; chrF measures "
+        "overlap with one reference answer, not truth.",
+        "- Trained on the data above alone: prompts from another domain or language may get worse answers.",
     ]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from tuneflow.config import PipelineConfig
-from tuneflow.data import LABEL, TEXT, read_table, split_by_text_hash
+from tuneflow.data import LABEL, TEXT, read_table, sft_settings, split_by_text_hash
 from tuneflow.evaluate import Evaluation
 from tuneflow.history import Move, move_champion, read_history, rollback_target
 from tuneflow.landing import load_accepted
@@ -68,8 +68,10 @@ def current_eval_frame(cfg: PipelineConfig, config_file: str = "the config") -> 
             )
         frame = accepted.frame
     else:
-        frame = read_table(cfg.data, config_file).frame
-    usable = frame[frame[TEXT].notna() & frame[LABEL].isin(cfg.data.labels)]
+        frame = read_table(cfg.data, config_file, sft=sft_settings(cfg)).frame
+    # kind sft has no label set: any row with a prompt and a response can be scored
+    known = frame[LABEL].isin(cfg.data.labels) if cfg.data.labels else frame[LABEL].notna()
+    usable = frame[frame[TEXT].notna() & known]
     if len(usable) < len(frame):
         log.info(
             "left out %d of %d rows without text or with a label outside %s",

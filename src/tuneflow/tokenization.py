@@ -80,6 +80,7 @@ def cache_key(
     }
     if kind != "classification":  # keeps the keys of existing classification caches
         spec["kind"] = kind
+        spec["chat_template"] = getattr(tokenizer, "chat_template", None)
     blob = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -126,7 +127,7 @@ def tokenize_split(
 
 def tokenize_data(cfg: PipelineConfig, data: LoadedData, split: Split, cache_root: Path) -> Tokenized:
     """Tokenize both splits with the base model's tokenizer, or load them from ``cache_root/tokenized``."""
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = get_kind(cfg.kind).prepare_tokenizer(load_tokenizer(cfg.model), cfg)
     return tokenize_split(
         split,
         tokenizer,

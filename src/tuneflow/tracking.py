@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneflow.data import LABEL, TEXT, LoadedData, Split, content_digest
-from tuneflow.evaluate import Evaluation, plot_confusion
+from tuneflow.evaluate import Evaluation, plot_confusion, plot_training_loss
 from tuneflow.models import resolve_base_model
 from tuneflow.registry import TAG, ChampionScore, Decision, decision_tags
 from tuneflow.tokenization import Tokenized, tokenizer_fingerprint
@@ -279,7 +280,13 @@ def log_training(cfg: PipelineConfig, result: TrainResult) -> None:
     mlflow.log_params(
         {"base_model": cfg.model.base_model, "base_model_path": str(resolve_base_model(cfg.model.base_model))}
     )
-    mlflow.log_metrics({"train_seconds": result.train_seconds, "epochs_run": result.epochs_run, "steps": result.steps})
+    mlflow.log_metrics(
+        {"train_seconds": result.train_seconds, "epochs_run": result.epochs_run, "steps": result.steps, **result.extra}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_training_loss(result.log_history, Path(tmp) / "training_loss.png")
+        if png is not None:
+            mlflow.log_artifact(str(png), "plots")
 
 
 def log_evaluation(evaluation: Evaluation, parent_run_id: str, plots_dir: Path) -> None:
@@ -290,10 +297,14 @@ def log_evaluation(evaluation: Evaluation, parent_run_id: str, plots_dir: Path) 
     client = mlflow.MlflowClient()
     for k, v in evaluation.metrics.items():
         client.log_metric(parent_run_id, f"eval/{k}", v)
-    png = plot_confusion(evaluation, plots_dir / "confusion_matrix.png")
-    mlflow.log_artifact(str(png), "plots")
-    client.log_artifact(parent_run_id, str(png), "plots")
-    mlflow.log_dict({"labels": evaluation.labels, "matrix": evaluation.confusion}, "confusion_matrix.json")
+    if evaluation.confusion:
+        png = plot_confusion(evaluation, plots_dir / "confusion_matrix.png")
+        mlflow.log_artifact(str(png), "plots")
+        client.log_artifact(parent_run_id, str(png), "plots")
+        mlflow.log_dict({"labels": evaluation.labels, "matrix": evaluation.confusion}, "confusion_matrix.json")
+    if evaluation.samples is not None:  # kind sft: prompt / reference / generation, browsable in the MLflow UI
+        mlflow.log_table(evaluation.samples, "eval_generations.json")
+        mlflow.log_table(evaluation.samples, "eval_generations.json", run_id=parent_run_id)
 
 
 def log_champion_score(champion: ChampionScore, parent_run_id: str, plots_dir: Path) -> None:
@@ -310,6 +321,10 @@ def log_champion_score(champion: ChampionScore, parent_run_id: str, plots_dir: P
     for k, v in metrics.items():
         client.log_metric(parent_run_id, k, v)
     client.set_tag(parent_run_id, "tuneflow.champion_version", champion.version)
+    if champion.evaluation.samples is not None:
+        mlflow.log_table(champion.evaluation.samples, "champion_generations.json")
+    if not champion.evaluation.confusion:
+        return
     png = plot_confusion(
         champion.evaluation,
         plots_dir / "champion_confusion_matrix.png",

@@ -1,4 +1,5 @@
-"""Training: fine-tune the base model with the transformers Trainer (the model and collator come from the kind)."""
+"""Training: what every kind's training shares (the result, MLflow metrics while training) and the transformers
+``Trainer`` loop that kind classification uses (model, collator and metrics come from the kind)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneflow.config import PipelineConfig
-from tuneflow.kinds import get_kind
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tuneflow.kinds import FineTuningKind
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +31,10 @@ class TrainResult:
     steps: int
     train_seconds: float
     log_history: list[dict[str, Any]]
+    extra: dict[str, float] = field(default_factory=dict)  # kind-specific figures, logged as metrics
 
 
-def _mlflow_callback():
+def mlflow_callback():
     from transformers import TrainerCallback
 
     class MlflowMetrics(TrainerCallback):
@@ -55,8 +58,8 @@ def _mlflow_callback():
     return MlflowMetrics()
 
 
-def train_model(
-    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path
+def train_with_trainer(
+    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path, kind: FineTuningKind
 ) -> TrainResult:
     """Fine-tune ``cfg.model.base_model`` on ``data["train"]``, evaluating on ``data["eval"]`` each epoch.
 
@@ -67,7 +70,6 @@ def train_model(
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
     t = cfg.train
-    kind = get_kind(cfg.kind)
     if t.threads:
         torch.set_num_threads(t.threads)
     set_seed(t.seed)
@@ -102,7 +104,7 @@ def train_model(
         disable_tqdm=False,
         dataloader_num_workers=0,
     )
-    callbacks = [_mlflow_callback()]
+    callbacks = [mlflow_callback()]
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     trainer = Trainer(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     import pandas as pd
     from datasets import DatasetDict
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from tuneflow.config import PipelineConfig
     from tuneflow.data import Split
     from tuneflow.evaluate import Evaluation
+    from tuneflow.train import TrainResult
 
 
 class FineTuningKind(Protocol):
@@ -28,10 +30,18 @@ class FineTuningKind(Protocol):
     def load_model(self, cfg: PipelineConfig) -> PreTrainedModel:
         """The base model, ready to fine-tune (e.g. with a new head)."""
 
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase, cfg: PipelineConfig) -> PreTrainedTokenizerBase:
+        """The base model's tokenizer as this kind uses it (e.g. a chat template and pad token set)."""
+
     def encode(
         self, split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int, labels: list[str]
     ) -> DatasetDict:
         """Both splits as model inputs (``train`` / ``eval``), unpadded."""
+
+    def train(
+        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path
+    ) -> TrainResult:
+        """Fine-tune on ``data["train"]``; the result's model is what gets evaluated and registered."""
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         """Pads each training batch to its longest row."""
@@ -49,10 +59,19 @@ class FineTuningKind(Protocol):
     ) -> Evaluation:
         """Score a model (the new one or the champion) on eval rows, with the same code for both."""
 
-    def prediction_columns(self, output: pd.DataFrame) -> dict[str, Any]:
+    def model_input(self, texts: list[str]) -> Any:
+        """What the logged MLflow model's ``predict`` takes for a batch of input texts."""
+
+    def input_example(self, texts: list[str]) -> Any:
+        """The input example logged with the MLflow model, from a few eval texts."""
+
+    def logging_options(self, cfg: PipelineConfig) -> dict[str, Any]:
+        """Extra keyword arguments for ``mlflow.transformers.log_model`` (e.g. generation settings)."""
+
+    def prediction_columns(self, output: Any) -> dict[str, Any]:
         """The columns batch scoring adds, from the logged MLflow model's output."""
 
-    def empty_output(self) -> pd.DataFrame:
+    def empty_output(self) -> Any:
         """The model output of zero rows."""
 
 
@@ -66,5 +85,6 @@ def get_kind(name: str) -> FineTuningKind:
 
 # Imported after the protocol: a kind module may import from this package's other modules.
 from tuneflow.kinds.classification import Classification  # noqa: E402
+from tuneflow.kinds.sft import Sft  # noqa: E402
 
-KINDS: dict[str, type[FineTuningKind]] = {"classification": Classification}
+KINDS: dict[str, type[FineTuningKind]] = {"classification": Classification, "sft": Sft}

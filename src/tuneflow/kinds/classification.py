@@ -16,9 +16,11 @@ from tuneflow.config import ModelConfig, PipelineConfig
 from tuneflow.data import LABEL, TEXT, Split
 from tuneflow.evaluate import Evaluation
 from tuneflow.models import resolve_base_model
+from tuneflow.train import TrainResult, train_with_trainer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from datasets import DatasetDict
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -147,6 +149,15 @@ class Classification:
         )
         return dd.map(encode, batched=True, batch_size=_MAP_BATCH, remove_columns=[TEXT], desc="Tokenizing")
 
+    def prepare_tokenizer(self, tokenizer: PreTrainedTokenizerBase, cfg: PipelineConfig) -> PreTrainedTokenizerBase:
+        return tokenizer
+
+    def train(
+        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path
+    ) -> TrainResult:
+        """The transformers ``Trainer``: per-epoch evaluation, early stopping, best epoch restored."""
+        return train_with_trainer(cfg, tokenizer, data, work_dir, self)
+
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         from transformers import DataCollatorWithPadding
 
@@ -179,6 +190,15 @@ class Classification:
             max_length,
             cfg.train.eval_batch_size,
         )
+
+    def model_input(self, texts: list[str]) -> Any:
+        return texts
+
+    def input_example(self, texts: list[str]) -> Any:
+        return texts[:2]
+
+    def logging_options(self, cfg: PipelineConfig) -> dict[str, Any]:
+        return {}
 
     def prediction_columns(self, output: pd.DataFrame) -> dict[str, Any]:
         """The columns ``tuneflow predict`` adds, from the MLflow model's output (``label``, ``score``)."""
