@@ -9,14 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
+from sft_fixtures import build_tiny_llama, sft_config, sft_frame
 from tuneflow.config import PipelineConfig
 from tuneflow.data import read_table, sft_settings, split_data
 from tuneflow.kinds import get_kind
 from tuneflow.kinds.sft import IGNORE, encode_row, generate, prepare_tokenizer, sft_trainer
 from tuneflow.models import load_tokenizer
 from tuneflow.registry import decide
-
-from sft_fixtures import build_tiny_llama, sft_config, sft_frame
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +165,13 @@ def test_sft_config_defaults_and_refusals(tiny_llama, sft_data):
 
 def test_messages_column_gives_prompt_response_and_context(tiny_llama, workdir):
     rows = [
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
-                      {"role": "assistant", "content": "Hello."}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello."},
+            ]
+        },
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]},
     ]
     path = workdir / "chat.jsonl"
@@ -218,10 +222,17 @@ def test_flow_registers_a_chat_model_that_reloads_offline_with_the_same_greedy_o
     out = pyfunc.predict([{"messages": [{"role": "user", "content": p}]} for p in prompts])
     assert [o["choices"][0]["message"]["content"].strip() for o in out] == expected
     # and the reloaded weights are the trained ones, not a re-initialised base (the PEFT trap)
-    base_loss = get_kind("sft").evaluate(
-        get_kind("sft").load_model(cfg), tok, split_data(read_table(cfg.data, sft=sft_settings(cfg)), cfg.data).eval,
-        cfg, 64,
-    ).metrics["eval_loss"]
+    base_loss = (
+        get_kind("sft")
+        .evaluate(
+            get_kind("sft").load_model(cfg),
+            tok,
+            split_data(read_table(cfg.data, sft=sft_settings(cfg)), cfg.data).eval,
+            cfg,
+            64,
+        )
+        .metrics["eval_loss"]
+    )
     assert m["eval_loss"] < base_loss
 
     # batch prediction: one generation per prompt
