@@ -46,8 +46,9 @@ def _base_env(home: Path) -> dict[str, str]:
 class Stack:
     """What the scenarios share: API URL, landing zone, MLflow store, the client helpers."""
 
-    def __init__(self, api: str, landing: Path, mlflow_uri: str, log: Path):
+    def __init__(self, api: str, landing: Path, mlflow_uri: str, log: Path, model_name: str = "tiny-clf"):
         self.api, self.landing, self.mlflow_uri, self.log = api, landing, mlflow_uri, log
+        self.model_name = model_name
 
     def client(self):
         from prefect.client.orchestration import SyncPrefectClient
@@ -85,7 +86,9 @@ class Stack:
         return sorted(
             (
                 str(v.version)
-                for v in MlflowClient(self.mlflow_uri, self.mlflow_uri).search_model_versions("name='tiny-clf'")
+                for v in MlflowClient(self.mlflow_uri, self.mlflow_uri).search_model_versions(
+                    f"name='{self.model_name}'"
+                )
             ),
             key=int,
         )
@@ -130,9 +133,8 @@ class Stack:
         return path
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_dir):
-    tmp = tmp_path_factory.mktemp("deployments")
+def _start_stack(tmp: Path, cfg: dict, landing: Path, model_name: str):
+    """Start ``prefect server`` and ``tuneflow serve`` for one config; yields the Stack, kills both after."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = _base_env(tmp / "prefect-home")
@@ -160,16 +162,6 @@ def stack(tmp_path_factory, tiny_model_dir):
                     raise RuntimeError(f"prefect server did not start:\n{log_tail}") from exc
                 time.sleep(0.5)
 
-        landing = tmp / "landing"
-        (landing / "accepted").mkdir(parents=True)
-        (landing / "incoming").mkdir()
-        make_rows(60, seed=100).to_csv(
-            landing / "accepted" / "seed.csv", index=False
-        )  # what the scheduled run trains on
-        cfg = tiny_config_dict(Path("unused"), tiny_model_dir)
-        cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
-        cfg["schedule"] = {"cron": "* * * * *", "timezone": "UTC"}  # the shortest cron: fires at the next minute
-        cfg["watch"] = {"quiet_seconds": QUIET_S, "poll_seconds": 0.3}
         config_path = tmp / "tiny.yaml"
         config_path.write_text(yaml.safe_dump(cfg))
         mlflow_uri = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
@@ -193,12 +185,13 @@ def stack(tmp_path_factory, tiny_model_dir):
                     start_new_session=True,
                 )
             )
-        st = Stack(api, landing, mlflow_uri, serve_log)
+        st = Stack(api, landing, mlflow_uri, serve_log, model_name)
         deadline = time.monotonic() + 120
         while True:
             try:
                 st.runs("retrain/on-new-data")
-                st.runs("retrain/scheduled")
+                if cfg.get("schedule"):
+                    st.runs("retrain/scheduled")
                 break
             except Exception as exc:
                 if time.monotonic() > deadline or procs[1].poll() is not None:
@@ -211,6 +204,20 @@ def stack(tmp_path_factory, tiny_model_dir):
         for p in reversed(procs):
             stop_group(p)
         server_log.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("deployments")
+    landing = tmp / "landing"
+    (landing / "accepted").mkdir(parents=True)
+    (landing / "incoming").mkdir()
+    make_rows(60, seed=100).to_csv(landing / "accepted" / "seed.csv", index=False)  # what the scheduled run trains on
+    cfg = tiny_config_dict(Path("unused"), tiny_model_dir)
+    cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
+    cfg["schedule"] = {"cron": "* * * * *", "timezone": "UTC"}  # the shortest cron: fires at the next minute
+    cfg["watch"] = {"quiet_seconds": QUIET_S, "poll_seconds": 0.3}
+    yield from _start_stack(tmp, cfg, landing, "tiny-clf")
 
 
 def test_a_scheduled_run_fires_and_registers_a_model(stack):
@@ -298,3 +305,38 @@ def test_a_trigger_during_a_running_retrain_is_queued_and_runs_after_it(stack):
         f"first {first.start_time}..{first.end_time} (slot released {released[0]}), "
         f"second waited from {waited[0]}, got the slot {got_slot[0]}"
     )
+
+
+@pytest.fixture(scope="module")
+def sft_stack(tmp_path_factory):
+    from sft_fixtures import build_tiny_llama, sft_config, sft_frame
+
+    tmp = tmp_path_factory.mktemp("deployments-sft")
+    base = build_tiny_llama(tmp / "tiny-llama")
+    landing = tmp / "landing"
+    (landing / "accepted").mkdir(parents=True)
+    (landing / "incoming").mkdir()
+    cfg = sft_config(base, Path("unused"))
+    cfg["data"] = {"landing": str(landing), "eval_fraction": 0.25}
+    cfg["watch"] = {"quiet_seconds": QUIET_S, "poll_seconds": 0.3}
+    st = next(gen := _start_stack(tmp, cfg, landing, "tiny-sft"))
+    st.sft_rows = sft_frame
+    try:
+        yield st
+    finally:
+        gen.close()
+
+
+def test_an_sft_batch_in_the_landing_zone_is_retrained_through_serve(sft_stack):
+    path = sft_stack.landing / "incoming" / "pairs-1.jsonl"
+    tmp = path.with_name(path.name + ".part")
+    sft_stack.sft_rows(48).to_json(tmp, orient="records", lines=True)
+    os.rename(tmp, path)
+    run = sft_stack.wait_runs("retrain/on-new-data", 1, timeout=180)[-1]
+    assert run.state_type.value == "COMPLETED", sft_stack.explain(run)
+    assert sft_stack.versions() == ["1"]
+    assert (sft_stack.landing / "accepted" / "pairs-1.jsonl").exists()
+    from mlflow import MlflowClient
+
+    mv = MlflowClient(sft_stack.mlflow_uri, sft_stack.mlflow_uri).get_model_version("tiny-sft", "1")
+    assert mv.tags["tuneflow.kind"] == "sft" and mv.tags["tuneflow.decision"] == "promoted"

@@ -107,7 +107,8 @@ def test_library_log_lines_reach_the_flow_run_logs(prefect_harness):
     from tuneflow.data import LoadedData
     from tuneflow.validation import drop_out_of_bounds
 
-    class Cfg:  # drop_out_of_bounds reads cfg.validation only
+    class Cfg:  # drop_out_of_bounds reads cfg.validation and cfg.kind only
+        kind = "classification"
         validation = ValidationConfig(min_text_chars=2, max_text_chars=10, text_length_mostly=0.5)
 
     loaded = LoadedData(

@@ -206,11 +206,16 @@ def test_flow_registers_a_chat_model_that_reloads_offline_with_the_same_greedy_o
     assert "LoRA r=4" in card and "Sample generations" in card and "Size of this version" in card
     # the run a version points to carries the eval metrics, and so does MLflow's logged model
     assert client.get_run(mv.run_id).data.metrics["eval/eval_loss"] == pytest.approx(m["eval_loss"])
-    logged = mlflow.get_logged_model(mv.model_id)
+    logged = mlflow.get_logged_model(mv.source.removeprefix("models:/"))
     assert any(x.key == "eval/eval_loss" for x in logged.metrics)
     parent = client.get_run(first["run_id"])
     assert "eval_generations.json" in [a.path for a in client.list_artifacts(first["run_id"])]
-    assert "plots/training_loss.png" in [a.path for a in client.list_artifacts(first["run_id"], "plots")]
+    (train_run,) = mlflow.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}' and tags.tuneflow.stage = 'train'",
+        output_format="list",
+    )
+    assert "plots/training_loss.png" in [a.path for a in client.list_artifacts(train_run.info.run_id, "plots")]
     assert parent.data.metrics["eval/eval_loss"] == pytest.approx(m["eval_loss"])
 
     # offline reload through pyfunc (the chat endpoint) == the registered weights' own greedy generation

@@ -23,3 +23,25 @@ def test_default_config_trains_a_real_model_to_at_least_090_macro_f1(workdir):
     assert result["metrics"]["macro_f1"] >= 0.90, result["metrics"]
     champion = MlflowClient().get_model_version_by_alias(cfg.registry.model_name, "champion")
     assert str(champion.version) == result["version"]
+
+
+def test_sft_config_fine_tunes_smollm2_and_the_eval_loss_falls(workdir):
+    """SmolLM2-135M-Instruct (the shipped GGUF, converted once) with LoRA on chatterbot pairs, a few steps."""
+    from pathlib import Path
+
+    from tuneflow.data import read_table, resolve_path, sft_settings, split_data
+    from tuneflow.flows.retrain import retrain
+    from tuneflow.kinds import get_kind
+    from tuneflow.models import load_tokenizer
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = ["sft.max_steps=12", "sft.generations=4", "sft.max_new_tokens=24"]
+    cfg = load_config(repo / "configs/chatterbot-sft.yaml", overrides)
+    kind = get_kind("sft")
+    tokenizer = kind.prepare_tokenizer(load_tokenizer(cfg.model), cfg)
+    loaded = read_table(cfg.data, sft=sft_settings(cfg), path=resolve_path(cfg.data.path))
+    eval_rows = split_data(loaded, cfg.data).eval
+    base = kind.evaluate(kind.load_model(cfg), tokenizer, eval_rows, cfg, cfg.model.max_length).metrics
+    result = retrain(cfg, config_file="configs/chatterbot-sft.yaml")
+    assert result["metrics"]["eval_loss"] < base["eval_loss"], (result["metrics"], base)
+    assert result["promoted"] is True

@@ -1,4 +1,4 @@
-"""Custom Great Expectations 1.x expectations for text-classification data.
+"""Custom Great Expectations 1.x expectations for text-classification and prompt/response (sft) data.
 
 GE 1.x customizes an expectation by subclassing a built-in one with fixed parameters and a
 description. Each class here checks a column that ``tuneflow.validation`` derives from the batch (and from
@@ -28,6 +28,15 @@ class ExpectTextsToHaveOneLabel(gxe.ExpectColumnValuesToBeInSet):
     column: str = "label_conflict"
     value_set: list = [False]
     description: str = "The same text never carries conflicting labels"
+
+
+class ExpectPromptsToHaveOneResponse(gxe.ExpectColumnValuesToBeInSet):
+    """No normalized prompt (in the same context) appears with two different responses (in the batch or in
+    accepted data)."""
+
+    column: str = "response_conflict"
+    value_set: list = [False]
+    description: str = "The same prompt never has two different responses"
 
 
 class ExpectRowsToBeNewData(gxe.ExpectColumnValuesToBeInSet):

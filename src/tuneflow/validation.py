@@ -3,12 +3,15 @@
 Each check is one Great Expectations expectation (built-in, or a subclass in ``tuneflow.expectations``)
 plus a human rule, a threshold, a fix and a severity (``error`` stops the run, ``warn`` is reported,
 ``off`` skips it; defaults in ``tuneflow.config.DEFAULT_SEVERITY``). Adding a check means adding one
-``Check`` to ``build_checks``. Checks run on four small tables derived from the batch:
+``Check`` to ``build_checks``. The checks depend on the kind of fine-tuning: ``CLASSIFICATION_CHECKS`` run
+only for kind classification, ``SFT_CHECKS`` only for kind sft (where TEXT holds the prompt and LABEL the
+response), the others for both. Checks run on four small tables derived from the batch:
 
 - ``schema``: the text and label columns as the file typed them (index = line in the file);
 - ``rows``: one row per record (index = line) with derived columns: normalized text, token count,
-  whether the text conflicts with another label, whether it was accepted before;
-- ``classes``: rows and imbalance per configured label;
+  whether the text conflicts with another label, whether it was accepted before (kind sft: the
+  normalized prompt + response pair, the templated token counts, whether the prompt has another response);
+- ``classes``: rows and imbalance per configured label (classification only);
 - ``drift``: p-values of the batch against accepted data (only when there is accepted data).
 """
 
@@ -25,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from tuneflow.config import PipelineConfig, Severity
-from tuneflow.data import LABEL, LINE, TEXT, DataError, LoadedData, normalize_text
+from tuneflow.config import CLASSIFICATION_CHECKS, SFT_CHECKS, PipelineConfig, Severity
+from tuneflow.data import CONTEXT, LABEL, LINE, TEXT, DataError, LoadedData, normalize_text, row_key
 from tuneflow.reporting import validation_summary
 
 if TYPE_CHECKING:
@@ -44,6 +47,14 @@ ROWS = "rows"
 IMBALANCE = "imbalance"
 LABEL_P = "label_drift_p_value"
 LENGTH_P = "length_drift_p_value"
+# kind sft
+PAIR = "pair_normalized"  # what makes two rows the same row: normalized prompt, response and context
+PROMPT_TOKENS = "prompt_tokens"  # the templated prompt (context + prompt + generation prompt)
+PAIR_TOKENS = "pair_tokens"  # the templated prompt + response, as trained
+RESPONSE_CONFLICT = "response_conflict"
+LENGTH_OF = "length_of"  # index of kind sft's drift table: prompt length, response length
+TOKEN_CHECKS = frozenset({"text_tokens", "prompt_tokens", "pair_tokens"})  # skipped without a tokenizer
+SCHEMA_CHECKS = ("text_type", "label_type", "response_type")  # when one fails, the row checks are skipped
 # Any tokenizer here makes at most one token per UTF-8 byte, plus a few special tokens; a text whose
 # byte length plus this margin is within the token limit cannot exceed it and is not tokenized.
 _TOKEN_MARGIN = 8
@@ -144,20 +155,36 @@ def failure_report(source: str, error: DataError) -> ValidationReport:
     )
 
 
+def _column_names(cfg: PipelineConfig) -> tuple[str, str]:
+    """The names a user knows the text and label columns by: kind sft's prompt and response columns (or the
+    turns of its messages column), else data.text_column / data.label_column."""
+    if cfg.kind != "sft":
+        return cfg.data.text_column, cfg.data.label_column
+    s = cfg.sft
+    if s.messages_column is not None:
+        return f"{s.messages_column} (last user turn)", f"{s.messages_column} (last assistant turn)"
+    return s.prompt_column, s.response_column
+
+
 def build_checks(cfg: PipelineConfig) -> list[Check]:
+    """The checks of ``cfg.kind``, in report order (every severity, ``off`` included)."""
     import great_expectations.expectations as gxe
 
     from tuneflow import expectations as tfx  # imports Great Expectations (3.5 s): only when checks run
 
     v, d = cfg.validation, cfg.data
+    sft = cfg.kind == "sft"
+    text_col, label_col = _column_names(cfg)
+    text, texts = ("prompt", "prompts") if sft else ("text", "texts")
     tokens = v.max_text_tokens or cfg.model.max_length
-    return [
+    limit = cfg.model.max_length  # kind sft: what training truncates prompt + response to
+    checks = [
         Check(
             "text_type",
             "schema",
-            "texts are strings",
+            f"{texts} are strings",
             "str",
-            f"store '{d.text_column}' as text (quote numbers in CSV, strings in JSONL/Parquet)",
+            f"store '{text_col}' as text (quote numbers in CSV, strings in JSONL/Parquet)",
             lambda: gxe.ExpectColumnValuesToBeInTypeList(column=TEXT, type_list=["str"]),
         ),
         Check(
@@ -169,25 +196,33 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
             lambda: gxe.ExpectColumnValuesToBeInTypeList(column=LABEL, type_list=_LABEL_TYPES),
         ),
         Check(
+            "response_type",
+            "schema",
+            "responses are strings",
+            "str",
+            f"store '{label_col}' as text (quote numbers in CSV, strings in JSONL/Parquet)",
+            lambda: gxe.ExpectColumnValuesToBeInTypeList(column=LABEL, type_list=["str"]),
+        ),
+        Check(
             "text_not_null",
             "rows",
-            "every row has a text",
+            f"every row has a {text}",
             "0 nulls",
-            f"fill or drop rows with an empty '{d.text_column}'",
+            f"fill or drop rows with an empty '{text_col}'",
             lambda: gxe.ExpectColumnValuesToNotBeNull(column=TEXT),
         ),
         Check(
             "text_not_blank",
             "rows",
-            "no text is only whitespace",
+            f"no {text} is only whitespace",
             "0 rows",
-            f"drop rows whose '{d.text_column}' is blank",
+            f"drop rows whose '{text_col}' is blank",
             lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=TEXT, regex=r"^\s*$"),
         ),
         Check(
             "text_length",
             "rows",
-            f"text length is {v.min_text_chars}..{v.max_text_chars} characters"
+            f"{text} length is {v.min_text_chars}..{v.max_text_chars} characters"
             + (f" for at least {v.text_length_mostly:.1%} of rows" if v.text_length_mostly < 1 else ""),
             f"{v.min_text_chars}..{v.max_text_chars} chars"
             + (f", mostly {v.text_length_mostly}" if v.text_length_mostly < 1 else ""),
@@ -208,7 +243,7 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
         Check(
             "text_encoding",
             "rows",
-            "no control characters or broken encoding (mojibake)",
+            f"no control characters or broken encoding (mojibake){' in prompts' if sft else ''}",
             "0 rows",
             "re-export the data as UTF-8 from its source (text decoded with the wrong codec looks like 'Ã©')",
             lambda: tfx.ExpectTextToBeCleanUnicode(column=TEXT),
@@ -216,10 +251,45 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
         Check(
             "label_not_null",
             "rows",
-            "every row has a label",
+            f"every row has a {'response' if sft else 'label'}",
             "0 nulls",
-            f"fill or drop rows with an empty '{d.label_column}'",
+            f"fill or drop rows with an empty '{label_col}'",
             lambda: gxe.ExpectColumnValuesToNotBeNull(column=LABEL),
+        ),
+        Check(
+            "response_not_blank",
+            "rows",
+            "no response is only whitespace",
+            "0 rows",
+            f"drop rows whose '{label_col}' is blank, or write their response",
+            lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=LABEL, regex=r"^\s*$"),
+        ),
+        Check(
+            "response_encoding",
+            "rows",
+            "no control characters or broken encoding (mojibake) in responses",
+            "0 rows",
+            "re-export the data as UTF-8 from its source (text decoded with the wrong codec looks like 'Ã©'); "
+            "the model would learn to write it",
+            lambda: tfx.ExpectTextToBeCleanUnicode(column=LABEL),
+        ),
+        Check(
+            "prompt_tokens",
+            "rows",
+            f"the prompt with its context and the chat template is shorter than {limit} tokens "
+            "(else no response token fits and the row trains nothing)",
+            f"< {limit} tokens",
+            "shorten those prompts (or their system message / earlier turns), or raise model.max_length",
+            lambda: gxe.ExpectColumnValuesToBeBetween(column=PROMPT_TOKENS, max_value=limit - 1),
+        ),
+        Check(
+            "pair_tokens",
+            "rows",
+            f"prompt and response fit in {limit} tokens with the chat template",
+            f"<= {limit} tokens",
+            "longer responses are cut in training (the model never sees their end and learns no stop): "
+            "shorten them, or raise model.max_length",
+            lambda: gxe.ExpectColumnValuesToBeBetween(column=PAIR_TOKENS, max_value=limit),
         ),
         Check(
             "label_in_set",
@@ -232,11 +302,12 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
         Check(
             "duplicate_rate",
             "rows",
-            f"at most {v.max_duplicate_rate:.0%} of rows repeat another row's text",
+            f"at most {v.max_duplicate_rate:.0%} of rows repeat another row's "
+            + ("prompt and response" if sft else "text"),
             f"<= {v.max_duplicate_rate:.0%}",
             "deduplicate the file, or raise validation.max_duplicate_rate",
             lambda: gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(
-                column=NORM, min_value=1.0 - v.max_duplicate_rate
+                column=PAIR if sft else NORM, min_value=1.0 - v.max_duplicate_rate
             ),
         ),
         Check(
@@ -248,9 +319,19 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
             lambda: tfx.ExpectTextsToHaveOneLabel(),
         ),
         Check(
+            "response_conflict",
+            "rows",
+            "the same prompt (in the same context) never has two different responses",
+            "0 rows",
+            "keep one answer per prompt (here or in the accepted data) if the answers contradict each other; "
+            "if several answers are fine, set validation.severity.response_conflict: off",
+            lambda: tfx.ExpectPromptsToHaveOneResponse(),
+        ),
+        Check(
             "repeats_accepted",
             "rows",
-            f"at most {v.max_repeat_share:.0%} of rows repeat already-accepted data",
+            f"at most {v.max_repeat_share:.0%} of rows repeat already-accepted data"
+            + (" (the same prompt and response)" if sft else ""),
             f"<= {v.max_repeat_share:.0%}",
             "send only new rows (was this batch delivered twice?), or raise validation.max_repeat_share",
             lambda: tfx.ExpectRowsToBeNewData(mostly=1.0 - v.max_repeat_share)
@@ -286,7 +367,9 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
         Check(
             "drift_text_length",
             "drift",
-            "the text-length distribution matches the accepted data",
+            "the prompt- and response-length distributions match the accepted data"
+            if sft
+            else "the text-length distribution matches the accepted data",
             f"p >= {v.drift_p_value}",
             "check the source of this batch (truncated or concatenated texts?); if real, relax "
             "validation.drift_p_value",
@@ -294,6 +377,8 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
             needs_reference=True,
         ),
     ]
+    other_kind = CLASSIFICATION_CHECKS if sft else SFT_CHECKS
+    return [c for c in checks if c.name not in other_kind]
 
 
 def _token_counts(texts: pd.Series, tokenizer: PreTrainedTokenizerBase, limit: int) -> pd.Series:
@@ -327,6 +412,69 @@ def _token_counts(texts: pd.Series, tokenizer: PreTrainedTokenizerBase, limit: i
     return counts
 
 
+def _sft_token_counts(rows: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, limit: int) -> pd.DataFrame:
+    """Templated token counts (``tuneflow.kinds.sft.token_lengths``) of the rows whose prompt + response could
+    exceed ``limit``; NaN (not checked) for the rest and for rows without a prompt or a response.
+
+    The tokenizer must carry its chat template (``tuneflow.kinds.sft.prepare_tokenizer``). Rendering the
+    template without tokenizing costs about a fifth of a count; a row whose rendered text has at most
+    ``limit - _TOKEN_MARGIN`` UTF-8 bytes cannot reach ``limit`` tokens and is not counted.
+    """
+    from tuneflow.kinds.sft import prompt_messages, token_lengths
+
+    counts = pd.DataFrame(np.nan, index=rows.index, columns=[PROMPT_TOKENS, PAIR_TOKENS], dtype="float64")
+    clip = limit * 64  # past 64 characters per allowed token, a prefix is enough to know a text is over
+    picked = []
+    for i, (p, r, c) in enumerate(zip(rows[TEXT], rows[LABEL], rows[CONTEXT], strict=True)):
+        if isinstance(p, str) and isinstance(r, str):
+            chat = [*prompt_messages(p[:clip], c), {"role": "assistant", "content": r[:clip]}]
+            if len(tokenizer.apply_chat_template(chat, tokenize=False).encode("utf-8")) + _TOKEN_MARGIN > limit:
+                picked.append(i)
+    if picked:
+        candidates = rows.iloc[picked][[TEXT, LABEL, CONTEXT]].reset_index(drop=True)
+        candidates[TEXT] = candidates[TEXT].str.slice(0, clip)
+        candidates[LABEL] = candidates[LABEL].str.slice(0, clip)
+        lengths = token_lengths(tokenizer, candidates)
+        counts.iloc[picked] = lengths[[PROMPT_TOKENS, PAIR_TOKENS]].to_numpy(dtype="float64")
+    return counts
+
+
+def _with_context(table: pd.DataFrame) -> pd.DataFrame:
+    return table if CONTEXT in table.columns else table.assign(**{CONTEXT: None})
+
+
+def _prompt_responses(table: pd.DataFrame) -> pd.DataFrame:
+    """Per row: the prompt key (the normalized prompt and the row's context: the same question asked after
+    other turns is another question) and the normalized response; None where the row lacks either."""
+    response = table[LABEL].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
+    prompt = table[NORM].where(table[NORM].notna() & response.notna(), None)
+    return pd.DataFrame({"prompt": prompt + "\x1f" + table[CONTEXT].fillna(""), "response": response})
+
+
+def _sft_columns(
+    rows: pd.DataFrame,
+    reference: pd.DataFrame | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    limit: int,
+    wanted: set[str],
+) -> None:
+    """Kind sft's derived columns of ``rows`` (text, label, normalized text and context, index = line): the
+    pair key, the templated token counts, whether the prompt has another response, and whether the pair was
+    accepted before."""
+    rows[PAIR] = row_key(rows, rows[NORM])  # what the landing zone deduplicates accepted data by
+    if tokenizer is not None and wanted & {PROMPT_TOKENS, PAIR_TOKENS}:
+        counts = _sft_token_counts(rows, tokenizer, limit)
+        rows[PROMPT_TOKENS], rows[PAIR_TOKENS] = counts[PROMPT_TOKENS], counts[PAIR_TOKENS]
+    mine = _prompt_responses(rows)
+    if reference is not None:
+        reference = _with_context(reference)
+    theirs = _prompt_responses(reference) if reference is not None else mine.iloc[:0]
+    answers = pd.concat([mine, theirs], ignore_index=True).dropna().groupby("prompt")["response"].nunique()
+    rows[RESPONSE_CONFLICT] = mine["prompt"].isin(set(answers[answers > 1].index))
+    if reference is not None:
+        rows[SEEN] = rows[PAIR].isin(set(row_key(reference, reference[NORM])))
+
+
 def _tables(
     frame: pd.DataFrame,
     cfg: PipelineConfig,
@@ -336,45 +484,65 @@ def _tables(
     wanted: set[str],
 ) -> dict[Table, pd.DataFrame]:
     v = cfg.validation
+    sft = cfg.kind == "sft"
+    if sft:
+        frame = _with_context(frame)
+    columns = [TEXT, LABEL] + ([CONTEXT] if sft else [])
     if NORM in frame.columns:  # computed once by the caller (the gate keeps it for the next batch)
-        rows = frame.set_index(LINE)[[TEXT, LABEL, NORM]].copy()
+        rows = frame.set_index(LINE)[[*columns, NORM]].copy()
     else:
-        rows = frame.set_index(LINE)[[TEXT, LABEL]].copy()
+        rows = frame.set_index(LINE)[columns].copy()
         rows[NORM] = rows[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
-    if "text_tokens" in wanted and tokenizer is not None:
-        rows[TOKENS] = _token_counts(rows[TEXT], tokenizer, v.max_text_tokens or cfg.model.max_length)
-    pairs = rows[[NORM, LABEL]].dropna()
-    ref_pairs = reference[[NORM, LABEL]].dropna() if reference is not None else pairs.iloc[:0]
-    both = pd.concat([pairs, ref_pairs], ignore_index=True)
-    label_sets = both.groupby(NORM)[LABEL].nunique()
-    conflicting = set(label_sets[label_sets > 1].index)
-    rows[CONFLICT] = rows[NORM].isin(conflicting)
-    if reference is not None:
-        rows[SEEN] = rows[NORM].isin(set(reference[NORM]))
-
-    counts = frame[LABEL].value_counts()
-    per_label = np.array([int(counts.get(lab, 0)) for lab in cfg.data.labels])
-    largest = per_label.max() if len(per_label) else 0
-    # An empty class has no ratio (NaN: GE skips it); rows_per_class reports it instead.
-    imbalance = [float(largest / n) if n else np.nan for n in per_label]
-    classes = pd.DataFrame({ROWS: per_label, IMBALANCE: imbalance}, index=pd.Index(cfg.data.labels, name=LABEL))
-
-    tables: dict[Table, pd.DataFrame] = {"rows": rows, "classes": classes}
+    tables: dict[Table, pd.DataFrame] = {"rows": rows}
     tables["schema"] = raw if raw is not None else frame.set_index(LINE)[[TEXT, LABEL]].astype(object)
+    if sft:
+        _sft_columns(rows, reference, tokenizer, cfg.model.max_length, wanted)
+        tables["rows"] = rows.drop(columns=CONTEXT)  # the chat JSON: not checked, kept out of the reports
+    else:
+        if "text_tokens" in wanted and tokenizer is not None:
+            rows[TOKENS] = _token_counts(rows[TEXT], tokenizer, v.max_text_tokens or cfg.model.max_length)
+        pairs = rows[[NORM, LABEL]].dropna()
+        ref_pairs = reference[[NORM, LABEL]].dropna() if reference is not None else pairs.iloc[:0]
+        both = pd.concat([pairs, ref_pairs], ignore_index=True)
+        label_sets = both.groupby(NORM)[LABEL].nunique()
+        conflicting = set(label_sets[label_sets > 1].index)
+        rows[CONFLICT] = rows[NORM].isin(conflicting)
+        if reference is not None:
+            rows[SEEN] = rows[NORM].isin(set(reference[NORM]))
+
+        counts = frame[LABEL].value_counts()
+        per_label = np.array([int(counts.get(lab, 0)) for lab in cfg.data.labels])
+        largest = per_label.max() if len(per_label) else 0
+        # An empty class has no ratio (NaN: GE skips it); rows_per_class reports it instead.
+        imbalance = [float(largest / n) if n else np.nan for n in per_label]
+        tables["classes"] = pd.DataFrame(
+            {ROWS: per_label, IMBALANCE: imbalance}, index=pd.Index(cfg.data.labels, name=LABEL)
+        )
+
     if reference is not None and len(frame) >= v.drift_min_rows and len(reference) >= v.drift_min_rows:
         from scipy.stats import chi2_contingency, ks_2samp
 
-        ref_counts = reference[LABEL].value_counts()
-        table = np.array([per_label, [int(ref_counts.get(lab, 0)) for lab in cfg.data.labels]])
-        table = table[:, table.sum(axis=0) > 0]
-        # No test without two labels seen and rows on both sides (label_in_set reports unknown labels).
-        testable = table.shape[1] > 1 and (table.sum(axis=1) > 0).all()
-        label_p = float(chi2_contingency(table)[1]) if testable else 1.0
-        lengths = frame[TEXT].dropna().str.len()
-        length_p = float(ks_2samp(lengths, reference[TEXT].str.len()).pvalue) if len(lengths) else 1.0
-        tables["drift"] = pd.DataFrame(
-            {LABEL_P: [label_p], LENGTH_P: [length_p]}, index=pd.Index(["batch"], name="vs_accepted")
-        )
+        if sft:
+            # Prompt and response lengths, one row each: a failed check names the side that drifted.
+            p_values = []
+            for column in (TEXT, LABEL):
+                lengths, accepted = frame[column].dropna().str.len(), reference[column].dropna().str.len()
+                p_values.append(float(ks_2samp(lengths, accepted).pvalue) if len(lengths) and len(accepted) else 1.0)
+            tables["drift"] = pd.DataFrame(
+                {LENGTH_P: p_values}, index=pd.Index(["prompt length", "response length"], name=LENGTH_OF)
+            )
+        else:
+            ref_counts = reference[LABEL].value_counts()
+            table = np.array([per_label, [int(ref_counts.get(lab, 0)) for lab in cfg.data.labels]])
+            table = table[:, table.sum(axis=0) > 0]
+            # No test without two labels seen and rows on both sides (label_in_set reports unknown labels).
+            testable = table.shape[1] > 1 and (table.sum(axis=1) > 0).all()
+            label_p = float(chi2_contingency(table)[1]) if testable else 1.0
+            lengths = frame[TEXT].dropna().str.len()
+            length_p = float(ks_2samp(lengths, reference[TEXT].str.len()).pvalue) if len(lengths) else 1.0
+            tables["drift"] = pd.DataFrame(
+                {LABEL_P: [label_p], LENGTH_P: [length_p]}, index=pd.Index(["batch"], name="vs_accepted")
+            )
     return tables
 
 
@@ -397,7 +565,7 @@ def _examples(result: dict[str, Any], table: Table, limit: int) -> list[str]:
     out = []
     for idx, value in list(zip(index, values, strict=False))[:limit]:  # GE may cap the two lists differently
         if isinstance(idx, dict):  # GE gives {index name: value, ...} for a named index
-            idx = idx.get(LINE, idx.get(LABEL, idx))
+            idx = idx.get(LINE, idx.get(LABEL, idx.get(LENGTH_OF, idx)))
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # a count read back from a float column
         shown = repr(value) if not isinstance(value, float) or value == value else "null"
@@ -409,14 +577,23 @@ def _examples(result: dict[str, Any], table: Table, limit: int) -> list[str]:
 
 def _user_column(column: str, cfg: PipelineConfig) -> str:
     """The name a user knows a checked column by (the file's column names, not the derived ones)."""
-    d = cfg.data
+    text, label = _column_names(cfg)
     names = {
-        TEXT: d.text_column,
-        LABEL: d.label_column,
-        NORM: f"{d.text_column} (normalized)",
+        TEXT: text,
+        LABEL: label,
+        NORM: f"{text} (normalized)",
         ROWS: "rows per label",
         IMBALANCE: "largest class / this class",
     }
+    if cfg.kind == "sft":
+        names |= {
+            PAIR: f"{text} + {label} (normalized)",
+            PROMPT_TOKENS: f"{text} tokens (chat template)",
+            PAIR_TOKENS: f"{text} + {label} tokens (chat template)",
+            RESPONSE_CONFLICT: f"{label} per {text} (normalized)",
+            SEEN: f"{text} + {label} (normalized) in accepted data",
+            LENGTH_P: f"{text} / {label} length drift (p-value)",
+        }
     return names.get(column, column)
 
 
@@ -452,16 +629,18 @@ def validate_frame(
     tokenizer: PreTrainedTokenizerBase | None = None,
     docs_dir: Path | None = None,
 ) -> ValidationReport:
-    """Run every enabled check on ``frame`` (columns text/label/line) and return the report (never raises).
+    """Run every enabled check of ``cfg.kind`` on ``frame`` (columns text/label/line; kind sft: the prompt,
+    the response, the line and the chat context) and return the report (never raises).
 
     Args:
-        frame: the batch, as read by ``tuneflow.data.read_table``.
-        cfg: thresholds and severities come from ``cfg.validation``.
+        frame: the batch, as read by ``tuneflow.data.read_table`` (with ``sft=sft_settings(cfg)`` for kind sft).
+        cfg: the checks come from ``cfg.kind``, thresholds and severities from ``cfg.validation``.
         source: named in the report.
         raw: the text/label columns as typed in the file (for the schema checks); defaults to ``frame``'s.
-        reference: already-accepted data (columns text, label, text_normalized), for the repeat,
-            conflict and drift checks; None for a single-file dataset.
-        tokenizer: for the token-length check; without one it is skipped.
+        reference: already-accepted data (columns text, label, text_normalized; kind sft also context), for
+            the repeat, conflict and drift checks; None for a single-file dataset.
+        tokenizer: for the token-length checks; without one they are skipped. Kind sft counts tokens with the
+            chat template: pass a tokenizer prepared by ``tuneflow.kinds.sft.prepare_tokenizer``.
         docs_dir: when set, Great Expectations Data Docs (HTML) are written there.
     """
     import great_expectations as gx
@@ -478,7 +657,7 @@ def validate_frame(
             reason = "skipped: no accepted data to compare with"
         elif check.table == "drift" and "drift" not in tables:
             reason = f"skipped: fewer than {cfg.validation.drift_min_rows} rows"
-        elif check.name == "text_tokens" and tokenizer is None:
+        elif check.name in TOKEN_CHECKS and tokenizer is None:
             reason = "skipped: no tokenizer given"
         else:
             continue
@@ -498,7 +677,7 @@ def validate_frame(
         table_checks = [c for c in checks if c.table == table and c.name not in results]
         if not table_checks:
             continue
-        broken_schema = [r.name for r in results.values() if r.name in ("text_type", "label_type") and not r.success]
+        broken_schema = [r.name for r in results.values() if r.name in SCHEMA_CHECKS and not r.success]
         if table != "schema" and broken_schema:
             # Row checks on a mistyped column only repeat the root cause in other words.
             for check in table_checks:
@@ -516,8 +695,9 @@ def validate_frame(
                 )
             continue
         suite = ctx.suites.add(gx.ExpectationSuite(name=f"{cfg.name}-{table}"))
+        built: dict[str, Any] = {}
         for check in table_checks:
-            exp = check.expectation()
+            exp = built[check.name] = check.expectation()
             exp.meta = {"check": check.name, "rule": check.rule, "fix": check.fix}
             suite.add_expectation(exp)
         batch = source_.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
@@ -546,10 +726,15 @@ def validate_frame(
                 raise RuntimeError(
                     f"Great Expectations could not run {check.name}: {r.exception_info.get('exception_message')}"
                 )
+            column = r.expectation_config.kwargs.get("column")
+            if column is None and cfg.kind == "sft":
+                # GE leaves out a column that is the expectation's default (tuneflow.expectations' derived
+                # columns); kind sft names it. Classification reports keep their format.
+                column = getattr(built[check.name], "column", None)
             results[check.name] = CheckResult(
                 name=check.name,
                 expectation=r.expectation_config.type,
-                column=_user_column(str(r.expectation_config.kwargs.get("column")), cfg),
+                column=_user_column(str(column), cfg),
                 rule=check.rule,
                 success=bool(r.success),
                 observed=_observed(r.result),
@@ -570,12 +755,15 @@ def validate_frame(
 
 
 def drop_out_of_bounds(loaded: LoadedData, cfg: PipelineConfig) -> tuple[LoadedData, int]:
-    """Drop the rows outside the text length bounds that ``validation.text_length_mostly`` tolerated.
+    """Drop the rows outside the text length bounds that ``validation.text_length_mostly`` tolerated, and
+    (kind sft) repeated prompt/response pairs that ``validation.max_duplicate_rate`` tolerated: a pair
+    repeated a thousand times would outweigh everything else in the loss.
 
     The data digest still covers the whole file: it identifies the input, not what was kept.
     """
     v = cfg.validation
-    lengths = loaded.frame[TEXT].str.len()
+    frame = loaded.frame
+    lengths = frame[TEXT].str.len()
     keep = lengths.between(v.min_text_chars, v.max_text_chars)
     dropped = int((~keep).sum())
     if dropped:
@@ -586,4 +774,16 @@ def drop_out_of_bounds(loaded: LoadedData, cfg: PipelineConfig) -> tuple[LoadedD
             v.max_text_chars,
             v.text_length_mostly,
         )
-    return replace(loaded, frame=loaded.frame[keep].reset_index(drop=True)), dropped
+    frame = frame[keep]
+    if cfg.kind == "sft":
+        normalized = frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
+        repeated = row_key(frame, normalized).duplicated(keep="first")
+        if repeated.any():
+            log.warning(
+                "dropping %d repeated prompt/response pairs (tolerated by validation.max_duplicate_rate=%s)",
+                int(repeated.sum()),
+                v.max_duplicate_rate,
+            )
+            dropped += int(repeated.sum())
+            frame = frame[~repeated]
+    return replace(loaded, frame=frame.reset_index(drop=True)), dropped
