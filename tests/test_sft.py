@@ -253,3 +253,20 @@ def test_flow_registers_a_chat_model_that_reloads_offline_with_the_same_greedy_o
     assert second["version"] == "2" and second["promoted"] is False
     assert "lower is better" in second["reason"]
     assert client.get_run(second["run_id"]).data.metrics["champion/eval_loss"] == pytest.approx(m["eval_loss"])
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_cli_run_and_compare_on_an_sft_config(tiny_llama, sft_data, workdir, capsys):
+    import yaml
+
+    from tuneflow.cli import main
+
+    path = workdir / "sft.yaml"
+    path.write_text(yaml.safe_dump(sft_config(tiny_llama, sft_data, **{"sft.generations": 2})))
+    assert main(["run", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "eval eval_loss" in out and "perplexity" in out and "PROMOTED to champion" in out
+    assert main(["run", "--config", str(path), "--set", "sft.lora.r=2"]) == 0
+    assert main(["compare", "tiny-sft", "1", "2", "--config", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "| eval_loss |" in table and "| chrf |" in table

@@ -110,7 +110,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
     m = result["metrics"]
     print("\n=== tuneflow retrain finished ===")
-    print(f"eval accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}")
+    shown = ("accuracy", "macro_f1") if config.kind == "classification" else ("eval_loss", "perplexity", "chrf")
+    print("eval " + ", ".join(f"{k} {m[k]:.4f}" for k in shown if k in m))
     print(f"tokenization: {'cache hit (not re-tokenized)' if result['tokenize_cache_hit'] else 'computed and cached'}")
     print(f"MLflow run:   {result['run_url']}  (start the UI with: tuneflow ui)")
     if "version" in result:
@@ -248,7 +249,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         return 2
     labels = ", ".join(f"{k} {v}" for k, v in out["label_counts"].items())
     print(f"wrote {out['rows']} predictions with {out['model_uri']} (version {out['version']}) to {args.output}")
-    print(f"labels: {labels}; {out['ms_per_row']:.2f} ms/row; MLflow run: {out['run_url']}")
+    counts = f"labels: {labels}; " if labels else ""  # a generative model has no labels to count
+    print(f"{counts}{out['ms_per_row']:.2f} ms/row; MLflow run: {out['run_url']}")
     return 0
 
 

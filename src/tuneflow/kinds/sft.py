@@ -329,6 +329,10 @@ def sft_trainer(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: D
         packing=s.packing,
         padding_free=s.padding_free or s.packing,
         completion_only_loss=True,
+        # TRL turns gradient checkpointing on by default: it recomputes activations to save memory. A 135M
+        # model does not need that on a 24 GiB machine, and without it a step is ~15 % faster at the same
+        # loss (benchmarks/RESULTS.md).
+        gradient_checkpointing=False,
     )
     return SFTTrainer(
         model=model,
