@@ -189,3 +189,13 @@ def test_schedule_section_is_validated_with_a_fix(tmp_path, tiny_model_dir):
     assert cfg.schedule.cron == "0 3 * * 1"
     no_schedule = PipelineConfig.model_validate({k: v for k, v in raw.items() if k != "schedule"})
     assert cfg.digest() == no_schedule.digest()  # when it runs does not change what it trains
+
+
+def test_every_shipped_config_loads():
+    from tuneflow.config import load_config
+
+    shipped = sorted((DEFAULT.parent).glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"sms-spam.yaml", "chatterbot-sft.yaml", "chatterbot-sft-landing.yaml"}
+    for path in shipped:
+        cfg = load_config(path)
+        assert cfg.evaluate.primary_metric in (("eval_loss",) if cfg.kind == "sft" else ("macro_f1", "accuracy"))
