@@ -55,4 +55,47 @@ def test_cache_hit_when_nothing_changed_and_miss_when_anything_did(split, tiny_m
     for name, result in variants.items():
         assert not result.cache_hit, name
     assert len({r.cache_key for r in variants.values()} | {first.cache_key}) == 6
-    assert not list(tmp_path.glob("*.tmp"))  # entries are written atomically
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))  # written atomically
+
+
+def test_two_writers_of_the_same_entry_both_finish_and_leave_one_entry(split, tiny_model_dir, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    sp, digest = split
+    with ThreadPoolExecutor(4) as pool:
+        results = list(
+            pool.map(
+                lambda _: tokenize_split(sp, _tok(tiny_model_dir), 16, ["ham", "spam"], digest, "x", tmp_path),
+                range(4),
+            )
+        )
+    assert len({r.cache_key for r in results}) == 1
+    assert all(len(r.datasets["train"]) == len(sp.train) for r in results)
+    assert [p.name for p in tmp_path.iterdir()] == [results[0].cache_key]  # no temporary folder left
+
+
+def test_the_key_follows_the_rows_kept_not_the_input_file(workdir, tiny_model_dir):
+    """Raising validation.max_text_chars keeps rows that were dropped before: same file, other rows, no cache hit."""
+    from tuneflow.config import PipelineConfig
+    from tuneflow.data import read_table, split_data
+    from tuneflow.tokenization import tokenize_data
+    from tuneflow.validation import drop_out_of_bounds
+
+    from conftest import tiny_config_dict
+
+    frame = make_rows(40)
+    frame.loc[0, "text"] = "spam " * 30  # 150 characters
+    path = workdir / "d.csv"
+    frame.to_csv(path, index=False)
+    keys = []
+    for limit in (100, 1000):
+        cfg = PipelineConfig.model_validate(
+            tiny_config_dict(path, tiny_model_dir, validation={"max_text_chars": limit, "text_length_mostly": 0.9})
+        )
+        loaded = read_table(cfg.data)
+        kept, dropped = drop_out_of_bounds(loaded, cfg)
+        tok = tokenize_data(cfg, kept, split_data(kept, cfg.data), workdir / ".cache")
+        keys.append((kept.digest, dropped, tok.cache_key, tok.cache_hit))
+    (digest_a, dropped_a, key_a, _), (digest_b, dropped_b, key_b, hit_b) = keys
+    assert digest_a == digest_b and (dropped_a, dropped_b) == (1, 0)  # same input file, other rows
+    assert key_a != key_b and hit_b is False

@@ -1,7 +1,8 @@
 """Tokenization: a fast tokenizer, no padding (pad per batch at training time), cached on disk.
 
-The cache key is the data's content digest + the tokenizer's full definition + max_length + the label
-order, so an unchanged re-run loads the tokenized splits from disk, and any change re-tokenizes.
+The cache key is the content digest of the rows kept for training + the tokenizer's full definition
+(and chat template) + max_length + the label order, so an unchanged re-run loads the tokenized splits
+from disk, and any change re-tokenizes.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneflow.config import PipelineConfig
-from tuneflow.data import LoadedData, Split, split_digest
+from tuneflow.data import LoadedData, Split, content_digest, split_digest
 from tuneflow.kinds import get_kind
 from tuneflow.models import load_tokenizer
 
@@ -102,7 +105,8 @@ def tokenize_split(
         tokenizer: a fast tokenizer.
         max_length: truncation length in tokens.
         labels: label names in id order.
-        data_digest: content digest of the full data.
+        data_digest: content digest of the rows that are tokenized (after rows tolerated by validation were
+            dropped: a change of those bounds must not reuse an entry made from other rows).
         split_digest: digest of the split settings (fraction, salt).
         cache_dir: root of the tokenized-data cache.
         kind: the kind of fine-tuning (``tuneflow.kinds``), which turns rows into model inputs.
@@ -116,11 +120,16 @@ def tokenize_split(
         return Tokenized(load_from_disk(str(path)), key, True, path, tokenizer)
 
     dd = get_kind(kind).encode(split, tokenizer, max_length, labels)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Each writer has its own temporary folder, renamed into place in one step: a crashed run never
+    # leaves a half-written entry, and two runs tokenizing the same data never delete each other's work.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     dd.save_to_disk(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.replace(path)  # atomic: a crashed run never leaves a half-written cache entry behind
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not (path / "dataset_dict.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another run stored the same entry first: use it
     log.info("tokenized %d train / %d eval rows into %s", len(dd["train"]), len(dd["eval"]), path)
     return Tokenized(load_from_disk(str(path)), key, False, path, tokenizer)
 
@@ -128,12 +137,13 @@ def tokenize_split(
 def tokenize_data(cfg: PipelineConfig, data: LoadedData, split: Split, cache_root: Path) -> Tokenized:
     """Tokenize both splits with the base model's tokenizer, or load them from ``cache_root/tokenized``."""
     tokenizer = get_kind(cfg.kind).prepare_tokenizer(load_tokenizer(cfg.model), cfg)
+    # ``data.digest`` identifies the input files; the key needs the rows actually kept for training.
     return tokenize_split(
         split,
         tokenizer,
         cfg.model.max_length,
         cfg.data.labels,
-        data.digest,
+        content_digest(data.frame),
         split_digest(cfg.data),
         cache_root / "tokenized",
         cfg.kind,
