@@ -247,3 +247,35 @@ def test_check_data_of_a_bad_single_file_returns_the_error_instead_of_raising(wo
     (report,) = check.reports
     assert not report.success and [c.name for c in report.failed] == ["label_in_set"]
     assert (workdir / "docs" / "index.html").exists()  # the Data Docs of the rejected file are there to read
+
+
+def test_a_batch_the_gate_cannot_judge_is_quarantined_not_left_to_block_incoming(
+    tmp_path, tiny_model_dir, tokenizer, monkeypatch
+):
+    import json
+
+    import tuneflow.landing as gate
+
+    landing = tmp_path / "sms"
+    incoming, accepted, quarantine = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)
+    shutil.copy(CORPUS / "base.csv", incoming / "a-good.csv")
+    shutil.copy(CORPUS / "crlf.csv", incoming / "b-poison.csv")
+    real = gate.validate_frame
+
+    def fails_on_poison(frame, cfg, source, **kwargs):  # what Great Expectations raising inside a check looks like
+        if str(source).endswith("b-poison.csv"):
+            raise RuntimeError("Great Expectations could not run text_encoding: simulated")
+        return real(frame, cfg, source, **kwargs)
+
+    monkeypatch.setattr(gate, "validate_frame", fails_on_poison)
+    result = run_gate(cfg, landing, tokenizer)
+    assert [(o.name, o.status) for o in result.outcomes] == [
+        ("a-good.csv", "accepted"),
+        ("b-poison.csv", "quarantined"),
+    ]
+    assert not list(incoming.iterdir())  # nothing left to fail the next run
+    report = json.loads((quarantine / "b-poison.csv.report.json").read_text())
+    (check,) = [c for c in report["checks"] if c["status"] == "FAIL"]
+    assert check["name"] == "gate_error" and "RuntimeError" in check["observed"] and "simulated" in check["observed"]
+    assert (quarantine / "b-poison.csv.report" / "index.html").exists()

@@ -144,10 +144,22 @@ def judge_batch(
         loaded = read_table(cfg.data, config_file="the config", path=path, digest=False, sft=sft_settings(cfg))
     except DataError as err:
         return failure_report(str(path), err), None
-    loaded.frame[NORM] = loaded.frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
-    report = validate_frame(
-        loaded.frame, cfg, path, raw=loaded.raw, reference=reference, tokenizer=tokenizer, docs_dir=docs_dir
-    )
+    try:
+        loaded.frame[NORM] = loaded.frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
+        report = validate_frame(
+            loaded.frame, cfg, path, raw=loaded.raw, reference=reference, tokenizer=tokenizer, docs_dir=docs_dir
+        )
+    except Exception as exc:  # MemoryError included: any failure to judge quarantines, never blocks incoming/
+        # A batch the gate cannot judge (a Great Expectations error, memory, a bug) would otherwise stay in
+        # incoming/ and fail every later run; it goes to quarantine with the error in its report.
+        log.exception("could not judge batch %s", path.name)
+        err = DataError(
+            f"the gate could not judge {path.name}: {type(exc).__name__}: {exc}. "
+            "Fix: look at the error (a tuneflow or Great Expectations bug, or too little memory for this batch); "
+            "split the batch or fix the cause, then move it back to incoming/",
+            check="gate_error",
+        )
+        return failure_report(str(path), err), None
     return report, loaded
 
 
