@@ -99,3 +99,21 @@ def test_the_key_follows_the_rows_kept_not_the_input_file(workdir, tiny_model_di
     (digest_a, dropped_a, key_a, _), (digest_b, dropped_b, key_b, hit_b) = keys
     assert digest_a == digest_b and (dropped_a, dropped_b) == (1, 0)  # same input file, other rows
     assert key_a != key_b and hit_b is False
+
+
+def test_old_entries_are_evicted_keeping_the_most_recently_used(split, tiny_model_dir, tmp_path):
+    import os
+    import time
+
+    sp, digest = split
+    tok = _tok(tiny_model_dir)
+    keys, base = [], time.time() - 1000
+    for i, length in enumerate((10, 11, 12, 13, 14)):
+        keys.append(tokenize_split(sp, tok, length, ["ham", "spam"], digest, "x", tmp_path, keep=3).cache_key)
+        os.utime(tmp_path / keys[-1], (base + i, base + i))  # distinct mtimes in the past, oldest first
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keys[2:])
+    # a cache hit counts as a use: the entry it hits is kept over newer-but-unused ones
+    assert tokenize_split(sp, tok, 12, ["ham", "spam"], digest, "x", tmp_path, keep=3).cache_hit
+    tokenize_split(sp, tok, 15, ["ham", "spam"], digest, "x", tmp_path, keep=3)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert keys[2] in names and keys[3] not in names and len(names) == 3

@@ -97,6 +97,7 @@ def tokenize_split(
     split_digest: str,
     cache_dir: Path,
     kind: str = "classification",
+    keep: int | None = None,
 ) -> Tokenized:
     """Tokenize both splits (truncate to ``max_length``, no padding) or load them from the cache.
 
@@ -110,6 +111,7 @@ def tokenize_split(
         split_digest: digest of the split settings (fraction, salt).
         cache_dir: root of the tokenized-data cache.
         kind: the kind of fine-tuning (``tuneflow.kinds``), which turns rows into model inputs.
+        keep: after storing a new entry, keep only this many newest entries in ``cache_dir`` (None: all).
     """
     from datasets import load_from_disk
 
@@ -117,6 +119,7 @@ def tokenize_split(
     path = cache_dir / key
     if (path / "dataset_dict.json").exists():
         log.info("tokenized data cache hit: %s", path)
+        os.utime(path)  # eviction keeps the most recently used entries
         return Tokenized(load_from_disk(str(path)), key, True, path, tokenizer)
 
     dd = get_kind(kind).encode(split, tokenizer, max_length, labels)
@@ -131,11 +134,34 @@ def tokenize_split(
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another run stored the same entry first: use it
     log.info("tokenized %d train / %d eval rows into %s", len(dd["train"]), len(dd["eval"]), path)
+    if keep is not None:
+        evict(cache_dir, keep, current=path)
     return Tokenized(load_from_disk(str(path)), key, False, path, tokenizer)
 
 
+def evict(cache_dir: Path, keep: int, current: Path | None = None, stale_tmp_s: float = 3600) -> list[Path]:
+    """Delete all but the ``keep`` newest entries of ``cache_dir`` (never ``current``), and temporary folders
+    of writers that died more than ``stale_tmp_s`` ago. Returns what was deleted."""
+    import time
+
+    entries = [p for p in cache_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    old = [p for p in entries[keep:] if p != current]
+    now = time.time()
+    old += [p for p in cache_dir.glob(".*.tmp") if now - p.stat().st_mtime > stale_tmp_s]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    if old:
+        log.info("evicted %d old tokenized-data entries from %s (keeping the newest %d)", len(old), cache_dir, keep)
+    return old
+
+
+KEEP_ENTRIES = 4  # tokenized-data entries kept per pipeline config
+
+
 def tokenize_data(cfg: PipelineConfig, data: LoadedData, split: Split, cache_root: Path) -> Tokenized:
-    """Tokenize both splits with the base model's tokenizer, or load them from ``cache_root/tokenized``."""
+    """Tokenize both splits with the base model's tokenizer, or load them from ``cache_root/tokenized/<name>``
+    (the newest ``KEEP_ENTRIES`` entries per config are kept)."""
     tokenizer = get_kind(cfg.kind).prepare_tokenizer(load_tokenizer(cfg.model), cfg)
     # ``data.digest`` identifies the input files; the key needs the rows actually kept for training.
     return tokenize_split(
@@ -145,6 +171,11 @@ def tokenize_data(cfg: PipelineConfig, data: LoadedData, split: Split, cache_roo
         cfg.data.labels,
         content_digest(data.frame),
         split_digest(cfg.data),
-        cache_root / "tokenized",
+        cache_root / "tokenized" / _slug(cfg.name),
         cfg.kind,
+        keep=KEEP_ENTRIES,
     )
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
