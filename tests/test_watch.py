@@ -160,3 +160,34 @@ def test_fsspec_url_landing_zone(tiny_model_dir):
     _scans(cfg, [0.0, 10.0, 20.0], sent)
     assert [f["name"] for f in sent[0].files] == ["a.csv"] and len(sent) == 1
     assert fs.exists(f"/tuneflow-test/{STATE_FILE}")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"seen": 5}', '{"known": "x"}', "\udcff"])
+def test_a_corrupt_state_file_is_set_aside_and_rebuilt_from_the_landing_zone(landing, tiny_model_dir, content):
+    cfg, sent = _cfg(str(landing), tiny_model_dir, quiet=0), []
+    (landing / "accepted").mkdir()
+    judged = _drop(landing, "a.csv", seed=1)
+    os.rename(judged, landing / "accepted" / "a.csv")  # judged before the state was lost
+    (landing / STATE_FILE).write_text(content, encoding="utf-8", errors="surrogateescape")
+    _drop(landing, "same-bytes.csv", seed=1)  # the accepted file's content again: not announced
+    _drop(landing, "new.csv", seed=2)
+    _scans(cfg, [0.0, 1.0, 2.0], sent)
+    assert [[f["name"] for f in a.files] for a in sent] == [["new.csv"]]
+    assert len(list(landing.glob(f"{STATE_FILE}.corrupt-*"))) == 1  # kept for a post-mortem
+    assert json.loads((landing / STATE_FILE).read_text())["seen"]  # a good state again
+
+
+def test_the_watcher_loop_survives_any_error_and_announces_after_it(landing, tiny_model_dir):
+    from tuneflow.watch import watch_forever
+
+    cfg, sent, calls = _cfg(str(landing), tiny_model_dir, quiet=0), [], {"n": 0}
+    _drop(landing, "a.csv")
+
+    def flaky(arrival):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("the server refused the event")  # not an OSError
+        sent.append(arrival)
+
+    watch_forever([cfg], should_stop=lambda: bool(sent) or calls["n"] > 20, emit=flaky)
+    assert calls["n"] == 2 and [f["name"] for f in sent[0].files] == ["a.csv"]

@@ -53,6 +53,10 @@ class WatchState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WatchState:
+        """Raises ValueError when a field has the wrong type (a corrupt or foreign file)."""
+        for key, kind in (("pending", dict), ("known", dict), ("seen", list)):
+            if not isinstance(data.get(key, kind()), kind):
+                raise ValueError(f"'{key}' is not a {kind.__name__}")
         return cls(
             pending=data.get("pending", {}),
             changed_at=float(data.get("changed_at", 0.0)),
@@ -132,13 +136,47 @@ def file_digest(landing: str, name: str) -> str:
     return h.hexdigest()
 
 
+def _digest_file(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rebuild_state(landing: str) -> WatchState:
+    """A state rebuilt from the landing zone: every batch already in accepted/ or quarantine/ counts as seen
+    (it was judged), nothing in incoming/ as known (it is announced once it settles)."""
+    fs, root = _fs(landing)
+    seen = []
+    for folder in ("accepted", "quarantine"):
+        path = f"{root.rstrip('/')}/{folder}"
+        if not fs.exists(path):
+            continue
+        for info in fs.ls(path, detail=True):
+            name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+            if info.get("type") == "file" and is_candidate(name) and not name.endswith(".report.json"):
+                seen.append(_digest_file(fs, info["name"]))
+    return WatchState(seen=seen)
+
+
 def load_state(landing: str) -> WatchState:
+    """The saved state; a missing one is empty, a corrupt one is set aside and rebuilt from the landing zone."""
     fs, root = _fs(landing)
     path = f"{root.rstrip('/')}/{STATE_FILE}"
     if not fs.exists(path):
         return WatchState()
-    with fs.open(path, "r") as fh:
-        return WatchState.from_json(json.load(fh))
+    try:
+        with fs.open(path, "r") as fh:
+            data = json.load(fh)
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        return WatchState.from_json(data)
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        aside = f"{path}.corrupt-{int(time.time())}"
+        fs.mv(path, aside)
+        log.warning("watch state %s is unreadable (%s); kept as %s and rebuilt from the landing zone", path, exc, aside)
+        return rebuild_state(landing)
 
 
 def save_state(landing: str, state: WatchState) -> None:
@@ -247,6 +285,12 @@ def watch_forever(
                 except OSError as exc:  # a share briefly unreachable: the next poll tries again
                     log.warning(
                         "watching %s failed (%s); retrying in %.0f s", cfg.data.landing, exc, cfg.watch.poll_seconds
+                    )
+                except Exception:  # an emit refused, a bug: logged with its traceback, and the watcher goes on
+                    log.exception(
+                        "watching %s failed; the burst is announced again in %.0f s",
+                        cfg.data.landing,
+                        cfg.watch.poll_seconds,
                     )
                 next_at[cfg.name] = now + cfg.watch.poll_seconds
         time.sleep(min(0.5, min(c.watch.poll_seconds for c in configs)))
