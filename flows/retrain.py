@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,10 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
                 run,
                 challenger.metrics,
             )
-            if decision.promote:
-                promote_task(config, version, decision, actor=flow_run_id or f"run {pid}")
+            if decision.promote and promote_task(config, version, decision, actor=flow_run_id or f"run {pid}") is None:
+                decision = replace(
+                    decision, promote=False, reason=f"{decision.reason}; NOT promoted: the champion changed meanwhile"
+                )
 
         create_markdown_artifact(
             key=artifact_key(config.name, "retrain"),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneflow.config import PipelineConfig
-from tuneflow.history import Move, promote_by_gate
+from tuneflow.history import ChampionChanged, Move, promote_by_gate, record_refused_promotion
 from tuneflow.registry import Decision, register_version
 from tuneflow.tracking import RunContext, log_decision, stage_run
 
@@ -37,6 +37,12 @@ def register_task(
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_task(cfg: PipelineConfig, version: str, decision: Decision, actor: str) -> Move:
-    """Move ``champion`` to ``version`` (a history entry first, then the alias)."""
-    return promote_by_gate(cfg.registry.model_name, version, decision, actor)
+def promote_task(cfg: PipelineConfig, version: str, decision: Decision, actor: str) -> Move | None:
+    """Move ``champion`` to ``version`` (a history entry first, then the alias); None when the champion
+    changed since the decision compared with it (the version stays challenger and says why)."""
+    try:
+        return promote_by_gate(cfg.registry.model_name, version, decision, actor)
+    except ChampionChanged as exc:
+        get_run_logger().warning("not promoted: %s", exc)
+        record_refused_promotion(cfg.registry.model_name, version, str(exc))
+        return None

@@ -81,3 +81,56 @@ def test_rollback_target_errors_name_the_fix(workdir, register_tiny):
     assert read_history(NAME) == []
     with pytest.raises(RegistryError, match="no promotion history"):
         rollback_target(NAME)
+
+
+def test_two_runs_scored_against_v1_the_later_one_does_not_replace_the_first_ones_promotion(workdir, register_tiny):
+    from tuneflow.history import ChampionChanged, promote_by_gate, record_refused_promotion
+
+    register_tiny(NAME, decide("macro_f1", 0.6, None, None, 0.0))  # v1 champion
+    run_a = decide("macro_f1", 0.9, 0.6, "1", 0.0)  # both runs compared their model with v1 ...
+    run_b = decide("macro_f1", 0.8, 0.6, "1", 0.0)
+    register_tiny(NAME, run_a)  # ... A registers v2 and promotes it
+    v3 = register_tiny(NAME, _no_promote(run_b))
+    with pytest.raises(ChampionChanged, match="not v1"):
+        promote_by_gate(NAME, "3", run_b, "run-b")  # B beat v1, not v2: refused
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert [m.to_version for m in read_history(NAME)] == ["1", "2"]  # the refusal moved and recorded nothing
+    record_refused_promotion(NAME, str(v3.version), "champion changed")
+    refused = client.get_model_version(NAME, "3")
+    assert refused.tags["tuneflow.decision"] == "rejected" and "Promotion refused" in refused.description
+
+
+def test_a_rollback_during_a_run_is_not_undone_by_its_promotion(workdir, register_tiny):
+    from tuneflow.history import ChampionChanged, move_champion, promote_by_gate
+
+    register_tiny(NAME, decide("macro_f1", 0.6, None, None, 0.0))
+    register_tiny(NAME, decide("macro_f1", 0.9, 0.6, "1", 0.0))  # v2 champion
+    running = decide("macro_f1", 0.95, 0.9, "2", 0.0)  # a run scores its model against v2 ...
+    register_tiny(NAME, _no_promote(running))  # v3
+    move_champion(NAME, "1", "rollback", "cli", "ops", "bad v2")  # ... while someone rolls back to v1
+    with pytest.raises(ChampionChanged):
+        promote_by_gate(NAME, "3", running, "run")
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == "1"
+
+
+def test_history_entries_stay_unique_under_concurrent_moves(workdir, register_tiny):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tuneflow.history import ANY, move_champion
+
+    for i in range(4):
+        register_tiny(NAME, _no_promote(decide("macro_f1", 0.5 + i / 10, None, None, 0.0)))
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda v: move_champion(NAME, str(v), "promote", "cli", f"t{v}", "race", ANY), range(1, 5)))
+    moves = read_history(NAME)
+    assert sorted(m.to_version for m in moves) == ["1", "2", "3", "4"]  # no entry overwrote another
+    assert sorted(m.seq for m in moves) == [1, 2, 3, 4]
+    # each move started from the champion the previous one set: the history replays to the real champion
+    assert champion_stack(moves)[-1] == str(MlflowClient().get_model_version_by_alias(NAME, "champion").version)
+
+
+def _no_promote(decision):
+    from dataclasses import replace
+
+    return replace(decision, promote=False)

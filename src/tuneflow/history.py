@@ -1,6 +1,6 @@
 """Champion history: every move of the ``champion`` alias, stored in the registry itself.
 
-One registered-model tag per move, ``tuneflow.history.<6-digit seq>``, whose value is a JSON object
+One registered-model tag per move, ``tuneflow.history.<6-digit seq>.<random>``, whose value is a JSON object
 (time, action, by, actor, from, to, reason). One tag per move rather than one growing JSON-lines tag
 because a tag value is capped in size (a few kB on MLflow's SQL store), while the number of tags is
 not; the history then travels with the registry (a team server, a copied sqlite file) and the MLflow
@@ -10,6 +10,11 @@ Write order of a move (``move_champion``), so an interruption leaves the registr
 1. check the target version exists and carries its model card (never alias a version without one);
 2. write the history entry (write-ahead: an alias never moves without its audit record);
 3. move the alias.
+Moves are compare-and-swap: a move names the champion it expects to replace (the gate: the champion it
+beat) and is refused with ``ChampionChanged`` when the alias moved meanwhile (another run promoted, or
+someone rolled back). Check, entry and alias happen under a lock per model (``<cache>/locks``: exclusive
+between processes on one machine); the random part of each entry's key keeps entries unique even
+when two machines move at the same moment.
 A crash between 2 and 3 leaves an entry whose move did not happen. ``applied_moves`` detects it (the
 next entry, or the current champion, does not start from that entry's target) and ignores it for
 rollback; ``tuneflow models NAME --history`` marks it "not applied".
@@ -19,16 +24,24 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from tuneflow.files import file_lock
 from tuneflow.registry import CARD_TAG, CHAMPION, Decision, RegistryError, champion_version, get_version
+from tuneflow.runtime import cache_dir
 
 log = logging.getLogger(__name__)
 
 HISTORY_TAG = "tuneflow.history."
 MAX_REASON_CHARS = 1000  # keeps one entry far below the registry's tag-value limit
+ANY = object()  # move_champion's ``expected``: replace whatever the champion is
+
+
+class ChampionChanged(RegistryError):
+    """The champion is no longer the one a move expected to replace; nothing was moved."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,8 @@ def has_card(mv: Any) -> bool:
 def read_history(name: str) -> list[Move]:
     """All recorded moves of ``champion`` for ``name``, oldest first, each marked applied or not."""
     tags = _client().get_registered_model(name).tags or {}
-    raw = [json.loads(v) for k, v in sorted(tags.items()) if k.startswith(HISTORY_TAG)]
+    raw = [json.loads(v) for k, v in tags.items() if k.startswith(HISTORY_TAG)]
+    raw.sort(key=lambda e: (e["seq"], e["time"]))
     moves = [
         Move(e["seq"], e["time"], e["action"], e["by"], e["actor"], e["from"], str(e["to"]), e["reason"]) for e in raw
     ]
@@ -145,7 +159,8 @@ def rollback_target(name: str) -> tuple[str, str]:
 
 def write_entry(name: str, move: Move) -> None:
     """Step 2 of a move: the write-ahead history record (its own function so tests can interrupt a move here)."""
-    _client().set_registered_model_tag(name, f"{HISTORY_TAG}{move.seq:06d}", move.to_json())
+    key = f"{HISTORY_TAG}{move.seq:06d}.{uuid.uuid4().hex[:8]}"  # unique even if two writers pick one seq
+    _client().set_registered_model_tag(name, key, move.to_json())
 
 
 def set_champion_alias(name: str, version: str) -> None:
@@ -153,10 +168,16 @@ def set_champion_alias(name: str, version: str) -> None:
     _client().set_registered_model_alias(name, CHAMPION, version)
 
 
-def move_champion(name: str, version: str, action: str, by: str, actor: str, reason: str) -> Move:
+def move_champion(
+    name: str, version: str, action: str, by: str, actor: str, reason: str, expected: str | None | object = ANY
+) -> Move:
     """Point ``champion`` at ``version`` and record who, when, from which version and why.
 
+    Args:
+        expected: the champion this move replaces (None: there must be none); ``ANY`` skips the check.
+
     Raises:
+        ChampionChanged: the champion is not ``expected`` any more (nothing moved, nothing recorded).
         RegistryError: the version does not exist, has no model card, or already is the champion.
     """
     client = _client()
@@ -166,30 +187,48 @@ def move_champion(name: str, version: str, action: str, by: str, actor: str, rea
             f"{name} v{version} has no model card (empty description); refusing to make it champion. Fix: "
             "register it through 'tuneflow run'"
         )
-    current = champion_version(name)
-    if current == str(version):
-        raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
-    tags = client.get_registered_model(name).tags or {}
-    seq = 1 + max((int(k.removeprefix(HISTORY_TAG)) for k in tags if k.startswith(HISTORY_TAG)), default=0)
-    move = Move(
-        seq,
-        datetime.now(UTC).isoformat(timespec="seconds"),
-        action,
-        by,
-        actor,
-        current,
-        str(version),
-        reason[:MAX_REASON_CHARS],
-    )
-    write_entry(name, move)
-    set_champion_alias(name, str(version))
+    with file_lock(cache_dir() / "locks" / f"champion-{name}.lock", timeout_s=120, what="another champion move"):
+        current = champion_version(name)
+        if expected is not ANY and current != expected:
+            raise ChampionChanged(
+                f"champion of {name} is v{current or '-'} now, not v{expected or '-'} as when v{version} was "
+                f"compared with it; v{version} stays challenger. Fix: retrain (it is scored against the new "
+                f"champion) or promote it by hand after review: tuneflow promote {name} {version} --reason ..."
+            )
+        if current == str(version):
+            raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
+        tags = client.get_registered_model(name).tags or {}
+        seq = 1 + max((json.loads(v)["seq"] for k, v in tags.items() if k.startswith(HISTORY_TAG)), default=0)
+        move = Move(
+            seq,
+            datetime.now(UTC).isoformat(timespec="seconds"),
+            action,
+            by,
+            actor,
+            current,
+            str(version),
+            reason[:MAX_REASON_CHARS],
+        )
+        write_entry(name, move)
+        set_champion_alias(name, str(version))
     log.info("champion of %s: v%s -> v%s (%s by %s/%s): %s", name, current or "-", version, action, by, actor, reason)
     return move
 
 
 def promote_by_gate(name: str, version: str, decision: Decision, actor: str) -> Move:
-    """The retrain's promotion: move ``champion`` to the new version with the decision as the reason."""
-    return move_champion(name, str(version), "gate", "gate", actor, decision.reason)
+    """The retrain's promotion: move ``champion`` to the new version with the decision as the reason, only
+    if the champion is still the one the decision compared with (``ChampionChanged`` otherwise)."""
+    return move_champion(name, str(version), "gate", "gate", actor, decision.reason, expected=decision.champion_version)
+
+
+def record_refused_promotion(name: str, version: str, why: str) -> None:
+    """A gate promotion refused by ``ChampionChanged``: the version's decision tags and card say so."""
+    client = _client()
+    mv = get_version(name, version)
+    client.set_model_version_tag(name, version, "tuneflow.decision", "rejected")
+    client.set_model_version_tag(name, version, "tuneflow.decision_reason", why[:MAX_REASON_CHARS])
+    card = (mv.description or "").replace("**Promoted to champion**", "**Not promoted (champion changed meanwhile)**")
+    client.update_model_version(name, version, description=f"{card}\n\nPromotion refused: {why}")
 
 
 def registry_problems(name: str) -> list[str]:
