@@ -16,6 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
 from tuneflow.config import PipelineConfig, load_config
 from tuneflow.data import TEXT, DataError, split_data
@@ -26,6 +27,7 @@ from tuneflow.reporting import (
     artifact_key,
     model_card,
     nothing_new_markdown,
+    quarantined_markdown,
     rejected_markdown,
     retrain_markdown,
     trigger_markdown,
@@ -53,7 +55,7 @@ log = logging.getLogger(__name__)
 # Two flows, two names: deployments belong to "retrain" (retrain/scheduled, retrain/on-new-data), which
 # calls this one's body; "retrain-once" is a run started directly (`tuneflow run`, Python).
 @flow(name="retrain-once")
-def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
+def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any] | State:
     """Retrain ``config.registry.model_name`` on ``config.data`` and promote it only if it is better.
 
     Args:
@@ -61,7 +63,9 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
         config_file: where the config came from, for error messages.
 
     Returns:
-        MLflow run id and URL, eval metrics, registered version, decision and model URI.
+        MLflow run id and URL, eval metrics, registered version, decision and model URI; when batches were
+        quarantined but the accepted ones trained (``data.on_quarantine: train``), a ``Completed`` state named
+        "Completed with quarantined batches" holding that result (calling the flow still returns the dict).
     """
     configure_environment()
     configure_tracking()
@@ -90,6 +94,8 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
             )
             raise
         data = checked.data
+        if checked.quarantined is not None:  # data.on_quarantine: train - said loudly, here and at the end
+            logger.warning("%s", checked.quarantined)
         lineage["tuneflow.data_digest"] = data.digest
         split = split_data(data, config.data)
         log_dataset_inputs(config, data, split)
@@ -110,7 +116,7 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
                 tokenized.tokenizer,
                 decision,
                 card,
-                version_tags(lineage, checked.reports),
+                version_tags(lineage, checked.trained_reports),
                 list(split.eval[TEXT][:2]),
                 run,
                 challenger.metrics,
@@ -124,7 +130,8 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
             key=artifact_key(config.name, "retrain"),
             markdown=retrain_markdown(
                 config, data, split, tokenized.cache_hit, trained, scores, decision, version, pid, url
-            ),
+            )
+            + (quarantined_markdown(checked.quarantined) if checked.quarantined is not None else ""),
             description=f"Eval metrics and promotion decision for {config.registry.model_name}",
         )
     shutil.rmtree(run.work_dir, ignore_errors=True)  # plots and Data Docs are in MLflow now; kept after a failure
@@ -143,6 +150,14 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any]:
             "reason": decision.reason,
             "version_url": model_url(config.registry.model_name, version),
         }
+    if checked.quarantined is not None:
+        result["quarantined"] = [o.name for o in checked.quarantined.result.quarantined]
+        # The run did its job, but a person must look at the quarantined batches: the state's name says so.
+        return Completed(
+            name="Completed with quarantined batches",
+            message=f"{len(result['quarantined'])} batch(es) quarantined: {', '.join(result['quarantined'])}",
+            data=result,
+        )
     return result
 
 
@@ -211,6 +226,7 @@ def retrain_deployed(
             description="The event that started this run",
         )
     slot = limit_name(config.registry.model_name)
+    final: State | None = None
     ensure_concurrency_limit(slot)
     logger.info("waiting for the retrain slot %r (one retrain of %s at a time)", slot, config.registry.model_name)
     with concurrency(slot, occupy=1, strict=True):
@@ -224,7 +240,12 @@ def retrain_deployed(
             )
             result = {"status": "nothing new", "model_name": config.registry.model_name}
         else:
-            result = {"status": "trained", **retrain.fn(config, config_file=config_path)}
+            out = retrain.fn(config, config_file=config_path)
+            if isinstance(out, State):  # trained, with quarantined batches: keep the state's name and message
+                result = {"status": "trained", **out.data}
+                final = Completed(name=out.name, message=out.message, data=result)
+            else:
+                result = {"status": "trained", **out}
     # The run's end time comes later (results, logs, state): this line marks when the slot was freed.
     logger.info("released the retrain slot %r", slot)
-    return result
+    return final if final is not None else result

@@ -203,3 +203,39 @@ def test_landing_zone_flow_trains_on_accepted_batches_and_stops_on_a_bad_one(wor
     assert (landing / "quarantine" / "batch-002.csv").exists()
     assert (landing / "quarantine" / "batch-002.csv.report" / "index.html").exists()
     assert [str(v.version) for v in client.search_model_versions("name='tiny-clf'")] == ["1"]  # nothing registered
+
+
+def test_new_good_batches_are_trained_even_when_a_bad_one_arrives_beside_them(workdir, tiny_model_dir):
+    from prefect.client.orchestration import get_client
+
+    from tuneflow.flows.retrain import retrain
+    from tuneflow.landing import BatchRejected
+
+    landing = workdir / "data" / "tiny"
+    (landing / "incoming").mkdir(parents=True)
+    make_rows(150, seed=1).to_csv(landing / "incoming" / "batch-001.csv", index=False)
+    bad = make_rows(40, seed=2)
+    bad.loc[0, "label"] = "eggs"
+    bad.to_csv(landing / "incoming" / "batch-002.csv", index=False)
+    cfg = tiny_config_dict(Path("unused"), tiny_model_dir)
+    cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
+
+    state = retrain(PipelineConfig.model_validate(cfg), config_file="test.yaml", return_state=True)
+    result = state.result()
+    assert state.name == "Completed with quarantined batches" and "batch-002.csv" in state.message
+    assert result["version"] == "1" and result["quarantined"] == ["batch-002.csv"]
+    assert (landing / "accepted" / "batch-001.csv").exists() and (landing / "quarantine" / "batch-002.csv").exists()
+    version = MlflowClient().get_model_version("tiny-clf", "1")
+    assert version.tags["tuneflow.validation"] == "passed"  # it was trained on validated batches only
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    retrain_md = [a.data for a in artifacts if a.key == "tiny-retrain"][-1]
+    assert "Quarantined batches" in retrain_md and "label_in_set" in retrain_md
+
+    # policy stop: a bad batch beside a good one stops the run, nothing is trained
+    make_rows(60, seed=3).to_csv(landing / "incoming" / "batch-003.csv", index=False)
+    bad.to_csv(landing / "incoming" / "batch-004.csv", index=False)
+    cfg["data"]["on_quarantine"] = "stop"
+    with pytest.raises(BatchRejected, match="nothing was trained"):
+        _run(cfg)
+    assert [str(v.version) for v in MlflowClient().search_model_versions("name='tiny-clf'")] == ["1"]

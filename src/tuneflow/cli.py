@@ -118,6 +118,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"registered:   {config.registry.model_name} version {result['version']} -> {result['model_uri']}")
         print(f"decision:     {'PROMOTED to champion' if result['promoted'] else 'not promoted'}: {result['reason']}")
         print(f"champion:     models:/{config.registry.model_name}@champion")
+    if result.get("quarantined"):
+        print(
+            f"WARNING: {len(result['quarantined'])} batch(es) quarantined and NOT trained on: "
+            f"{', '.join(result['quarantined'])} (reports next to them in {config.data.landing}/quarantine/)",
+            file=sys.stderr,
+        )
     return 0
 
 

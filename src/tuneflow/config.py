@@ -104,6 +104,11 @@ class DataConfig(_Section):
     split_salt: str = Field(
         "tuneflow", description="Salt for the hash split; change it only to draw a different split."
     )
+    on_quarantine: Literal["train", "stop"] = Field(
+        "train",
+        description="A landing-zone run that quarantined some batches: 'train' on the accepted union when at least "
+        "one new batch was accepted (the quarantined ones are reported loudly), or 'stop' the run.",
+    )
 
     @model_validator(mode="after")
     def _labels_unique(self) -> DataConfig:
@@ -371,7 +376,10 @@ class PipelineConfig(_Section):
         # ``kind`` joined the config after the first versions were registered: left out while it is the
         # default, digests of unchanged configs stay what they were.
         # The same for the sft section, which classification does not read.
-        exclude = {"schedule", "watch"} | ({"kind", "sft"} if self.kind == "classification" else set())
+        exclude: dict[str, Any] = {k: True for k in ("schedule", "watch")}
+        if self.kind == "classification":
+            exclude |= {"kind": True, "sft": True}
+        exclude["data"] = {"on_quarantine"}  # what a run does after quarantining a batch, not what it trains
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

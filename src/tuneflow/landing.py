@@ -67,10 +67,9 @@ class GateResult:
 class BatchRejected(DataError):
     """At least one incoming batch failed validation and was quarantined."""
 
-    def __init__(self, result: GateResult):
-        parts = [
-            f"{len(result.quarantined)} batch(es) quarantined, {len(result.accepted)} accepted; nothing was trained."
-        ]
+    def __init__(self, result: GateResult, trained: bool = False):
+        outcome = "the accepted data was trained on (data.on_quarantine: train)" if trained else "nothing was trained"
+        parts = [f"{len(result.quarantined)} batch(es) quarantined, {len(result.accepted)} accepted; {outcome}."]
         for o in result.quarantined:
             parts.append(f"\n{o.path}\n{o.report.summary()}")  # the summary ends with the report's path
         super().__init__(
@@ -225,6 +224,14 @@ class DataCheck:
     error: DataError | None
     gate: GateResult | None = None  # the landing-zone verdicts; None for a single file
     rows_dropped: int = 0
+    quarantined: BatchRejected | None = None  # batches quarantined in a run that trained anyway (on_quarantine)
+
+    @property
+    def trained_reports(self) -> list[ValidationReport]:
+        """The reports of the data trained on: without the batches quarantined in a run that trained anyway."""
+        if self.quarantined is None or self.gate is None:
+            return self.reports
+        return [o.report for o in self.gate.accepted]
 
 
 def check_data(
@@ -248,6 +255,12 @@ def check_data(
         gate = run_gate(cfg, landing, tokenizer)
         reports = [o.report for o in gate.outcomes]
         error: DataError | None = BatchRejected(gate) if gate.quarantined else None
+        if error is not None and gate.accepted and cfg.data.on_quarantine == "train":
+            # New good batches are trained on now, not held back by a bad one beside them; the quarantined
+            # batches are reported (DataCheck.quarantined) by the flow's artifact, state and the CLI.
+            quarantined, error = BatchRejected(gate, trained=True), None
+        else:
+            quarantined = None
         loaded = None if error else load_accepted(cfg, landing)
         if error is None and loaded is None:
             error = DataError(
@@ -262,7 +275,8 @@ def check_data(
         )
         reports = [report]
         error = None if report.success else ValidationFailed(report)
+        quarantined = None
     if error is not None:
         return DataCheck(reports, None, error, gate)
     kept, dropped = drop_out_of_bounds(loaded, cfg)
-    return DataCheck(reports, kept, None, gate, dropped)
+    return DataCheck(reports, kept, None, gate, dropped, quarantined)

@@ -154,6 +154,11 @@ def samples_markdown(samples: pd.DataFrame, limit: int = 8) -> str:
     return "| prompt | reference | generation | chrF | stopped with EOS |\n|---|---|---|---|---|\n" + "\n".join(rows)
 
 
+def quarantined_markdown(rejected: Exception) -> str:
+    """The section a retrain artifact gets when it trained although some batches were quarantined."""
+    return f"\n\n## Quarantined batches (not trained on; look at them)\n\n```\n{rejected}\n```\n"
+
+
 def nothing_new_markdown(cfg: PipelineConfig) -> str:
     """The retrain artifact of a triggered run that found its data already trained on."""
     return (
