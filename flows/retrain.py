@@ -22,7 +22,7 @@ from tuneflow.config import PipelineConfig, load_config
 from tuneflow.data import TEXT, DataError, split_data
 from tuneflow.evaluate import EvaluateOutput
 from tuneflow.landing import has_new_batches
-from tuneflow.registry import decide_promotion, version_tags
+from tuneflow.registry import decide_promotion, trained_digests, version_tags
 from tuneflow.reporting import (
     artifact_key,
     model_card,
@@ -231,8 +231,13 @@ def retrain_deployed(
     logger.info("waiting for the retrain slot %r (one retrain of %s at a time)", slot, config.registry.model_name)
     with concurrency(slot, occupy=1, strict=True):
         logger.info("got the retrain slot %r", slot)
-        if only_if_new_data and not has_new_batches(config):
-            logger.info("nothing new in %s/incoming: an earlier run already trained on this data", config.data.landing)
+        if only_if_new_data:
+            configure_tracking()
+        if only_if_new_data and not has_new_batches(config, trained_digests(config.registry.model_name)):
+            logger.info(
+                "nothing new in %s: no batch in incoming/, and a registered version was trained on the accepted data",
+                config.data.landing,
+            )
             create_markdown_artifact(
                 key=artifact_key(config.name, "retrain"),
                 markdown=nothing_new_markdown(config),

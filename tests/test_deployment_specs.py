@@ -84,21 +84,30 @@ def test_serve_builds_the_deployments_from_the_config(tmp_path, tiny_model_dir):
 
 
 def test_a_triggered_run_with_nothing_new_completes_without_training(prefect_harness, workdir, tiny_model_dir):
+    """ "Nothing new" means "not yet trained": an empty incoming/ is not enough while no version was trained on
+    the accepted data (a retrain that failed after its gate accepted the batches must not lose its trigger)."""
+    from mlflow import MlflowClient
+
     from tuneflow.flows.retrain import retrain_deployed
 
     landing = workdir / "landing"
     (landing / "incoming").mkdir(parents=True)
     (landing / "accepted").mkdir()
-    make_rows(30).to_csv(landing / "accepted" / "old.csv", index=False)
+    make_rows(60).to_csv(landing / "accepted" / "old.csv", index=False)
     (landing / "incoming" / "half-written.csv.part").write_text("text,la")
     raw = tiny_config_dict(Path("unused"), tiny_model_dir)
     raw["data"] = {"landing": str(landing), "labels": ["ham", "spam"]}
     path = workdir / "tiny.yaml"
     path.write_text(yaml.safe_dump(raw))
     trigger = {"dataset": "tiny", "landing": str(landing), "files": [{"name": "x.csv", "sha256": "0" * 64, "size": 1}]}
+
+    # accepted data that no version was trained on (as after a failed retrain): the triggered run trains
+    first = retrain_deployed(str(path), only_if_new_data=True, trigger=trigger)
+    assert first["status"] == "trained" and first["version"] == "1"
+    # the same accepted data again, nothing in incoming/: nothing new
     out = retrain_deployed(str(path), only_if_new_data=True, trigger=trigger)
     assert out == {"status": "nothing new", "model_name": "tiny-clf"}
-    assert not (workdir / "mlruns" / "artifacts").exists() or not any((workdir / "mlruns" / "artifacts").rglob("model"))
+    assert [str(v.version) for v in MlflowClient().search_model_versions("name='tiny-clf'")] == ["1"]
 
 
 def test_the_slot_of_a_model_is_named_after_it():

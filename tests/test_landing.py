@@ -217,11 +217,15 @@ def test_has_new_batches_only_for_complete_files_in_incoming(tmp_path, tiny_mode
     assert has_new_batches(cfg) is False  # not even created yet
     incoming, accepted, _ = folders(landing)
     shutil.copy(CORPUS / "base.csv", accepted)
-    assert has_new_batches(cfg) is False  # accepted batches are not new
+    assert has_new_batches(cfg) is False  # accepted batches are not new (without a registry to ask)
+    union = load_accepted(cfg, landing).digest
+    assert has_new_batches(cfg, trained={union}) is False  # a version was trained on exactly this
+    assert has_new_batches(cfg, trained={"another-digest"}) is True  # accepted, but never trained on
+    assert has_new_batches(cfg, trained=set()) is True
     for name in ("base.csv.part", ".base.csv", "upload.tmp"):
         shutil.copy(CORPUS / "base.csv", incoming / name)
     (incoming / "subdir").mkdir()
-    assert has_new_batches(cfg) is False  # still being written, or not a file
+    assert has_new_batches(cfg, trained={union}) is False  # still being written, or not a file
     shutil.copy(CORPUS / "crlf.csv", incoming / "crlf.csv")
     assert has_new_batches(cfg) is True
 

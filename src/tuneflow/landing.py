@@ -208,11 +208,18 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
     return result
 
 
-def has_new_batches(cfg: PipelineConfig) -> bool:
-    """Whether the landing zone has a batch in ``incoming/`` (always True for a single-file config)."""
+def has_new_batches(cfg: PipelineConfig, trained: set[str] | None = None) -> bool:
+    """Whether there is anything not yet trained on: a batch in ``incoming/``, or (given ``trained``, the data
+    digests registered versions were trained on) accepted data whose union no version was trained on, e.g.
+    after a retrain that failed once its gate had accepted the batches. Always True for a single file."""
     if not cfg.data.landing:
         return True
-    return bool(list_incoming(cfg.data.landing))
+    if list_incoming(cfg.data.landing):
+        return True
+    if trained is None:
+        return False
+    accepted = load_accepted(cfg, Path(cfg.data.landing))
+    return accepted is not None and accepted.digest not in trained
 
 
 @dataclass

@@ -278,6 +278,14 @@ def decision_tags(decision: Decision) -> dict[str, str]:
     }
 
 
+def trained_digests(name: str) -> set[str]:
+    """The data digests (``tuneflow.data_digest``) of every registered version of ``name``: data trained on."""
+    from mlflow import MlflowClient
+
+    versions = MlflowClient().search_model_versions(f"name='{name}'")
+    return {d for mv in versions if (d := (mv.tags or {}).get(f"{TAG}data_digest"))}
+
+
 def list_versions(name: str | None = None) -> list[dict[str, Any]]:
     """Registered versions (newest first) with aliases, primary metric, data digest and decision."""
     from mlflow import MlflowClient

@@ -163,7 +163,8 @@ def nothing_new_markdown(cfg: PipelineConfig) -> str:
     """The retrain artifact of a triggered run that found its data already trained on."""
     return (
         f"# Retrain `{cfg.name}`: nothing new\n\n`{cfg.data.landing}/incoming` was empty when this "
-        "run got its slot: the run before it already trained on these files."
+        "run got its slot, and a registered version was trained on exactly the accepted data: the run before "
+        "it already trained on these files."
     )
 
 
