@@ -19,10 +19,18 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from tuneflow.config import PipelineConfig, load_config
-from tuneflow.data import TEXT, DataError, split_data
+from tuneflow.data import TEXT, DataError, content_digest, split_data
 from tuneflow.evaluate import EvaluateOutput
 from tuneflow.landing import has_new_batches
-from tuneflow.registry import decide_promotion, trained_digests, version_tags
+from tuneflow.models import base_model_digest
+from tuneflow.registry import (
+    FINGERPRINT_TAG,
+    decide_promotion,
+    fingerprint,
+    trained_digests,
+    version_tags,
+    version_with_fingerprint,
+)
 from tuneflow.reporting import (
     artifact_key,
     model_card,
@@ -31,6 +39,7 @@ from tuneflow.reporting import (
     rejected_markdown,
     retrain_markdown,
     trigger_markdown,
+    unchanged_markdown,
 )
 from tuneflow.runtime import cache_dir, configure_environment
 from tuneflow.tasks.evaluate import evaluate_task, score_champion_task
@@ -44,6 +53,7 @@ from tuneflow.tracking import (
     ensure_experiment,
     git_commit,
     log_dataset_inputs,
+    log_unchanged,
     model_url,
     run_url,
     start_parent_run,
@@ -55,12 +65,13 @@ log = logging.getLogger(__name__)
 # Two flows, two names: deployments belong to "retrain" (retrain/scheduled, retrain/on-new-data), which
 # calls this one's body; "retrain-once" is a run started directly (`tuneflow run`, Python).
 @flow(name="retrain-once")
-def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any] | State:
+def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) -> dict[str, Any] | State:
     """Retrain ``config.registry.model_name`` on ``config.data`` and promote it only if it is better.
 
     Args:
         config: the pipeline config (shown as a form in the Prefect UI).
         config_file: where the config came from, for error messages.
+        force: retrain even when a registered version was trained on exactly this (same fingerprint).
 
     Returns:
         MLflow run id and URL, eval metrics, registered version, decision and model URI; when batches were
@@ -97,6 +108,30 @@ def retrain(config: PipelineConfig, config_file: str = "") -> dict[str, Any] | S
         if checked.quarantined is not None:  # data.on_quarantine: train - said loudly, here and at the end
             logger.warning("%s", checked.quarantined)
         lineage["tuneflow.data_digest"] = data.digest
+        fp = fingerprint(content_digest(data.frame), config.digest(), base_model_digest(config.model))
+        lineage[FINGERPRINT_TAG] = fp
+        same = version_with_fingerprint(config.registry.model_name, fp) if config.registry.enabled else None
+        if same is not None and not force:
+            reason = (
+                f"nothing changed: v{same.version} was trained on exactly this data, config, base model and "
+                "tuneflow version; nothing trained or registered (force: true / tuneflow run --force retrains)"
+            )
+            logger.info("%s", reason)
+            log_unchanged(str(same.version))
+            create_markdown_artifact(
+                key=artifact_key(config.name, "retrain"),
+                markdown=unchanged_markdown(config, str(same.version), reason, pid, url),
+                description="Nothing changed since a registered version; nothing was trained.",
+            )
+            return {
+                "status": "unchanged",
+                "run_id": pid,
+                "run_url": url,
+                "experiment_id": experiment_id,
+                "version": str(same.version),
+                "model_uri": f"models:/{config.registry.model_name}/{same.version}",
+                "reason": reason,
+            }
         split = split_data(data, config.data)
         log_dataset_inputs(config, data, split)
 
@@ -195,6 +230,7 @@ def retrain_deployed(
     overrides: list[str] | None = None,
     only_if_new_data: bool = False,
     trigger: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """The deployed retrain: load the config from a path, wait for the model's slot, retrain.
 
@@ -210,6 +246,7 @@ def retrain_deployed(
         only_if_new_data: skip (complete as "nothing new") when the landing zone has no new batch.
         trigger: the event that started the run (``tuneflow.data.arrived`` payload: dataset, landing,
             files with sha256), filled in by the deployment trigger; shown as a parameter in the UI.
+        force: retrain even when a registered version was trained on exactly this.
 
     Returns:
         the retrain result, or ``{"status": "nothing new", ...}``.
@@ -245,12 +282,12 @@ def retrain_deployed(
             )
             result = {"status": "nothing new", "model_name": config.registry.model_name}
         else:
-            out = retrain.fn(config, config_file=config_path)
+            out = retrain.fn(config, config_file=config_path, force=force)
             if isinstance(out, State):  # trained, with quarantined batches: keep the state's name and message
                 result = {"status": "trained", **out.data}
                 final = Completed(name=out.name, message=out.message, data=result)
             else:
-                result = {"status": "trained", **out}
+                result = {"status": "trained", **out}  # "status" from out wins: "unchanged" when nothing changed
     # The run's end time comes later (results, logs, state): this line marks when the slot was freed.
     logger.info("released the retrain slot %r", slot)
     return final if final is not None else result

@@ -248,8 +248,13 @@ def test_flow_registers_a_chat_model_that_reloads_offline_with_the_same_greedy_o
     assert summary.rows == 2 and list(scored["generation"].fillna("")) == expected
     assert set(scored["finish_reason"]) <= {"stop", "length"}
 
-    # a second run on the same data re-scores the champion with the same code; no better: champion kept
-    second = retrain(cfg, config_file="sft.yaml")
+    # the same data, config and base model again: nothing changed, nothing trained or registered
+    same = retrain(cfg, config_file="sft.yaml")
+    assert same["status"] == "unchanged" and same["version"] == "1" and "nothing changed" in same["reason"]
+    assert [str(v.version) for v in client.search_model_versions("name='tiny-sft'")] == ["1"]
+    assert client.get_run(same["run_id"]).data.tags["tuneflow.same_as_version"] == "1"
+    # forced: it retrains and re-scores the champion with the same code; no better: champion kept
+    second = retrain(cfg, config_file="sft.yaml", force=True)
     assert second["version"] == "2" and second["promoted"] is False
     assert "lower is better" in second["reason"]
     assert client.get_run(second["run_id"]).data.metrics["champion/eval_loss"] == pytest.approx(m["eval_loss"])

@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set train.epochs=1 (repeatable)",
     )
+    run.add_argument(
+        "--force", action="store_true", help="retrain even if a version was trained on exactly this already"
+    )
 
     models = sub.add_parser("models", help="list registered model versions, their aliases and scores")
     models.add_argument("name", nargs="?", help="registered model name (default: all)")
@@ -104,10 +107,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tuneflow.models import ModelError
 
     try:
-        result = retrain(config, config_file=str(args.config))
+        result = retrain(config, config_file=str(args.config), force=args.force)
     except (DataError, ModelError) as exc:
         print(f"\nerror: retrain stopped before training; nothing was registered.\n{exc}", file=sys.stderr)
         return 2
+    if result.get("status") == "unchanged":
+        print(f"\n=== tuneflow retrain: {result['reason']} ===")
+        print(f"version:      {result['model_uri']}")
+        print(f"MLflow run:   {result['run_url']}")
+        return 0
     m = result["metrics"]
     print("\n=== tuneflow retrain finished ===")
     shown = ("accuracy", "macro_f1") if config.kind == "classification" else ("eval_loss", "perplexity", "chrf")

@@ -223,3 +223,25 @@ def base_model_card(cfg: ModelConfig, fallback: str) -> ModelCard:
         return ModelCard.load(readme)
     # No card: say so rather than guess. MLflow then notes that the license is unknown (a thing to check).
     return ModelCard(f"---\nlicense: other\n---\n{fallback}")
+
+
+_folder_digests: dict[tuple, str] = {}
+
+
+def base_model_digest(cfg: ModelConfig) -> str:
+    """A digest of every file of the resolved base-model folder (names and bytes), remembered per process
+    while no file's size or modification time changes: part of a retrain's fingerprint."""
+    import hashlib
+
+    folder = resolve_base_model(cfg.base_model)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _folder_digests:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(f"{p.relative_to(folder)}\0{p.stat().st_size}\0".encode())
+            with p.open("rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        _folder_digests[key] = h.hexdigest()
+    return _folder_digests[key]

@@ -278,6 +278,31 @@ def decision_tags(decision: Decision) -> dict[str, str]:
     }
 
 
+FINGERPRINT_TAG = "tuneflow.fingerprint"
+
+
+def fingerprint(rows_digest: str, config_digest: str, base_digest: str) -> str:
+    """What makes two retrains the same: the rows trained on, every setting that shapes the model, the base
+    model's bytes and the tuneflow version (its code)."""
+    import hashlib
+
+    blob = f"{rows_digest}|{config_digest}|{base_digest}|tuneflow {pkg_version('tuneflow')}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def version_with_fingerprint(name: str, fp: str) -> ModelVersion | None:
+    """The newest registered version of ``name`` trained with fingerprint ``fp``, if any."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    same = [mv for mv in versions if (mv.tags or {}).get(FINGERPRINT_TAG) == fp]
+    return max(same, key=lambda mv: int(mv.version), default=None)
+
+
 def trained_digests(name: str) -> set[str]:
     """The data digests (``tuneflow.data_digest``) of every registered version of ``name``: data trained on."""
     from mlflow import MlflowClient

@@ -154,6 +154,14 @@ def samples_markdown(samples: pd.DataFrame, limit: int = 8) -> str:
     return "| prompt | reference | generation | chrF | stopped with EOS |\n|---|---|---|---|---|\n" + "\n".join(rows)
 
 
+def unchanged_markdown(cfg: PipelineConfig, version: str, reason: str, run_id: str, url: str) -> str:
+    """The retrain artifact of a run that found nothing changed since a registered version."""
+    return (
+        f"# Retrain `{cfg.name}`: nothing changed\n\n{reason}.\n\nVersion: `{cfg.registry.model_name}` v{version}. "
+        f"MLflow run: [{run_id}]({url})"
+    )
+
+
 def quarantined_markdown(rejected: Exception) -> str:
     """The section a retrain artifact gets when it trained although some batches were quarantined."""
     return f"\n\n## Quarantined batches (not trained on; look at them)\n\n```\n{rejected}\n```\n"

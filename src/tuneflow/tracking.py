@@ -342,3 +342,10 @@ def log_decision(decision: Decision, version: str | None, parent_run_id: str) ->
     client = mlflow.MlflowClient()
     for k, v in tags.items():
         client.set_tag(parent_run_id, k, v)
+
+
+def log_unchanged(version: str) -> None:
+    """Tags of a retrain that found a version trained on exactly its data, config and base model."""
+    import mlflow
+
+    mlflow.set_tags({"tuneflow.outcome": "unchanged", "tuneflow.same_as_version": version})
