@@ -282,7 +282,8 @@ def test_the_landing_gate_quarantines_a_bad_sft_batch_with_its_report(tmp_path, 
     raw["data"] = {"landing": str(landing), "eval_fraction": 0.25}
     cfg = PipelineConfig.model_validate(raw)
     result = check_data(cfg, "sft.yaml", tmp_path / "docs", tokenizer)
-    assert isinstance(result.error, BatchRejected) and result.data is None
+    # data.on_quarantine: train (default): the good batch is trained on, the bad one reported
+    assert result.error is None and isinstance(result.quarantined, BatchRejected) and result.data is not None
     assert {o.name: o.status for o in result.gate.outcomes} == {"a_good.csv": "accepted", "b_blank.csv": "quarantined"}
     assert (landing / "accepted" / "a_good.csv").exists() and not list(incoming.iterdir())
     quarantine = landing / "quarantine"
