@@ -297,4 +297,4 @@ def test_the_landing_gate_quarantines_a_bad_sft_batch_with_its_report(tmp_path, 
     assert next(c for c in report["checks"] if c["name"] == "repeats_accepted")["status"] == "pass"
     html = (quarantine / "b_blank.csv.report" / "index.html").read_text()
     assert "<html" in html.lower() or "<!doctype" in html.lower()
-    assert "response_not_blank" in str(result.error) and "line 18" in str(result.error)
+    assert "response_not_blank" in str(result.quarantined) and "line 18" in str(result.quarantined)
