@@ -245,21 +245,8 @@ def model_card(
         *[f"| {lab} | {train_dist[lab]} | {eval_dist[lab]} |" for lab in labels],
         "",
         "## Validation",
+        *_validation_lines(validation),
     ]
-    reports = validation if isinstance(validation, list) else [] if validation is None else [validation]
-    if validation is None:
-        lines.append("- Not recorded for this version.")
-    elif not reports:
-        lines.append(
-            "- No new batch in this run: the training data is the accepted batches, each validated when it arrived."
-        )
-    for report in reports:
-        passed = sum(c.success for c in report.checks)
-        lines.append(
-            f"- `{report.source}`: {'passed' if report.success else 'FAILED'}, {passed}/{len(report.checks)} "
-            f"Great Expectations checks met on {report.row_count} rows"
-        )
-        lines += [f"  - {c.status} `{c.name}`: {c.rule} (observed: {c.observed})" for c in report.checks]
     lines += [
         "",
         "## Training",

@@ -58,6 +58,16 @@ def mlflow_callback():
     return MlflowMetrics()
 
 
+def run_trainer(trainer: Any, checkpoints: Path) -> tuple[Any, float]:
+    """``trainer.train()`` and its wall time; its checkpoint folder is deleted afterwards, even on failure."""
+    start = time.perf_counter()
+    try:
+        output = trainer.train()
+    finally:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return output, time.perf_counter() - start
+
+
 def train_with_trainer(
     cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path, kind: FineTuningKind
 ) -> TrainResult:
@@ -117,12 +127,7 @@ def train_with_trainer(
         compute_metrics=kind.trainer_metrics(cfg),
         callbacks=callbacks,
     )
-    start = time.perf_counter()
-    try:
-        output = trainer.train()
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    seconds = time.perf_counter() - start
+    output, seconds = run_trainer(trainer, out)
     state = trainer.state
     model = trainer.model.float().eval()  # bf16 autocast leaves fp32 weights; make sure for saving
     log.info("trained %d steps in %.1f s; best %s=%s", state.global_step, seconds, primary, state.best_metric)

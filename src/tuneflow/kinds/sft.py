@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,14 +30,13 @@ from tuneflow.config import PipelineConfig, SftConfig
 from tuneflow.data import CONTEXT, LABEL, TEXT, Split
 from tuneflow.evaluate import Evaluation
 from tuneflow.models import resolve_base_model
+from tuneflow.train import TrainResult, mlflow_callback, run_trainer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from datasets import DatasetDict
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from tuneflow.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +292,6 @@ def sft_trainer(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: D
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from tuneflow.train import mlflow_callback
-
     t, s = cfg.train, cfg.sft
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -349,19 +345,12 @@ def train_sft(
 ) -> TrainResult:
     """Train with ``sft_trainer``; returns the model with LoRA merged into the base weights (a plain causal LM,
     what gets registered: it loads offline without PEFT or the base model's folder)."""
-    from tuneflow.train import TrainResult
-
     work_dir.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix="checkpoints-", dir=work_dir))
     trainer = sft_trainer(cfg, tokenizer, data, out)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    start = time.perf_counter()
-    try:
-        output = trainer.train()
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    seconds = time.perf_counter() - start
+    output, seconds = run_trainer(trainer, out)
     model = trainer.model
     if cfg.sft.lora.enabled:
         model = model.merge_and_unload()
