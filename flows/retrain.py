@@ -8,7 +8,10 @@ failed validation or training run must be looked at, not repeated.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from prefect.states import Completed, State
 from tuneflow.config import PipelineConfig, load_config
 from tuneflow.data import TEXT, DataError, content_digest, split_data
 from tuneflow.evaluate import EvaluateOutput
+from tuneflow.files import file_lock
 from tuneflow.landing import has_new_batches
 from tuneflow.models import base_model_digest
 from tuneflow.registry import (
@@ -196,6 +200,31 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
     return result
 
 
+def local_slot_path(model_name: str) -> Path:
+    """The lock file that lets one retrain of ``model_name`` run at a time on this machine."""
+    return cache_dir() / "locks" / f"retrain-{model_name}.lock"
+
+
+@contextmanager
+def model_slot(model_name: str) -> Iterator[None]:
+    """One retrain of ``model_name`` at a time, for ``tuneflow run``: the Prefect slot of deployed runs
+    (``retrain-<model name>``) when a Prefect server is configured (``PREFECT_API_URL``), and always the
+    machine-local lock that deployed runs also take, so a CLI run and a deployed run never overlap."""
+    from prefect.concurrency.sync import concurrency
+
+    server = bool(os.environ.get("PREFECT_API_URL"))
+    if server:
+        ensure_concurrency_limit(limit_name(model_name))
+    lock = local_slot_path(model_name)
+    log.info("waiting for the retrain slot of %s (one retrain of a model at a time)", model_name)
+    with (
+        concurrency(limit_name(model_name), occupy=1, strict=True) if server else nullcontext(),
+        file_lock(lock, what=f"another retrain of {model_name} (lock {lock})"),
+    ):
+        log.info("got the retrain slot of %s", model_name)
+        yield
+
+
 def limit_name(model_name: str) -> str:
     """The global concurrency limit that lets one retrain of ``model_name`` run at a time."""
     return f"retrain-{model_name}"
@@ -266,7 +295,7 @@ def retrain_deployed(
     final: State | None = None
     ensure_concurrency_limit(slot)
     logger.info("waiting for the retrain slot %r (one retrain of %s at a time)", slot, config.registry.model_name)
-    with concurrency(slot, occupy=1, strict=True):
+    with concurrency(slot, occupy=1, strict=True), file_lock(local_slot_path(config.registry.model_name)):
         logger.info("got the retrain slot %r", slot)
         if only_if_new_data:
             configure_tracking()

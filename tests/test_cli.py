@@ -56,3 +56,29 @@ def test_serve_without_a_server_says_how_to_start_one(monkeypatch, capsys):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert main(["serve", "--config", str(CONFIGS / "sms-spam-landing.yaml")]) == 2
     assert "prefect server start" in capsys.readouterr().err
+
+
+def test_cli_run_waits_for_the_models_slot_held_by_another_retrain(workdir, data_csv, tiny_model_dir, prefect_harness):
+    import threading
+    import time
+
+    import yaml
+
+    from tuneflow.files import file_lock
+    from tuneflow.flows.retrain import local_slot_path
+
+    from conftest import tiny_config_dict
+
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(data_csv, tiny_model_dir, train={"epochs": 1})))
+    codes = []
+    with file_lock(local_slot_path("tiny-clf")):  # another retrain of the model (deployed or CLI) holds the slot
+        runner = threading.Thread(target=lambda: codes.append(main(["run", "--config", str(path)])))
+        runner.start()
+        time.sleep(3)
+        assert runner.is_alive() and not codes  # waiting, not training alongside
+        from mlflow import MlflowClient
+
+        assert not MlflowClient().search_registered_models()  # nothing registered while it waits
+    runner.join(timeout=300)
+    assert codes == [0]
