@@ -176,3 +176,25 @@ def test_source_list_tag_stays_within_mlflow_limit():
     assert _sources_tag(["a.csv", "b.csv"]) == '["a.csv", "b.csv"]'
     long = _sources_tag([f"batch-{i:04d}-from-the-nightly-export.csv" for i in range(200)])
     assert len(long) <= MAX_INPUT_TAG and long.endswith('more"]')
+
+
+def test_runs_left_running_by_a_dead_retrain_process_are_marked_killed(workdir):
+    import os
+    import socket
+
+    from tuneflow.tracking import HOST_TAG, PID_TAG, end_dead_runs
+
+    exp = mlflow.set_experiment("dead-runs").experiment_id
+    client = MlflowClient()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs (kill -9 of a retrain looks the same afterwards)
+    here = socket.gethostname()
+    dead = client.create_run(exp, tags={HOST_TAG: here, PID_TAG: str(gone.pid)})
+    stage = client.create_run(exp, tags={"mlflow.parentRunId": dead.info.run_id})
+    alive = client.create_run(exp, tags={HOST_TAG: here, PID_TAG: str(os.getpid())})
+    elsewhere = client.create_run(exp, tags={HOST_TAG: "another-machine", PID_TAG: str(gone.pid)})
+    assert end_dead_runs(exp) == [dead.info.run_id]
+    status = {r: client.get_run(r).info.status for r in (dead.info.run_id, stage.info.run_id)}
+    assert set(status.values()) == {"KILLED"}
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # this process: alive
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # cannot know: left alone

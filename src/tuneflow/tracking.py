@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -203,11 +204,52 @@ def log_dataset_inputs(cfg: PipelineConfig, loaded: LoadedData, split: Split) ->
         )
 
 
+HOST_TAG, PID_TAG = "tuneflow.host", "tuneflow.pid"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def end_dead_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of ``experiment_id`` left RUNNING by a retrain process on this machine that is gone
+    (kill -9, power loss), and their stage runs; returns their ids. Runs of other machines are left alone."""
+    from mlflow import MlflowClient
+
+    client, host = MlflowClient(), socket.gethostname()
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    dead = [
+        r.info.run_id
+        for r in running
+        if r.data.tags.get(HOST_TAG) == host
+        and r.data.tags.get(PID_TAG, "").isdigit()
+        and int(r.data.tags[PID_TAG]) != os.getpid()
+        and not _alive(int(r.data.tags[PID_TAG]))
+    ]
+    for r in running:
+        if r.info.run_id in dead or r.data.tags.get("mlflow.parentRunId") in dead:
+            client.set_terminated(r.info.run_id, status="KILLED")
+            client.set_tag(r.info.run_id, "tuneflow.ended_by", "a later retrain: its process was gone")
+    if dead:
+        log.warning("marked %d run(s) KILLED whose retrain process is gone: %s", len(dead), ", ".join(dead))
+    return dead
+
+
 def start_parent_run(cfg: PipelineConfig, run_name: str, lineage: dict[str, str]) -> Any:
     """Open the retrain's parent run (a context manager) with its lineage tags; the config as params and JSON."""
     import mlflow
 
-    run = mlflow.start_run(run_name=run_name, tags=lineage)
+    experiment = mlflow.get_experiment_by_name(cfg.name)
+    if experiment is not None:
+        end_dead_runs(experiment.experiment_id)  # a retrain killed earlier left its runs RUNNING
+    owner = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    run = mlflow.start_run(run_name=run_name, tags={**lineage, **owner})
     mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
     mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
     return run
