@@ -53,6 +53,7 @@ from tuneflow.tasks.train import train_task
 from tuneflow.tasks.validate import validate_task
 from tuneflow.tracking import (
     RunContext,
+    checkpoints_root,
     configure_tracking,
     ensure_experiment,
     git_commit,
@@ -136,6 +137,8 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
                 "model_uri": f"models:/{config.registry.model_name}/{same.version}",
                 "reason": reason,
             }
+        # Checkpoints live under the fingerprint: a rerun of exactly this work after a crash resumes from them.
+        run = replace(run, checkpoint_dir=checkpoints_root(config.registry.model_name) / fp[:16])
         split = split_data(data, config.data)
         log_dataset_inputs(config, data, split)
 
@@ -174,6 +177,8 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
             description=f"Eval metrics and promotion decision for {config.registry.model_name}",
         )
     shutil.rmtree(run.work_dir, ignore_errors=True)  # plots and Data Docs are in MLflow now; kept after a failure
+    # The model is registered: this model's checkpoints (also those of crashed runs on older data) are swept.
+    shutil.rmtree(checkpoints_root(config.registry.model_name), ignore_errors=True)
     result: dict[str, Any] = {
         "run_id": pid,
         "run_url": url,

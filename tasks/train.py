@@ -16,6 +16,7 @@ from tuneflow.train import TrainResult
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(cfg: PipelineConfig, tokenized: Tokenized, run: RunContext) -> TrainResult:
     with stage_run(run.parent_run_id, "train"):
-        result = get_kind(cfg.kind).train(cfg, tokenized.tokenizer, tokenized.datasets, run.work_dir)
+        checkpoints = run.checkpoint_dir or run.work_dir / "checkpoints"
+        result = get_kind(cfg.kind).train(cfg, tokenized.tokenizer, tokenized.datasets, checkpoints)
         log_training(cfg, result)
     return result

@@ -275,3 +275,24 @@ def test_cli_run_and_compare_on_an_sft_config(tiny_llama, sft_data, workdir, cap
     assert main(["compare", "tiny-sft", "1", "2", "--config", str(path)]) == 0
     table = capsys.readouterr().out
     assert "| eval_loss |" in table and "| chrf |" in table
+
+
+def test_sft_training_resumes_from_the_newest_complete_checkpoint(tiny_llama, sft_data, tmp_path):
+    import shutil
+
+    from tuneflow.train import COMPLETE_MARKER
+
+    cfg = _cfg(tiny_llama, sft_data, **{"sft.max_steps": 5, "train.checkpoint_minutes": 0})
+    kind, tok, _, data = _prepared(cfg)
+    whole = kind.train(cfg, tok, data, tmp_path / "whole")
+    assert whole.extra["resumed_from_step"] == 0
+    # What a kill -9 leaves: step 4 complete (adapter, optimizer, scheduler, RNG, data position), step 5 half-written
+    crashed = tmp_path / "crashed"
+    (crashed / "checkpoint-4").parent.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-4", crashed / "checkpoint-4")
+    shutil.copytree(tmp_path / "whole" / "checkpoint-5", crashed / "checkpoint-5")
+    (crashed / "checkpoint-5" / COMPLETE_MARKER).unlink()
+    resumed = kind.train(cfg, tok, data, crashed)
+    assert resumed.extra["resumed_from_step"] == 4 and resumed.steps == 5
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "the resumed run ended elsewhere"

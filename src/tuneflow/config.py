@@ -210,6 +210,12 @@ class TrainConfig(_Section):
     group_by_length: bool = Field(True, description="Batch texts of similar length together (less padding).")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; unset keeps torch's default.")
     logging_steps: int = Field(20, ge=1, description="Log loss and learning rate to MLflow every N steps.")
+    checkpoint_minutes: float = Field(
+        5.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Save a checkpoint at least this often (and each epoch) so a killed run resumes; 0: every step.",
+    )
 
 
 Metric = Literal["macro_f1", "accuracy", "eval_loss", "perplexity", "chrf"]
@@ -380,6 +386,7 @@ class PipelineConfig(_Section):
         if self.kind == "classification":
             exclude |= {"kind": True, "sft": True}
         exclude["data"] = {"on_quarantine"}  # what a run does after quarantining a batch, not what it trains
+        exclude["train"] = {"checkpoint_minutes"}  # how often a run saves its progress, not what it trains
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

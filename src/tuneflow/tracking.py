@@ -66,8 +66,17 @@ class RunContext:
     """Where a retrain's stages record and keep things: the MLflow parent run and the run's folders."""
 
     parent_run_id: str
-    work_dir: Path  # scratch of this run (plots, Data Docs, checkpoints); removed after a successful run
+    work_dir: Path  # scratch of this run (plots, Data Docs); removed after a successful run
     cache_root: Path  # derived data kept across runs (tokenized splits)
+    # training checkpoints, under the run's fingerprint: a rerun of the same work after a crash resumes there
+    checkpoint_dir: Path | None = None
+
+
+def checkpoints_root(model_name: str) -> Path:
+    """Where retrains of ``model_name`` keep checkpoints (one folder per fingerprint) until a run succeeds."""
+    from tuneflow.runtime import cache_dir
+
+    return cache_dir() / "checkpoints" / _slug(model_name)
 
 
 def _slug(name: str) -> str:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,23 +59,108 @@ def mlflow_callback():
     return MlflowMetrics()
 
 
-def run_trainer(trainer: Any, checkpoints: Path) -> tuple[Any, float]:
-    """``trainer.train()`` and its wall time; its checkpoint folder is deleted afterwards, even on failure."""
+COMPLETE_MARKER = "tuneflow-complete"  # written into a checkpoint folder once everything in it is on disk
+
+
+def checkpoint_callback(every_minutes: float):
+    """Saves a checkpoint at least every ``every_minutes`` (on top of the kind's own saves; 0: every step) and
+    marks each saved checkpoint complete once transformers has written all of it."""
+    from transformers import TrainerCallback
+
+    class Checkpoints(TrainerCallback):
+        def __init__(self) -> None:
+            self.last = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() - self.last >= every_minutes * 60:
+                control.should_save = True
+            self._before_save(args, state, control)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self._before_save(args, state, control)
+
+        def _before_save(self, args, state, control) -> None:
+            # The epoch's save can rewrite, in place, the folder a step save of the same step just wrote: it is
+            # no longer complete until that save ends, so its marker goes first.
+            if control.should_save:
+                (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE_MARKER).unlink(missing_ok=True)
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                mark_complete(folder)
+            self.last = time.monotonic()
+
+    return Checkpoints()
+
+
+def mark_complete(folder: Path) -> None:
+    """Flush every file of a saved checkpoint, then write its marker: a folder without one is never resumed from
+    (a kill -9 or a power cut while transformers wrote it leaves a partial folder, which is ignored and removed)."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as fh:
+                os.fsync(fh.fileno())
+    marker = folder / COMPLETE_MARKER
+    tmp = folder / f".{COMPLETE_MARKER}.{os.getpid()}"
+    with tmp.open("w") as fh:
+        fh.write(f"{time.time()}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(marker)
+
+
+def _step(folder: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+    return int(match.group(1)) if match else -1
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint under ``checkpoints``; partial ones (no marker) are removed."""
+    if not checkpoints.is_dir():
+        return None
+    complete = []
+    for folder in checkpoints.iterdir():
+        if not folder.is_dir() or _step(folder) < 0:
+            continue
+        if (folder / COMPLETE_MARKER).is_file() and (folder / "trainer_state.json").is_file():
+            complete.append(folder)
+        else:
+            log.warning("removing the partial checkpoint %s (its save never finished)", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return max(complete, key=_step, default=None)
+
+
+def run_trainer(trainer: Any, checkpoints: Path, every_minutes: float) -> tuple[Any, float, int]:
+    """``trainer.train()``, resumed from the newest complete checkpoint under ``checkpoints`` when a killed run
+    left one; returns the output, the wall time and the step it resumed from (0: from scratch).
+
+    Checkpoints (weights, optimizer, scheduler, RNG states, data position) stay after training: the flow
+    sweeps them once the run has succeeded, so a crash in evaluation or registration does not retrain either.
+    """
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    resume = latest_checkpoint(checkpoints)
+    resumed = _step(resume) if resume is not None else 0
+    if resume is not None:
+        log.warning("resuming training from %s (step %d) left by an earlier run that did not finish", resume, resumed)
+    trainer.add_callback(checkpoint_callback(every_minutes))
     start = time.perf_counter()
-    try:
-        output = trainer.train()
-    finally:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    return output, time.perf_counter() - start
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+    return output, time.perf_counter() - start, resumed
 
 
 def train_with_trainer(
-    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path, kind: FineTuningKind
+    cfg: PipelineConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DatasetDict,
+    checkpoints: Path,
+    kind: FineTuningKind,
 ) -> TrainResult:
     """Fine-tune ``cfg.model.base_model`` on ``data["train"]``, evaluating on ``data["eval"]`` each epoch.
 
     Seeded; early stopping on the primary metric; the best epoch's weights are restored at the end.
-    Checkpoints live in a temporary folder under ``work_dir`` and are deleted afterwards.
+    Checkpoints go to ``checkpoints`` each epoch and at least every ``train.checkpoint_minutes``; a rerun after
+    a crash resumes from the newest complete one (``run_trainer``).
     """
     import torch
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
@@ -86,10 +172,8 @@ def train_with_trainer(
     model = kind.load_model(cfg)
     primary = cfg.evaluate.primary_metric
 
-    work_dir.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix="checkpoints-", dir=work_dir))
     args = TrainingArguments(
-        output_dir=str(out),
+        output_dir=str(checkpoints),
         num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
@@ -101,7 +185,7 @@ def train_with_trainer(
         eval_strategy="epoch",
         save_strategy="epoch",
         save_total_limit=2,
-        save_only_model=True,
+        save_only_model=False,  # optimizer, scheduler and RNG states too: a killed run resumes where it was
         load_best_model_at_end=True,
         metric_for_best_model=primary,
         greater_is_better=True,
@@ -127,7 +211,7 @@ def train_with_trainer(
         compute_metrics=kind.trainer_metrics(cfg),
         callbacks=callbacks,
     )
-    output, seconds = run_trainer(trainer, out)
+    output, seconds, resumed = run_trainer(trainer, checkpoints, t.checkpoint_minutes)
     state = trainer.state
     model = trainer.model.float().eval()  # bf16 autocast leaves fp32 weights; make sure for saving
     log.info("trained %d steps in %.1f s; best %s=%s", state.global_step, seconds, primary, state.best_metric)
@@ -138,4 +222,5 @@ def train_with_trainer(
         steps=int(output.global_step),
         train_seconds=seconds,
         log_history=list(state.log_history),
+        extra={"resumed_from_step": float(resumed)},
     )

@@ -39,9 +39,11 @@ class FineTuningKind(Protocol):
         """Both splits as model inputs (``train`` / ``eval``), unpadded."""
 
     def train(
-        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path
+        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, checkpoints: Path
     ) -> TrainResult:
-        """Fine-tune on ``data["train"]``; the result's model is what gets evaluated and registered."""
+        """Fine-tune on ``data["train"]``; the result's model is what gets evaluated and registered.
+
+        Checkpoints go to ``checkpoints`` (kept across a crash: training resumes from the newest complete one)."""
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         """Pads each training batch to its longest row."""

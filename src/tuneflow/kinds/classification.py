@@ -153,10 +153,10 @@ class Classification:
         return tokenizer
 
     def train(
-        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path
+        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, checkpoints: Path
     ) -> TrainResult:
         """The transformers ``Trainer``: per-epoch evaluation, early stopping, best epoch restored."""
-        return train_with_trainer(cfg, tokenizer, data, work_dir, self)
+        return train_with_trainer(cfg, tokenizer, data, checkpoints, self)
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         from transformers import DataCollatorWithPadding

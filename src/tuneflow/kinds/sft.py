@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -312,7 +311,8 @@ def sft_trainer(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: D
         seed=t.seed,
         data_seed=t.seed,
         eval_strategy="no",  # the evaluate stage scores the model (and the champion) afterwards
-        save_strategy="no",
+        save_strategy="no",  # checkpoints: at least every train.checkpoint_minutes (run_trainer), for resuming
+        save_total_limit=2,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
         bf16=t.bf16,
@@ -341,16 +341,14 @@ def sft_trainer(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: D
 
 
 def train_sft(
-    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path
+    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, checkpoints: Path
 ) -> TrainResult:
     """Train with ``sft_trainer``; returns the model with LoRA merged into the base weights (a plain causal LM,
     what gets registered: it loads offline without PEFT or the base model's folder)."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix="checkpoints-", dir=work_dir))
-    trainer = sft_trainer(cfg, tokenizer, data, out)
+    trainer = sft_trainer(cfg, tokenizer, data, checkpoints)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    output, seconds = run_trainer(trainer, out)
+    output, seconds, resumed = run_trainer(trainer, checkpoints, cfg.train.checkpoint_minutes)
     model = trainer.model
     if cfg.sft.lora.enabled:
         model = model.merge_and_unload()
@@ -366,6 +364,7 @@ def train_sft(
         train_seconds=seconds,
         log_history=list(trainer.state.log_history),
         extra={
+            "resumed_from_step": float(resumed),
             "trainable_parameters": float(trainable),
             "total_parameters": float(total),
             "train_rows": float(len(train)),
@@ -401,9 +400,9 @@ class Sft:
         )
 
     def train(
-        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, work_dir: Path
+        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, checkpoints: Path
     ) -> TrainResult:
-        return train_sft(cfg, tokenizer, data, work_dir)
+        return train_sft(cfg, tokenizer, data, checkpoints)
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
