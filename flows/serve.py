@@ -7,6 +7,8 @@ Per config (``name`` is the config's name; a suffix ``-<name>`` is added when se
                           only for a landing-zone config (``data.landing``)
     predict/batch         score a file or folder with ``<registry.model_name>@champion``
 
+and, when a webhook URL is configured (``alerts``), the automations of ``tuneflow.flows.alerts``.
+
 The same deployments for workers on other machines are in ``deployments/prefect.yaml`` (``prefect deploy``);
 ``deployments/serve.py`` is the script form of ``tuneflow serve``.
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneflow.config import PipelineConfig, load_config
+from tuneflow.flows.alerts import ensure_alerts
 from tuneflow.flows.predict import predict
 from tuneflow.flows.retrain import ensure_concurrency_limit, limit_name, retrain_deployed
 from tuneflow.flows.watch import emit_arrival
@@ -110,6 +113,7 @@ def serve(config_paths: list[str], watch: bool = True) -> None:
     deployments, configs = build_deployments(config_paths)
     for cfg in configs:
         ensure_concurrency_limit(limit_name(cfg.registry.model_name))
+        ensure_alerts(cfg)  # failed retrains and quarantined batches, posted to the configured webhook
     stop = threading.Event()
     watched = [c for c in configs if c.data.landing]
     if watch and watched:

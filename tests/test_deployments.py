@@ -80,6 +80,20 @@ class Stack:
             f"--- serve log ---\n{self.log.read_text()[-4000:]}"
         )
 
+    def wait_run_for(self, file: str, timeout: float):
+        """The finished on-new-data run whose trigger announced ``file`` (not one another scenario queued)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = [
+                r
+                for r in self.runs("retrain/on-new-data")
+                if file in [f["name"] for f in (r.parameters.get("trigger") or {}).get("files", [])]
+            ]
+            if runs and runs[0].state_type.value in TERMINAL:
+                return runs[0]
+            assert time.monotonic() < deadline, f"no finished run for {file}: {[(r.name, r.state_type) for r in runs]}"
+            time.sleep(1)
+
     def versions(self) -> list[str]:
         from mlflow import MlflowClient
 
@@ -133,7 +147,42 @@ class Stack:
         return path
 
 
-def _start_stack(tmp: Path, cfg: dict, landing: Path, model_name: str):
+class WebhookReceiver:
+    """A loopback HTTP server that records the JSON bodies POSTed to it (the alert webhook)."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                received.append({"path": self.path, **json.loads(body or b"{}")})
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # a token in the path, as Slack/Teams webhooks carry one: it must never show up in a log
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/tok-3f9a1c-not-for-logs"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, predicate, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [a for a in self.received if predicate(a)]
+            if found:
+                return found[0]
+            assert time.monotonic() < deadline, f"no matching alert in {timeout:.0f} s; received: {self.received}"
+            time.sleep(0.5)
+
+
+def _start_stack(tmp: Path, cfg: dict, landing: Path, model_name: str, extra_env: dict | None = None):
     """Start ``prefect server`` and ``tuneflow serve`` for one config; yields the Stack, kills both after."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -172,6 +221,7 @@ def _start_stack(tmp: Path, cfg: dict, landing: Path, model_name: str):
             "TUNEFLOW_CACHE_DIR": str(tmp / "cache"),
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",
             "PREFECT_LOGGING_LEVEL": "INFO",
+            **(extra_env or {}),
         }
         serve_log = tmp / "serve.log"
         with open(serve_log, "w") as fh:
@@ -217,7 +267,11 @@ def stack(tmp_path_factory, tiny_model_dir):
     cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
     cfg["schedule"] = {"cron": "* * * * *", "timezone": "UTC"}  # the shortest cron: fires at the next minute
     cfg["watch"] = {"quiet_seconds": QUIET_S, "poll_seconds": 0.3}
-    yield from _start_stack(tmp, cfg, landing, "tiny-clf")
+    hook = WebhookReceiver()
+    for st in _start_stack(tmp, cfg, landing, "tiny-clf", {"TUNEFLOW_ALERT_WEBHOOK_URL": hook.url}):
+        st.hook = hook
+        yield st
+    hook.server.shutdown()
 
 
 def test_a_scheduled_run_fires_and_registers_a_model(stack):
@@ -275,6 +329,41 @@ def test_the_same_file_again_triggers_nothing(stack):
     time.sleep(QUIET_S + 6)
     assert len(stack.runs("retrain/on-new-data")) == n0
     copy.unlink()  # a later run's gate would quarantine it as a repeat
+
+
+def test_a_leftover_repeat_beside_new_batches_is_quarantined_the_new_ones_trained_and_an_alert_posted(stack):
+    before, n0 = stack.versions(), len(stack.runs("retrain/on-new-data"))
+    known = next(p for p in sorted((stack.landing / "accepted").iterdir()) if p.name != "seed.csv")
+    shutil.copy(known, stack.landing / "incoming" / "leftover-repeat.csv")  # the same bytes: not announced
+    time.sleep(QUIET_S + 4)
+    assert len(stack.runs("retrain/on-new-data")) == n0
+    for i in range(3):
+        stack.drop(f"good-{i}.csv", seed=40 + i)
+    run = stack.wait_run_for("good-0.csv", timeout=150)
+    assert run.state_type.value == "COMPLETED", stack.explain(run)
+    assert run.state_name == "Completed with quarantined batches"
+    assert len(stack.versions()) == len(before) + 1  # the three good batches were trained on
+    accepted = {p.name for p in (stack.landing / "accepted").iterdir()}
+    assert {"good-0.csv", "good-1.csv", "good-2.csv"} <= accepted and "leftover-repeat.csv" not in accepted
+    assert (stack.landing / "quarantine" / "leftover-repeat.csv").exists()
+    alert = stack.hook.wait_for(lambda a: "leftover-repeat.csv" in a.get("body", ""), timeout=90)
+    assert alert["subject"] == "tuneflow: batch(es) of tiny quarantined"
+    assert "the accepted batches were trained on" in alert["body"] and alert["path"].endswith("not-for-logs")
+    assert "not-for-logs" not in stack.log.read_text()  # the webhook's token is in no log
+    print(f"alert received: {alert}")
+
+
+def test_a_failed_retrain_posts_an_alert(stack):
+    bad = stack.landing / "incoming" / "wrong-columns.csv"
+    tmp = bad.with_name(bad.name + ".part")
+    tmp.write_text("message,category\nhello there,ham\n")
+    os.rename(tmp, bad)
+    run = stack.wait_run_for("wrong-columns.csv", timeout=120)
+    assert run.state_type.value == "FAILED", stack.explain(run)
+    alert = stack.hook.wait_for(lambda a: a.get("subject") == "tuneflow: retrain of tiny-clf failed", timeout=90)
+    assert run.name in alert["body"] and "Failed" in alert["body"]
+    print(f"alert received: {alert}")
+    stack.hook.wait_for(lambda a: "wrong-columns.csv" in a.get("body", ""), timeout=30)  # and the quarantine
 
 
 def test_a_trigger_during_a_running_retrain_is_queued_and_runs_after_it(stack):

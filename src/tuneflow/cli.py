@@ -89,6 +89,21 @@ def _parser() -> argparse.ArgumentParser:
         "--no-watch", action="store_true", help="do not watch the landing zones (events come from elsewhere)"
     )
 
+    al = sub.add_parser(
+        "alerts",
+        help="create the alert automations (failed retrain, quarantined batch) and their webhook block on the "
+        "Prefect server (PREFECT_API_URL); tuneflow serve does this by itself, team mode runs it once",
+    )
+    al.add_argument(
+        "--config",
+        dest="configs",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help=f"pipeline config YAML (repeatable; default: {DEFAULT_CONFIG})",
+    )
+    al.add_argument("--send-test", action="store_true", help="also post a test notification through the block")
+
     ui = sub.add_parser("ui", help="open the MLflow UI on the local store (mlruns/)")
     ui.add_argument("--port", type=int, default=5000)
     return p
@@ -293,6 +308,44 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_alerts(args: argparse.Namespace) -> int:
+    import os
+
+    from tuneflow.config import ConfigError, load_config
+
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "error: alerts live on a Prefect server. Fix: export PREFECT_API_URL=http://<server>:4200/api",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        configs = [load_config(p) for p in args.configs or [DEFAULT_CONFIG]]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from tuneflow.flows.alerts import block_name, ensure_alerts
+
+    code = 0
+    for cfg in configs:
+        names = ensure_alerts(cfg)
+        if not names:
+            print(
+                f"{cfg.name}: no webhook URL: set {cfg.alerts.webhook_url_env} or alerts.webhook_url", file=sys.stderr
+            )
+            code = 2
+            continue
+        print(f"{cfg.name}: {', '.join(repr(n) for n in names)} -> block {block_name(cfg)}")
+        if args.send_test:
+            from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+            CustomWebhookNotificationBlock.load(block_name(cfg)).notify(
+                body=f"test notification from tuneflow alerts for {cfg.name}", subject="tuneflow: test"
+            )
+            print(f"{cfg.name}: test notification sent")
+    return code
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     import os
 
@@ -329,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare": _cmd_compare,
         "predict": _cmd_predict,
         "serve": _cmd_serve,
+        "alerts": _cmd_alerts,
         "ui": _cmd_ui,
     }
     return commands[args.command](args)

@@ -287,6 +287,26 @@ class WatchConfig(_Section):
     poll_seconds: float = Field(2.0, gt=0, description="How often the watcher lists <landing>/incoming.")
 
 
+class AlertsConfig(_Section):
+    webhook_url: str | None = Field(
+        None,
+        description="Where alerts are POSTed (JSON: subject, body). Prefer webhook_url_env: a URL here is a "
+        "secret in a file; either way it is kept as a secret field of the Prefect block, never logged.",
+    )
+    webhook_url_env: str = Field(
+        "TUNEFLOW_ALERT_WEBHOOK_URL",
+        min_length=1,
+        description="The environment variable read for the webhook URL when webhook_url is unset.",
+    )
+    on_failure: bool = Field(True, description="Alert when a retrain of the model fails or crashes.")
+    on_quarantine: bool = Field(True, description="Alert when the gate quarantines a batch of the landing zone.")
+
+    def url(self) -> str | None:
+        import os
+
+        return self.webhook_url or os.environ.get(self.webhook_url_env) or None
+
+
 class LoraSettings(_Section):
     enabled: bool = Field(True, description="Train LoRA adapters (PEFT) on a frozen base; false: full fine-tuning.")
     r: int = Field(16, ge=1, description="LoRA rank.")
@@ -354,6 +374,7 @@ class PipelineConfig(_Section):
         None, description="Recurring retraining (deployment retrain/scheduled); unset: none."
     )
     watch: WatchConfig = WatchConfig()
+    alerts: AlertsConfig = AlertsConfig()
     sft: SftConfig = SftConfig()
 
     @model_validator(mode="after")
@@ -382,7 +403,7 @@ class PipelineConfig(_Section):
         # ``kind`` joined the config after the first versions were registered: left out while it is the
         # default, digests of unchanged configs stay what they were.
         # The same for the sft section, which classification does not read.
-        exclude: dict[str, Any] = {k: True for k in ("schedule", "watch")}
+        exclude: dict[str, Any] = {k: True for k in ("schedule", "watch", "alerts")}
         if self.kind == "classification":
             exclude |= {"kind": True, "sft": True}
         exclude["data"] = {"on_quarantine"}  # what a run does after quarantining a batch, not what it trains

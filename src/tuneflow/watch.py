@@ -32,6 +32,7 @@ from tuneflow.files import file_lock
 log = logging.getLogger(__name__)
 
 EVENT = "tuneflow.data.arrived"  # the Prefect event a settled burst is announced as
+QUARANTINED_EVENT = "tuneflow.batch.quarantined"  # emitted by a retrain whose gate quarantined batches
 STATE_FILE = ".watch-state.json"
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 MAX_SEEN = 10_000  # digests remembered; older ones are dropped first
