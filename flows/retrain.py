@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -25,10 +26,11 @@ from tuneflow.config import PipelineConfig, load_config
 from tuneflow.data import TEXT, DataError, content_digest, split_data
 from tuneflow.evaluate import EvaluateOutput
 from tuneflow.files import file_lock
-from tuneflow.landing import has_new_batches
+from tuneflow.landing import has_new_batches, input_files_digest
 from tuneflow.models import base_model_digest
 from tuneflow.registry import (
     FINGERPRINT_TAG,
+    INPUT_FINGERPRINT_TAG,
     decide_promotion,
     fingerprint,
     trained_digests,
@@ -100,25 +102,9 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
         logger.info("MLflow run %s: %s", pid, url)
         run = RunContext(pid, cache_dir() / "runs" / (flow_run_id or "local"), cache_dir())
 
-        try:
-            checked = validate_task(config, run, config_file or "the config")
-        except DataError as exc:
-            create_markdown_artifact(
-                key=artifact_key(config.name, "retrain"),
-                markdown=rejected_markdown(exc, pid, url),
-                description="Data rejected; nothing was trained or registered.",
-            )
-            raise
-        data = checked.data
-        if checked.quarantined is not None:  # data.on_quarantine: train - said loudly, here and at the end
-            logger.warning("%s", checked.quarantined)
-        lineage["tuneflow.data_digest"] = data.digest
-        fp = fingerprint(content_digest(data.frame), config.digest(), base_model_digest(config.model))
-        lineage[FINGERPRINT_TAG] = fp
-        same = version_with_fingerprint(config.registry.model_name, fp) if config.registry.enabled else None
-        if same is not None and not force:
+        def unchanged(same: Any, what: str) -> dict[str, Any]:
             reason = (
-                f"nothing changed: v{same.version} was trained on exactly this data, config, base model and "
+                f"nothing changed: v{same.version} was trained on exactly this {what}, config, base model and "
                 "tuneflow version; nothing trained or registered (force: true / tuneflow run --force retrains)"
             )
             logger.info("%s", reason)
@@ -137,6 +123,44 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
                 "model_uri": f"models:/{config.registry.model_name}/{same.version}",
                 "reason": reason,
             }
+
+        # The input files' bytes, before validating them: when a version was trained on exactly these files
+        # with this config and base model, it was validated on them too; stop before the gate runs again.
+        files_digest = input_files_digest(config)
+        if files_digest is not None:
+            ifp = fingerprint(files_digest, config.digest(), base_model_digest(config.model))
+            lineage[INPUT_FINGERPRINT_TAG] = ifp
+            same = version_with_fingerprint(config.registry.model_name, ifp, INPUT_FINGERPRINT_TAG)
+            if config.registry.enabled and same is not None and not force:
+                return unchanged(same, "input")
+
+        try:
+            checked = validate_task(config, run, config_file or "the config")
+        except DataError as exc:
+            create_markdown_artifact(
+                key=artifact_key(config.name, "retrain"),
+                markdown=rejected_markdown(exc, pid, url),
+                description="Data rejected; nothing was trained or registered.",
+            )
+            raise
+        data = checked.data
+        if checked.quarantined is not None:  # data.on_quarantine: train - said loudly, here and at the end
+            logger.warning("%s", checked.quarantined)
+        lineage["tuneflow.data_digest"] = data.digest
+        fp = fingerprint(content_digest(data.frame), config.digest(), base_model_digest(config.model))
+        lineage[FINGERPRINT_TAG] = fp
+        same = version_with_fingerprint(config.registry.model_name, fp) if config.registry.enabled else None
+        if same is not None and not force:
+            if (
+                INPUT_FINGERPRINT_TAG in lineage
+                and (same.tags or {}).get(INPUT_FINGERPRINT_TAG) != lineage[INPUT_FINGERPRINT_TAG]
+            ):
+                # these bytes validate to exactly that version's rows (the latest bytes seen are remembered):
+                # the next run on them stops before the gate
+                mlflow.MlflowClient().set_model_version_tag(
+                    config.registry.model_name, same.version, INPUT_FINGERPRINT_TAG, lineage[INPUT_FINGERPRINT_TAG]
+                )
+            return unchanged(same, "data")
         # Checkpoints live under the fingerprint: a rerun of exactly this work after a crash resumes from them.
         run = replace(run, checkpoint_dir=checkpoints_root(config.registry.model_name) / fp[:16])
         split = split_data(data, config.data)

@@ -4,10 +4,11 @@ duplicated, the webhook URL kept as a secret; and `tuneflow alerts` says what it
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_config_dict
 
 from tuneflow.cli import main
 from tuneflow.config import PipelineConfig
+
+from conftest import tiny_config_dict
 
 URL = "http://127.0.0.1:9/hooks/tok-secret-123"
 

@@ -241,3 +241,36 @@ def test_new_good_batches_are_trained_even_when_a_bad_one_arrives_beside_them(wo
     with pytest.raises(BatchRejected, match="nothing was trained"):
         _run(cfg)
     assert [str(v.version) for v in MlflowClient().search_model_versions("name='tiny-clf'")] == ["1"]
+
+
+def test_an_unchanged_retrain_stops_before_validating_and_the_same_rows_rewritten_stop_after_it(
+    workdir, data_csv, tiny_model_dir
+):
+    import csv
+
+    import pandas as pd
+
+    client = MlflowClient()
+    cfg = tiny_config_dict(data_csv, tiny_model_dir, train={"epochs": 1})
+
+    def stages(run_id: str) -> list[str]:
+        runs = client.search_runs(
+            [client.get_run(run_id).info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+        )
+        return sorted(r.data.tags["mlflow.runName"] for r in runs)
+
+    assert _run(cfg)["version"] == "1"
+    same = _run(cfg)  # the same file bytes, config and base model: stops before the gate
+    assert same["status"] == "unchanged" and same["version"] == "1" and "exactly this input" in same["reason"]
+    assert stages(same["run_id"]) == []
+    # The same rows in other bytes (every field quoted): validated again, then stopped by the rows' fingerprint
+    pd.read_csv(data_csv).to_csv(data_csv, index=False, quoting=csv.QUOTE_ALL)
+    again = _run(cfg)
+    assert again["status"] == "unchanged" and "exactly this data" in again["reason"]
+    assert stages(again["run_id"]) == ["validate"]
+    assert "exactly this input" in _run(cfg)["reason"]  # and now these bytes are known to be v1's input
+    # One changed row: trained
+    frame = pd.read_csv(data_csv)
+    frame.loc[0, "text"] = frame.loc[0, "text"] + " extra words here"
+    frame.to_csv(data_csv, index=False)
+    assert _run(cfg)["version"] == "2"

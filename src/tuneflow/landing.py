@@ -287,3 +287,43 @@ def check_data(
         return DataCheck(reports, None, error, gate)
     kept, dropped = drop_out_of_bounds(loaded, cfg)
     return DataCheck(reports, kept, None, gate, dropped, quarantined)
+
+
+def input_files_digest(cfg: PipelineConfig) -> str | None:
+    """A digest of the files a retrain would read, before reading them (names and bytes): the accepted batches
+    of a landing zone, or the single data file (a folder: every file in it). None when it cannot stand for
+    the data: a landing zone with a batch waiting in ``incoming/`` (it must be judged first), or nothing to read.
+
+    Validation is a function of these bytes, the config and the base model: a version trained on the same
+    three was validated on exactly this, so an unchanged retrain can stop before validating again."""
+    import hashlib
+
+    if cfg.data.landing:
+        landing = Path(cfg.data.landing)
+        if list_incoming(cfg.data.landing):
+            return None
+        _, accepted, _ = folders(landing)
+        files = (
+            sorted(p for p in accepted.iterdir() if p.is_file() and not p.name.startswith("."))
+            if accepted.is_dir()
+            else []
+        )
+    elif cfg.data.path:
+        from tuneflow.data import resolve_path
+
+        try:
+            path = resolve_path(cfg.data.path)
+        except Exception:  # noqa: BLE001 - validation reports a missing file properly; no shortcut here
+            return None
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    else:
+        return None
+    if not files:
+        return None
+    h = hashlib.sha256(f"format={cfg.data.format}\0".encode())
+    for p in files:
+        h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
+        with p.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -279,6 +279,8 @@ def decision_tags(decision: Decision) -> dict[str, str]:
 
 
 FINGERPRINT_TAG = "tuneflow.fingerprint"
+# The same, over the input files' bytes before validation: lets an unchanged retrain stop before validating
+INPUT_FINGERPRINT_TAG = "tuneflow.input_fingerprint"
 
 
 def fingerprint(rows_digest: str, config_digest: str, base_digest: str) -> str:
@@ -290,8 +292,8 @@ def fingerprint(rows_digest: str, config_digest: str, base_digest: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def version_with_fingerprint(name: str, fp: str) -> ModelVersion | None:
-    """The newest registered version of ``name`` trained with fingerprint ``fp``, if any."""
+def version_with_fingerprint(name: str, fp: str, tag: str = FINGERPRINT_TAG) -> ModelVersion | None:
+    """The newest registered version of ``name`` trained with fingerprint ``fp`` (tag ``tag``), if any."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -299,7 +301,7 @@ def version_with_fingerprint(name: str, fp: str) -> ModelVersion | None:
         versions = MlflowClient().search_model_versions(f"name='{name}'")
     except MlflowException:
         return None
-    same = [mv for mv in versions if (mv.tags or {}).get(FINGERPRINT_TAG) == fp]
+    same = [mv for mv in versions if (mv.tags or {}).get(tag) == fp]
     return max(same, key=lambda mv: int(mv.version), default=None)
 
 
