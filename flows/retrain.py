@@ -32,6 +32,7 @@ from tuneflow.registry import (
     FINGERPRINT_TAG,
     INPUT_FINGERPRINT_TAG,
     decide_promotion,
+    decision_tags,
     fingerprint,
     trained_digests,
     version_tags,
@@ -191,6 +192,9 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
                 decision = replace(
                     decision, promote=False, reason=f"{decision.reason}; NOT promoted: the champion changed meanwhile"
                 )
+                client = mlflow.MlflowClient()  # the parent run says so too, as the version's tags do
+                for key, value in decision_tags(decision).items():
+                    client.set_tag(pid, key, value)
 
         create_markdown_artifact(
             key=artifact_key(config.name, "retrain"),

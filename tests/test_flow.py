@@ -274,3 +274,31 @@ def test_an_unchanged_retrain_stops_before_validating_and_the_same_rows_rewritte
     frame.loc[0, "text"] = frame.loc[0, "text"] + " extra words here"
     frame.to_csv(data_csv, index=False)
     assert _run(cfg)["version"] == "2"
+
+
+def test_a_champion_moved_during_the_run_is_not_replaced_and_the_run_says_so(
+    workdir, data_csv, tiny_model_dir, monkeypatch
+):
+    import tuneflow.flows.retrain as flow_module
+
+    client = MlflowClient()
+    weak = tiny_config_dict(data_csv, tiny_model_dir, train={"learning_rate": 0.0, "epochs": 1})
+    assert _run(weak)["version"] == "1"
+    assert _run(weak | {"train": weak["train"] | {"seed": 7}})["version"] == "2"
+    decide = flow_module.decide_promotion
+    moved_to = []
+
+    def decide_then_someone_promotes_v2(*args, **kwargs):
+        decision = decide(*args, **kwargs)  # scored against the champion of now
+        other = "1" if decision.champion_version == "2" else "2"
+        client.set_registered_model_alias("tiny-clf", "champion", other)  # a manual move meanwhile
+        moved_to.append(other)
+        return decision
+
+    monkeypatch.setattr(flow_module, "decide_promotion", decide_then_someone_promotes_v2)
+    strong = _run(tiny_config_dict(data_csv, tiny_model_dir))
+    assert strong["version"] == "3" and strong["promoted"] is False
+    assert "the champion changed meanwhile" in strong["reason"]
+    assert str(client.get_model_version_by_alias("tiny-clf", "champion").version) == moved_to[0]  # not undone
+    tags = client.get_run(strong["run_id"]).data.tags
+    assert tags["tuneflow.decision"] == "rejected" and "changed meanwhile" in tags["tuneflow.decision_reason"]
