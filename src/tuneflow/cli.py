@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
         "--config", default=DEFAULT_CONFIG, help=f"config whose data gives the eval split (default: {DEFAULT_CONFIG})"
     )
 
+    ver = sub.add_parser(
+        "verify",
+        help="check that a registered version is safe to load (tuneflow's lineage, transformers weights as "
+        "safetensors, no code or pickles); exit 2 when not. Run it before 'mlflow models serve'",
+    )
+    ver.add_argument("model", help="NAME@ALIAS or NAME/VERSION, e.g. sms-spam-classifier@champion")
+
     pred = sub.add_parser(
         "predict", help="batch-score a CSV/JSONL/Parquet file or a folder with a registered model (Prefect flow)"
     )
@@ -267,14 +274,33 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from tuneflow.predict import PredictError, resolve_model
+    from tuneflow.registry import RegistryError
+    from tuneflow.tracking import configure_tracking
+    from tuneflow.trust import checked_version
+
+    configure_tracking()
+    try:
+        mv = resolve_model(args.model)
+        with checked_version(mv):
+            pass
+    except (PredictError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{mv.name} v{mv.version}: safe to load (transformers weights as safetensors, no code, no pickles)")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from tuneflow.data import DataError
     from tuneflow.flows.predict import predict
     from tuneflow.predict import PredictError
+    from tuneflow.registry import RegistryError
 
     try:
         out = predict(args.model, str(args.input), str(args.output), args.text_column, args.batch_size)
-    except (DataError, PredictError) as exc:
+    except (DataError, PredictError, RegistryError) as exc:  # RegistryError: e.g. a version refused as untrusted
         print(f"error: {exc}", file=sys.stderr)
         return 2
     labels = ", ".join(f"{k} {v}" for k, v in out["label_counts"].items())
@@ -381,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "rollback": _cmd_rollback,
         "compare": _cmd_compare,
         "predict": _cmd_predict,
+        "verify": _cmd_verify,
         "serve": _cmd_serve,
         "alerts": _cmd_alerts,
         "ui": _cmd_ui,

@@ -133,20 +133,23 @@ def score_path(
     mv = resolve_model(ref)
     uri, version = f"models:/{mv.name}/{mv.version}", str(mv.version)
     kind = get_kind(kind_of(mv))
-    model = mlflow.pyfunc.load_model(uri)
-    folder = Path(input_path).is_dir()
-    outputs, counts, per_file, seconds = [], {}, {}, 0.0
-    for f, frame in frames.items():
-        start = time.perf_counter()
-        out = _score_frame(model, kind, frame, text_column, batch_size, version)
-        seconds += time.perf_counter() - start
-        dst = Path(output_path) / f"{f.stem}.scored.csv" if folder else Path(output_path)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        out.to_csv(dst, index=False)
-        outputs.append(str(dst))
-        per_file[str(f)] = len(out)
-        for label, n in out["label"].value_counts().items() if "label" in out.columns else []:
-            counts[str(label)] = counts.get(str(label), 0) + int(n)
+    from tuneflow.trust import checked_version
+
+    with checked_version(mv) as local:  # refuses versions that carry code or pickles, before loading anything
+        model = mlflow.pyfunc.load_model(str(local))
+        folder = Path(input_path).is_dir()
+        outputs, counts, per_file, seconds = [], {}, {}, 0.0
+        for f, frame in frames.items():
+            start = time.perf_counter()
+            out = _score_frame(model, kind, frame, text_column, batch_size, version)
+            seconds += time.perf_counter() - start
+            dst = Path(output_path) / f"{f.stem}.scored.csv" if folder else Path(output_path)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            out.to_csv(dst, index=False)
+            outputs.append(str(dst))
+            per_file[str(f)] = len(out)
+            for label, n in out["label"].value_counts().items() if "label" in out.columns else []:
+                counts[str(label)] = counts.get(str(label), 0) + int(n)
     return BatchSummary(
         ref,
         uri,

@@ -161,9 +161,12 @@ def score_version(cfg: PipelineConfig, mv: ModelVersion, eval_frame: pd.DataFram
     """
     import mlflow
 
+    from tuneflow.trust import checked_version
+
     max_length = int((mv.tags or {}).get(f"{TAG}max_length", cfg.model.max_length))
-    parts = mlflow.transformers.load_model(f"models:/{mv.name}/{mv.version}", return_type="components")
-    return get_kind(kind_of(mv)).evaluate(parts["model"], parts["tokenizer"], eval_frame, cfg, max_length)
+    with checked_version(mv) as local:  # refuses versions that carry code or pickles, before loading anything
+        parts = mlflow.transformers.load_model(str(local), return_type="components")
+        return get_kind(kind_of(mv)).evaluate(parts["model"], parts["tokenizer"], eval_frame, cfg, max_length)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tuneflow.history import Move, move_champion, read_history, rollback_target
 from tuneflow.landing import load_accepted
 from tuneflow.registry import TAG, VALIDATION_TAG, RegistryError, champion_version, get_version, score_version
 from tuneflow.reporting import metrics_table
+from tuneflow.trust import UntrustedModel
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def score_versions(
         mv = get_version(name, v)
         try:
             out[str(v)] = score_version(cfg, mv, eval_frame)
+        except UntrustedModel:
+            raise
         except (ValueError, OSError) as exc:
             raise RegistryError(
                 f"{name} v{v} cannot be scored on this eval split: {exc}. Fix: compare with a config whose "
