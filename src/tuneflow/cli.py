@@ -378,7 +378,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     from tuneflow.tracking import configure_tracking
 
     uri = configure_tracking()
-    print(f"MLflow UI on http://127.0.0.1:{args.port} for {uri} (Ctrl-C to stop)")
+    from tuneflow.runtime import redact_url
+
+    print(f"MLflow UI on http://127.0.0.1:{args.port} for {redact_url(uri)} (Ctrl-C to stop)")
     os.execvp(
         sys.executable,
         [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 OFFLINE_AND_QUIET = {
@@ -29,6 +30,9 @@ OFFLINE_AND_QUIET = {
     # ... and the same lines outside a flow run (tuneflow promote, the watcher thread) stay local
     # instead of warning "attempted to send logs to the API without a flow run id".
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+    # MLflow prints "View run ... at: <tracking URI>/#/..." at every run's end, credentials in the URI and all;
+    # tuneflow prints its own links, without them (redact_url).
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 
@@ -36,6 +40,10 @@ def configure_environment() -> None:
     """Apply the defaults above without overriding anything the user set; library logs at INFO."""
     for key, value in OFFLINE_AND_QUIET.items():
         os.environ.setdefault(key, value)
+    api = os.environ.get("PREFECT_API_URL", "")
+    if api and redact_url(api) != api and not os.environ.get("PREFECT_UI_URL"):
+        # Prefect prints "View at <UI URL>" for every run, derived from the API URL: credentials and all
+        os.environ["PREFECT_UI_URL"] = redact_url(api).rstrip("/").removesuffix("/api")
     library = logging.getLogger("tuneflow")
     if library.level == logging.NOTSET:  # Prefect's root level is WARNING: gate verdicts would be dropped
         library.setLevel(logging.INFO)
@@ -44,3 +52,25 @@ def configure_environment() -> None:
 def cache_dir() -> Path:
     """Where derived data (tokenized splits, checkpoints) lives: ``$TUNEFLOW_CACHE_DIR`` or ``.cache/tuneflow``."""
     return Path(os.environ.get("TUNEFLOW_CACHE_DIR", Path.cwd() / ".cache" / "tuneflow")).resolve()
+
+
+_SECRET_QUERY_KEY = re.compile(r"token|key|secret|passw|pwd|sig|auth|credential", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials: no ``user:password@`` and no value of a secret-looking query parameter
+    (token, key, secret, password, signature, auth). What tuneflow prints, logs, tags or puts in an artifact."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if not parts.netloc and not parts.query:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if _SECRET_QUERY_KEY.search(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -102,9 +102,11 @@ def ensure_experiment(name: str) -> str:
 
 
 def ui_base_url() -> str:
+    from tuneflow.runtime import redact_url
+
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if uri.startswith(("http://", "https://")):
-        return uri.rstrip("/")
+        return redact_url(uri).rstrip("/")  # links are printed, logged and put in artifacts: no credentials
     return os.environ.get("TUNEFLOW_MLFLOW_UI_URL", DEFAULT_UI).rstrip("/")
 
 

@@ -35,6 +35,37 @@ class TrainResult:
     extra: dict[str, float] = field(default_factory=dict)  # kind-specific figures, logged as metrics
 
 
+def epoch_seeded_trainer(base: type) -> type:
+    """``base`` (a transformers ``Trainer`` class) whose length-grouped sampler draws each epoch's order from
+    (seed, epoch) alone. transformers' ``LengthGroupedSampler`` draws from the global RNG when an epoch starts,
+    so a run resumed in the middle of a later epoch trained on another order from there on; with this, a
+    resumed run sees the batches the uninterrupted one saw (``tests/test_train.py`` checks the weights)."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        def __init__(self, sampler: LengthGroupedSampler, seed: int) -> None:
+            self.batch_size, self.lengths, self.generator = sampler.batch_size, sampler.lengths, None
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            generator = torch.Generator()
+            generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    class EpochSeededTrainer(base):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:
+                return EpochSeededLengthGroupedSampler(sampler, self.args.data_seed or self.args.seed)
+            return sampler
+
+    return EpochSeededTrainer
+
+
 def mlflow_callback():
     from transformers import TrainerCallback
 
@@ -201,7 +232,7 @@ def train_with_trainer(
     callbacks = [mlflow_callback()]
     if t.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer = Trainer(
+    trainer = epoch_seeded_trainer(Trainer)(
         model=model,
         args=args,
         train_dataset=data["train"],
