@@ -27,7 +27,7 @@ from tuneflow.data import TEXT, DataError, content_digest, split_data
 from tuneflow.evaluate import EvaluateOutput
 from tuneflow.files import file_lock
 from tuneflow.landing import has_new_batches, input_files_digest
-from tuneflow.models import base_model_digest
+from tuneflow.models import base_model_digest, check_max_length
 from tuneflow.registry import (
     FINGERPRINT_TAG,
     INPUT_FINGERPRINT_TAG,
@@ -125,6 +125,7 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
                 "reason": reason,
             }
 
+        check_max_length(config.model)  # a max_length past the base model's positions: exit 2, before any work
         # The input files' bytes, before validating them: when a version was trained on exactly these files
         # with this config and base model, it was validated on them too; stop before the gate runs again.
         files_digest = input_files_digest(config)

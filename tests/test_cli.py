@@ -82,3 +82,35 @@ def test_cli_run_waits_for_the_models_slot_held_by_another_retrain(workdir, data
         assert not MlflowClient().search_registered_models()  # nothing registered while it waits
     runner.join(timeout=300)
     assert codes == [0]
+
+
+def test_settings_that_would_crash_later_are_refused_before_any_work(tmp_path, capsys):
+    cfg = CONFIGS / "sms-spam.yaml"
+    cases = {
+        "train.seed=-1": "train.seed",
+        "train.epochs=.inf": "train.epochs",
+        "train.learning_rate=.nan": "train.learning_rate",
+        "validation.severity={label_in_set: off}": "must stay 'error'",
+        "validation.severity={text_not_null: warn}": "must stay 'error'",
+    }
+    for override, says in cases.items():
+        assert main(["run", "--config", str(cfg), "--set", override]) == 2, override
+        err = capsys.readouterr().err
+        assert says in err and str(cfg) in err, (override, err)
+
+
+def test_a_max_length_past_the_base_models_positions_stops_with_the_limit(
+    workdir, data_csv, tiny_model_dir, prefect_harness, capsys
+):
+    import yaml
+
+    from conftest import tiny_config_dict
+
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(data_csv, tiny_model_dir, model={"max_length": 512})))
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.max_length is 512" in err and "has 128 positions" in err and "at most 128" in err
+    from mlflow import MlflowClient
+
+    assert not MlflowClient().search_registered_models()

@@ -199,3 +199,14 @@ def test_every_shipped_config_loads():
     for path in shipped:
         cfg = load_config(path)
         assert cfg.evaluate.primary_metric in (("eval_loss",) if cfg.kind == "sft" else ("macro_f1", "accuracy"))
+
+
+def test_a_bare_yaml_off_is_the_severity_off(tmp_path):
+    from tuneflow.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "name: x\ndata: {path: d.csv, labels: [a, b]}\nmodel: {base_model: m}\nregistry: {model_name: x}\n"
+        "validation:\n  severity:\n    class_imbalance: off\n"
+    )
+    assert load_config(path).validation.severity_of("class_imbalance") == "off"

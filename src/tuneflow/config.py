@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -49,6 +49,9 @@ DEFAULT_SEVERITY: dict[str, Severity] = {
     "pair_tokens": "warn",
     "response_conflict": "warn",
 }
+
+# Checks whose failing rows training cannot use at all: they cannot be turned to warn or off.
+ESSENTIAL_CHECKS = {"text_type", "label_type", "text_not_null", "label_not_null", "label_in_set", "response_type"}
 
 # Checks that only make sense for one kind of fine-tuning; the others apply to every kind.
 CLASSIFICATION_CHECKS = {
@@ -169,6 +172,14 @@ class ValidationConfig(_Section):
     )
     max_failed_examples: int = Field(5, ge=1, description="Offending values shown per failed expectation.")
 
+    @field_validator("severity", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false: `label_in_set: off` is meant as the severity "off"
+        if isinstance(value, dict):
+            return {k: "off" if v is False else v for k, v in value.items()}
+        return value
+
     def severity_of(self, check: str) -> Severity:
         return self.severity.get(check, DEFAULT_SEVERITY[check])
 
@@ -179,6 +190,13 @@ class ValidationConfig(_Section):
             raise ValueError(
                 f"validation.severity names unknown checks {unknown}; the checks are: {', '.join(DEFAULT_SEVERITY)}"
             )
+        for check in sorted(ESSENTIAL_CHECKS & set(self.severity)):
+            if self.severity[check] != "error":
+                raise ValueError(
+                    f"validation.severity.{check} is {self.severity[check]!r}, but it must stay 'error': training "
+                    "cannot use a row that fails it (a missing text or label, or a label outside data.labels, "
+                    "has no input or class id). Fix: remove that override"
+                )
         if self.min_text_chars > self.max_text_chars:
             raise ValueError(
                 f"validation.min_text_chars ({self.min_text_chars}) is above validation.max_text_chars "
@@ -196,13 +214,23 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: float = Field(3, gt=0, description="Training epochs (upper bound; early stopping may end sooner).")
+    epochs: float = Field(
+        3,
+        gt=0,
+        le=1000,
+        allow_inf_nan=False,
+        description="Training epochs (upper bound; early stopping may end sooner).",
+    )
     batch_size: int = Field(16, ge=1, description="Training batch size; each batch is padded to its longest text.")
     eval_batch_size: int = Field(64, ge=1, description="Batch size for evaluation and champion re-scoring.")
-    learning_rate: float = Field(5e-5, ge=0, description="Peak learning rate (AdamW, linear decay).")
+    learning_rate: float = Field(
+        5e-5, ge=0, allow_inf_nan=False, description="Peak learning rate (AdamW, linear decay)."
+    )
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
-    seed: int = Field(42, description="Seed for weights of the new head, data order and dropout.")
+    seed: int = Field(
+        42, ge=0, le=2**32 - 1, description="Seed for weights of the new head, data order and dropout (0 to 2**32-1)."
+    )
     early_stopping_patience: int = Field(
         1, ge=0, description="Epochs without improvement before stopping; 0 turns it off."
     )

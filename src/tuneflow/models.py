@@ -245,3 +245,25 @@ def base_model_digest(cfg: ModelConfig) -> str:
                     h.update(chunk)
         _folder_digests[key] = h.hexdigest()
     return _folder_digests[key]
+
+
+def check_max_length(cfg: ModelConfig) -> None:
+    """``model.max_length`` must fit the base model's positions (``max_position_embeddings``): a longer one
+    fails inside the first forward pass (BERT) or silently reads past what the model learned.
+
+    Raises:
+        ModelError: the limit and the fix.
+    """
+    import json
+
+    folder = resolve_base_model(cfg.base_model)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # loading the model reports that properly
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if isinstance(limit, int) and cfg.max_length > limit:
+        raise ModelError(
+            f"model.max_length is {cfg.max_length}, but {cfg.base_model} has {limit} positions. "
+            f"Fix: set model.max_length to at most {limit}"
+        )
