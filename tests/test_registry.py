@@ -59,3 +59,20 @@ def test_register_tags_aliases_and_lists_versions(workdir, register_tiny):
     ]
     preds = mlflow.pyfunc.load_model("models:/reg-clf@champion").predict(["free prize", "lunch"])
     assert set(preds["label"]) <= {"ham", "spam"}
+
+
+def test_a_long_model_card_fits_the_description_column_and_stays_whole_as_the_artifact(workdir, register_tiny):
+    import mlflow
+
+    from tuneflow.registry import CARD_TAG, MAX_DESCRIPTION
+
+    sections = [f"## Section {i}\n\n" + ("metric | value\n" * 60) for i in range(12)]
+    card = "# tiny-long v?\n\nShort intro.\n\n" + "\n".join(sections)
+    assert len(card) > 2 * MAX_DESCRIPTION
+    mv = register_tiny("tiny-long", decide("macro_f1", 0.9, None, None, 0.0), card=card)
+    assert len(mv.description) <= MAX_DESCRIPTION
+    assert mv.description.startswith("# tiny-long v?\n\nShort intro.") and "## Section 0" in mv.description
+    assert "## Section 11" not in mv.description and "the full model card is the artifact" in mv.description
+    assert mlflow.artifacts.load_text(mv.tags[CARD_TAG]) == card
+    short = "# card\n\nfits"
+    assert register_tiny("tiny-short", decide("macro_f1", 0.9, None, None, 0.0), card=short).description == short

@@ -30,7 +30,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tuneflow.files import file_lock
-from tuneflow.registry import CARD_TAG, CHAMPION, Decision, RegistryError, champion_version, get_version
+from tuneflow.registry import (
+    CARD_TAG,
+    CHAMPION,
+    Decision,
+    RegistryError,
+    champion_version,
+    get_version,
+    version_description,
+)
 from tuneflow.runtime import cache_dir
 
 log = logging.getLogger(__name__)
@@ -228,7 +236,9 @@ def record_refused_promotion(name: str, version: str, why: str) -> None:
     client.set_model_version_tag(name, version, "tuneflow.decision", "rejected")
     client.set_model_version_tag(name, version, "tuneflow.decision_reason", why[:MAX_REASON_CHARS])
     card = (mv.description or "").replace("**Promoted to champion**", "**Not promoted (champion changed meanwhile)**")
-    client.update_model_version(name, version, description=f"{card}\n\nPromotion refused: {why}")
+    refused = f"Promotion refused: {why}\n\n"  # first, so a shortened card keeps it
+    description = version_description(refused + card, (mv.tags or {}).get(CARD_TAG, "its run"))
+    client.update_model_version(name, version, description=description)
 
 
 def registry_problems(name: str) -> list[str]:

@@ -31,6 +31,26 @@ TAG = "tuneflow."
 CARD_FILE = "model_card.md"
 VALIDATION_TAG = "tuneflow.validation"  # passed | failed: the data checks of the run that produced the version
 CARD_TAG = "tuneflow.model_card"
+# MLflow's schema holds a version's description in a 5,000-character column on PostgreSQL and MySQL
+MAX_DESCRIPTION = 5000
+
+
+def version_description(card: str, card_uri: str, limit: int = MAX_DESCRIPTION) -> str:
+    """The model card as a version description: whole when it fits ``limit``, else its first sections (cut at
+    a section heading) and where the whole card is. The full card is always the run's ``model_card.md``."""
+    if len(card) <= limit:
+        return card
+    footer = f"\n\n*The card goes on: the full model card is the artifact `{CARD_FILE}` of the run ({card_uri}).*"
+    room = limit - len(footer)
+    sections = card.split("\n## ")
+    kept = sections[0][:room]
+    for section in sections[1:]:
+        if len(kept) + len(section) + 4 > room:
+            break
+        kept += "\n## " + section
+    return kept.rstrip() + footer
+
+
 KIND_TAG = "tuneflow.kind"
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's error codes for "no such alias"
 
@@ -252,7 +272,12 @@ def register_version(
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     mv = client.create_model_version(
-        name, info.model_uri, run_id=run_id, tags=all_tags, description=description, model_id=info.model_id
+        name,
+        info.model_uri,
+        run_id=run_id,
+        tags=all_tags,
+        description=version_description(description, all_tags[CARD_TAG]),
+        model_id=info.model_id,
     )
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     return client.get_model_version(name, mv.version)
