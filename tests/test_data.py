@@ -217,3 +217,14 @@ def test_split_eval_share_close_to_fraction():
     split = split_by_text_hash(frame_of([f"text number {i}" for i in range(2000)]), 0.25, "tuneflow")
     assert len(split.train) + len(split.eval) == 2000
     assert 0.21 < len(split.eval) / 2000 < 0.29
+
+
+def test_a_header_with_a_repeated_column_is_a_required_columns_failure(tmp_path):
+    from tuneflow.config import DataConfig
+    from tuneflow.data import DataError, read_table
+
+    path = tmp_path / "dup.csv"
+    path.write_text("text,label,text\nhello there,ham,free prize\nwin cash,spam,see you\n")
+    with pytest.raises(DataError, match="names 'text' more than once") as err:
+        read_table(DataConfig(path=str(path), labels=["ham", "spam"]))
+    assert err.value.check == "required_columns" and "Fix: give every column its own name" in str(err.value)

@@ -48,6 +48,11 @@ def test_predict_flow_scores_a_folder_and_logs_a_summary(champion, workdir, pref
     assert list(a.columns) == ["id", "text", "label", "score", "model_version"] and len(a) == 3 and len(b) == 2
     assert set(a["label"]) | set(b["label"]) <= {"ham", "spam"} and (a["model_version"] == int(champion)).all()
     assert not (workdir / "scored" / "notes.scored.csv").exists()
+    # two inputs with one stem keep their own outputs
+    pd.DataFrame({"text": ["one"]}).to_json(inbox / "a.jsonl", orient="records", lines=True)
+    predict(f"{NAME}@champion", str(inbox), str(workdir / "scored2"))
+    assert len(pd.read_csv(workdir / "scored2" / "a.csv.scored.csv")) == 3
+    assert len(pd.read_csv(workdir / "scored2" / "a.jsonl.scored.csv")) == 1
 
     run = mlflow.get_run(out["run_id"])
     assert mlflow.get_experiment(run.info.experiment_id).name == f"{NAME}-predictions"

@@ -61,6 +61,7 @@ FAILURES = {
     "null_text": (with_null(make_frame(), "text", 3), {}, "text_not_null", "line 5: None"),
     "null_label": (with_null(make_frame(), "label", 10), {}, "label_not_null", "line 12: None"),
     "blank_text": (make_frame(extra=[(" \t ", "ham")]), {}, "text_not_blank", "line 82: ' \\t '"),
+    "invisible_text": (make_frame(extra=[("\u200b\u2060\ufeff ", "ham")]), {}, "text_not_blank", "line 82: "),
     "too_long": (make_frame(extra=[("x" * 50, "spam")]), {"max_text_chars": 40}, "text_length", "line 82: 'xxxx"),
     "too_short": (make_frame(extra=[("hi", "spam")]), {"min_text_chars": 3}, "text_length", "line 82: 'hi'"),
     "few_rows": (make_frame().iloc[:45], {}, "rows_per_class", "label spam: 5"),

@@ -73,6 +73,24 @@ def resolve_path(spec: str) -> Path:
         ) from None
 
 
+def _check_header(path: Path, config_file: str) -> None:
+    """Two columns of one name make the header ambiguous: pandas would rename the second ('text.1') and the
+    batch would be read from whichever column kept the name. A ``required_columns`` failure instead."""
+    import csv
+
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    seen: set[str] = set()
+    repeated = sorted({c for c in header if c in seen or seen.add(c)})
+    if repeated:
+        raise DataError(
+            f"the header of {path} names {', '.join(repr(c) for c in repeated)} more than once "
+            f"(columns: {', '.join(header)}); which column holds the data is ambiguous. "
+            "Fix: give every column its own name",
+            check="required_columns",
+        )
+
+
 def _csv_record_lines(path: Path, n_records: int) -> list[int] | None:
     """1-based line where each CSV record starts (quoted texts may span lines; blank lines are skipped)."""
     data = path.read_bytes()
@@ -187,6 +205,8 @@ def read_table(
         raise DataError(
             f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}. Fix: check the file is valid {fmt}"
         ) from exc
+    if fmt == "csv":
+        _check_header(path, config_file)
     if sft is not None:
         return _sft_rows(raw, path, fmt, sft, config_file, digest)
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in raw.columns]

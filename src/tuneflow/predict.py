@@ -113,6 +113,13 @@ def _score_frame(
     return out
 
 
+def scored_name(path: Path, files: list[Path]) -> str:
+    """``<stem>.scored.csv``, or ``<name>.scored.csv`` when another input shares the stem (``a.csv`` and
+    ``a.jsonl`` must not overwrite each other's output)."""
+    shared = sum(1 for f in files if f.stem == path.stem) > 1
+    return f"{path.name if shared else path.stem}.scored.csv"
+
+
 def score_path(
     ref: str, input_path: Path, output_path: Path, text_column: str = "text", batch_size: int = 64
 ) -> BatchSummary:
@@ -143,7 +150,7 @@ def score_path(
             start = time.perf_counter()
             out = _score_frame(model, kind, frame, text_column, batch_size, version)
             seconds += time.perf_counter() - start
-            dst = Path(output_path) / f"{f.stem}.scored.csv" if folder else Path(output_path)
+            dst = Path(output_path) / scored_name(f, files) if folder else Path(output_path)
             dst.parent.mkdir(parents=True, exist_ok=True)
             out.to_csv(dst, index=False)
             outputs.append(str(dst))

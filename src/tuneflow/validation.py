@@ -135,6 +135,11 @@ class ValidationFailed(DataError):
         self.report = report
 
 
+# Blank: nothing but whitespace and invisible format characters (zero-width spaces and joiners, direction
+# marks, word joiner, BOM, soft hyphen), which a text made only of looks empty and tokenizes to nothing.
+BLANK_REGEX = r"^[\s\u00ad\u034f\u061c\u115f\u1160\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufeff]*$"
+
+
 def failure_report(source: str, error: DataError) -> ValidationReport:
     """A report for a file that could not even be read (so no expectation could run)."""
     return ValidationReport(
@@ -217,7 +222,7 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
             f"no {text} is only whitespace",
             "0 rows",
             f"drop rows whose '{text_col}' is blank",
-            lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=TEXT, regex=r"^\s*$"),
+            lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=TEXT, regex=BLANK_REGEX),
         ),
         Check(
             "text_length",
@@ -262,7 +267,7 @@ def build_checks(cfg: PipelineConfig) -> list[Check]:
             "no response is only whitespace",
             "0 rows",
             f"drop rows whose '{label_col}' is blank, or write their response",
-            lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=LABEL, regex=r"^\s*$"),
+            lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=LABEL, regex=BLANK_REGEX),
         ),
         Check(
             "response_encoding",
