@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from tuneflow.config import PipelineConfig, load_config
-from tuneflow.data import TEXT, DataError, content_digest, split_data
+from tuneflow.data import TEXT, DataError, check_split, content_digest, split_data
 from tuneflow.evaluate import EvaluateOutput
 from tuneflow.files import file_lock
 from tuneflow.landing import has_new_batches, input_files_digest
@@ -166,6 +166,7 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
         # Checkpoints live under the fingerprint: a rerun of exactly this work after a crash resumes from them.
         run = replace(run, checkpoint_dir=checkpoints_root(config.registry.model_name) / fp[:16])
         split = split_data(data, config.data)
+        check_split(split, config.data, config.kind, str(config.data.path or config.data.landing))
         log_dataset_inputs(config, data, split)
 
         tokenized = tokenize_task(config, data, split, run)

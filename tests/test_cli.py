@@ -114,3 +114,21 @@ def test_a_max_length_past_the_base_models_positions_stops_with_the_limit(
     from mlflow import MlflowClient
 
     assert not MlflowClient().search_registered_models()
+
+
+def test_a_split_without_a_class_or_rows_stops_before_training(workdir, tiny_model_dir, prefect_harness, capsys):
+    import yaml
+
+    from conftest import make_rows, tiny_config_dict
+
+    data = workdir / "few.csv"
+    make_rows(12).to_csv(data, index=False)  # 24 rows: too few for a 5 % eval split with both labels
+    path = workdir / "few.yaml"
+    cfg = tiny_config_dict(data, tiny_model_dir, data={"eval_fraction": 0.05}, validation={"min_rows_per_class": 5})
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "split of" in err and ("is empty" in err or "has no row labeled" in err) and "Fix:" in err
+    from mlflow import MlflowClient
+
+    assert not MlflowClient().search_registered_models()

@@ -446,3 +446,37 @@ def split_digest(cfg: DataConfig) -> str:
 def split_data(loaded: LoadedData, cfg: DataConfig) -> Split:
     """The train/eval split of the validated rows (``split_by_text_hash`` with the configured settings)."""
     return split_by_text_hash(loaded.frame, cfg.eval_fraction, cfg.split_salt)
+
+
+def check_split(split: Split, cfg: DataConfig, kind: str, source: str) -> None:
+    """Both splits must be usable before anything trains: the eval split not empty, and for classification
+    every configured label in both (an eval split without a class caps macro-F1 silently; a train split
+    without one trains a class the model never saw).
+
+    Raises:
+        DataError: which split lacks what, and about how many rows would fix it.
+    """
+    import math
+
+    need = math.ceil(3 / cfg.eval_fraction)  # rows of a label for about 3 of them in eval (hash split)
+    if split.eval.empty or split.train.empty:
+        which = "eval" if split.eval.empty else "train"
+        raise DataError(
+            f"the {which} split of {source} is empty ({len(split.train)} train / {len(split.eval)} eval rows, "
+            f"data.eval_fraction {cfg.eval_fraction}). Fix: add rows (at least about {need}) or change "
+            "data.eval_fraction",
+            check="split",
+        )
+    if kind != "classification":
+        return
+    for name, part in (("eval", split.eval), ("train", split.train)):
+        present = set(part[LABEL].astype(str))
+        missing = [label for label in cfg.labels if label not in present]
+        if missing:
+            raise DataError(
+                f"the {name} split of {source} has no row labeled {', '.join(repr(m) for m in missing)} "
+                f"({len(part)} rows; the split is by text hash, data.eval_fraction {cfg.eval_fraction}). Every "
+                f"label must be in both splits. Fix: add rows of {', '.join(repr(m) for m in missing)} (about "
+                f"{need} or more each) or change data.eval_fraction",
+                check="split",
+            )
