@@ -210,3 +210,13 @@ def test_a_bare_yaml_off_is_the_severity_off(tmp_path):
         "validation:\n  severity:\n    class_imbalance: off\n"
     )
     assert load_config(path).validation.severity_of("class_imbalance") == "off"
+
+
+def test_a_landing_zone_url_is_refused_when_the_config_loads():
+    import pytest as _pytest
+    from pydantic import ValidationError
+
+    from tuneflow.config import DataConfig
+
+    with _pytest.raises(ValidationError, match="mount the bucket"):
+        DataConfig(landing="s3://bucket/landing", labels=["a", "b"])

@@ -228,3 +228,15 @@ def test_a_header_with_a_repeated_column_is_a_required_columns_failure(tmp_path)
     with pytest.raises(DataError, match="names 'text' more than once") as err:
         read_table(DataConfig(path=str(path), labels=["ham", "spam"]))
     assert err.value.check == "required_columns" and "Fix: give every column its own name" in str(err.value)
+
+
+def test_a_file_above_the_size_limit_is_refused_before_it_is_read(tmp_path):
+    from tuneflow.config import DataConfig
+    from tuneflow.data import DataError, read_table
+
+    path = tmp_path / "big.csv"
+    path.write_text("text,label\n" + "hello there,ham\n" * 2000)
+    with pytest.raises(DataError, match="above data.max_file_mb") as err:
+        read_table(DataConfig(path=str(path), labels=["ham", "spam"], max_file_mb=0.01))
+    assert err.value.check == "file_size" and "Fix:" in str(err.value)
+    assert len(read_table(DataConfig(path=str(path), labels=["ham", "spam"])).frame) == 2000

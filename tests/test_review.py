@@ -195,3 +195,25 @@ def test_review_commands_score_on_the_accepted_union(tmp_path, tiny_model_dir):
     expected = split_by_text_hash(union, cfg.data.eval_fraction, cfg.data.split_salt).eval
     assert set(expected["batch"]) == {"base.csv", "bom.csv", "crlf.csv"}  # every accepted batch is in play
     assert current_eval_frame(cfg)["text"].tolist() == expected["text"].tolist()
+
+
+def test_compare_and_promote_score_on_the_eval_rows_the_retrain_scored_on(workdir, tiny_model_dir):
+    import pandas as pd
+
+    from tuneflow.data import read_table, split_data
+    from tuneflow.review import current_eval_frame
+    from tuneflow.validation import drop_out_of_bounds
+
+    from conftest import make_rows, tiny_config_dict
+
+    rows = make_rows(150)
+    long = pd.DataFrame({"text": [f"free prize number {i} " + "x" * 60 for i in range(12)], "label": "spam"})
+    path = workdir / "with-long.csv"
+    pd.concat([rows, long], ignore_index=True).to_csv(path, index=False)
+    cfg = PipelineConfig.model_validate(
+        tiny_config_dict(path, tiny_model_dir, validation={"max_text_chars": 60, "text_length_mostly": 0.95})
+    )
+    retrain_eval = split_data(drop_out_of_bounds(read_table(cfg.data), cfg)[0], cfg.data).eval
+    whole_eval = split_data(read_table(cfg.data), cfg.data).eval
+    assert len(whole_eval) > len(retrain_eval)  # some tolerated long rows fall in the eval split
+    assert sorted(current_eval_frame(cfg)["text"]) == sorted(retrain_eval["text"])

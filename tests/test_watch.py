@@ -150,16 +150,13 @@ def test_scan_logic_with_a_fake_listing():
     assert scan(state, {"a": [10, 1], "b": [10, 2]}, 9.0, 1.0, digest) == [] and hashed == ["a", "b"]  # not re-hashed
 
 
-def test_fsspec_url_landing_zone(tiny_model_dir):
-    import fsspec
+def test_a_url_landing_zone_is_refused_when_the_config_loads(tiny_model_dir):
+    # The watcher could list an fsspec URL, but the gate moves files on a filesystem: a URL would become a
+    # local folder named 's3:'. Refused up front, with the fix (mount it).
+    from pydantic import ValidationError
 
-    fs = fsspec.filesystem("memory")
-    fs.pipe("/tuneflow-test/incoming/a.csv", b"text,label\nhello there,ham\n")
-    fs.pipe("/tuneflow-test/incoming/b.csv.part", b"text,la")
-    cfg, sent = _cfg("memory://tuneflow-test", tiny_model_dir), []
-    _scans(cfg, [0.0, 10.0, 20.0], sent)
-    assert [f["name"] for f in sent[0].files] == ["a.csv"] and len(sent) == 1
-    assert fs.exists(f"/tuneflow-test/{STATE_FILE}")
+    with pytest.raises(ValidationError, match="mount the bucket"):
+        _cfg("memory://tuneflow-test", tiny_model_dir)
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"seen": 5}', '{"known": "x"}', "\udcff"])

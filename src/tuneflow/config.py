@@ -113,10 +113,25 @@ class DataConfig(_Section):
         "one new batch was accepted (the quarantined ones are reported loudly), or 'stop' the run.",
     )
 
+    max_file_mb: float = Field(
+        1024.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Largest data file (or landing-zone batch) read, in MB: the whole file is held in memory "
+        "several times over while it is validated. A larger one is refused (check file_size); raise this "
+        "only with the memory to match.",
+    )
+
     @model_validator(mode="after")
     def _labels_unique(self) -> DataConfig:
         if (self.path is None) == (self.landing is None):
             raise ValueError("set exactly one of data.path (a single file) and data.landing (a landing-zone folder)")
+        if self.landing is not None and "://" in self.landing:
+            raise ValueError(
+                f"data.landing {self.landing!r} is a URL, but the gate moves batches between incoming/, accepted/ "
+                "and quarantine/ on a local or mounted filesystem. Fix: mount the bucket (e.g. s3fs, gcsfuse, "
+                "a shared NFS path) and set data.landing to its folder"
+            )
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"data.labels has repeated names: {self.labels}; list each label once")
         if self.label_values is not None:
@@ -434,7 +449,8 @@ class PipelineConfig(_Section):
         exclude: dict[str, Any] = {k: True for k in ("schedule", "watch", "alerts")}
         if self.kind == "classification":
             exclude |= {"kind": True, "sft": True}
-        exclude["data"] = {"on_quarantine"}  # what a run does after quarantining a batch, not what it trains
+        # what a run does after quarantining a batch, and how big a file it reads: not what it trains
+        exclude["data"] = {"on_quarantine", "max_file_mb"}
         exclude["train"] = {"checkpoint_minutes"}  # how often a run saves its progress, not what it trains
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

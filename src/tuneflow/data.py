@@ -188,6 +188,15 @@ def read_table(
         )
     if path.stat().st_size == 0:
         raise DataError(f"data file {path} is empty (0 bytes). Fix: point data.path at a file with rows")
+    size_mb = path.stat().st_size / 1e6
+    if size_mb > cfg.max_file_mb:
+        raise DataError(
+            f"data file {path} is {size_mb:,.0f} MB, above data.max_file_mb ({cfg.max_file_mb:,.0f} MB): it is read "
+            "into memory whole, several times over while it is validated. Fix: split it into batches (a landing "
+            f"zone trains on all accepted batches), or raise data.max_file_mb in {config_file} if this machine "
+            "has the memory",
+            check="file_size",
+        )
     try:
         raw = read_frame(path, fmt)
     except UnicodeDecodeError as exc:

@@ -24,6 +24,7 @@ from tuneflow.landing import load_accepted
 from tuneflow.registry import TAG, VALIDATION_TAG, RegistryError, champion_version, get_version, score_version
 from tuneflow.reporting import metrics_table
 from tuneflow.trust import UntrustedModel
+from tuneflow.validation import drop_out_of_bounds
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +63,16 @@ def current_eval_frame(cfg: PipelineConfig, config_file: str = "the config") -> 
     scored (no text, unknown label) are left out.
     """
     if cfg.data.landing:
-        accepted = load_accepted(cfg, Path(cfg.data.landing))  # what the retrain flow trains on
-        if accepted is None:
+        loaded = load_accepted(cfg, Path(cfg.data.landing))  # what the retrain flow trains on
+        if loaded is None:
             raise RegistryError(
                 f"no accepted data in {cfg.data.landing}/accepted. Fix: run the retrain flow on a batch first"
             )
-        frame = accepted.frame
     else:
-        frame = read_table(cfg.data, config_file, sft=sft_settings(cfg)).frame
+        loaded = read_table(cfg.data, config_file, sft=sft_settings(cfg))
+    # the rows a retrain keeps (tolerated out-of-bounds rows and, for sft, repeated pairs dropped): the eval
+    # split is then exactly the one the retrain scored its versions on
+    frame = drop_out_of_bounds(loaded, cfg)[0].frame
     # kind sft has no label set: any row with a prompt and a response can be scored
     known = frame[LABEL].isin(cfg.data.labels) if cfg.data.labels else frame[LABEL].notna()
     usable = frame[frame[TEXT].notna() & known]
