@@ -302,3 +302,23 @@ def test_a_champion_moved_during_the_run_is_not_replaced_and_the_run_says_so(
     assert str(client.get_model_version_by_alias("tiny-clf", "champion").version) == moved_to[0]  # not undone
     tags = client.get_run(strong["run_id"]).data.tags
     assert tags["tuneflow.decision"] == "rejected" and "changed meanwhile" in tags["tuneflow.decision_reason"]
+
+
+def test_hundreds_of_labels_run_to_the_end_with_a_condensed_confusion_plot(workdir, tiny_model_dir):
+    import pandas as pd
+    from PIL import Image
+
+    labels = [f"topic{i:03d}" for i in range(300)]
+    rows = [{"text": f"message {j} about topic{i:03d} number {i * 40 + j}", "label": label}
+            for i, label in enumerate(labels) for j in range(40)]  # fmt: skip
+    path = workdir / "many.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    cfg = tiny_config_dict(path, tiny_model_dir, train={"epochs": 1, "batch_size": 64, "logging_steps": 50})
+    cfg["data"]["labels"] = labels
+    cfg["validation"] |= {"max_class_imbalance": 20.0}
+    result = _run(cfg)
+    assert result["version"] == "1"
+    parent = MlflowClient().get_run(result["run_id"])
+    assert sum(k.startswith("eval/f1_topic") for k in parent.data.metrics) == 300  # every per-class metric
+    png = Path(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="plots/confusion_matrix.png"))
+    assert Image.open(png).size == (1200, 1200)  # condensed to a bounded figure, not 330 inches square

@@ -35,6 +35,10 @@ class EvaluateOutput:
     champion_error: str | None = None  # the champion exists but could not be scored
 
 
+ANNOTATED_LABELS = 30  # above this many labels the confusion matrix is drawn condensed
+LABELLED_TICKS = 100  # ... and above this many without tick labels
+
+
 def plot_confusion(evaluation: Evaluation, path: Path, title: str = "Confusion matrix (eval split)") -> Path:
     import matplotlib
 
@@ -43,17 +47,30 @@ def plot_confusion(evaluation: Evaluation, path: Path, title: str = "Confusion m
 
     cm = np.asarray(evaluation.confusion)
     n = len(evaluation.labels)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * n, 1.2 + 1.1 * n), dpi=120)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(n), evaluation.labels, rotation=45, ha="right")
-    ax.set_yticks(range(n), evaluation.labels)
+    if n > ANNOTATED_LABELS:  # condensed: a bounded figure, rows as shares, no numbers in the cells
+        fig, ax = plt.subplots(figsize=(12, 12), dpi=100)
+        rows = cm.sum(axis=1, keepdims=True)
+        ax.imshow(np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0), cmap="Blues", vmin=0, vmax=1)
+        if n <= LABELLED_TICKS:
+            ax.set_xticks(range(n), evaluation.labels, rotation=90, fontsize=5)
+            ax.set_yticks(range(n), evaluation.labels, fontsize=5)
+        else:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        title += f": {n} labels, each row as shares (counts in confusion_matrix.json)"
+    else:
+        fig, ax = plt.subplots(figsize=(1.6 + 1.1 * n, 1.2 + 1.1 * n), dpi=120)
+        ax.imshow(cm, cmap="Blues")
+        ax.set_xticks(range(n), evaluation.labels, rotation=45, ha="right")
+        ax.set_yticks(range(n), evaluation.labels)
+        peak = cm.max() if cm.size else 0
+        for i in range(n):
+            for j in range(n):
+                color = "white" if cm[i, j] > peak / 2 else "black"
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    peak = cm.max() if cm.size else 0
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > peak / 2 else "black")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

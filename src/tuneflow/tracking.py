@@ -342,14 +342,25 @@ def log_training(cfg: PipelineConfig, result: TrainResult) -> None:
             mlflow.log_artifact(str(png), "plots")
 
 
+def log_metrics_batch(client: Any, run_id: str, metrics: dict[str, float]) -> None:
+    """Metrics on another run than the active one, in batch calls (per-class metrics of hundreds of labels
+    would otherwise be one request each)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):  # MLflow's limit per batch call
+        client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
 def log_evaluation(evaluation: Evaluation, parent_run_id: str, plots_dir: Path) -> None:
     """Eval metrics (``eval/...``) and the confusion-matrix plot, on the stage run and the parent run."""
     import mlflow
 
-    mlflow.log_metrics({f"eval/{k}": v for k, v in evaluation.metrics.items()})
+    metrics = {f"eval/{k}": v for k, v in evaluation.metrics.items()}
+    mlflow.log_metrics(metrics)
     client = mlflow.MlflowClient()
-    for k, v in evaluation.metrics.items():
-        client.log_metric(parent_run_id, f"eval/{k}", v)
+    log_metrics_batch(client, parent_run_id, metrics)
     if evaluation.confusion:
         png = plot_confusion(evaluation, plots_dir / "confusion_matrix.png")
         mlflow.log_artifact(str(png), "plots")
@@ -371,8 +382,7 @@ def log_champion_score(champion: ChampionScore, parent_run_id: str, plots_dir: P
     mlflow.log_metrics(metrics)
     mlflow.set_tag("tuneflow.champion_version", champion.version)
     client = mlflow.MlflowClient()
-    for k, v in metrics.items():
-        client.log_metric(parent_run_id, k, v)
+    log_metrics_batch(client, parent_run_id, metrics)
     client.set_tag(parent_run_id, "tuneflow.champion_version", champion.version)
     if champion.evaluation.samples is not None:
         mlflow.log_table(champion.evaluation.samples, "champion_generations.json")
