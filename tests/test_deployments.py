@@ -323,7 +323,9 @@ def test_five_files_dropped_together_lead_to_one_run(stack):
 
 def test_the_same_file_again_triggers_nothing(stack):
     n0 = len(stack.runs("retrain/on-new-data"))
-    known = next(p for p in sorted((stack.landing / "accepted").iterdir()) if p.name != "seed.csv")  # announced before
+    known = next(
+        p for p in sorted((stack.landing / "accepted").glob("[!.]*")) if p.name != "seed.csv"
+    )  # announced before
     copy = stack.landing / "incoming" / "same-bytes-again.csv"
     shutil.copy(known, copy)
     time.sleep(QUIET_S + 6)
@@ -333,7 +335,7 @@ def test_the_same_file_again_triggers_nothing(stack):
 
 def test_a_leftover_repeat_beside_new_batches_is_quarantined_the_new_ones_trained_and_an_alert_posted(stack):
     before, n0 = stack.versions(), len(stack.runs("retrain/on-new-data"))
-    known = next(p for p in sorted((stack.landing / "accepted").iterdir()) if p.name != "seed.csv")
+    known = next(p for p in sorted((stack.landing / "accepted").glob("[!.]*")) if p.name != "seed.csv")
     shutil.copy(known, stack.landing / "incoming" / "leftover-repeat.csv")  # the same bytes: not announced
     time.sleep(QUIET_S + 4)
     assert len(stack.runs("retrain/on-new-data")) == n0

@@ -5,6 +5,7 @@ Also the retrain's entry to it: whether there is anything new, and the data chec
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -135,7 +136,7 @@ def test_two_gates_at_once_accept_a_batch_once(tmp_path, tiny_model_dir, tokeniz
         t.join(timeout=120)
     assert not errors
     assert sorted(len(r.accepted) for r in results) == [0, 1]
-    assert [p.name for p in accepted.iterdir()] == ["base.csv"] and not list(incoming.iterdir())
+    assert [p.name for p in accepted.glob("[!.]*")] == ["base.csv"] and not list(incoming.iterdir())
 
 
 def test_a_repeated_delivery_is_quarantined_not_overwritten(tmp_path, tiny_model_dir, tokenizer):
@@ -191,7 +192,7 @@ def test_a_crash_mid_gate_loses_nothing_and_duplicates_nothing(
             assert (quarantine / f"{name}.report.json").exists()  # never a quarantined batch without report
     monkeypatch.undo()
     run_gate(cfg, landing, tokenizer)  # the next gate finishes the job
-    assert sorted(p.name for p in accepted.iterdir()) == ["base.csv", "crlf.csv"]
+    assert sorted(p.name for p in accepted.glob("[!.]*")) == ["base.csv", "crlf.csv"]
     assert {p.name for p in quarantine.iterdir() if not p.name.endswith((".report", ".report.json"))} == {
         "bad_label.csv",
         "null_text.csv",
@@ -283,3 +284,52 @@ def test_a_batch_the_gate_cannot_judge_is_quarantined_not_left_to_block_incoming
     (check,) = [c for c in report["checks"] if c["status"] == "FAIL"]
     assert check["name"] == "gate_error" and "RuntimeError" in check["observed"] and "simulated" in check["observed"]
     assert (quarantine / "b-poison.csv.report" / "index.html").exists()
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink", "open_writer"])
+def test_accepted_bytes_cannot_change_after_they_were_judged(how, tmp_path, tiny_model_dir, tokenizer):
+    landing = tmp_path / "sms"
+    incoming, accepted, _ = folders(landing)
+    source = landing / "elsewhere.csv"  # inside the landing zone, outside incoming/
+    shutil.copy(CORPUS / "base.csv", source)
+    judged = source.read_bytes()
+    batch = incoming / "base.csv"
+    writer = None
+    if how == "symlink":
+        batch.symlink_to(source)
+    elif how == "hardlink":
+        os.link(source, batch)
+    else:
+        shutil.copy(source, batch)
+        writer = batch.open("ab")  # a writer that keeps its file open after the gate moved it
+    cfg = gate_config(landing, tiny_model_dir)
+    assert [o.status for o in run_gate(cfg, landing, tokenizer).outcomes] == ["accepted"]
+    kept = accepted / "base.csv"
+    assert not kept.is_symlink() and kept.stat().st_nlink == 1 and kept.read_bytes() == judged
+    if writer is not None:
+        writer.write(b"free prize now,ham\n" * 50)
+        writer.close()
+    else:
+        source.write_bytes(judged + b"free prize now,ham\n" * 50)  # the other name of the bytes changes
+    assert kept.read_bytes() == judged
+    assert len(load_accepted(cfg, landing).frame) > 0
+
+
+def test_an_accepted_batch_changed_afterwards_stops_the_run_and_is_named(tmp_path, tiny_model_dir, tokenizer):
+    from tuneflow.data import DataError
+
+    landing = tmp_path / "sms"
+    incoming, accepted, _ = folders(landing)
+    shutil.copy(CORPUS / "base.csv", incoming)
+    cfg = gate_config(landing, tiny_model_dir)
+    run_gate(cfg, landing, tokenizer)
+    with (accepted / "base.csv").open("a") as fh:
+        fh.write("free prize now,spam\n")
+    with pytest.raises(DataError, match="base.csv changed after it was accepted") as err:
+        load_accepted(cfg, landing)
+    assert err.value.check == "accepted_integrity" and "Fix:" in str(err.value)
+    # a batch put into accepted/ by hand is recorded as it is (with a warning) by the next gate
+    shutil.copy(CORPUS / "base.csv", accepted / "base.csv")
+    shutil.copy(CORPUS / "base.csv", accepted / "by-hand.csv")
+    run_gate(cfg, landing, tokenizer)
+    assert "by-hand.csv" in json.loads((accepted / ".manifest.json").read_text())

@@ -106,13 +106,101 @@ def _is_outside(path: Path, landing: Path) -> bool:
     return path.is_symlink() and not path.resolve().is_relative_to(landing.resolve())
 
 
+MANIFEST = ".manifest.json"  # in accepted/: the sha256 of each batch when it was accepted
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _snapshot(path: Path, dest: Path) -> Path | None:
+    """A private copy of ``path``'s bytes (a new regular file, fsynced); None when it cannot be read."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copyfile(path, dest)  # follows a link: the bytes it points to now
+    except OSError:
+        return None
+    with dest.open("rb") as fh:
+        os.fsync(fh.fileno())
+    return dest
+
+
+def read_manifest(accepted: Path) -> dict[str, str]:
+    import json
+
+    try:
+        data = json.loads((accepted / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def record_accepted(accepted: Path, batch: Path) -> None:
+    """Add ``batch`` and its sha256 to the manifest (called under the gate's lock)."""
+    manifest = read_manifest(accepted)
+    manifest[batch.name] = _sha256(batch)
+    write_json_atomic(accepted / MANIFEST, manifest)
+
+
+def adopt_unrecorded(accepted: Path) -> None:
+    """Batches put into accepted/ by hand (or by a tuneflow before the manifest) are recorded as they are now."""
+    if not accepted.is_dir():
+        return
+    manifest = read_manifest(accepted)
+    new = [p for p in _accepted_files(accepted) if p.name not in manifest and not p.is_symlink()]
+    for p in new:
+        log.warning("accepted/%s has no recorded sha256 (placed by hand?): recording it as it is now", p.name)
+        manifest[p.name] = _sha256(p)
+    if new:
+        write_json_atomic(accepted / MANIFEST, manifest)
+
+
+def _accepted_files(accepted: Path) -> list[Path]:
+    return sorted(p for p in accepted.iterdir() if (p.is_file() or p.is_symlink()) and not p.name.startswith("."))
+
+
+def verify_accepted(accepted: Path, files: list[Path]) -> None:
+    """Every accepted batch is a regular file whose bytes are those recorded when it was accepted.
+
+    Raises:
+        DataError (check ``accepted_integrity``): the batch, what changed, and the fix.
+    """
+    manifest = read_manifest(accepted)
+    for p in files:
+        if p.is_symlink() or not p.is_file():
+            raise DataError(
+                f"{p} is not a regular file (a link?); accepted/ holds the judged bytes only. "
+                "Fix: replace it with a copy of the data and move it to incoming/ to be judged",
+                check="accepted_integrity",
+            )
+        recorded = manifest.get(p.name)
+        if recorded is None:
+            log.warning("%s has no recorded sha256 yet (placed by hand?); the next gate records it", p)
+            continue
+        now = _sha256(p)
+        if now != recorded:
+            raise DataError(
+                f"{p} changed after it was accepted (sha256 {recorded[:12]}... when judged, {now[:12]}... now); "
+                "nothing is trained on it. Fix: move it back to incoming/ to be judged again, or restore the "
+                "judged file",
+                check="accepted_integrity",
+            )
+
+
 def load_accepted(cfg: PipelineConfig, landing: Path) -> LoadedData | None:
     """The union of accepted batches, deduplicated by normalized text (kind sft: prompt, response and context;
     first delivery wins)."""
     _, accepted, _ = folders(landing)
-    files = sorted(p for p in accepted.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = _accepted_files(accepted)
     if not files:
         return None
+    verify_accepted(accepted, files)
     frames = []
     for p in files:
         frame = read_table(cfg.data, path=p, digest=False, sft=sft_settings(cfg)).frame
@@ -130,8 +218,10 @@ def judge_batch(
     landing: Path,
     tokenizer: PreTrainedTokenizerBase | None,
     docs_dir: Path,
+    read_from: Path | None = None,
 ) -> tuple[ValidationReport, LoadedData | None]:
-    """Validate one incoming file; never raises for bad data (the report says what is wrong)."""
+    """Validate one incoming file (its bytes read from ``read_from``, a private snapshot, when given); never
+    raises for bad data (the report says what is wrong)."""
     if _is_outside(path, landing):
         err = DataError(
             f"{path} is a symbolic link to {path.resolve()}, outside the landing zone. "
@@ -140,8 +230,12 @@ def judge_batch(
         )
         return failure_report(str(path), err), None
     try:
-        loaded = read_table(cfg.data, config_file="the config", path=path, digest=False, sft=sft_settings(cfg))
+        loaded = read_table(
+            cfg.data, config_file="the config", path=read_from or path, digest=False, sft=sft_settings(cfg)
+        )
     except DataError as err:
+        if read_from is not None:  # name the batch, not the snapshot
+            err = DataError(str(err).replace(str(read_from), str(path)), check=err.check)
         return failure_report(str(path), err), None
     try:
         loaded.frame[NORM] = loaded.frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
@@ -171,6 +265,7 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
     result = GateResult()
     with gate_lock(landing):
         shutil.rmtree(landing / ".work", ignore_errors=True)  # scratch of an earlier gate
+        adopt_unrecorded(accepted)
         current = load_accepted(cfg, landing)
         reference = current.frame if current is not None else None
         # Same rule as the watcher: dotfiles and *.tmp / *.part are files still being written.
@@ -179,10 +274,16 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
                 continue
             work = landing / ".work" / path.name
             shutil.rmtree(work, ignore_errors=True)
-            report, loaded = judge_batch(path, cfg, reference, landing, tokenizer, work / "docs")
-            if report.success and loaded is not None:
+            # The bytes judged are the bytes kept: a private copy (a new file, links followed) is judged and
+            # becomes the accepted batch, so a link, a hard link or a writer that keeps the file open cannot
+            # change what was accepted.
+            snapshot = None if _is_outside(path, landing) else _snapshot(path, work / "batch" / path.name)
+            report, loaded = judge_batch(path, cfg, reference, landing, tokenizer, work / "docs", snapshot)
+            if report.success and loaded is not None and snapshot is not None:
                 dest = accepted / _free_name(accepted, path.name)
-                os.rename(path, dest)
+                os.rename(path, dest)  # one atomic move: the batch is never in two places, never gone
+                os.rename(snapshot, dest)  # ... then the judged copy replaces it (a link, another name's inode)
+                record_accepted(accepted, dest)
                 new = loaded.frame.assign(**{BATCH: dest.name})
                 reference = new if reference is None else pd.concat([reference, new], ignore_index=True)
                 result.outcomes.append(BatchOutcome(path.name, "accepted", dest, report))
