@@ -4,12 +4,14 @@ Also the retrain's entry to it: whether there is anything new, and the data chec
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
 import threading
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
@@ -148,6 +150,13 @@ def test_a_repeated_delivery_is_quarantined_not_overwritten(tmp_path, tiny_model
     shutil.copy(CORPUS / "base.csv", incoming)
     again = run_gate(cfg, landing, tokenizer)
     assert [c.name for c in again.outcomes[0].report.failed] == ["repeats_accepted"]
+    repeat = again.outcomes[0].report.failed[0]
+    # the offending rows as a person reads them: line, text and label; never a derived flag or 'None'
+    assert repeat.column == "text (normalized) in accepted data" and repeat.examples
+    assert all(e.startswith("line ") and ": 'True'" not in e and not e.endswith("True") for e in repeat.examples)
+    texts = set(pd.read_csv(CORPUS / "base.csv")["text"])
+    line, _, shown = repeat.examples[0].partition(": ")
+    assert shown.rsplit(" (", 1)[1] in ("'ham')", "'spam')") and ast.literal_eval(shown.rsplit(" (", 1)[0]) in texts
     assert (accepted / "base.csv").read_bytes() == (CORPUS / "base.csv").read_bytes()
     assert (quarantine / "base.csv").exists()
 

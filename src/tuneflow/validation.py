@@ -563,7 +563,9 @@ def _observed(result: dict[str, Any]) -> Any:
     return None
 
 
-def _examples(result: dict[str, Any], table: Table, limit: int) -> list[str]:
+def _examples(result: dict[str, Any], table: Table, limit: int, rows: pd.DataFrame | None = None) -> list[str]:
+    """``line N: value`` per offending row. A derived flag (a repeat, a conflict: True) is no value a person
+    can act on: the row's text (and label) is shown instead."""
     values = result.get("partial_unexpected_list") or []
     index = result.get("partial_unexpected_index_list") or []
     where = {"rows": "line", "schema": "line", "classes": "label", "drift": ""}[table]
@@ -571,6 +573,12 @@ def _examples(result: dict[str, Any], table: Table, limit: int) -> list[str]:
     for idx, value in list(zip(index, values, strict=False))[:limit]:  # GE may cap the two lists differently
         if isinstance(idx, dict):  # GE gives {index name: value, ...} for a named index
             idx = idx.get(LINE, idx.get(LABEL, idx.get(LENGTH_OF, idx)))
+        if isinstance(value, bool | np.bool_) and rows is not None and idx in rows.index:
+            row = rows.loc[idx]
+            text, label = row[TEXT], row[LABEL]
+            text = text if not isinstance(text, str) or len(text) <= 60 else text[:57] + "..."
+            out.append(f"{where} {idx}: {text!r} ({label!r})")
+            continue
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # a count read back from a float column
         shown = repr(value) if not isinstance(value, float) or value == value else "null"
@@ -589,6 +597,10 @@ def _user_column(column: str, cfg: PipelineConfig) -> str:
         NORM: f"{text} (normalized)",
         ROWS: "rows per label",
         IMBALANCE: "largest class / this class",
+        SEEN: f"{text} (normalized) in accepted data",
+        CONFLICT: f"{label} per {text} (normalized)",
+        LABEL_P: f"{label} distribution vs accepted data (p-value)",
+        LENGTH_P: f"{text} length vs accepted data (p-value)",
     }
     if cfg.kind == "sft":
         names |= {
@@ -732,9 +744,9 @@ def validate_frame(
                     f"Great Expectations could not run {check.name}: {r.exception_info.get('exception_message')}"
                 )
             column = r.expectation_config.kwargs.get("column")
-            if column is None and cfg.kind == "sft":
+            if column is None:
                 # GE leaves out a column that is the expectation's default (tuneflow.expectations' derived
-                # columns); kind sft names it. Classification reports keep their format.
+                # columns): name it, never 'None'
                 column = getattr(built[check.name], "column", None)
             results[check.name] = CheckResult(
                 name=check.name,
@@ -743,7 +755,7 @@ def validate_frame(
                 rule=check.rule,
                 success=bool(r.success),
                 observed=_observed(r.result),
-                examples=[] if r.success else _examples(r.result, table, limit),
+                examples=[] if r.success else _examples(r.result, table, limit, tables["rows"]),
                 fix=check.fix,
                 severity=cfg.validation.severity_of(check.name),
                 threshold=check.threshold,
