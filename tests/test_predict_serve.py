@@ -132,3 +132,21 @@ def test_mlflow_models_serve_answers_with_a_label(champion, workdir):
     finally:
         stop_group(proc)
         log.close()
+
+
+def test_texts_longer_than_max_length_are_cut_as_in_training(workdir, register_tiny, prefect_harness):
+    from tuneflow.predict import score_path
+
+    register_tiny("long-clf", decide("macro_f1", 0.9, None, None, 0.0))  # max_length 32, 128 positions
+    src = workdir / "long.csv"
+    words = " ".join(["free"] * 400)  # 400 tokens: past the model's 128 positions
+    pd.DataFrame({"text": [words, "lunch later", " ".join(["prize"] * 60)]}).to_csv(src, index=False)
+    summary = score_path("long-clf@champion", src, workdir / "long.scored.csv")
+    scored = pd.read_csv(workdir / "long.scored.csv")
+    assert summary.rows == 3 and scored["label"].notna().all()
+    # 60 tokens: past max_length 32, inside the positions; scored as its first 32 tokens, as trained
+    short = workdir / "first32.csv"
+    pd.DataFrame({"text": [" ".join(["prize"] * 30)]}).to_csv(short, index=False)
+    score_path("long-clf@champion", short, workdir / "first32.scored.csv")
+    cut = pd.read_csv(workdir / "first32.scored.csv")
+    assert cut["score"].iloc[0] == pytest.approx(scored["score"].iloc[2], abs=1e-6)

@@ -198,7 +198,9 @@ class Classification:
         return texts[:2]
 
     def logging_options(self, cfg: PipelineConfig) -> dict[str, Any]:
-        return {}
+        """Texts are cut to ``model.max_length`` tokens when the registered model scores them (predict, serve),
+        as in training: a longer one would fail the whole request, or be read past what the model learned."""
+        return {"model_config": {"truncation": True, "max_length": cfg.model.max_length}}
 
     def prediction_columns(self, output: pd.DataFrame) -> dict[str, Any]:
         """The columns ``tuneflow predict`` adds, from the MLflow model's output (``label``, ``score``)."""
