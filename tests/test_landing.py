@@ -341,4 +341,20 @@ def test_an_accepted_batch_changed_afterwards_stops_the_run_and_is_named(tmp_pat
     shutil.copy(CORPUS / "base.csv", accepted / "base.csv")
     shutil.copy(CORPUS / "base.csv", accepted / "by-hand.csv")
     run_gate(cfg, landing, tokenizer)
-    assert "by-hand.csv" in json.loads((accepted / ".manifest.json").read_text())
+    assert "by-hand.csv" in json.loads((accepted / ".manifest.json").read_text())["batches"]
+
+
+def test_a_changed_label_set_rejudges_the_accepted_union_before_training(tmp_path, tiny_model_dir, tokenizer):
+    from tuneflow.landing import check_data
+
+    landing = tmp_path / "sms"
+    incoming, accepted, _ = folders(landing)
+    shutil.copy(CORPUS / "base.csv", incoming)
+    cfg = gate_config(landing, tiny_model_dir)
+    assert check_data(cfg, "cfg.yaml", tmp_path / "docs", tokenizer).error is None
+    assert check_data(cfg, "cfg.yaml", tmp_path / "docs", tokenizer).error is None  # unchanged: not re-judged
+    changed = cfg.model_copy(deep=True)
+    changed.data.labels = ["ham", "junk"]  # 'spam' rows in accepted/ are no longer a label of the config
+    check = check_data(changed, "cfg.yaml", tmp_path / "docs", tokenizer)
+    assert check.error is not None and check.error.check == "label_in_set" and check.data is None
+    assert "label_in_set" in str(check.error) and str(accepted) in str(check.error)

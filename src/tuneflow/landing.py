@@ -131,21 +131,72 @@ def _snapshot(path: Path, dest: Path) -> Path | None:
     return dest
 
 
-def read_manifest(accepted: Path) -> dict[str, str]:
+def _read_manifest_file(accepted: Path) -> dict:
     import json
 
     try:
         data = json.loads((accepted / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    return data if isinstance(data, dict) else {}
 
 
-def record_accepted(accepted: Path, batch: Path) -> None:
-    """Add ``batch`` and its sha256 to the manifest (called under the gate's lock)."""
-    manifest = read_manifest(accepted)
-    manifest[batch.name] = _sha256(batch)
-    write_json_atomic(accepted / MANIFEST, manifest)
+def read_manifest(accepted: Path) -> dict[str, str]:
+    """Batch name -> sha256 when accepted."""
+    batches = _read_manifest_file(accepted).get("batches")
+    return {str(k): str(v) for k, v in batches.items()} if isinstance(batches, dict) else {}
+
+
+def _write_manifest(accepted: Path, batches: dict[str, str], shape: str | None) -> None:
+    write_json_atomic(accepted / MANIFEST, {"batches": batches, "data_shape": shape})
+
+
+def data_shape(cfg: PipelineConfig) -> str:
+    """What the union was validated as: columns, labels and their mapping, format, kind (sft: its columns)."""
+    import hashlib
+    import json
+
+    d = cfg.data
+    shape = {
+        "kind": cfg.kind,
+        "columns": [d.text_column, d.label_column],
+        "labels": list(d.labels),
+        "label_values": d.label_values,
+        "format": d.format,
+    }
+    if cfg.kind == "sft":
+        s = cfg.sft
+        shape["sft"] = [s.prompt_column, s.response_column, s.system_column, s.messages_column]
+    return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_accepted(accepted: Path, batch: Path, shape: str) -> None:
+    """Add ``batch`` and its sha256 to the manifest (called under the gate's lock); the first batch of a
+    landing zone also records the data shape it was validated as."""
+    data = _read_manifest_file(accepted)
+    batches = read_manifest(accepted)
+    first = not batches
+    batches[batch.name] = _sha256(batch)
+    _write_manifest(accepted, batches, shape if first else data.get("data_shape"))
+
+
+def recheck_union(
+    cfg: PipelineConfig, landing: Path, union: LoadedData, tokenizer: PreTrainedTokenizerBase | None
+) -> ValidationReport | None:
+    """When the columns, labels or label mapping of the config changed since the accepted batches were judged,
+    judge their union again with the config as it is now (before anything trains on it). Returns the report
+    when it re-checked (the caller stops the run if it failed), else None."""
+    _, accepted, _ = folders(landing)
+    data = _read_manifest_file(accepted)
+    shape = data_shape(cfg)
+    if data.get("data_shape") == shape:
+        return None
+    log.warning("the config's columns, labels or label mapping changed since %s was judged: judging it again", accepted)
+    report = validate_frame(union.frame, cfg, accepted, tokenizer=tokenizer)
+    if report.success:
+        with gate_lock(landing):
+            _write_manifest(accepted, read_manifest(accepted), shape)
+    return report
 
 
 def adopt_unrecorded(accepted: Path) -> None:
@@ -158,7 +209,7 @@ def adopt_unrecorded(accepted: Path) -> None:
         log.warning("accepted/%s has no recorded sha256 (placed by hand?): recording it as it is now", p.name)
         manifest[p.name] = _sha256(p)
     if new:
-        write_json_atomic(accepted / MANIFEST, manifest)
+        _write_manifest(accepted, manifest, _read_manifest_file(accepted).get("data_shape"))
 
 
 def _accepted_files(accepted: Path) -> list[Path]:
@@ -283,7 +334,7 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
                 dest = accepted / _free_name(accepted, path.name)
                 os.rename(path, dest)  # one atomic move: the batch is never in two places, never gone
                 os.rename(snapshot, dest)  # ... then the judged copy replaces it (a link, another name's inode)
-                record_accepted(accepted, dest)
+                record_accepted(accepted, dest, data_shape(cfg))
                 new = loaded.frame.assign(**{BATCH: dest.name})
                 reference = new if reference is None else pd.concat([reference, new], ignore_index=True)
                 result.outcomes.append(BatchOutcome(path.name, "accepted", dest, report))
@@ -370,6 +421,12 @@ def check_data(
         else:
             quarantined = None
         loaded = None if error else load_accepted(cfg, landing)
+        if loaded is not None:
+            recheck = recheck_union(cfg, landing, loaded, tokenizer)
+            if recheck is not None:
+                reports.append(recheck)
+                if not recheck.success:
+                    error, loaded, quarantined = ValidationFailed(recheck), None, None
         if error is None and loaded is None:
             error = DataError(
                 f"no data in {landing / ACCEPTED} and no new batch in {landing / INCOMING}. "

@@ -575,6 +575,8 @@ def _examples(result: dict[str, Any], table: Table, limit: int, rows: pd.DataFra
             idx = idx.get(LINE, idx.get(LABEL, idx.get(LENGTH_OF, idx)))
         if isinstance(value, bool | np.bool_) and rows is not None and idx in rows.index:
             row = rows.loc[idx]
+            if isinstance(row, pd.DataFrame):  # a union of batches repeats line numbers
+                row = row.iloc[0]
             text, label = row[TEXT], row[LABEL]
             text = text if not isinstance(text, str) or len(text) <= 60 else text[:57] + "..."
             out.append(f"{where} {idx}: {text!r} ({label!r})")
