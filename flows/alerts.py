@@ -76,45 +76,36 @@ def ensure_alerts(cfg: PipelineConfig) -> list[str]:
     block_id = block._block_document_id
     model = cfg.registry.model_name
     names = automation_names(cfg)
+
+    def alert(name: str, what: str, subject: str, body: str, **trigger: Any) -> Automation:
+        return Automation(
+            name=name,
+            description=f"Post to the {block_name(cfg)} webhook when {what}",
+            trigger=EventTrigger(posture=Posture.Reactive, threshold=1, **trigger),
+            actions=[SendNotification(block_document_id=block_id, subject=subject, body=body)],
+        )
+
     wanted = []
     if a.on_failure:
         wanted.append(
-            Automation(
-                name=names["failed"],
-                description=f"Post to the {block_name(cfg)} webhook when a retrain of {model} fails or crashes",
-                trigger=EventTrigger(
-                    expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
-                    match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.model:{model}"},
-                    posture=Posture.Reactive,
-                    threshold=1,
-                ),
-                actions=[
-                    SendNotification(
-                        block_document_id=block_id,
-                        subject=f"tuneflow: retrain of {model} failed",
-                        body=FAILED_BODY.replace("{model}", model),
-                    )
-                ],
+            alert(
+                names["failed"],
+                f"a retrain of {model} fails or crashes",
+                f"tuneflow: retrain of {model} failed",
+                FAILED_BODY.replace("{model}", model),
+                expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+                match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.model:{model}"},
             )
         )
     if a.on_quarantine:
         wanted.append(
-            Automation(
-                name=names["quarantined"],
-                description=f"Post to the {block_name(cfg)} webhook when batches of {cfg.name} are quarantined",
-                trigger=EventTrigger(
-                    expect={QUARANTINED_EVENT},
-                    match={"prefect.resource.id": resource_id(cfg.name)},
-                    posture=Posture.Reactive,
-                    threshold=1,
-                ),
-                actions=[
-                    SendNotification(
-                        block_document_id=block_id,
-                        subject=f"tuneflow: batch(es) of {cfg.name} quarantined",
-                        body=QUARANTINED_BODY,
-                    )
-                ],
+            alert(
+                names["quarantined"],
+                f"batches of {cfg.name} are quarantined",
+                f"tuneflow: batch(es) of {cfg.name} quarantined",
+                QUARANTINED_BODY,
+                expect={QUARANTINED_EVENT},
+                match={"prefect.resource.id": resource_id(cfg.name)},
             )
         )
     for name in names.values():  # replace, never duplicate: serve may start many times

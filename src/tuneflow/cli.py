@@ -11,6 +11,17 @@ from tuneflow.runtime import configure_environment
 DEFAULT_CONFIG = "configs/sms-spam.yaml"
 
 
+def _add_configs(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        dest="configs",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help=f"pipeline config YAML (repeatable; default: {DEFAULT_CONFIG})",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tuneflow", description="Retrain, review and use fine-tuned language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -84,14 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve the deployments (schedule, new-data trigger, batch predict) and watch landing zones; "
         "needs a Prefect server (PREFECT_API_URL)",
     )
-    srv.add_argument(
-        "--config",
-        dest="configs",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help=f"pipeline config YAML (repeatable; default: {DEFAULT_CONFIG})",
-    )
+    _add_configs(srv)
     srv.add_argument(
         "--no-watch", action="store_true", help="do not watch the landing zones (events come from elsewhere)"
     )
@@ -101,14 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         help="create the alert automations (failed retrain, quarantined batch) and their webhook block on the "
         "Prefect server (PREFECT_API_URL); tuneflow serve does this by itself, team mode runs it once",
     )
-    al.add_argument(
-        "--config",
-        dest="configs",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help=f"pipeline config YAML (repeatable; default: {DEFAULT_CONFIG})",
-    )
+    _add_configs(al)
     al.add_argument("--send-test", action="store_true", help="also post a test notification through the block")
 
     ui = sub.add_parser("ui", help="open the MLflow UI on the local store (mlruns/)")
