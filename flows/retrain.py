@@ -91,8 +91,9 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
     logger = get_run_logger()
     experiment_id = ensure_experiment(config.name)
     flow_run_id = str(flow_run.get_id() or "")
+    config_digest = config.digest()
     lineage = {
-        "tuneflow.config_digest": config.digest(),
+        "tuneflow.config_digest": config_digest,
         "tuneflow.git_commit": git_commit(Path(__file__).resolve().parent),
         "tuneflow.prefect_flow_run_id": flow_run_id,
         "tuneflow.base_model": config.model.base_model,
@@ -128,13 +129,16 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
         check_max_length(config.model)  # a max_length past the base model's positions: exit 2, before any work
         # The input files' bytes, before validating them: when a version was trained on exactly these files
         # with this config and base model, it was validated on them too; stop before the gate runs again.
+        base_digest = base_model_digest(config.model)
         files_digest = input_files_digest(config)
         if files_digest is not None:
-            ifp = fingerprint(files_digest, config.digest(), base_model_digest(config.model))
-            lineage[INPUT_FINGERPRINT_TAG] = ifp
-            same = version_with_fingerprint(config.registry.model_name, ifp, INPUT_FINGERPRINT_TAG)
-            if config.registry.enabled and same is not None and not force:
-                return unchanged(same, "input")
+            lineage[INPUT_FINGERPRINT_TAG] = fingerprint(files_digest, config_digest, base_digest)
+            if config.registry.enabled and not force:
+                same = version_with_fingerprint(
+                    config.registry.model_name, lineage[INPUT_FINGERPRINT_TAG], INPUT_FINGERPRINT_TAG
+                )
+                if same is not None:
+                    return unchanged(same, "input")
 
         try:
             checked = validate_task(config, run, config_file or "the config")
@@ -149,7 +153,7 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
         if checked.quarantined is not None:  # data.on_quarantine: train - said loudly, here and at the end
             logger.warning("%s", checked.quarantined)
         lineage["tuneflow.data_digest"] = data.digest
-        fp = fingerprint(content_digest(data.frame), config.digest(), base_model_digest(config.model))
+        fp = fingerprint(content_digest(data.frame), config_digest, base_digest)
         lineage[FINGERPRINT_TAG] = fp
         same = version_with_fingerprint(config.registry.model_name, fp) if config.registry.enabled else None
         if same is not None and not force:

@@ -17,6 +17,22 @@ import pandas as pd
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
+_file_digests: dict[tuple, str] = {}
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, remembered per process while the file is the same (inode, size, mtime and
+    ctime: any write changes ctime), so the stages of one run that check the same files read them once."""
+    import hashlib
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _file_digests:
+        with path.open("rb") as fh:
+            _file_digests[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return _file_digests[key]
+
+
 class PackageNotFound(LookupError):
     """A ``package:`` reference names a Python package that is not installed."""
 

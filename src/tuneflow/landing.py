@@ -22,7 +22,7 @@ import pandas as pd
 
 from tuneflow.config import PipelineConfig
 from tuneflow.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table, row_key, sft_settings
-from tuneflow.files import file_lock, write_json_atomic
+from tuneflow.files import file_lock, sha256_file, write_json_atomic
 from tuneflow.reporting import unreadable_batch_html
 from tuneflow.validation import (
     NORM,
@@ -109,16 +109,6 @@ def _is_outside(path: Path, landing: Path) -> bool:
 MANIFEST = ".manifest.json"  # in accepted/: the sha256 of each batch when it was accepted
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _snapshot(path: Path, dest: Path) -> Path | None:
     """A private copy of ``path``'s bytes (a new regular file, fsynced); None when it cannot be read."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -131,20 +121,19 @@ def _snapshot(path: Path, dest: Path) -> Path | None:
     return dest
 
 
-def _read_manifest_file(accepted: Path) -> dict:
+def _manifest(accepted: Path) -> tuple[dict[str, str], str | None]:
+    """The manifest: batch name -> sha256 when accepted, and the data shape the union was judged as."""
     import json
 
     try:
         data = json.loads((accepted / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def read_manifest(accepted: Path) -> dict[str, str]:
-    """Batch name -> sha256 when accepted."""
-    batches = _read_manifest_file(accepted).get("batches")
-    return {str(k): str(v) for k, v in batches.items()} if isinstance(batches, dict) else {}
+        return {}, None
+    if not isinstance(data, dict):
+        return {}, None
+    batches = data.get("batches")
+    batches = {str(k): str(v) for k, v in batches.items()} if isinstance(batches, dict) else {}
+    return batches, data.get("data_shape")
 
 
 def _write_manifest(accepted: Path, batches: dict[str, str], shape: str | None) -> None:
@@ -173,11 +162,10 @@ def data_shape(cfg: PipelineConfig) -> str:
 def record_accepted(accepted: Path, batch: Path, shape: str) -> None:
     """Add ``batch`` and its sha256 to the manifest (called under the gate's lock); the first batch of a
     landing zone also records the data shape it was validated as."""
-    data = _read_manifest_file(accepted)
-    batches = read_manifest(accepted)
+    batches, recorded = _manifest(accepted)
     first = not batches
-    batches[batch.name] = _sha256(batch)
-    _write_manifest(accepted, batches, shape if first else data.get("data_shape"))
+    batches[batch.name] = sha256_file(batch)
+    _write_manifest(accepted, batches, shape if first else recorded)
 
 
 def recheck_union(
@@ -187,15 +175,14 @@ def recheck_union(
     judge their union again with the config as it is now (before anything trains on it). Returns the report
     when it re-checked (the caller stops the run if it failed), else None."""
     _, accepted, _ = folders(landing)
-    data = _read_manifest_file(accepted)
     shape = data_shape(cfg)
-    if data.get("data_shape") == shape:
+    if _manifest(accepted)[1] == shape:
         return None
     log.warning("the config's columns, labels or label mapping changed since %s was judged: judging it again", accepted)
     report = validate_frame(union.frame, cfg, accepted, tokenizer=tokenizer)
     if report.success:
         with gate_lock(landing):
-            _write_manifest(accepted, read_manifest(accepted), shape)
+            _write_manifest(accepted, _manifest(accepted)[0], shape)
     return report
 
 
@@ -203,13 +190,13 @@ def adopt_unrecorded(accepted: Path) -> None:
     """Batches put into accepted/ by hand (or by a tuneflow before the manifest) are recorded as they are now."""
     if not accepted.is_dir():
         return
-    manifest = read_manifest(accepted)
+    manifest, shape = _manifest(accepted)
     new = [p for p in _accepted_files(accepted) if p.name not in manifest and not p.is_symlink()]
     for p in new:
         log.warning("accepted/%s has no recorded sha256 (placed by hand?): recording it as it is now", p.name)
-        manifest[p.name] = _sha256(p)
+        manifest[p.name] = sha256_file(p)
     if new:
-        _write_manifest(accepted, manifest, _read_manifest_file(accepted).get("data_shape"))
+        _write_manifest(accepted, manifest, shape)
 
 
 def _accepted_files(accepted: Path) -> list[Path]:
@@ -222,7 +209,7 @@ def verify_accepted(accepted: Path, files: list[Path]) -> None:
     Raises:
         DataError (check ``accepted_integrity``): the batch, what changed, and the fix.
     """
-    manifest = read_manifest(accepted)
+    manifest = _manifest(accepted)[0]
     for p in files:
         if p.is_symlink() or not p.is_file():
             raise DataError(
@@ -234,7 +221,7 @@ def verify_accepted(accepted: Path, files: list[Path]) -> None:
         if recorded is None:
             log.warning("%s has no recorded sha256 yet (placed by hand?); the next gate records it", p)
             continue
-        now = _sha256(p)
+        now = sha256_file(p)
         if now != recorded:
             raise DataError(
                 f"{p} changed after it was accepted (sha256 {recorded[:12]}... when judged, {now[:12]}... now); "
@@ -461,11 +448,7 @@ def input_files_digest(cfg: PipelineConfig) -> str | None:
         if list_incoming(cfg.data.landing):
             return None
         _, accepted, _ = folders(landing)
-        files = (
-            sorted(p for p in accepted.iterdir() if p.is_file() and not p.name.startswith("."))
-            if accepted.is_dir()
-            else []
-        )
+        files = _accepted_files(accepted) if accepted.is_dir() else []
     elif cfg.data.path:
         from tuneflow.data import resolve_path
 
@@ -478,10 +461,6 @@ def input_files_digest(cfg: PipelineConfig) -> str | None:
         return None
     if not files:
         return None
-    h = hashlib.sha256(f"format={cfg.data.format}\0".encode())
-    for p in files:
-        h.update(f"{p.name}\0{p.stat().st_size}\0".encode())
-        with p.open("rb") as fh:
-            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    # per-file digests, shared with verify_accepted in the same run (each file is read once)
+    listing = "\0".join(f"{p.name}\0{sha256_file(p)}" for p in files)
+    return hashlib.sha256(f"format={cfg.data.format}\0{listing}".encode()).hexdigest()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneflow.config import ModelConfig
-from tuneflow.files import PackageNotFound, file_lock, package_folder, split_package_spec
+from tuneflow.files import PackageNotFound, file_lock, package_folder, sha256_file, split_package_spec
 from tuneflow.runtime import cache_dir
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def converted_gguf(gguf: Path, spec: str | None = None) -> Path:
         ModelError: transformers cannot load the file (an unsupported architecture, a damaged file).
         TimeoutError: another process has held the conversion lock for ``CONVERSION_LOCK_TIMEOUT_S``.
     """
-    dest = cache_dir() / "base-models" / f"{gguf.stem}-{_sha256_prefix(gguf)}"
+    dest = cache_dir() / "base-models" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
     if _is_complete(dest):
         return dest
     with file_lock(
@@ -187,23 +187,6 @@ def _is_complete(folder: Path) -> bool:
     )
 
 
-_digests: dict[tuple[str, int, int], str] = {}
-
-
-def _sha256_prefix(path: Path) -> str:
-    """First 16 hex digits of the file's sha256, remembered per process while size and mtime stay the same
-    (a run resolves the base model several times; hashing 93 MB takes a few tenths of a second)."""
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _digests:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-        _digests[key] = digest.hexdigest()[:16]
-    return _digests[key]
-
-
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -231,7 +214,6 @@ _folder_digests: dict[tuple, str] = {}
 def base_model_digest(cfg: ModelConfig) -> str:
     """A digest of every file of the resolved base-model folder (names and bytes), remembered per process
     while no file's size or modification time changes: part of a retrain's fingerprint."""
-    import hashlib
 
     folder = resolve_base_model(cfg.base_model)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))

@@ -125,16 +125,20 @@ def check_folder(folder: Path, kind: str, where: str) -> None:
     weights = [p for p in (folder / "model").rglob("*") if p.is_file() and p.suffix == ".safetensors"]
     if not weights:
         raise refuse("it has no .safetensors weights under model/")
+    parsed: dict[Path, Any] = {}
     for path in sorted(p for p in folder.rglob("*.json") if p.is_file()):
+        rel = path.relative_to(folder)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            parsed[rel] = data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise refuse(f"{path.relative_to(folder)} is not valid JSON") from exc
+            raise refuse(f"{rel} is not valid JSON") from exc
         if _has_key(data, "auto_map"):
-            raise refuse(f"{path.relative_to(folder)} has an auto_map (code from outside transformers)")
+            raise refuse(f"{rel} has an auto_map (code from outside transformers)")
         if _has_key(data, "trust_remote_code"):
-            raise refuse(f"{path.relative_to(folder)} asks for trust_remote_code")
-    config = json.loads((folder / "model" / "config.json").read_text(encoding="utf-8"))
+            raise refuse(f"{rel} asks for trust_remote_code")
+    config = parsed.get(Path("model", "config.json"))
+    if not isinstance(config, dict):
+        raise refuse("it has no model/config.json")
     archs = set(config.get("architectures") or [])
     if not archs or not archs <= allowed:
         raise refuse(f"model/config.json names architectures {sorted(archs)}, not transformers ones for {task}")
