@@ -358,3 +358,54 @@ def test_a_changed_label_set_rejudges_the_accepted_union_before_training(tmp_pat
     check = check_data(changed, "cfg.yaml", tmp_path / "docs", tokenizer)
     assert check.error is not None and check.error.check == "label_in_set" and check.data is None
     assert "label_in_set" in str(check.error) and str(accepted) in str(check.error)
+
+
+def quarantined_report_page(tmp_path: Path, model_dir: Path, tokenizer) -> tuple[Path, Path]:
+    """A batch that breaks three rules (an unknown label, too many repeats, too few rows of one label) judged
+    by the gate: returns its quarantine report folder and the batch's new path."""
+    landing = tmp_path / "landing"
+    incoming, _, quarantine = folders(landing)
+    cfg = gate_config(landing, model_dir)
+    lines = [f"see you at the cinema tonight {i},ham" for i in range(14)]
+    lines += ["Call me back  NOW,ham"] * 6 + ["call me back now,ham"]  # 6 repeats after normalization
+    lines += ["win a free cruise today,spam", "<b>click</b> & claim your prize,spma"]
+    (incoming / "batch-7.csv").write_text("text,label\n" + "\n".join(lines) + "\n")
+    (outcome,) = run_gate(cfg, landing, tokenizer).outcomes
+    assert outcome.status == "quarantined"
+    return quarantine / "batch-7.csv.report", quarantine / "batch-7.csv"
+
+
+def test_the_quarantine_report_page_is_self_contained_and_reads_in_the_rules_terms(tmp_path, tiny_model_dir, tokenizer):
+    site, batch = quarantined_report_page(tmp_path, tiny_model_dir, tokenizer)
+    page = (site / "index.html").read_text()
+    # nothing fetched: no script, no stylesheet link, no URL with a scheme anywhere on the page
+    lowered = page.lower()
+    assert "<script" not in lowered and "<link" not in lowered and "://" not in page and "@import" not in lowered
+    assert "batch-7.csv" in page and str(batch) in page
+    # each failed check: its rule, the observed value in the rule's terms, the offending rows, the fix
+    assert "label_in_set" in page and "labels are one of [&#x27;ham&#x27;, &#x27;spam&#x27;]" in page
+    assert "<td class='text'>24</td><td class='text'>&lt;b&gt;click&lt;/b&gt; &amp; claim your prize</td>" in page
+    assert "add the label to data.labels" in page
+    assert "duplicate_rate" in page and "6 of 23 rows (26.1%) repeat another row" in page
+    assert "at most 20% of rows repeat" in page and "deduplicate the file" in page
+    assert "rows_per_class" in page and "rows per label: &#x27;ham&#x27;: 21, &#x27;spam&#x27;: 1" in page
+    assert "largest class &#x27;ham&#x27; (21 rows) vs &#x27;spam&#x27; 21.0x" in page
+    # ... and the full Data Docs beside it, linked relatively
+    assert "href='data_docs/index.html'" in page and (site / "data_docs" / "index.html").exists()
+    report = json.loads((site.parent / "batch-7.csv.report.json").read_text())
+    failed = {c["name"]: c for c in report["checks"] if c["status"] == "FAIL"}
+    assert set(failed) == {"label_in_set", "duplicate_rate", "rows_per_class", "class_imbalance"}
+    assert failed["label_in_set"]["offending"] == [
+        {"line": 24, "text": "<b>click</b> & claim your prize", "label": "spma"}
+    ]
+
+
+def test_an_unreadable_batch_gets_the_same_page(tmp_path, tiny_model_dir, tokenizer):
+    landing = tmp_path / "landing"
+    incoming, _, quarantine = folders(landing)
+    (incoming / "notes.csv").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    (outcome,) = run_gate(gate_config(landing, tiny_model_dir), landing, tokenizer).outcomes
+    page = (quarantine / "notes.csv.report" / "index.html").read_text()
+    assert outcome.status == "quarantined" and "<script" not in page.lower() and "://" not in page
+    check = outcome.report.failed[0]
+    assert check.name in page and "could not be read" in page and str(quarantine / "notes.csv") in page

@@ -156,7 +156,7 @@ def test_one_prompt_with_two_responses_warns_and_is_no_duplicate(tmp_path, tiny_
     conflict = check(report, "response_conflict")
     assert [e.split(":")[0] for e in conflict.examples] == ["line 2", "line 26"]
     assert conflict.column == "response per prompt (normalized)"
-    assert check(report, "duplicate_rate").observed == 1.0  # same prompt, another response: a new row
+    assert check(report, "duplicate_rate").observed == "0 of 25 rows (0.0%) repeat another row"  # a new row
 
 
 def test_repeated_pairs_count_in_duplicate_rate(tmp_path, tiny_llama, tokenizer):
@@ -167,7 +167,7 @@ def test_repeated_pairs_count_in_duplicate_rate(tmp_path, tiny_llama, tokenizer)
     report = run(path, make_cfg(tiny_llama, path), tokenizer)
     assert [c.name for c in report.failed] == ["duplicate_rate"] and not report.warnings, report.summary()
     duplicates = report.failed[0]
-    assert duplicates.observed == pytest.approx(24 / 32)
+    assert duplicates.observed == "8 of 32 rows (25.0%) repeat another row"  # 24 unique of 32
     assert duplicates.column == "prompt + response (normalized)" and "prompt and response" in duplicates.rule
 
 

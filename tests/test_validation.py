@@ -84,7 +84,8 @@ def test_each_failure_is_found_by_its_check(case):
     failed = report.failed[0]
     assert failed.fix and failed.rule
     if example is None:
-        assert failed.observed == pytest.approx(80 / 110)
+        # in the rule's own terms ("at most 10 % of rows repeat"), not GE's share of unique values (80/110)
+        assert failed.observed == "30 of 110 rows (27.3%) repeat another row"
     else:
         assert any(e.startswith(example) for e in failed.examples), failed.examples
 
@@ -149,3 +150,24 @@ def test_data_docs_are_written_to_a_relative_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a landing zone configured as data/sms resolves against the cwd
     report = validate_frame(make_frame(), make_cfg(), SOURCE, docs_dir=Path("docs"))
     assert (tmp_path / "docs" / "index.html").exists() and report.docs_index.endswith("index.html")
+
+
+def test_observed_values_read_in_the_rules_terms():
+    few = validate_frame(make_frame().iloc[:45], make_cfg(), SOURCE).failed[0]
+    assert few.name == "rows_per_class" and few.observed == "rows per label: 'ham': 40, 'spam': 5"
+    assert few.offending == [{"label": "spam", "value": "5"}]
+    skewed = validate_frame(make_frame().iloc[:50], make_cfg(max_class_imbalance=3), SOURCE)
+    imbalance = next(c for c in skewed.checks if c.name == "class_imbalance")
+    assert imbalance.status == "warn" and imbalance.observed == "largest class 'ham' (40 rows) vs 'spam' 4.0x"
+
+
+def test_offending_rows_carry_line_text_and_label():
+    frame = make_frame(extra=[("hello there", "eggs"), ("second bad one", "bacon")])
+    failed = validate_frame(frame, make_cfg(), SOURCE).failed[0]
+    assert failed.name == "label_in_set"
+    assert failed.offending == [
+        {"line": 82, "text": "hello there", "label": "eggs"},
+        {"line": 83, "text": "second bad one", "label": "bacon"},
+    ]
+    too_long = validate_frame(make_frame(extra=[("x" * 50, "spam")]), make_cfg(max_text_chars=40), SOURCE).failed[0]
+    assert too_long.offending == [{"line": 82, "text": "x" * 50, "label": "spam"}]

@@ -23,7 +23,6 @@ import pandas as pd
 from tuneflow.config import PipelineConfig
 from tuneflow.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table, row_key, sft_settings
 from tuneflow.files import file_lock, sha256_file, write_json_atomic
-from tuneflow.reporting import unreadable_batch_html
 from tuneflow.validation import (
     NORM,
     ValidationFailed,
@@ -31,6 +30,7 @@ from tuneflow.validation import (
     drop_out_of_bounds,
     failure_report,
     validate_frame,
+    write_report_page,
 )
 from tuneflow.watch import is_candidate, list_incoming
 
@@ -334,10 +334,8 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
                 shutil.rmtree(site, ignore_errors=True)
                 if report.docs_index:
                     shutil.copytree(work / "docs", site)
-                else:
-                    site.mkdir()
-                    (site / "index.html").write_text(unreadable_batch_html(report), encoding="utf-8")
-                report.docs_index = str(site / "index.html")
+                # the page names where the batch now is (a file that could not be read has no Data Docs)
+                write_report_page(report, site, batch=str(quarantine / name))
                 write_json_atomic(quarantine / f"{name}.report.json", report.to_json())
                 os.rename(path, quarantine / name)
                 result.outcomes.append(BatchOutcome(path.name, "quarantined", quarantine / name, report))

@@ -82,15 +82,109 @@ def validation_artifact(reports: list[ValidationReport]) -> str:
     return "# Data validation\n\n" + "\n\n".join(validation_markdown(r) for r in reports)
 
 
-def unreadable_batch_html(report: ValidationReport) -> str:
-    """The quarantine report of a file that could not be read as a batch (no expectation ran)."""
-    c = report.checks[0]
-    return (
-        "<!doctype html><meta charset='utf-8'><title>tuneflow: batch rejected</title>"
-        f"<h1>Batch rejected: {html.escape(report.source)}</h1>"
-        f"<p><b>{html.escape(c.name)}</b>: {html.escape(str(c.observed))}</p>"
-        "<p>The file could not be read as a data batch, so no expectation ran.</p>"
-    )
+_PAGE_STYLE = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:70em;padding:0 1em;
+color:#1b1b1b}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.25em .5em;text-align:left;
+vertical-align:top}th{background:#f3f3f3}code{background:#f3f3f3;padding:0 .2em}
+.check{border-left:6px solid #c62828;padding:.2em 1em;margin:1em 0;background:#fff7f7}
+.check.warn{border-color:#ef8f00;background:#fffaf0}.verdict{font-weight:bold}.FAIL{color:#c62828}
+.warn .sev{color:#b26a00}.pass{color:#2e7d32}.muted{color:#666}.text{white-space:pre-wrap;word-break:break-word}
+"""
+
+
+def validation_html(report: ValidationReport, data_docs: str | None = None, batch: str | None = None) -> str:
+    """The page a person is sent to when data is rejected (``<batch>.report/index.html``): self-contained, no
+    script, style or font loaded from anywhere, so it reads the same offline and in a mail attachment.
+
+    Args:
+        report: the batch's validation report.
+        data_docs: a relative link to Great Expectations' full Data Docs, when they were built.
+        batch: where the batch is now (e.g. its path in quarantine/), when it moved after it was judged.
+    """
+    esc = html.escape
+    problems = report.failed + report.warnings
+    verdict = "passed" if report.success else "FAILED"
+    title = f"Data validation {verdict}: {report.source}"
+    errors = [c for c in report.checks if c.severity == "error"]
+    out = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>tuneflow: {esc(title)}</title><style>{_PAGE_STYLE}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f"<p class='verdict {'pass' if report.success else 'FAIL'}'>{report.row_count} rows; "
+        f"{len(errors) - len(report.failed)} of {len(errors)} checks met"
+        + (f"; {len(report.warnings)} warning(s)" if report.warnings else "")
+        + ".</p>",
+    ]
+    if batch:
+        out.append(f"<p>The batch is now at <code>{esc(batch)}</code>, untouched; nothing was trained on it.</p>")
+    for c in problems:
+        cls = "check" if c.severity == "error" else "check warn"
+        sev = "failed" if c.severity == "error" else "warning"
+        out += [
+            f"<div class='{cls}'><h2 id='{esc(c.name)}'>{esc(c.name)} <span class='sev'>({sev})</span></h2>",
+            "<table>",
+            f"<tr><th>rule</th><td>{esc(c.rule)}</td></tr>",
+            f"<tr><th>column</th><td>{esc(c.column)}</td></tr>",
+            f"<tr><th>observed</th><td>{esc(str(c.observed))}</td></tr>",
+            f"<tr><th>threshold</th><td>{esc(c.threshold)}</td></tr>",
+            f"<tr><th>fix</th><td>{esc(c.fix)}</td></tr>",
+            "</table>",
+        ]
+        rows = c.offending
+        if rows and "line" in rows[0]:
+            show_value = any("value" in r for r in rows)
+            out.append(
+                "<p>Offending rows (line numbers count the file's lines, header = line 1):</p><table><tr>"
+                "<th>line</th><th>text</th><th>label</th>" + ("<th>value</th>" if show_value else "") + "</tr>"
+            )
+            for r in rows:
+                cells = [r.get("line"), r.get("text"), r.get("label")] + ([r.get("value", "")] if show_value else [])
+                out.append(
+                    "<tr>"
+                    + "".join(
+                        f"<td class='text'>{esc(_clip(v))}</td>" if v is not None else "<td class='muted'>(empty)</td>"
+                        for v in cells
+                    )
+                    + "</tr>"
+                )
+            out.append("</table>")
+        elif rows:
+            out.append(f"<table><tr><th>label</th><th>{esc(c.column)}</th></tr>")
+            out += [f"<tr><td>{esc(r['label'])}</td><td>{esc(r['value'])}</td></tr>" for r in rows]
+            out.append("</table>")
+        elif c.examples:
+            out.append("<p>Offending: " + esc("; ".join(c.examples)) + "</p>")
+        out.append("</div>")
+    out += [
+        "<h2>Every check</h2><table><tr><th>check</th><th>severity</th><th>result</th><th>observed</th>"
+        "<th>threshold</th></tr>"
+    ]
+    for c in report.checks:
+        out.append(
+            f"<tr><td><a href='#{esc(c.name)}'>{esc(c.name)}</a></td><td>{esc(c.severity)}</td>"
+            f"<td class='{esc(c.status)}'>{esc(c.status)}</td><td>{esc(str(c.observed))}</td>"
+            f"<td>{esc(c.threshold)}</td></tr>"
+            if c in problems
+            else f"<tr><td>{esc(c.name)}</td><td>{esc(c.severity)}</td><td class='{esc(c.status)}'>{esc(c.status)}</td>"
+            f"<td>{esc(str(c.observed))}</td><td>{esc(c.threshold)}</td></tr>"
+        )
+    out.append("</table>")
+    if data_docs:
+        out.append(
+            f"<p>Details: <a href='{esc(data_docs)}'>Great Expectations Data Docs</a> (every expectation with its "
+            "raw result; its tables need scripts from the network to render).</p>"
+        )
+    elif report.row_count == 0 and report.failed:
+        out.append("<p>The file could not be read as a data batch, so no expectation ran.</p>")
+    out.append("<p class='muted'>Written by tuneflow's data gate.</p></body></html>")
+    return "\n".join(out)
+
+
+def _clip(value: Any, limit: int = 300) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def rejected_markdown(error: Exception, run_id: str, url: str) -> str:

@@ -30,7 +30,7 @@ import pandas as pd
 
 from tuneflow.config import CLASSIFICATION_CHECKS, SFT_CHECKS, PipelineConfig, Severity
 from tuneflow.data import CONTEXT, LABEL, LINE, TEXT, DataError, LoadedData, normalize_text, row_key
-from tuneflow.reporting import validation_summary
+from tuneflow.reporting import validation_html, validation_summary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -84,6 +84,9 @@ class CheckResult:
     fix: str = ""
     severity: Severity = "error"
     threshold: str = ""
+    # the offending rows as a person reads them: {"line", "text", "label", "value"} (rows of the batch), or
+    # {"label", "value"} (a label's row count); a few, as many as validation.max_failed_examples
+    offending: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -98,7 +101,7 @@ class ValidationReport:
     row_count: int
     checks: list[CheckResult]
     raw: dict[str, Any]
-    docs_index: str | None = None  # Data Docs index.html, when built
+    docs_index: str | None = None  # the report page (index.html, self-contained) beside the full Data Docs
 
     @property
     def success(self) -> bool:
@@ -563,6 +566,60 @@ def _observed(result: dict[str, Any]) -> Any:
     return None
 
 
+def _in_rule_terms(name: str, result: dict[str, Any], tables: dict[Table, pd.DataFrame], cfg: PipelineConfig) -> Any:
+    """The observed value in the words of the check's rule: GE measures some rules by a proxy (the share of
+    unique values for "at most 10 % of rows repeat", the rows of a per-label table for "every label has at
+    least 5 rows"); a person reads the quantity the rule names."""
+    if name == "duplicate_rate":
+        values = tables["rows"][PAIR if cfg.kind == "sft" else NORM].dropna()
+        repeats = len(values) - values.nunique()
+        share = repeats / len(values) if len(values) else 0.0
+        return f"{repeats} of {len(values)} rows ({share:.1%}) repeat another row"
+    if name in ("rows_per_class", "class_imbalance") and "classes" in tables:
+        counts = tables["classes"][ROWS]
+        per_label = ", ".join(f"{label!r}: {int(n)}" for label, n in counts.items())
+        if name == "rows_per_class":
+            return f"rows per label: {per_label}"
+        largest = counts.idxmax()
+        ratios = ", ".join(
+            f"{label!r} {counts.max() / n:.1f}x" if n else f"{label!r} has no rows"
+            for label, n in counts.items()
+            if label != largest
+        )
+        return f"largest class {largest!r} ({int(counts.max())} rows) vs {ratios}"
+    return _observed(result)
+
+
+def _offending(result: dict[str, Any], table: Table, limit: int, rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """The offending rows with their line, text and label (and the checked value when it is not the text or
+    the label itself), or the offending labels with their value: for the report page."""
+    values = result.get("partial_unexpected_list") or []
+    index = result.get("partial_unexpected_index_list") or []
+    out: list[dict[str, Any]] = []
+    for idx, value in list(zip(index, values, strict=False))[:limit]:
+        if isinstance(idx, dict):
+            idx = idx.get(LINE, idx.get(LABEL, idx.get(LENGTH_OF, idx)))
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        shown = None if isinstance(value, bool | np.bool_) else "null" if value is None or value != value else value
+        if table in ("rows", "schema") and idx in rows.index:
+            row = rows.loc[idx]
+            if isinstance(row, pd.DataFrame):  # a union of batches repeats line numbers
+                row = row.iloc[0]
+            text, label = row[TEXT], row[LABEL]
+            entry: dict[str, Any] = {
+                "line": int(idx) if isinstance(idx, int | np.integer) else str(idx),
+                "text": None if text is None or text != text else str(text),
+                "label": None if label is None or label != label else str(label),
+            }
+            if shown is not None and shown not in (entry["text"], entry["label"]):
+                entry["value"] = str(shown)
+            out.append(entry)
+        else:
+            out.append({"label": str(idx), "value": "" if shown is None else str(shown)})
+    return out
+
+
 def _examples(result: dict[str, Any], table: Table, limit: int, rows: pd.DataFrame | None = None) -> list[str]:
     """``line N: value`` per offending row. A derived flag (a repeat, a conflict: True) is no value a person
     can act on: the row's text (and label) is shown instead."""
@@ -631,7 +688,7 @@ def _docs_context(docs_dir: Path | None):
                 # GE requires an absolute base_directory when the context has no root directory
                 "store_backend": {
                     "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(docs_dir.resolve()),
+                    "base_directory": str((docs_dir / DATA_DOCS).resolve()),
                 },
             },
         )
@@ -756,21 +813,37 @@ def validate_frame(
                 column=_user_column(str(column), cfg),
                 rule=check.rule,
                 success=bool(r.success),
-                observed=_observed(r.result),
+                observed=_in_rule_terms(check.name, r.result, tables, cfg),
                 examples=[] if r.success else _examples(r.result, table, limit, tables["rows"]),
                 fix=check.fix,
                 severity=cfg.validation.severity_of(check.name),
                 threshold=check.threshold,
+                offending=[] if r.success else _offending(r.result, table, limit, tables["rows"]),
             )
     ordered = [results[c.name] for c in checks]  # GE returns results grouped by column; keep ours
-    docs_index = str(docs_dir / "index.html") if docs_dir is not None and (docs_dir / "index.html").exists() else None
-    return ValidationReport(
+    report = ValidationReport(
         source=str(source),
         row_count=len(frame),
         checks=ordered,
         raw=json.loads(json.dumps(raw_results, default=str)),
-        docs_index=docs_index,
     )
+    if docs_dir is not None:
+        write_report_page(report, docs_dir)
+    return report
+
+
+DATA_DOCS = "data_docs"  # Great Expectations' Data Docs site, inside a report folder beside its index.html
+
+
+def write_report_page(report: ValidationReport, folder: Path, *, batch: str | None = None) -> None:
+    """Write the report a person is sent to, ``folder/index.html``: one self-contained page (no script, style
+    or font from the network) with every failed and warned check, its rule, the observed value in the rule's
+    terms, the offending rows and the fix; it links the full Data Docs in ``folder/data_docs/`` when built."""
+    folder.mkdir(parents=True, exist_ok=True)
+    docs = f"{DATA_DOCS}/index.html" if (folder / DATA_DOCS / "index.html").exists() else None
+    page = folder / "index.html"
+    page.write_text(validation_html(report, data_docs=docs, batch=batch), encoding="utf-8")
+    report.docs_index = str(page)
 
 
 def drop_out_of_bounds(loaded: LoadedData, cfg: PipelineConfig) -> tuple[LoadedData, int]:
