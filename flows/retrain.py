@@ -239,6 +239,40 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
     return result
 
 
+def start_prefect_while_importing() -> None:
+    """For ``tuneflow run`` without ``PREFECT_API_URL``: start Prefect's temporary server now, in a thread, while
+    this process imports what the run needs (torch, transformers' Trainer, Great Expectations), then wait for
+    both. Prefect would otherwise start that server at the flow's first API call and the run would wait for
+    it (a process, uvicorn, the database: several seconds) before doing anything else. The flow run is
+    recorded exactly as before; with a server configured this does nothing."""
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's client uses too (one per port; None: its own)
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    thread.start()
+    # what every run imports anyway: the Trainer pulls in torch and transformers; every run validates (GE)
+    import great_expectations  # noqa: F401
+    from transformers import Trainer  # noqa: F401
+
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
 def local_slot_path(model_name: str) -> Path:
     """The lock file that lets one retrain of ``model_name`` run at a time on this machine."""
     return cache_dir() / "locks" / f"retrain-{model_name}.lock"

@@ -132,3 +132,40 @@ def test_a_split_without_a_class_or_rows_stops_before_training(workdir, tiny_mod
     from mlflow import MlflowClient
 
     assert not MlflowClient().search_registered_models()
+
+
+def test_cli_run_without_a_server_starts_one_temporary_server_and_records_the_flow_run(
+    workdir, data_csv, tiny_model_dir
+):
+    """`tuneflow run` with no PREFECT_API_URL starts Prefect's temporary server while it imports (in a thread):
+    the flow uses that server (one server, not two) and its run is recorded in the server's database."""
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import tiny_config_dict
+
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(data_csv, tiny_model_dir, train={"epochs": 1})))
+    home = workdir / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tuneflow", "run", "--config", str(path)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert out.count("Starting temporary server") == 1, out[-3000:]
+    with sqlite3.connect(home / "prefect.db") as db:
+        runs = db.execute(
+            "select flow.name, flow_run.state_type from flow_run join flow on flow.id = flow_run.flow_id"
+        ).fetchall()
+    assert runs == [("retrain-once", "COMPLETED")]

@@ -122,9 +122,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from tuneflow.data import DataError
-    from tuneflow.flows.retrain import model_slot, retrain
+    from tuneflow.flows.retrain import model_slot, retrain, start_prefect_while_importing
     from tuneflow.models import ModelError
 
+    start_prefect_while_importing()
     try:
         with model_slot(config.registry.model_name):  # as deployed runs: one retrain of a model at a time
             result = retrain(config, config_file=str(args.config), force=args.force)
