@@ -13,6 +13,7 @@ from tuneflow.data import content_digest, split_by_text_hash
 from tuneflow.kinds import get_kind
 from tuneflow.kinds.classification import load_base_model
 from tuneflow.tokenization import tokenize_split
+from tuneflow.train import by_length
 
 from conftest import make_rows, tiny_config_dict
 
@@ -44,6 +45,21 @@ def test_early_stopping_ends_a_run_that_does_not_improve(tiny_model_dir, tmp_pat
     cfg, tok, data = _setup(tiny_model_dir, tmp_path, epochs=6, learning_rate=0.0, early_stopping_patience=1)
     result = get_kind(cfg.kind).train(cfg, tok, data, tmp_path / "work")
     assert result.epochs_run == pytest.approx(2.0)  # epoch 2 did not beat epoch 1: stop
+
+
+def test_one_epoch_is_not_evaluated_twice_and_epochs_are_evaluated_by_length(tiny_model_dir, tmp_path):
+    # one epoch has one model to pick: the evaluate stage scores it, training does not score it first
+    cfg, tok, data = _setup(tiny_model_dir, tmp_path, epochs=1, early_stopping_patience=1)
+    one = get_kind(cfg.kind).train(cfg, tok, data, tmp_path / "one")
+    assert one.epochs_run == pytest.approx(1.0) and one.best_metric is None
+    assert not [h for h in one.log_history if "eval_loss" in h]
+    # more epochs: each is scored (the best is kept), on the eval rows ordered by length (less padding)
+    cfg, tok, data = _setup(tiny_model_dir, tmp_path, epochs=2)
+    two = get_kind(cfg.kind).train(cfg, tok, data, tmp_path / "two")
+    assert len([h for h in two.log_history if "eval_loss" in h]) == 2 and two.best_metric is not None
+    ordered = by_length(data["eval"])
+    lengths = [len(x) for x in ordered["input_ids"]]
+    assert lengths == sorted(lengths) and sorted(ordered["labels"]) == sorted(data["eval"]["labels"])
 
 
 def test_a_run_resumed_in_the_middle_of_a_later_epoch_ends_with_the_same_weights(tiny_config, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tuneflow.config import PipelineConfig
 
 if TYPE_CHECKING:
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tuneflow.kinds import FineTuningKind
@@ -180,6 +180,15 @@ def run_trainer(trainer: Any, checkpoints: Path, every_minutes: float) -> tuple[
     return output, time.perf_counter() - start, resumed
 
 
+def by_length(dataset: Dataset) -> Dataset:
+    """The eval rows ordered by token count: each eval batch is padded to its longest row, so similar lengths
+    together pad far less than the file's order (the metrics do not depend on the order)."""
+    import numpy as np
+
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(np.argsort(lengths, kind="stable"))
+
+
 def train_with_trainer(
     cfg: PipelineConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -203,6 +212,7 @@ def train_with_trainer(
     model = kind.load_model(cfg)
     primary = cfg.evaluate.primary_metric
 
+    select_best = t.epochs > 1
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=t.epochs,
@@ -213,11 +223,12 @@ def train_with_trainer(
         warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         seed=t.seed,
         data_seed=t.seed,
-        eval_strategy="epoch",
+        # One epoch (or less) has one model to pick: evaluating it here would only repeat the evaluate stage.
+        eval_strategy="epoch" if select_best else "no",
         save_strategy="epoch",
         save_total_limit=2,
         save_only_model=False,  # optimizer, scheduler and RNG states too: a killed run resumes where it was
-        load_best_model_at_end=True,
+        load_best_model_at_end=select_best,
         metric_for_best_model=primary,
         greater_is_better=True,
         logging_strategy="steps",
@@ -230,13 +241,13 @@ def train_with_trainer(
         dataloader_num_workers=0,
     )
     callbacks = [mlflow_callback()]
-    if t.early_stopping_patience > 0:
+    if t.early_stopping_patience > 0 and select_best:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     trainer = epoch_seeded_trainer(Trainer)(
         model=model,
         args=args,
         train_dataset=data["train"],
-        eval_dataset=data["eval"],
+        eval_dataset=by_length(data["eval"]),
         processing_class=tokenizer,
         data_collator=kind.collator(tokenizer),
         compute_metrics=kind.trainer_metrics(cfg),

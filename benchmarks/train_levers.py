@@ -1,0 +1,138 @@
+"""Training-speed levers, one at a time, side by side: real tokens per second of the transformers Trainer on the
+SMS train split (tuneflow's split, dynamic padding, length-grouped batches, bf16 autocast unless a variant says
+otherwise), each variant in its own process, interleaved over --repeats rounds (the median is reported).
+
+Usage: .venv/bin/python benchmarks/train_levers.py [--steps 60] [--repeats 2] [--variants base,batch32,...]
+
+Variants (each changes one thing from `base`, the shipped training settings: batch 16, AdamW, SDPA attention,
+torch's default threads):
+  base, batch32, batch64, fused (AdamW with fused=True), eager (attention without SDPA), fp32 (no autocast),
+  compile (torch.compile, its compile time counted in the steps), threads1, nogroup (random order, no
+  length grouping).
+Prints a markdown table: variant, train seconds for the steps, real tokens/s, ratio to base, final loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ["base", "batch32", "batch64", "fused", "eager", "fp32", "compile", "threads1", "nogroup"]
+
+
+def worker(variant: str, steps: int) -> dict:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+    from tuneflow.config import load_config
+    from tuneflow.data import read_table, split_data
+    from tuneflow.kinds.classification import Classification
+    from tuneflow.models import resolve_base_model
+    from tuneflow.validation import drop_out_of_bounds
+
+    cfg = load_config(ROOT / "configs" / "sms-spam.yaml")
+    loaded, _ = drop_out_of_bounds(read_table(cfg.data), cfg)
+    split = split_data(loaded, cfg.data)
+    path = str(resolve_base_model(cfg.model.base_model))
+    tok = AutoTokenizer.from_pretrained(path)
+    kind = Classification()
+    from datasets import Dataset
+
+    labels = cfg.data.labels
+    enc = tok(list(split.train["text"]), truncation=True, max_length=cfg.model.max_length)
+    ds = Dataset.from_dict(
+        {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": [labels.index(x) for x in split.train["label"]],
+        }
+    )
+    if variant == "threads1":
+        torch.set_num_threads(1)
+    batch = {"batch32": 32, "batch64": 64}.get(variant, cfg.train.batch_size)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), attn_implementation="eager" if variant == "eager" else "sdpa"
+    )
+    args = TrainingArguments(
+        output_dir="/tmp/tuneflow-train-levers",
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=cfg.train.learning_rate,
+        bf16=variant != "fp32",
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=steps,
+        train_sampling_strategy="random" if variant == "nogroup" else "group_by_length",
+        optim="adamw_torch_fused" if variant == "fused" else "adamw_torch",
+        torch_compile=variant == "compile",
+        seed=42,
+        disable_tqdm=True,
+    )
+    tokens = 0
+
+    def count(_module, _args, kwargs):
+        nonlocal tokens
+        tokens += int(kwargs["attention_mask"].sum())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=kind.collator(tok))
+    t0 = time.perf_counter()
+    out = trainer.train()
+    seconds = time.perf_counter() - t0
+    return {"variant": variant, "seconds": seconds, "tokens": tokens, "loss": out.training_loss, "batch": batch}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print("RESULT " + json.dumps(worker(a.worker, a.steps)))
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    variants = a.variants.split(",")
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    for _ in range(a.repeats):
+        for v in variants:
+            # batch 32/64 take half/quarter the steps for the same rows
+            steps = a.steps * 16 // {"batch32": 32, "batch64": 64}.get(v, 16)
+            done = subprocess.run(
+                [sys.executable, __file__, "--worker", v, "--steps", str(steps)],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{v} failed:\n{done.stderr[-3000:]}")
+            r = json.loads(line[7:])
+            runs[v].append(r)
+            print(f"{v}: {r['seconds']:.1f} s, {r['tokens'] / r['seconds']:.0f} tokens/s", flush=True)
+    rate = {v: statistics.median(r["tokens"] / r["seconds"] for r in rs) for v, rs in runs.items()}
+    base = rate.get("base") or next(iter(rate.values()))
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}\n")
+    print("| variant | batch | rows | median s | real tokens/s | vs base | train loss (last run) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for v, rs in runs.items():
+        r = rs[-1]
+        rows = r["batch"] * (a.steps * 16 // r["batch"])
+        print(
+            f"| {v} | {r['batch']} | {rows} | {statistics.median(x['seconds'] for x in rs):.1f} | {rate[v]:.0f} | "
+            f"{rate[v] / base:.2f}x | {r['loss']:.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
