@@ -106,8 +106,11 @@ def run_recipe(workdir: Path, cfg, split, epochs: float) -> dict:
     return {"wall": wall, "train": r["train_seconds"], "evaluate": r["eval_seconds"], "macro_f1": r["macro_f1"]}
 
 
-def run_tuneflow(workdir: Path, epochs: float, overrides: list[str], data_path: Path | None = None) -> dict:
-    """One `tuneflow run` in a fresh folder; stage times and macro-F1 read back from its MLflow run."""
+def run_tuneflow(
+    workdir: Path, epochs: float, overrides: list[str], data_path: Path | None = None, api_url: str | None = None
+) -> dict:
+    """One `tuneflow run` in a fresh folder; stage times and macro-F1 read back from its MLflow run. With
+    ``api_url``, against that Prefect server instead of a temporary one."""
     tdir = workdir / "tuneflow"
     shutil.rmtree(tdir, ignore_errors=True)
     tdir.mkdir(parents=True)
@@ -116,6 +119,8 @@ def run_tuneflow(workdir: Path, epochs: float, overrides: list[str], data_path: 
         sets.append(f"data.path={data_path}")
     cmd = [str(BIN / "tuneflow"), "run", "--config", str(CONFIG)] + [a for s in sets for a in ("--set", s)]
     env = _env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{tdir / 'mlruns' / 'mlflow.db'}"}
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     (tdir / "mlruns").mkdir()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tdir, env=env, capture_output=True, text=True)
@@ -140,6 +145,33 @@ def run_tuneflow(workdir: Path, epochs: float, overrides: list[str], data_path: 
         "stages": stages,
         "macro_f1": m["eval/macro_f1"],
     }
+
+
+def start_prefect_server(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """`prefect server start` on a free loopback port with its own PREFECT_HOME (not timed)."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = _env() | {"PREFECT_HOME": str(workdir / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, 9)
+    raise SystemExit("prefect server did not start")
 
 
 def _env() -> dict[str, str]:
@@ -181,6 +213,11 @@ def main() -> None:
     p.add_argument("--skip-recipe", action="store_true", help="only tuneflow (and the growth table)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra tuneflow --set")
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument(
+        "--with-server",
+        action="store_true",
+        help="also run tuneflow against a Prefect server started beforehand (PREFECT_API_URL), not a temporary one",
+    )
     a = p.parse_args()
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="tuneflow-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +237,15 @@ def main() -> None:
     label = "tuneflow run (whole cycle)" + (f" {' '.join(a.overrides)}" if a.overrides else "")
     results[label] = run_tuneflow(workdir, a.epochs, a.overrides)
     print("tuneflow done", json.dumps(results[label]), flush=True)
+    if a.with_server:
+        server, url = start_prefect_server(workdir)
+        try:
+            time.sleep(5)  # let the server's start-up work settle before timing
+            results[label + ", Prefect server already running"] = run_tuneflow(
+                workdir, a.epochs, a.overrides, api_url=url
+            )
+        finally:
+            os.killpg(server.pid, 9)
 
     base = next(iter(results.values()))
     lines = [
