@@ -105,8 +105,9 @@ def launch(target: list[str], processes: int, work: Path, env: dict[str, str] | 
             match = _RANK_LINE.match(line)
             if match:
                 rank, text = match.groups()
-                tails[rank].append(text)
-                log.info("[rank %s] %s", rank, text)
+                if text.strip():
+                    tails[rank].append(text)
+                    log.info("[rank %s] %s", rank, text)
             elif line.strip():
                 launcher.append(line)
                 log.info("[torchrun] %s", line)
@@ -210,6 +211,8 @@ def train_in_processes(
         if model_class is None:
             raise ValueError(f"the trained model in {model_dir} names an unknown architecture {architecture!r}")
         model = model_class.from_pretrained(str(model_dir)).float().eval()
+        if torch.cuda.is_available():  # where one process's trained model is: evaluation runs on the GPU too
+            model.to("cuda")
         shutil.rmtree(work / "data", ignore_errors=True)
     log.info(
         "trained %d steps in %.1f s in %d processes (%.1f s with start-up); best %s=%s",

@@ -37,6 +37,7 @@ def parent_watch(parent_pid: int):
 def main(argv: list[str] | None = None) -> int:
     from datasets import load_from_disk
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from tuneflow.kinds import get_kind
     from tuneflow.train import fit_with_trainer
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    hf_logging.disable_progress_bar()  # bars redraw with carriage returns: noise in the parent's line-by-line log
     cfg = PipelineConfig.model_validate(spec["config"])
     log.info("rank %d of %d: %d torch thread(s)", rank, world, spec["threads"])
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
