@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import textwrap
 import time
 
@@ -119,6 +120,62 @@ def test_a_failing_rank_fails_the_stage_naming_it_with_its_last_lines_and_the_ot
         time.sleep(0.05)
     else:
         pytest.fail(f"rank 0 (pid {pid0}) still runs after rank 1 failed")
+
+
+PARENT = """
+import sys
+sys.path.insert(0, sys.argv[3])
+from pathlib import Path
+from test_multiproc import _setup
+from tuneflow.kinds import get_kind
+from tuneflow.runtime import configure_environment
+import logging
+configure_environment()
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+tmp = Path(sys.argv[2])
+cfg, tok, data = _setup(Path(sys.argv[1]), tmp, epochs=500, processes=2)
+get_kind("classification").train(cfg, tok, data, tmp / "work")
+"""
+
+
+def test_ranks_stop_when_the_process_that_started_them_is_killed(tiny_model_dir, tmp_path):
+    import re
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(PARENT))
+    out = (tmp_path / "parent.log").open("w")
+    args = [sys.executable, str(script), str(tiny_model_dir), str(tmp_path), str(Path(__file__).parent)]
+    parent = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    pids: dict[str, int] = {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and parent.poll() is None:
+        text = (tmp_path / "parent.log").read_text()
+        found = re.findall(r"\[rank (\d)\] .*rank \d of 2: pid (\d+) \(torchrun (\d+)\)", text)
+        pids = {r: int(p) for r, p, _ in found} | ({"torchrun": int(found[0][2])} if found else {})
+        if len(pids) == 3 and "[rank 0] {'loss'" in text:
+            break
+        time.sleep(0.2)
+    assert len(pids) == 3 and parent.poll() is None, (tmp_path / "parent.log").read_text()[-3000:]
+    os.kill(parent.pid, signal.SIGKILL)  # the parent only: nothing can stop torchrun on its way out
+    parent.wait()
+    alive = dict(pids)
+    for _ in range(600):
+        for rank, pid in list(alive.items()):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                del alive[rank]
+        if not alive:
+            break
+        time.sleep(0.1)
+    try:
+        assert not alive, f"{sorted(alive)} still run for a parent that is gone"
+    finally:
+        for pid in alive.values():
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize(

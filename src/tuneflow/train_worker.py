@@ -25,10 +25,19 @@ def parent_watch(parent_pid: int):
 
     class ParentWatch(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            import torch
+            import torch.distributed as dist
+
             try:
                 os.kill(parent_pid, 0)
+                gone = 0
             except ProcessLookupError:
-                raise SystemExit(f"the process that started training (pid {parent_pid}) is gone; stopping") from None
+                gone = 1
+            # decided by all ranks together: a rank that left alone would leave the others waiting for it
+            flag = torch.tensor([gone], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item():
+                raise SystemExit(f"the process that started training (pid {parent_pid}) is gone; stopping")
 
     return ParentWatch()
 
@@ -48,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     hf_logging.disable_progress_bar()  # bars redraw with carriage returns: noise in the parent's line-by-line log
     cfg = PipelineConfig.model_validate(spec["config"])
-    log.info("rank %d of %d: %d torch thread(s)", rank, world, spec["threads"])
+    log.info(
+        "rank %d of %d: pid %d (torchrun %d), %d torch thread(s)",
+        rank,
+        world,
+        os.getpid(),
+        os.getppid(),
+        spec["threads"],
+    )
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"])
     data = load_from_disk(spec["data"])
     trainer, output, seconds, resumed = fit_with_trainer(
