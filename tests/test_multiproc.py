@@ -30,6 +30,7 @@ from tuneflow.kinds import get_kind
 from tuneflow.kinds.classification import load_base_model
 from tuneflow.multiproc import TrainingProcessError, launch
 from tuneflow.tokenization import tokenize_split
+from tuneflow.train import COMPLETE_MARKER, checkpoint_processes
 
 from conftest import make_rows, tiny_config_dict
 
@@ -80,11 +81,15 @@ def test_two_processes_train_the_same_recipe_as_one_and_resume_exactly(tiny_mode
     step = next(s for s in kept if s < two.steps)
     crashed = tmp_path / "crashed"
     shutil.copytree(tmp_path / "two" / f"checkpoint-{step}", crashed / f"checkpoint-{step}")
-    resumed = kind.train(cfg2, tok, data, crashed)
+    # saving every step (all ranks agree on each time-based save) changes nothing in what is trained
+    every_step = cfg2.model_copy(update={"train": cfg2.train.model_copy(update={"checkpoint_minutes": 0})})
+    resumed = kind.train(every_step, tok, data, crashed)
     assert resumed.extra["resumed_from_step"] == step
     last = f"checkpoint-{two.steps}/model.safetensors"
     a, b = load_file(tmp_path / "two" / last), load_file(crashed / last)
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run trained on other batches"
+    for folder in crashed.glob("checkpoint-*"):  # marked complete by rank 0 once both ranks wrote their part
+        assert (folder / COMPLETE_MARKER).is_file() and checkpoint_processes(folder) == 2, sorted(folder.iterdir())
 
 
 FAILING = """
