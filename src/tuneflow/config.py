@@ -259,6 +259,27 @@ class TrainConfig(_Section):
         allow_inf_nan=False,
         description="Save a checkpoint at least this often (and each epoch) so a killed run resumes; 0: every step.",
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Training processes on this machine (torchrun; gloo on CPU, NCCL on GPUs). Each batch of "
+        "batch_size rows is split across them, so the global batch, learning rate and steps stay as configured; "
+        "batch_size and eval_batch_size must be multiples of it. On CPU each process gets cores/processes threads "
+        "(or train.threads). Kind classification only.",
+    )
+
+    @model_validator(mode="after")
+    def _processes_divide_batches(self) -> TrainConfig:
+        for name in ("batch_size", "eval_batch_size"):
+            size = getattr(self, name)
+            if size % self.processes:
+                raise ValueError(
+                    f"train.{name} {size} is not a multiple of train.processes {self.processes}: each batch is split "
+                    f"evenly across the processes. Fix: set train.{name} to a multiple of {self.processes} (e.g. "
+                    f"{-(-size // self.processes) * self.processes}) or change train.processes"
+                )
+        return self
 
 
 Metric = Literal["macro_f1", "accuracy", "eval_loss", "perplexity", "chrf"]
@@ -435,6 +456,11 @@ class PipelineConfig(_Section):
                 f"data.labels lists {len(self.data.labels)} label(s); kind classification needs at least two, "
                 "e.g. labels: [ham, spam]"
             )
+        if self.kind == "sft" and self.train.processes > 1:
+            raise ValueError(
+                f"train.processes is {self.train.processes}, but kind sft trains in one process (multi-process "
+                "training is done for kind classification only). Fix: remove train.processes or set it to 1"
+            )
         if self.kind != "sft" and self.data.format == "chatterbot":
             raise ValueError("data.format chatterbot holds conversations: use it with kind: sft")
         return self
@@ -451,7 +477,9 @@ class PipelineConfig(_Section):
             exclude |= {"kind": True, "sft": True}
         # what a run does after quarantining a batch, and how big a file it reads: not what it trains
         exclude["data"] = {"on_quarantine", "max_file_mb"}
-        exclude["train"] = {"checkpoint_minutes"}  # how often a run saves its progress, not what it trains
+        # How often a run saves its progress, and in how many processes it computes the same recipe (the global
+        # batch, learning rate, steps and data order do not depend on train.processes): not what it trains.
+        exclude["train"] = {"checkpoint_minutes", "processes"}
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

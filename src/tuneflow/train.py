@@ -81,13 +81,26 @@ def mlflow_callback():
 
             if not logs or mlflow.active_run() is None:
                 return
-            values = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            mlflow.log_metrics(
-                {k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}": v for k, v in values.items()},
-                step=state.global_step,
-            )
+            mlflow.log_metrics(trainer_log_metrics(logs), step=state.global_step)
 
     return MlflowMetrics()
+
+
+def trainer_log_metrics(logs: dict[str, Any]) -> dict[str, float]:
+    """One Trainer log entry as MLflow metrics: ``eval_x`` -> ``eval/x``, anything else ``train/x``."""
+    values = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    return {k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}": v for k, v in values.items()}
+
+
+def log_history_to_mlflow(log_history: list[dict[str, Any]]) -> None:
+    """Log a finished run's Trainer log history into the active MLflow run, as ``mlflow_callback`` logs it live
+    (training processes started by ``tuneflow.multiproc`` log nothing themselves: their parent replays this)."""
+    import mlflow
+
+    for entry in log_history:
+        logs = {k: v for k, v in entry.items() if k != "step"}
+        if logs:
+            mlflow.log_metrics(trainer_log_metrics(logs), step=int(entry.get("step", 0)))
 
 
 COMPLETE_MARKER = "tuneflow-complete"  # written into a checkpoint folder once everything in it is on disk
@@ -103,7 +116,17 @@ def checkpoint_callback(every_minutes: float):
             self.last = time.monotonic()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if time.monotonic() - self.last >= every_minutes * 60:
+            due = time.monotonic() - self.last >= every_minutes * 60
+            if args.world_size > 1:
+                # Several processes (tuneflow.multiproc): all save or none does, or the ranks that save wait for
+                # the others at transformers' barrier forever. Each rank's clock differs: the latest one decides.
+                import torch
+                import torch.distributed as dist
+
+                flag = torch.tensor([int(due)], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                due = bool(flag.item())
+            if due:
                 control.should_save = True
             self._before_save(args, state, control)
 
@@ -113,12 +136,18 @@ def checkpoint_callback(every_minutes: float):
         def _before_save(self, args, state, control) -> None:
             # The epoch's save can rewrite, in place, the folder a step save of the same step just wrote: it is
             # no longer complete until that save ends, so its marker goes first.
-            if control.should_save:
+            if control.should_save and state.is_world_process_zero:
                 (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE_MARKER).unlink(missing_ok=True)
 
         def on_save(self, args, state, control, **kwargs):
+            if args.world_size > 1:
+                # transformers 5 has no barrier after each rank wrote its own RNG state (rng_state_<rank>.pth):
+                # the folder is complete once every rank got here.
+                import torch.distributed as dist
+
+                dist.barrier()
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
+            if folder.is_dir() and state.is_world_process_zero:
                 mark_complete(folder)
             self.last = time.monotonic()
 
@@ -162,18 +191,56 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return max(complete, key=_step, default=None)
 
 
-def run_trainer(trainer: Any, checkpoints: Path, every_minutes: float) -> tuple[Any, float, int]:
+def checkpoint_processes(folder: Path) -> int | None:
+    """How many training processes wrote the checkpoint ``folder``: transformers saves one RNG state per process
+    (``rng_state_<rank>.pth``) when there are several, ``rng_state.pth`` when there is one; None: neither."""
+    ranks = list(folder.glob("rng_state_*.pth"))
+    if ranks:
+        return len(ranks)
+    return 1 if (folder / "rng_state.pth").is_file() else None
+
+
+def resume_point(checkpoints: Path, processes: int) -> Path | None:
+    """The newest complete checkpoint under ``checkpoints`` to resume from (None: start from scratch).
+
+    Raises:
+        ValueError: it was written by another number of training processes (``train.processes``): its per-process
+            RNG states would not match, and a resume would silently differ from the run it continues.
+    """
+    resume = latest_checkpoint(checkpoints)
+    if resume is None:
+        return None
+    written = checkpoint_processes(resume)
+    if written is not None and written != processes:
+        raise ValueError(
+            f"the checkpoint {resume} left by an earlier run that did not finish was written by {written} training "
+            f"process(es), but train.processes is {processes}; a resume across a different number of processes is "
+            f"refused (its RNG states would not match). Fix: rerun with train.processes={written} to resume, or "
+            f"delete {checkpoints} to start this training over"
+        )
+    return resume
+
+
+def run_trainer(
+    trainer: Any, checkpoints: Path, every_minutes: float, resume: Path | None | str = "latest"
+) -> tuple[Any, float, int]:
     """``trainer.train()``, resumed from the newest complete checkpoint under ``checkpoints`` when a killed run
     left one; returns the output, the wall time and the step it resumed from (0: from scratch).
+
+    ``resume``: ``"latest"`` looks for that checkpoint here; a training process of ``tuneflow.multiproc`` is given
+    the one its parent chose (a folder, or None), so that no two processes scan and clean the folder at once.
 
     Checkpoints (weights, optimizer, scheduler, RNG states, data position) stay after training: the flow
     sweeps them once the run has succeeded, so a crash in evaluation or registration does not retrain either.
     """
     checkpoints.mkdir(parents=True, exist_ok=True)
-    resume = latest_checkpoint(checkpoints)
-    resumed = _step(resume) if resume is not None else 0
-    if resume is not None:
-        log.warning("resuming training from %s (step %d) left by an earlier run that did not finish", resume, resumed)
+    if resume == "latest":
+        resume = resume_point(checkpoints, 1)
+        if resume is not None:
+            log.warning(
+                "resuming training from %s (step %d) left by an earlier run that did not finish", resume, _step(resume)
+            )
+    resumed = _step(Path(resume)) if resume is not None else 0
     trainer.add_callback(checkpoint_callback(every_minutes))
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
@@ -200,19 +267,71 @@ def train_with_trainer(
 
     Seeded; early stopping on the primary metric; the best epoch's weights are restored at the end.
     Checkpoints go to ``checkpoints`` each epoch and at least every ``train.checkpoint_minutes``; a rerun after
-    a crash resumes from the newest complete one (``run_trainer``).
+    a crash resumes from the newest complete one (``run_trainer``). With ``train.processes`` > 1 the same
+    Trainer runs in that many processes (``tuneflow.multiproc``), and this process collects their result.
+    """
+    if cfg.train.processes > 1:
+        from tuneflow.multiproc import train_in_processes
+
+        return train_in_processes(cfg, tokenizer, data, checkpoints)
+    trainer, output, seconds, resumed = fit_with_trainer(cfg, tokenizer, data, checkpoints, kind)
+    state = trainer.state
+    model = trainer.model.float().eval()  # bf16 autocast leaves fp32 weights; make sure for saving
+    primary = cfg.evaluate.primary_metric
+    log.info("trained %d steps in %.1f s; best %s=%s", state.global_step, seconds, primary, state.best_metric)
+    return TrainResult(
+        model=model,
+        best_metric=state.best_metric,
+        epochs_run=float(state.epoch or 0),
+        steps=int(output.global_step),
+        train_seconds=seconds,
+        log_history=list(state.log_history),
+        extra={"resumed_from_step": float(resumed)},
+    )
+
+
+def fit_with_trainer(
+    cfg: PipelineConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DatasetDict,
+    checkpoints: Path,
+    kind: FineTuningKind,
+    resume: Path | None | str = "latest",
+    threads: int | None = None,
+    extra_callbacks: tuple[Any, ...] = (),
+) -> tuple[Any, Any, float, int]:
+    """Build the Trainer and train; returns (trainer, train output, seconds, step resumed from).
+
+    In a process started by torchrun (``WORLD_SIZE`` > 1) transformers trains data-parallel (DDP): with
+    ``split_batches`` each batch of ``train.batch_size`` rows, drawn by the same sampler as in one process, is
+    split evenly across the processes, so steps, learning rate schedule and data order match one process.
     """
     import torch
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
+    threads = threads or t.threads
+    if threads:
+        torch.set_num_threads(threads)
     set_seed(t.seed)
     model = kind.load_model(cfg)
     primary = cfg.evaluate.primary_metric
 
     select_best = t.epochs > 1
+    distributed: dict[str, Any] = {}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        distributed = {
+            "accelerator_config": {"split_batches": True},
+            "ddp_backend": "nccl" if torch.cuda.is_available() else "gloo",
+            # transformers 5.24 multiplies each rank's loss by the number of processes whenever the model's
+            # forward takes **kwargs (it assumes the loss divides by a token count summed over all ranks); a
+            # classification loss is a per-rank mean, so that doubled the gradients (and the logged loss) at 2.
+            "average_tokens_across_devices": False,
+            # every parameter of a classification model takes part in each step; True costs a graph walk per step
+            "ddp_find_unused_parameters": False,
+            # progress as log lines (rank 0's PrinterCallback): the parent streams them line by line
+            "disable_tqdm": True,
+        }
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=t.epochs,
@@ -237,10 +356,10 @@ def train_with_trainer(
         use_cpu=not torch.cuda.is_available(),
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         report_to="none",
-        disable_tqdm=False,
         dataloader_num_workers=0,
+        **({"disable_tqdm": False} | distributed),
     )
-    callbacks = [mlflow_callback()]
+    callbacks = [mlflow_callback(), *extra_callbacks]
     if t.early_stopping_patience > 0 and select_best:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     trainer = epoch_seeded_trainer(Trainer)(
@@ -253,16 +372,5 @@ def train_with_trainer(
         compute_metrics=kind.trainer_metrics(cfg),
         callbacks=callbacks,
     )
-    output, seconds, resumed = run_trainer(trainer, checkpoints, t.checkpoint_minutes)
-    state = trainer.state
-    model = trainer.model.float().eval()  # bf16 autocast leaves fp32 weights; make sure for saving
-    log.info("trained %d steps in %.1f s; best %s=%s", state.global_step, seconds, primary, state.best_metric)
-    return TrainResult(
-        model=model,
-        best_metric=state.best_metric,
-        epochs_run=float(state.epoch or 0),
-        steps=int(output.global_step),
-        train_seconds=seconds,
-        log_history=list(state.log_history),
-        extra={"resumed_from_step": float(resumed)},
-    )
+    output, seconds, resumed = run_trainer(trainer, checkpoints, t.checkpoint_minutes, resume)
+    return trainer, output, seconds, resumed
