@@ -196,6 +196,19 @@ class Team:
         assert not check or done.returncode == 0, f"tuneflow {' '.join(args)}: exit {done.returncode}\n{done.stderr}"
         return done
 
+    def prefect(self, *args: str) -> str:
+        """The prefect CLI as the person who deploys runs it (from a clone, with PREFECT_API_URL)."""
+        done = subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            cwd=self.clones[0],
+            env=self.deployer_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"prefect {' '.join(args)}: exit {done.returncode}\n{done.stdout[-3000:]}"
+        return done.stdout
+
     def kill_marked(self) -> None:
         """SIGKILL every process left that carries this test's marker (flow runs start their own sessions)."""
         needle = f"TUNEFLOW_TEAM_TEST={self.marker}".encode()
@@ -338,7 +351,7 @@ def team(tmp_path_factory, tiny_model_dir):
         # What every client and worker knows: the two servers' URLs. Never the artifact folder.
         st.client_env = env | {"PREFECT_API_URL": st.api, "MLFLOW_TRACKING_URI": st.tracking_uri}
         assert str(artifacts) not in repr(st.client_env)
-        deployer = st.client_env | {"PREFECT_HOME": str(tmp / "deployer-home")}
+        deployer = st.deployer_env = st.client_env | {"PREFECT_HOME": str(tmp / "deployer-home")}
         for cmd in (
             ["prefect", "work-pool", "create", "tuneflow", "--type", "process"],
             ["prefect", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
@@ -660,3 +673,30 @@ def test_the_prefect_ui_shows_the_schedule_the_trigger_and_a_retrains_artifact(t
         )
     text = _page(f"{ui}/artifacts/artifact/{art.id}", "retrain-artifact", tmp_path)
     assert "macro_f1" in text and "Registered" in text, f"the artifact's markdown not rendered; see {ARTIFACTS}"
+
+
+def test_the_docker_and_kubernetes_pools_of_prefect_yaml_pass_prefects_own_job_templates(team):
+    """No container engine here, so no container runs; but the server checks a deployment's job variables
+    against its pool type's template (an unknown image_pull_policy is refused with 409): the shipped
+    definitions must deploy as they are onto real docker and kubernetes pools."""
+    # the clone's deployments/prefect.yaml is the test's copy: the shipped file is HEAD's
+    shipped = subprocess.run(
+        ["git", "show", "HEAD:deployments/prefect.yaml"], cwd=team.clones[0], capture_output=True, text=True, check=True
+    ).stdout
+    pools = yaml.safe_load(shipped)["definitions"]["work_pools"]
+    for kind in ("docker", "kubernetes"):
+        # retrain/scheduled of the shipped file, renamed and moved onto the container pool
+        spec = shipped.replace("  - name: scheduled\n", f"  - name: scheduled-{kind}\n", 1)
+        spec = spec.replace("work_pool: *tuneflow_pool", f"work_pool: *tuneflow_{kind}_pool", 1)
+        first = yaml.safe_load(spec)["deployments"][0]
+        assert (first["name"], first["work_pool"]["name"]) == (f"scheduled-{kind}", f"tuneflow-{kind}")
+        path = team.clones[0] / "deployments" / f"prefect-{kind}.yaml"
+        path.write_text(spec)
+        team.prefect("work-pool", "create", f"tuneflow-{kind}", "--type", kind)
+        team.prefect("deploy", "--prefect-file", str(path.relative_to(team.clones[0])), "--name", f"scheduled-{kind}")
+        with team.client() as c:
+            dep = c.read_deployment_by_name(f"retrain/scheduled-{kind}")
+            c.pause_deployment(dep.id)  # no worker of that pool here: no runs piling up as Late
+        assert dep.work_pool_name == f"tuneflow-{kind}"
+        assert dep.job_variables["image"] == pools[f"tuneflow-{kind}"]["job_variables"]["image"]
+        assert dep.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
