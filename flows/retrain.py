@@ -291,11 +291,19 @@ def model_slot(model_name: str) -> Iterator[None]:
     lock = local_slot_path(model_name)
     log.info("waiting for the retrain slot of %s (one retrain of a model at a time)", model_name)
     with (
-        concurrency(limit_name(model_name), occupy=1, strict=True) if server else nullcontext(),
+        concurrency(limit_name(model_name), occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS)
+        if server
+        else nullcontext(),
         file_lock(lock, what=f"another retrain of {model_name} (lock {lock})"),
     ):
         log.info("got the retrain slot of %s", model_name)
         yield
+
+
+# The slot is a lease the holder renews every 45 s; when its process dies (a worker killed, a machine lost) the
+# server frees it once the lease runs out. Prefect's default lease is 300 s, its minimum 60 s (prefect 3.9):
+# with 60 s a crashed retrain blocks the model's next retrain for about a minute instead of five.
+SLOT_LEASE_SECONDS = 60
 
 
 def limit_name(model_name: str) -> str:
@@ -368,7 +376,10 @@ def retrain_deployed(
     final: State | None = None
     ensure_concurrency_limit(slot)
     logger.info("waiting for the retrain slot %r (one retrain of %s at a time)", slot, config.registry.model_name)
-    with concurrency(slot, occupy=1, strict=True), file_lock(local_slot_path(config.registry.model_name)):
+    with (
+        concurrency(slot, occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS),
+        file_lock(local_slot_path(config.registry.model_name)),
+    ):
         logger.info("got the retrain slot %r", slot)
         if only_if_new_data:
             configure_tracking()

@@ -72,3 +72,17 @@ def test_alerts_command_needs_a_server_and_a_url(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     assert main(["alerts"]) == 2
     assert "PREFECT_API_URL" in capsys.readouterr().err
+
+
+def test_the_crash_detection_automation_is_created_once_and_proactive(prefect_harness):
+    from prefect.client.schemas.objects import StateType
+
+    from tuneflow.flows.alerts import CRASH_AUTOMATION, ensure_crash_detection
+
+    ensure_crash_detection()
+    assert ensure_crash_detection(within_seconds=120) == CRASH_AUTOMATION  # run again: replaced, not duplicated
+    (found,) = _automations(CRASH_AUTOMATION)
+    assert found.trigger.posture.value == "Proactive" and found.trigger.within.total_seconds() == 120
+    assert found.trigger.after == {"prefect.flow-run.heartbeat"}
+    assert {"prefect.flow-run.heartbeat", "prefect.flow-run.Completed"} <= found.trigger.expect
+    assert found.actions[0].state == StateType.CRASHED

@@ -140,3 +140,19 @@ def test_the_slot_limit_is_created_once_and_an_existing_one_is_kept(prefect_harn
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=existing, limit=4))
         ensure_concurrency_limit(existing)
         assert client.read_global_concurrency_limit_by_name(existing).limit == 4
+
+
+def test_the_dockerfile_installs_what_make_run_installs_and_the_container_pools_use_its_image():
+    """The Dockerfile repeats the Makefile's pinned torch and sample assets; the container work pools of
+    prefect.yaml name a tuneflow image and run from the image's checkout (not exercised: no container engine)."""
+    make = (REPO / "Makefile").read_text()
+    docker = (REPO / "Dockerfile").read_text()
+    for var in ("TORCH", "ASSETS"):
+        (in_make,) = [line.split(":=", 1)[1].strip() for line in make.splitlines() if line.startswith(f"{var} ")]
+        assert f'ARG {var}="{in_make}"' in docker, f"Dockerfile's {var} differs from the Makefile's ({in_make})"
+    pools = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())["definitions"]["work_pools"]
+    for name in ("tuneflow-docker", "tuneflow-kubernetes"):
+        job = pools[name]["job_variables"]
+        assert pools[name]["name"] == name and job["image"].split("/")[-1].startswith("tuneflow:")
+        assert job["env"]["TUNEFLOW_HOME"] == "/opt/tuneflow" and "WORKDIR /opt/tuneflow" in docker
+        assert job["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import make_rows, tiny_config_dict
-from servers import free_port, stop_group
+from servers import WebhookReceiver, free_port, stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -145,41 +145,6 @@ class Stack:
         make_rows(30, seed=seed).to_csv(tmp, index=False)
         os.rename(tmp, path)
         return path
-
-
-class WebhookReceiver:
-    """A loopback HTTP server that records the JSON bodies POSTed to it (the alert webhook)."""
-
-    def __init__(self) -> None:
-        import http.server
-        import json
-        import threading
-
-        received = self.received = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                received.append({"path": self.path, **json.loads(body or b"{}")})
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        # a token in the path, as Slack/Teams webhooks carry one: it must never show up in a log
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/tok-3f9a1c-not-for-logs"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, predicate, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [a for a in self.received if predicate(a)]
-            if found:
-                return found[0]
-            assert time.monotonic() < deadline, f"no matching alert in {timeout:.0f} s; received: {self.received}"
-            time.sleep(0.5)
 
 
 def _start_stack(tmp: Path, cfg: dict, landing: Path, model_name: str, extra_env: dict | None = None):

@@ -102,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
 
     al = sub.add_parser(
         "alerts",
-        help="create the alert automations (failed retrain, quarantined batch) and their webhook block on the "
-        "Prefect server (PREFECT_API_URL); tuneflow serve does this by itself, team mode runs it once",
+        help="create the alert automations (failed retrain, quarantined batch) and their webhook block, and the "
+        "automation that marks flow runs whose heartbeats stop Crashed, on the Prefect server (PREFECT_API_URL); "
+        "tuneflow serve creates the alerts by itself, team mode runs this once",
     )
     _add_configs(al)
     al.add_argument("--send-test", action="store_true", help="also post a test notification through the block")
@@ -348,8 +349,9 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from tuneflow.flows.alerts import block_name, ensure_alerts
+    from tuneflow.flows.alerts import block_name, ensure_alerts, ensure_crash_detection
 
+    print(f"{ensure_crash_detection()!r}: a flow run whose heartbeats stop is marked Crashed")
     code = 0
     for cfg in configs:
         names = ensure_alerts(cfg)
