@@ -3,6 +3,7 @@ SMS train split (tuneflow's split, dynamic padding, length-grouped batches, bf16
 otherwise), each variant in its own process, interleaved over --repeats rounds (the median is reported).
 
 Usage: .venv/bin/python benchmarks/train_levers.py [--steps 60] [--repeats 2] [--variants base,batch32,...]
+       .venv/bin/python benchmarks/train_levers.py --eval   (the evaluate stage's scoring: batch size, bf16, order)
 
 Variants (each changes one thing from `base`, the shipped training settings: batch 16, fused AdamW (transformers
 5's default), SDPA attention, torch's default threads):
@@ -90,13 +91,63 @@ def worker(variant: str, steps: int) -> dict:
     return {"variant": variant, "seconds": seconds, "tokens": tokens, "loss": out.training_loss, "batch": batch}
 
 
+def eval_levers(repeats: int) -> None:
+    """Scoring the eval split as the evaluate stage does (predict_ids: length-sorted, padded per batch) at
+    several batch sizes, fp32 and bf16 autocast, and unsorted (file order) for comparison; macro-F1 unchanged?"""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tuneflow.config import load_config
+    from tuneflow.data import read_table, split_data
+    from tuneflow.kinds.classification import predict_ids
+    from tuneflow.models import resolve_base_model
+    from tuneflow.validation import drop_out_of_bounds
+
+    cfg = load_config(ROOT / "configs" / "sms-spam.yaml")
+    loaded, _ = drop_out_of_bounds(read_table(cfg.data), cfg)
+    texts = list(split_data(loaded, cfg.data).eval["text"])
+    path = str(resolve_base_model(cfg.model.base_model))
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    print("| eval variant | rows | median s | rows/s |\n|---|---:|---:|---:|")
+    reference = predict_ids(model, tok, texts, cfg.model.max_length, 64)
+    for batch in (32, 64, 128):
+        for bf16 in (False, True):
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    preds = predict_ids(model, tok, texts, cfg.model.max_length, batch)
+                times.append(time.perf_counter() - t0)
+            same = (preds == reference).mean()
+            med = statistics.median(times)
+            print(
+                f"| batch {batch}{' bf16' if bf16 else ''} (same predictions as fp32: {same:.1%}) | {len(texts)} | "
+                f"{med:.2f} | {len(texts) / med:.0f} |"
+            )
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for start in range(0, len(texts), 64):
+                enc = tok(texts[start : start + 64], truncation=True, max_length=128, padding=True, return_tensors="pt")
+                model(**enc)
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    print(f"| batch 64, file order (not length-sorted) | {len(texts)} | {med:.2f} | {len(texts) / med:.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--eval", action="store_true", help="time the evaluate stage's scoring instead")
     a = p.parse_args()
+    if a.eval:
+        eval_levers(max(a.repeats, 3))
+        return
     if a.worker:
         print("RESULT " + json.dumps(worker(a.worker, a.steps)))
         return
