@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -111,8 +110,11 @@ def run_tuneflow(
 ) -> dict:
     """One `tuneflow run` in a fresh folder; stage times and macro-F1 read back from its MLflow run. With
     ``api_url``, against that Prefect server instead of a temporary one."""
-    tdir = workdir / "tuneflow"
-    shutil.rmtree(tdir, ignore_errors=True)
+    # a new folder per run: MLflow keeps one database engine per tracking URI for the life of this process
+    n = 1
+    while (workdir / f"tuneflow-{n}").exists():
+        n += 1
+    tdir = workdir / f"tuneflow-{n}"
     tdir.mkdir(parents=True)
     sets = [f"train.epochs={epochs:g}", *overrides]
     if data_path is not None:
