@@ -115,6 +115,23 @@ def tiny_config_dict(data_path: Path, model_dir: Path, **sections) -> dict:
     return base
 
 
+def tiny_training_setup(tiny_model_dir: Path, tmp_path: Path, **train):
+    """(config, tokenizer, tokenized train/eval datasets) of 240 generated rows for the tiny model, with ``train``
+    settings over tiny_config_dict's: what a training test needs without the flow."""
+    from transformers import AutoTokenizer
+
+    from tuneflow.config import PipelineConfig
+    from tuneflow.data import content_digest, split_by_text_hash
+    from tuneflow.tokenization import tokenize_split
+
+    frame = make_rows(120).assign(line=range(2, 242))
+    cfg = PipelineConfig.model_validate(tiny_config_dict(tmp_path / "unused.csv", tiny_model_dir, train=train))
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    sp = split_by_text_hash(frame, 0.25, "s")
+    data = tokenize_split(sp, tok, 32, cfg.data.labels, content_digest(frame), "x", tmp_path / "tok").datasets
+    return cfg, tok, data
+
+
 @pytest.fixture
 def tiny_config(data_csv, tiny_model_dir):
     from tuneflow.config import PipelineConfig

@@ -47,6 +47,74 @@ def stop_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package, never a downloaded browser (.ci/run installs it)
+
+
+def chromium(
+    args: list[str], profile: Path, budget_ms: int = 15000, window: str = "1400,2400"
+) -> subprocess.CompletedProcess:
+    """Headless Chromium with ``args`` (e.g. ``--dump-dom URL``); no sandbox (containers), no GPU, nothing that
+    phones home (offline machine); ``budget_ms`` of virtual time for scripts to render the page."""
+    base = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        f"--virtual-time-budget={budget_ms}",
+        f"--window-size={window}",
+    ]
+    return subprocess.run(base + args, capture_output=True, text=True, timeout=180)
+
+
+class PrefectApi:
+    """Reads from a real Prefect server at ``self.api`` (set by the subclass), for the tests' assertions."""
+
+    api: str
+
+    def client(self):
+        from prefect.client.orchestration import SyncPrefectClient
+
+        return SyncPrefectClient(self.api)
+
+    def runs(self, deployment: str) -> list:
+        """The flow runs of ``deployment`` (``flow/deployment``) that were not merely scheduled, oldest first."""
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        with self.client() as c:
+            dep = c.read_deployment_by_name(deployment)
+            runs = c.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+                sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            )
+        return [r for r in runs if r.state_type.value != "SCHEDULED"]
+
+    def logs(self, run_id) -> list:
+        """Every log line of a flow run, oldest first (the API returns pages of 200; a retrain logs more)."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+        from prefect.client.schemas.sorting import LogSort
+
+        logs: list = []
+        with self.client() as c:
+            while True:
+                page = c.read_logs(
+                    LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+                    limit=200,
+                    offset=len(logs),
+                    sort=LogSort.TIMESTAMP_ASC,
+                )
+                logs += page
+                if len(page) < 200:
+                    return logs
+
+
 class WebhookReceiver:
     """A loopback HTTP server that records the JSON bodies POSTed to it (the alert webhook)."""
 

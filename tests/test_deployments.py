@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import make_rows, tiny_config_dict
-from servers import WebhookReceiver, free_port, stop_group
+from servers import PrefectApi, WebhookReceiver, free_port, stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -43,29 +43,12 @@ def _base_env(home: Path) -> dict[str, str]:
     return env
 
 
-class Stack:
+class Stack(PrefectApi):
     """What the scenarios share: API URL, landing zone, MLflow store, the client helpers."""
 
     def __init__(self, api: str, landing: Path, mlflow_uri: str, log: Path, model_name: str = "tiny-clf"):
         self.api, self.landing, self.mlflow_uri, self.log = api, landing, mlflow_uri, log
         self.model_name = model_name
-
-    def client(self):
-        from prefect.client.orchestration import SyncPrefectClient
-
-        return SyncPrefectClient(self.api)
-
-    def runs(self, deployment: str) -> list:
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-        from prefect.client.schemas.sorting import FlowRunSort
-
-        with self.client() as c:
-            dep = c.read_deployment_by_name(deployment)
-            runs = c.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-                sort=FlowRunSort.EXPECTED_START_TIME_ASC,
-            )
-        return [r for r in runs if r.state_type.value != "SCHEDULED"]
 
     def wait_runs(self, deployment: str, count: int, timeout: float, done: bool = True) -> list:
         deadline = time.monotonic() + timeout
@@ -106,23 +89,6 @@ class Stack:
             ),
             key=int,
         )
-
-    def logs(self, run_id) -> list:
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-        from prefect.client.schemas.sorting import LogSort
-
-        logs: list = []
-        with self.client() as c:
-            while True:  # the API returns one page (200 by default); a retrain logs more than that
-                page = c.read_logs(
-                    LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
-                    limit=200,
-                    offset=len(logs),
-                    sort=LogSort.TIMESTAMP_ASC,
-                )
-                logs += page
-                if len(page) < 200:
-                    return logs
 
     def log_times(self, run_id, text: str, timeout_s: float = 30) -> list:
         """Timestamps of a run's log lines containing ``text``; waits for them, since a run's logs reach

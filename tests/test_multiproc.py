@@ -22,26 +22,14 @@ import time
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from tuneflow.config import PipelineConfig
-from tuneflow.data import content_digest, split_by_text_hash
 from tuneflow.kinds import get_kind
 from tuneflow.kinds.classification import load_base_model
 from tuneflow.multiproc import TrainingProcessError, launch
-from tuneflow.tokenization import tokenize_split
 from tuneflow.train import COMPLETE_MARKER, checkpoint_processes
 
-from conftest import make_rows, tiny_config_dict
-
-
-def _setup(tiny_model_dir, tmp_path, **train):
-    frame = make_rows(120).assign(line=range(2, 242))
-    cfg = PipelineConfig.model_validate(tiny_config_dict(tmp_path / "unused.csv", tiny_model_dir, train=train))
-    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    sp = split_by_text_hash(frame, 0.25, "s")
-    data = tokenize_split(sp, tok, 32, cfg.data.labels, content_digest(frame), "x", tmp_path / "tok").datasets
-    return cfg, tok, data
+from conftest import tiny_config_dict, tiny_training_setup
 
 
 def _evals(result) -> list[dict]:
@@ -52,7 +40,7 @@ def test_two_processes_train_the_same_recipe_as_one_and_resume_exactly(tiny_mode
     from safetensors.torch import load_file
 
     kind = get_kind("classification")
-    cfg1, tok, data = _setup(tiny_model_dir, tmp_path, epochs=3)
+    cfg1, tok, data = tiny_training_setup(tiny_model_dir, tmp_path, epochs=3)
     cfg2 = cfg1.model_copy(update={"train": cfg1.train.model_copy(update={"processes": 2})})
     one = kind.train(cfg1, tok, data, tmp_path / "one")
     two = kind.train(cfg2, tok, data, tmp_path / "two")
@@ -131,14 +119,14 @@ PARENT = """
 import sys
 sys.path.insert(0, sys.argv[3])
 from pathlib import Path
-from test_multiproc import _setup
+from conftest import tiny_training_setup
 from tuneflow.kinds import get_kind
 from tuneflow.runtime import configure_environment
 import logging
 configure_environment()
 logging.basicConfig(level=logging.INFO, stream=sys.stdout)
 tmp = Path(sys.argv[2])
-cfg, tok, data = _setup(Path(sys.argv[1]), tmp, epochs=500, processes=2)
+cfg, tok, data = tiny_training_setup(Path(sys.argv[1]), tmp, epochs=500, processes=2)
 get_kind("classification").train(cfg, tok, data, tmp / "work")
 """
 

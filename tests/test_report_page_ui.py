@@ -15,7 +15,9 @@ from matplotlib import image
 from transformers import AutoTokenizer
 
 from test_landing import quarantined_report_page
-from test_ui import ARTIFACTS, CHROMIUM, _chromium
+from test_ui import ARTIFACTS
+
+from servers import CHROMIUM, chromium
 
 pytestmark = pytest.mark.ui
 
@@ -36,8 +38,8 @@ def test_the_quarantine_report_reads_offline_in_chromium(tmp_path, tiny_model_di
     shot = ARTIFACTS / "quarantine-report.png"
     shot.unlink(missing_ok=True)
     try:
-        _chromium([*OFFLINE, f"--screenshot={shot}", url], tmp_path / "profile-shot")
-        dom = _chromium([*OFFLINE, "--dump-dom", url], tmp_path / "profile-dom").stdout
+        chromium([*OFFLINE, f"--screenshot={shot}", url], tmp_path / "profile-shot")
+        dom = chromium([*OFFLINE, "--dump-dom", url], tmp_path / "profile-dom").stdout
     finally:
         shutil.rmtree(tmp_path / "profile-shot", ignore_errors=True)
         shutil.rmtree(tmp_path / "profile-dom", ignore_errors=True)

@@ -31,7 +31,7 @@ import pytest
 import yaml
 
 from conftest import make_rows, tiny_config_dict
-from servers import WebhookReceiver, free_port, stop_group, wait_until_up
+from servers import CHROMIUM, PrefectApi, WebhookReceiver, chromium, free_port, stop_group, wait_until_up
 
 pytestmark = [pytest.mark.team, pytest.mark.timeout(600)]
 
@@ -39,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 NAME, MODEL = "tiny-team", "tiny-team-clf"
 PG_USER, PG_PASSWORD = "tuneflow", "team-test-pw"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
 # What the shipped prefect.yaml names, and what the test's copy names instead (each must occur in the shipped file).
 RENAMES = {
@@ -64,7 +63,7 @@ def _as_db_user(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "nobody", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
-class Team:
+class Team(PrefectApi):
     """The running stack and the client helpers the scenarios share."""
 
     def __init__(self, tmp: Path, marker: str):
@@ -82,23 +81,6 @@ class Team:
 
     def tail(self, name: str, n: int = 3000) -> str:
         return f"--- {name} log ---\n{self.logs[name].read_text(errors='replace')[-n:]}"
-
-    def client(self):
-        from prefect.client.orchestration import SyncPrefectClient
-
-        return SyncPrefectClient(self.api)
-
-    def runs(self, deployment: str) -> list:
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-        from prefect.client.schemas.sorting import FlowRunSort
-
-        with self.client() as c:
-            dep = c.read_deployment_by_name(deployment)
-            runs = c.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
-                sort=FlowRunSort.EXPECTED_START_TIME_ASC,
-            )
-        return [r for r in runs if r.state_type.value not in ("SCHEDULED",)]
 
     def run(self, run_id):
         with self.client() as c:
@@ -125,35 +107,18 @@ class Team:
                 dep.id, parameters={"config_path": f"configs/{NAME}.yaml", **parameters}
             )
 
-    def logs_of(self, run_id) -> list:
-        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-        from prefect.client.schemas.sorting import LogSort
-
-        logs: list = []
-        with self.client() as c:
-            while True:
-                page = c.read_logs(
-                    LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
-                    limit=200,
-                    offset=len(logs),
-                    sort=LogSort.TIMESTAMP_ASC,
-                )
-                logs += page
-                if len(page) < 200:
-                    return logs
-
     def log_time(self, run_id, text: str, timeout: float = 30):
         """When a run logged a line containing ``text`` (logs reach the server in batches, maybe after the end)."""
         deadline = time.monotonic() + timeout
         while True:
-            found = [line.timestamp for line in self.logs_of(run_id) if text in line.message]
+            found = [line.timestamp for line in self.logs(run_id) if text in line.message]
             if found:
                 return found[0]
             assert time.monotonic() < deadline, f"no log line {text!r} in run {run_id}"
             time.sleep(1)
 
     def explain(self, run) -> str:
-        tail = self.logs_of(run.id)[-10:]
+        tail = self.logs(run.id)[-10:]
         return f"run {run.name} {run.state_type.value} ({run.state.message}):\n" + "\n".join(
             line.message[:600] for line in tail
         )
@@ -582,7 +547,7 @@ def test_no_two_retrains_of_the_model_ever_held_the_slot_at_once_on_either_worke
         r
         for d in ("retrain/scheduled", "retrain/on-new-data")
         for r in team.runs(d)
-        if any("got the retrain slot" in x.message for x in team.logs_of(r.id))
+        if any("got the retrain slot" in x.message for x in team.logs(r.id))
     ]
     done = [r for r in runs if r.state_type.value == "COMPLETED"]  # the killed run's slot went with its lease
     windows = sorted(
@@ -596,32 +561,13 @@ def test_no_two_retrains_of_the_model_ever_held_the_slot_at_once_on_either_worke
     print(f"{len(done)} retrains, slot windows disjoint, on {sorted(workers)}")
 
 
-def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    base = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=20000",
-        "--window-size=1400,1800",
-    ]
-    return subprocess.run(base + args, capture_output=True, text=True, timeout=180)
-
-
 def _page(url: str, name: str, tmp: Path) -> str:
     """Screenshot and rendered DOM of ``url`` into test-artifacts/prefect-<name>.*; returns the DOM's text."""
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / f"prefect-{name}.png"
     shot.unlink(missing_ok=True)
-    _chromium([f"--screenshot={shot}", url], tmp / f"profile-{name}-shot")
-    dom = _chromium(["--dump-dom", url], tmp / f"profile-{name}-dom").stdout
+    chromium([f"--screenshot={shot}", url], tmp / f"profile-{name}-shot", budget_ms=20000, window="1400,1800")
+    dom = chromium(["--dump-dom", url], tmp / f"profile-{name}-dom", budget_ms=20000, window="1400,1800").stdout
     (ARTIFACTS / f"prefect-{name}.html").write_text(dom)
     assert shot.exists() and shot.stat().st_size > 10_000, f"no screenshot of {url}"
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))

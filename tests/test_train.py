@@ -6,29 +6,16 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from tuneflow.config import PipelineConfig
-from tuneflow.data import content_digest, split_by_text_hash
 from tuneflow.kinds import get_kind
 from tuneflow.kinds.classification import load_base_model
-from tuneflow.tokenization import tokenize_split
 from tuneflow.train import by_length
 
-from conftest import make_rows, tiny_config_dict
-
-
-def _setup(tiny_model_dir, tmp_path, **train):
-    frame = make_rows(120).assign(line=range(2, 242))
-    cfg = PipelineConfig.model_validate(tiny_config_dict(tmp_path / "unused.csv", tiny_model_dir, train=train))
-    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    sp = split_by_text_hash(frame, 0.25, "s")
-    data = tokenize_split(sp, tok, 32, cfg.data.labels, content_digest(frame), "x", tmp_path / "tok").datasets
-    return cfg, tok, data
+from conftest import tiny_training_setup
 
 
 def test_training_learns_and_changes_parameters(tiny_model_dir, tmp_path):
-    cfg, tok, data = _setup(tiny_model_dir, tmp_path, epochs=3)
+    cfg, tok, data = tiny_training_setup(tiny_model_dir, tmp_path, epochs=3)
     base = load_base_model(cfg.model, cfg.data.labels)
     result = get_kind(cfg.kind).train(cfg, tok, data, tmp_path / "work")
     losses = [h["loss"] for h in result.log_history if "loss" in h]
@@ -42,19 +29,21 @@ def test_training_learns_and_changes_parameters(tiny_model_dir, tmp_path):
 
 
 def test_early_stopping_ends_a_run_that_does_not_improve(tiny_model_dir, tmp_path):
-    cfg, tok, data = _setup(tiny_model_dir, tmp_path, epochs=6, learning_rate=0.0, early_stopping_patience=1)
+    cfg, tok, data = tiny_training_setup(
+        tiny_model_dir, tmp_path, epochs=6, learning_rate=0.0, early_stopping_patience=1
+    )
     result = get_kind(cfg.kind).train(cfg, tok, data, tmp_path / "work")
     assert result.epochs_run == pytest.approx(2.0)  # epoch 2 did not beat epoch 1: stop
 
 
 def test_one_epoch_is_not_evaluated_twice_and_epochs_are_evaluated_by_length(tiny_model_dir, tmp_path):
     # one epoch has one model to pick: the evaluate stage scores it, training does not score it first
-    cfg, tok, data = _setup(tiny_model_dir, tmp_path, epochs=1, early_stopping_patience=1)
+    cfg, tok, data = tiny_training_setup(tiny_model_dir, tmp_path, epochs=1, early_stopping_patience=1)
     one = get_kind(cfg.kind).train(cfg, tok, data, tmp_path / "one")
     assert one.epochs_run == pytest.approx(1.0) and one.best_metric is None
     assert not [h for h in one.log_history if "eval_loss" in h]
     # more epochs: each is scored (the best is kept), on the eval rows ordered by length (less padding)
-    cfg, tok, data = _setup(tiny_model_dir, tmp_path, epochs=2)
+    cfg, tok, data = tiny_training_setup(tiny_model_dir, tmp_path, epochs=2)
     two = get_kind(cfg.kind).train(cfg, tok, data, tmp_path / "two")
     assert len([h for h in two.log_history if "eval_loss" in h]) == 2 and two.best_metric is not None
     ordered = by_length(data["eval"])

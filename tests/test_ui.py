@@ -22,33 +22,12 @@ from tuneflow.evaluate import EvaluateOutput, Evaluation
 from tuneflow.registry import decide
 from tuneflow.reporting import model_card
 
-from servers import free_port, stop_group, wait_until_up
+from servers import CHROMIUM, chromium, free_port, stop_group, wait_until_up
 
 pytestmark = pytest.mark.ui
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 NAME = "ui-clf"
-
-
-def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    # Flags: no sandbox (containers), no GPU, and nothing that phones home (offline machine).
-    base = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=15000",
-        "--window-size=1400,2400",
-    ]
-    return subprocess.run(base + args, capture_output=True, text=True, timeout=180)
 
 
 @pytest.mark.skipif(
@@ -119,8 +98,8 @@ def test_model_version_page_shows_aliases_card_and_metrics(workdir, tiny_model_d
         url = f"{base}/#/models/{NAME}/versions/{mv.version}"
         shot = ARTIFACTS / "mlflow-model-version.png"
         shot.unlink(missing_ok=True)
-        _chromium([f"--screenshot={shot}", url], tmp_path / "profile-shot")
-        dom = _chromium(["--dump-dom", url], tmp_path / "profile-dom").stdout
+        chromium([f"--screenshot={shot}", url], tmp_path / "profile-shot")
+        dom = chromium(["--dump-dom", url], tmp_path / "profile-dom").stdout
         (ARTIFACTS / "mlflow-model-version.html").write_text(dom)
         assert shot.exists() and shot.stat().st_size > 10_000, "no screenshot written"
         flat = re.sub(r"\s+", "", dom)
