@@ -194,7 +194,8 @@ def growth_data(split, rows: int, out: Path) -> Path:
     " #k", so every text stays unique and the hash split reshuffles them."""
     import pandas as pd
 
-    base = pd.concat([split.train, split.eval], ignore_index=True)[["text", "label"]]
+    # shuffled (seeded): the first rows of the train split alone would leave a small sample no eval rows
+    base = pd.concat([split.train, split.eval], ignore_index=True)[["text", "label"]].sample(frac=1.0, random_state=0)
     copies = []
     k = 0
     while sum(len(c) for c in copies) < rows:
@@ -213,6 +214,7 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--growth", default="", help="row counts for the growth table, e.g. 1000,4000,16000,64000")
     p.add_argument("--skip-recipe", action="store_true", help="only tuneflow (and the growth table)")
+    p.add_argument("--growth-only", action="store_true", help="only the growth table (implies --skip-recipe)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra tuneflow --set")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument(
@@ -233,12 +235,13 @@ def main() -> None:
     print(f"{len(split.train)} train / {len(split.eval)} eval rows; {tokens} real tokens per epoch", flush=True)
 
     results: dict[str, dict] = {}
-    if not a.skip_recipe:
+    if not (a.skip_recipe or a.growth_only):
         results["plain recipe (pad 128, fp32, batch 8)"] = run_recipe(workdir, cfg, split, a.epochs)
         print("recipe done", json.dumps(results), flush=True)
     label = "tuneflow run (whole cycle)" + (f" {' '.join(a.overrides)}" if a.overrides else "")
-    results[label] = run_tuneflow(workdir, a.epochs, a.overrides)
-    print("tuneflow done", json.dumps(results[label]), flush=True)
+    if not a.growth_only:
+        results[label] = run_tuneflow(workdir, a.epochs, a.overrides)
+        print("tuneflow done", json.dumps(results[label]), flush=True)
     if a.with_server:
         server, url = start_prefect_server(workdir)
         try:
@@ -249,7 +252,7 @@ def main() -> None:
         finally:
             os.killpg(server.pid, 9)
 
-    base = next(iter(results.values()))
+    base = next(iter(results.values()), None)
     lines = [
         f"epochs {a.epochs:g}; {len(split.train)} train / {len(split.eval)} eval rows; {tokens:,} real tokens per "
         f"epoch; GEMM peak bf16 {peaks['bf16']:.0f} / fp32 {peaks['fp32']:.0f} GFLOP/s; load average before "
@@ -259,7 +262,10 @@ def main() -> None:
         "MFU vs bf16 peak | MFU vs fp32 peak | macro-F1 | wall vs recipe |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if base is None:  # --growth-only
+        lines = lines[:1]
     for name, r in results.items():
+        assert base is not None
         gflops = flops * a.epochs / r["train"] / 1e9
         lines.append(
             f"| {name} | {r['wall']:.1f} | {r['train']:.1f} | {r['evaluate']:.1f} | "
