@@ -69,18 +69,18 @@ class Team(PrefectApi):
     def __init__(self, tmp: Path, marker: str):
         self.tmp, self.marker = tmp, marker
         self.procs: dict[str, subprocess.Popen] = {}
-        self.logs: dict[str, Path] = {}
+        self.log_files: dict[str, Path] = {}
 
     def start(self, name: str, cmd: list[str], env: dict, cwd: Path) -> subprocess.Popen:
-        self.logs[name] = self.tmp / f"{name}.log"
-        with open(self.logs[name], "w") as fh:
+        self.log_files[name] = self.tmp / f"{name}.log"
+        with open(self.log_files[name], "w") as fh:
             self.procs[name] = subprocess.Popen(
                 cmd, env=env, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
             )
         return self.procs[name]
 
     def tail(self, name: str, n: int = 3000) -> str:
-        return f"--- {name} log ---\n{self.logs[name].read_text(errors='replace')[-n:]}"
+        return f"--- {name} log ---\n{self.log_files[name].read_text(errors='replace')[-n:]}"
 
     def run(self, run_id):
         with self.client() as c:
@@ -127,7 +127,7 @@ class Team(PrefectApi):
         """Which worker ran the run: both may try to submit it; the server lets one, the other logs "Aborted"."""
         found = []
         for w in ("worker-a", "worker-b"):
-            log = self.logs[w].read_text(errors="replace")
+            log = self.log_files[w].read_text(errors="replace")
             if f"submitting flow run '{run_id}'" in log and f"Aborted submission of flow run '{run_id}'" not in log:
                 found.append(w)
         assert len(found) == 1, f"run {run_id} in the logs of {found}"
@@ -245,7 +245,7 @@ def team(tmp_path_factory, tiny_model_dir):
                          "-h", "127.0.0.1"]),
             env, pg_dir,
         )  # fmt: skip
-        _wait_for_pg(pg_port, pg, st.logs["postgres"])
+        _wait_for_pg(pg_port, pg, st.log_files["postgres"])
         for db in ("mlflow", "prefect"):
             made = subprocess.run(
                 [_pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", PG_USER, db],
@@ -281,8 +281,8 @@ def team(tmp_path_factory, tiny_model_dir):
             },
             tmp,
         )
-        wait_until_up(f"http://127.0.0.1:{ml_port}/health", ml, st.logs["mlflow"], timeout_s=180)
-        wait_until_up(f"{st.api}/health", pf, st.logs["prefect-server"], timeout_s=180)
+        wait_until_up(f"http://127.0.0.1:{ml_port}/health", ml, st.log_files["mlflow"], timeout_s=180)
+        wait_until_up(f"{st.api}/health", pf, st.log_files["prefect-server"], timeout_s=180)
         st.tracking_uri, st.artifacts_dir = f"http://127.0.0.1:{ml_port}", artifacts
 
         # --- the landing zone (a shared mount in real life) and two clones of HEAD, one per "machine"
