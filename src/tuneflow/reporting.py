@@ -162,12 +162,9 @@ def validation_html(report: ValidationReport, data_docs: str | None = None, batc
         "<th>threshold</th></tr>"
     ]
     for c in report.checks:
+        name = f"<a href='#{esc(c.name)}'>{esc(c.name)}</a>" if c in problems else esc(c.name)
         out.append(
-            f"<tr><td><a href='#{esc(c.name)}'>{esc(c.name)}</a></td><td>{esc(c.severity)}</td>"
-            f"<td class='{esc(c.status)}'>{esc(c.status)}</td><td>{esc(str(c.observed))}</td>"
-            f"<td>{esc(c.threshold)}</td></tr>"
-            if c in problems
-            else f"<tr><td>{esc(c.name)}</td><td>{esc(c.severity)}</td><td class='{esc(c.status)}'>{esc(c.status)}</td>"
+            f"<tr><td>{name}</td><td>{esc(c.severity)}</td><td class='{esc(c.status)}'>{esc(c.status)}</td>"
             f"<td>{esc(str(c.observed))}</td><td>{esc(c.threshold)}</td></tr>"
         )
     out.append("</table>")

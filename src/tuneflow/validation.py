@@ -590,23 +590,36 @@ def _in_rule_terms(name: str, result: dict[str, Any], tables: dict[Table, pd.Dat
     return _observed(result)
 
 
+def _unexpected(result: dict[str, Any], limit: int) -> list[tuple[Any, Any]]:
+    """The first ``limit`` (index, value) pairs GE reports as unexpected; a named index (GE gives
+    {index name: value, ...}) is reduced to its line, label or length name."""
+    values = result.get("partial_unexpected_list") or []
+    index = result.get("partial_unexpected_index_list") or []
+    pairs = list(zip(index, values, strict=False))[:limit]  # GE may cap the two lists differently
+    return [
+        (idx.get(LINE, idx.get(LABEL, idx.get(LENGTH_OF, idx))) if isinstance(idx, dict) else idx, value)
+        for idx, value in pairs
+    ]
+
+
+def _text_and_label(rows: pd.DataFrame, line: Any) -> tuple[Any, Any]:
+    """The text and label of the row at ``line`` (the first one: a union of batches repeats line numbers)."""
+    row = rows.loc[line]
+    if isinstance(row, pd.DataFrame):
+        row = row.iloc[0]
+    return row[TEXT], row[LABEL]
+
+
 def _offending(result: dict[str, Any], table: Table, limit: int, rows: pd.DataFrame) -> list[dict[str, Any]]:
     """The offending rows with their line, text and label (and the checked value when it is not the text or
     the label itself), or the offending labels with their value: for the report page."""
-    values = result.get("partial_unexpected_list") or []
-    index = result.get("partial_unexpected_index_list") or []
     out: list[dict[str, Any]] = []
-    for idx, value in list(zip(index, values, strict=False))[:limit]:
-        if isinstance(idx, dict):
-            idx = idx.get(LINE, idx.get(LABEL, idx.get(LENGTH_OF, idx)))
+    for idx, value in _unexpected(result, limit):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         shown = None if isinstance(value, bool | np.bool_) else "null" if value is None or value != value else value
         if table in ("rows", "schema") and idx in rows.index:
-            row = rows.loc[idx]
-            if isinstance(row, pd.DataFrame):  # a union of batches repeats line numbers
-                row = row.iloc[0]
-            text, label = row[TEXT], row[LABEL]
+            text, label = _text_and_label(rows, idx)
             entry: dict[str, Any] = {
                 "line": int(idx) if isinstance(idx, int | np.integer) else str(idx),
                 "text": None if text is None or text != text else str(text),
@@ -623,18 +636,11 @@ def _offending(result: dict[str, Any], table: Table, limit: int, rows: pd.DataFr
 def _examples(result: dict[str, Any], table: Table, limit: int, rows: pd.DataFrame | None = None) -> list[str]:
     """``line N: value`` per offending row. A derived flag (a repeat, a conflict: True) is no value a person
     can act on: the row's text (and label) is shown instead."""
-    values = result.get("partial_unexpected_list") or []
-    index = result.get("partial_unexpected_index_list") or []
     where = {"rows": "line", "schema": "line", "classes": "label", "drift": ""}[table]
     out = []
-    for idx, value in list(zip(index, values, strict=False))[:limit]:  # GE may cap the two lists differently
-        if isinstance(idx, dict):  # GE gives {index name: value, ...} for a named index
-            idx = idx.get(LINE, idx.get(LABEL, idx.get(LENGTH_OF, idx)))
+    for idx, value in _unexpected(result, limit):
         if isinstance(value, bool | np.bool_) and rows is not None and idx in rows.index:
-            row = rows.loc[idx]
-            if isinstance(row, pd.DataFrame):  # a union of batches repeats line numbers
-                row = row.iloc[0]
-            text, label = row[TEXT], row[LABEL]
+            text, label = _text_and_label(rows, idx)
             text = text if not isinstance(text, str) or len(text) <= 60 else text[:57] + "..."
             out.append(f"{where} {idx}: {text!r} ({label!r})")
             continue
