@@ -50,7 +50,7 @@ def gemm_peak(dtype_name: str) -> float:
     return 2 * 2048**3 / best / 1e9
 
 
-def sms_split(workdir: Path):
+def sms_split():
     """tuneflow's train/eval rows of the shipped config, as the retrain would see them."""
     from tuneflow.config import load_config
     from tuneflow.data import read_table, split_data
@@ -230,7 +230,7 @@ def main() -> None:
 
     peaks = {d: gemm_peak(d) for d in ("bf16", "fp32")}
     print(f"GEMM peak (2048^2, best of 8): bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s")
-    cfg, split = sms_split(workdir)
+    cfg, split = sms_split()
     tokens, flops = model_flops(cfg, split.train["text"].tolist())
     print(f"{len(split.train)} train / {len(split.eval)} eval rows; {tokens} real tokens per epoch", flush=True)
 
