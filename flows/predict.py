@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from tuneflow.runtime import configure_environment
-from tuneflow.tasks.predict import log_summary_task, score_task
+from tuneflow.tasks.predict import log_summary_task, monitor_scored_task, score_task
 from tuneflow.tracking import configure_tracking, run_url
 
 
@@ -38,6 +38,12 @@ def predict(
     logger = get_run_logger()
     summary = score_task(model, Path(input_path), Path(output_path), text_column, batch_size)
     run_id = log_summary_task(summary)
+    monitoring = monitor_scored_task(summary, text_column)
+    for m in monitoring:
+        if m["status"] == "degraded":
+            logger.warning(
+                "the inputs of %s drifted from the model's training data: %s", m["file"], "; ".join(m["reasons"])
+            )
     experiment_id = mlflow.get_run(run_id).info.experiment_id
     logger.info(
         "scored %d rows from %d file(s) with %s (v%s), %.2f ms/row: %s; MLflow run %s",
@@ -58,4 +64,5 @@ def predict(
         "outputs": summary.outputs,
         "run_id": run_id,
         "run_url": run_url(experiment_id, run_id),
+        "monitoring": monitoring,
     }

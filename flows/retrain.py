@@ -26,11 +26,13 @@ from tuneflow.config import PipelineConfig, load_config
 from tuneflow.data import TEXT, DataError, check_split, content_digest, split_data
 from tuneflow.evaluate import EvaluateOutput
 from tuneflow.files import file_lock
-from tuneflow.landing import has_new_batches, input_files_digest
+from tuneflow.landing import DataCheck, has_new_batches, input_files_digest
 from tuneflow.models import base_model_digest, check_max_length
+from tuneflow.monitor import DEGRADED_EVENT, MonitorOutcome
 from tuneflow.registry import (
     FINGERPRINT_TAG,
     INPUT_FINGERPRINT_TAG,
+    current_champion,
     decide_promotion,
     decision_tags,
     fingerprint,
@@ -40,6 +42,7 @@ from tuneflow.registry import (
 )
 from tuneflow.reporting import (
     artifact_key,
+    held_markdown,
     model_card,
     nothing_new_markdown,
     quarantined_markdown,
@@ -50,6 +53,7 @@ from tuneflow.reporting import (
 )
 from tuneflow.runtime import cache_dir, configure_environment
 from tuneflow.tasks.evaluate import evaluate_task, score_champion_task
+from tuneflow.tasks.monitor import emit_degraded, monitor_task
 from tuneflow.tasks.register import promote_task, register_task
 from tuneflow.tasks.tokenize import tokenize_task
 from tuneflow.tasks.train import train_task
@@ -73,13 +77,20 @@ log = logging.getLogger(__name__)
 # Two flows, two names: deployments belong to "retrain" (retrain/scheduled, retrain/on-new-data), which
 # calls this one's body; "retrain-once" is a run started directly (`tuneflow run`, Python).
 @flow(name="retrain-once")
-def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) -> dict[str, Any] | State:
+def retrain(
+    config: PipelineConfig, config_file: str = "", force: bool = False, on_new_data: bool = False, cause: str = ""
+) -> dict[str, Any] | State:
     """Retrain ``config.registry.model_name`` on ``config.data`` and promote it only if it is better.
+
+    Batches the landing-zone gate accepts are monitored first (the champion scored on them, drift).
 
     Args:
         config: the pipeline config (shown as a form in the Prefect UI).
         config_file: where the config came from, for error messages.
         force: retrain even when a registered version was trained on exactly this (same fingerprint).
+        on_new_data: started by new data (retrain/on-new-data): with ``monitor.retrain_when: degraded`` the run
+            stops after monitoring unless the champion degraded (then it emits ``tuneflow.champion.degraded``).
+        cause: why this retrain runs (e.g. the decay that started it), recorded on the run and the version.
 
     Returns:
         MLflow run id and URL, eval metrics, registered version, decision and model URI; when batches were
@@ -98,6 +109,8 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
         "tuneflow.prefect_flow_run_id": flow_run_id,
         "tuneflow.base_model": config.model.base_model,
     }
+    if cause:
+        lineage[CAUSE_TAG] = cause[:5000]
     with start_parent_run(config, f"retrain-{flow_run.get_name() or 'local'}", lineage) as parent:
         pid = parent.info.run_id
         url = run_url(experiment_id, pid)
@@ -149,6 +162,11 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
                 description="Data rejected; nothing was trained or registered.",
             )
             raise
+        monitored = monitor_new_batches(config, checked, run, experiment_id)
+        if on_new_data and config.monitor.retrain_when == "degraded":
+            held = hold_unless_degraded(config, monitored, experiment_id, pid, url)
+            if held is not None:
+                return held
         data = checked.data
         if checked.quarantined is not None:  # data.on_quarantine: train - said loudly, here and at the end
             logger.warning("%s", checked.quarantined)
@@ -193,6 +211,7 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
                 list(split.eval[TEXT][:2]),
                 run,
                 challenger.metrics,
+                split.train,
             )
             if decision.promote and promote_task(config, version, decision, actor=flow_run_id or f"run {pid}") is None:
                 decision = replace(
@@ -204,9 +223,8 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
 
         create_markdown_artifact(
             key=artifact_key(config.name, "retrain"),
-            markdown=retrain_markdown(
-                config, data, split, tokenized.cache_hit, trained, scores, decision, version, pid, url
-            )
+            markdown=(f"> Retrain caused by: {cause}\n\n" if cause else "")
+            + retrain_markdown(config, data, split, tokenized.cache_hit, trained, scores, decision, version, pid, url)
             + (quarantined_markdown(checked.quarantined) if checked.quarantined is not None else ""),
             description=f"Eval metrics and promotion decision for {config.registry.model_name}",
         )
@@ -236,6 +254,61 @@ def retrain(config: PipelineConfig, config_file: str = "", force: bool = False) 
             message=f"{len(result['quarantined'])} batch(es) quarantined: {', '.join(result['quarantined'])}",
             data=result,
         )
+    return result
+
+
+CAUSE_TAG = "tuneflow.retrain_cause"
+
+
+def monitor_new_batches(
+    config: PipelineConfig, checked: DataCheck, run: RunContext, experiment_id: str
+) -> MonitorOutcome | None:
+    """The monitor stage on the batches this run's gate accepted; None when there are none (or it is off)."""
+    if not (config.monitor.enabled and config.registry.enabled and checked.gate is not None):
+        return None
+    names = [o.path.name for o in checked.gate.accepted]
+    if not names:
+        return None
+    accepted = Path(config.data.landing).resolve() / "accepted"
+    return monitor_task(config, accepted, names, run, experiment_id)
+
+
+def hold_unless_degraded(
+    config: PipelineConfig, monitored: MonitorOutcome | None, experiment_id: str, pid: str, url: str
+) -> dict[str, Any] | None:
+    """``monitor.retrain_when: degraded`` on a new-data trigger: None (train now) when there is no champion yet;
+    else the run's result without training: monitored only, or degraded (``tuneflow.champion.degraded`` emitted,
+    which deployment retrain/on-decay turns into a retrain)."""
+    logger = get_run_logger()
+    name = config.registry.model_name
+    if current_champion(name) is None:
+        logger.info("monitor.retrain_when is degraded, but %s has no champion yet: training the first one", name)
+        return None
+    status, event = "monitored", None
+    if monitored is None:
+        status, reason = "nothing new", "no batch was accepted in this run: nothing to monitor or train"
+    elif monitored.point is None:
+        reason = (
+            f"{monitored.pool_rows} new row(s) pooled until monitor.min_rows ({config.monitor.min_rows}); "
+            "not trained (monitor.retrain_when: degraded)"
+        )
+    elif monitored.degraded:
+        event = emit_degraded(config, monitored, experiment_id, str(flow_run.ui_url or ""))
+        status, reason = "degraded", "the champion degraded: retrain requested (deployment retrain/on-decay)"
+    else:
+        point = monitored.point
+        why = f" ({'; '.join(point.reasons)})" if point.reasons else ""
+        reason = f"monitoring step {point.step}: {point.status}{why}; not trained (monitor.retrain_when: degraded)"
+    logger.info("%s", reason)
+    mlflow.MlflowClient().set_tag(pid, "tuneflow.monitor.decision", f"{status}: {reason}"[:5000])
+    create_markdown_artifact(
+        key=artifact_key(config.name, "retrain"),
+        markdown=held_markdown(config, status, reason, monitored.point if monitored else None, event, pid, url),
+        description="Monitored, not trained (monitor.retrain_when: degraded)",
+    )
+    result: dict[str, Any] = {"status": status, "run_id": pid, "run_url": url, "reason": reason}
+    if monitored is not None and monitored.point is not None:
+        result["monitor_step"] = monitored.point.step
     return result
 
 
@@ -395,7 +468,8 @@ def retrain_deployed(
             )
             result = {"status": "nothing new", "model_name": config.registry.model_name}
         else:
-            out = retrain.fn(config, config_file=config_path, force=force)
+            cause = decay_cause(trigger) if trigger else ""
+            out = retrain.fn(config, config_file=config_path, force=force, on_new_data=only_if_new_data, cause=cause)
             if isinstance(out, State):  # trained, with quarantined batches: keep the state's name and message
                 result = {"status": "trained", **out.data}
                 final = Completed(name=out.name, message=out.message, data=result)
@@ -404,3 +478,13 @@ def retrain_deployed(
     # The run's end time comes later (results, logs, state): this line marks when the slot was freed.
     logger.info("released the retrain slot %r", slot)
     return final if final is not None else result
+
+
+def decay_cause(trigger: dict[str, Any]) -> str:
+    """One line naming the decay that started a retrain (empty for other triggers)."""
+    if trigger.get("event") != DEGRADED_EVENT:
+        return ""
+    return (
+        f"{DEGRADED_EVENT}: v{trigger.get('champion_version')} on {', '.join(trigger.get('batches') or [])} "
+        f"(monitoring step {trigger.get('step')}): {'; '.join(trigger.get('reasons') or [])}"
+    )

@@ -13,6 +13,7 @@ from tuneflow.registry import Decision, register_version
 from tuneflow.tracking import RunContext, log_decision, stage_run
 
 if TYPE_CHECKING:
+    import pandas as pd
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -28,10 +29,11 @@ def register_task(
     example: list[str],
     run: RunContext,
     metrics: dict[str, float] | None = None,
+    reference: pd.DataFrame | None = None,
 ) -> str:
     """Returns the registered version number."""
     with stage_run(run.parent_run_id, "register"):
-        mv = register_version(model, tokenizer, cfg, decision, tags, card, example, metrics)
+        mv = register_version(model, tokenizer, cfg, decision, tags, card, example, metrics, reference)
         log_decision(decision, str(mv.version), run.parent_run_id)
     return str(mv.version)
 

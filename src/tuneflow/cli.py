@@ -109,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_configs(al)
     al.add_argument("--send-test", action="store_true", help="also post a test notification through the block")
 
+    mon = sub.add_parser(
+        "monitor",
+        help="the champion on each new batch and the drift of each batch, as recorded by monitoring (oldest first)",
+    )
+    mon.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline config YAML (default: {DEFAULT_CONFIG})")
+    mon.add_argument("--last", type=int, default=20, help="show the last N points (default: 20)")
+    mon.add_argument("--json", action="store_true", help="print the points as JSON lines")
+
     ui = sub.add_parser("ui", help="open the MLflow UI on the local store (mlruns/)")
     ui.add_argument("--port", type=int, default=5000)
     return p
@@ -306,6 +314,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(f"wrote {out['rows']} predictions with {out['model_uri']} (version {out['version']}) to {args.output}")
     counts = f"labels: {labels}; " if labels else ""  # a generative model has no labels to count
     print(f"{counts}{out['ms_per_row']:.2f} ms/row; MLflow run: {out['run_url']}")
+    for m in out.get("monitoring", []):
+        if m["status"] == "degraded":
+            print(
+                f"warning: the inputs of {m['file']} drifted from the model's training data: {'; '.join(m['reasons'])}"
+            )
     return 0
 
 
@@ -372,6 +385,34 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_monitor(args: argparse.Namespace) -> int:
+    from tuneflow.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from tuneflow.monitor import find_monitoring_run, series_of
+    from tuneflow.reporting import monitor_table
+    from tuneflow.tracking import configure_tracking, run_url
+
+    configure_tracking()
+    name = cfg.registry.model_name
+    run = find_monitoring_run(name)
+    if run is None:
+        print(f"{name} has not been monitored yet: monitoring starts when the landing-zone gate accepts a batch")
+        return 0
+    points = series_of(run.data.tags)[-args.last :]
+    if args.json:
+        for p in points:
+            print(p.to_json())
+        return 0
+    print(monitor_table(points, cfg.monitor.max_drop))
+    print(f"monitoring run: {run_url(run.info.experiment_id, run.info.run_id)}")
+    return 0
+
+
 def _cmd_ui(args: argparse.Namespace) -> int:
     import os
 
@@ -412,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "verify": _cmd_verify,
         "serve": _cmd_serve,
         "alerts": _cmd_alerts,
+        "monitor": _cmd_monitor,
         "ui": _cmd_ui,
     }
     return commands[args.command](args)

@@ -364,11 +364,71 @@ class AlertsConfig(_Section):
     )
     on_failure: bool = Field(True, description="Alert when a retrain of the model fails or crashes.")
     on_quarantine: bool = Field(True, description="Alert when the gate quarantines a batch of the landing zone.")
+    on_decay: bool = Field(
+        True, description="Alert when monitoring finds the champion degraded on a batch (tuneflow.champion.degraded)."
+    )
 
     def url(self) -> str | None:
         import os
 
         return self.webhook_url or os.environ.get(self.webhook_url_env) or None
+
+
+class MonitorConfig(_Section):
+    """Monitoring: the champion scored on every accepted batch, drift against its training data, retrain on decay."""
+
+    enabled: bool = Field(
+        True, description="Score the champion on each batch the landing-zone gate accepts, before training on it."
+    )
+    retrain_when: Literal["new_data", "degraded"] = Field(
+        "new_data",
+        description="What a new-data trigger (retrain/on-new-data) does: 'new_data' retrains on every accepted batch; "
+        "'degraded' only monitors it and retrains (event tuneflow.champion.degraded, deployment retrain/on-decay) "
+        "when the champion dropped past max_drop or the batch drifted. Schedules always retrain.",
+    )
+    min_rows: int = Field(
+        200,
+        ge=1,
+        description="A batch with fewer rows is pooled with the next accepted batches until the pool has this many "
+        "(a score on a few rows is noise).",
+    )
+    max_drop: float = Field(
+        0.05,
+        ge=0.0,
+        description="Degraded when the champion's primary metric on a batch is worse than its registered eval score by "
+        "more than this (absolute: 0.05 = five points of macro_f1; for eval_loss, a rise of 0.05).",
+    )
+    drift_triggers_retrain: bool = Field(
+        True, description="Drift past a threshold counts as degraded (false: drift is recorded and shown only)."
+    )
+    drift_sigmas: float = Field(
+        3.0,
+        gt=0.0,
+        description="A drift statistic past mean + drift_sigmas x std of the same statistic between chunks of the "
+        "training data (of the batch's size) is drift.",
+    )
+    drift_chunks: int = Field(
+        20, ge=0, description="Training-data chunks the drift thresholds are derived from (0: overrides only)."
+    )
+    thresholds: dict[Literal["labels", "length", "text"], float] = Field(
+        default_factory=dict,
+        description="Fixed drift thresholds instead of derived ones: labels (Jensen-Shannon distance), length "
+        "(Kolmogorov-Smirnov statistic), text (domain-classifier ROC AUC), e.g. {text: 0.7}.",
+    )
+    reference_rows: int = Field(
+        2000,
+        ge=10,
+        description="Training rows kept with each registered version (seeded sample) as its drift reference.",
+    )
+    max_rows: int = Field(
+        1000, ge=10, description="At most this many rows of a batch (seeded sample) enter the drift statistics."
+    )
+    sft_rows: int = Field(
+        64,
+        ge=1,
+        description="Kind sft: the champion is scored on a seeded sample of at most this many rows of the batch "
+        "(eval loss on all of them, chrF on sft.generations of them).",
+    )
 
 
 class LoraSettings(_Section):
@@ -440,6 +500,7 @@ class PipelineConfig(_Section):
     watch: WatchConfig = WatchConfig()
     alerts: AlertsConfig = AlertsConfig()
     sft: SftConfig = SftConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @model_validator(mode="after")
     def _kind(self) -> PipelineConfig:
@@ -472,7 +533,7 @@ class PipelineConfig(_Section):
         # ``kind`` joined the config after the first versions were registered: left out while it is the
         # default, digests of unchanged configs stay what they were.
         # The same for the sft section, which classification does not read.
-        exclude: dict[str, Any] = {k: True for k in ("schedule", "watch", "alerts")}
+        exclude: dict[str, Any] = {k: True for k in ("schedule", "watch", "alerts", "monitor")}
         if self.kind == "classification":
             exclude |= {"kind": True, "sft": True}
         # what a run does after quarantining a batch, and how big a file it reads: not what it trains

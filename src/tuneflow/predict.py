@@ -10,13 +10,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from tuneflow.data import DataError
+from tuneflow.config import MonitorConfig
+from tuneflow.data import LABEL, TEXT, DataError
 from tuneflow.files import FORMATS, read_frame
 from tuneflow.kinds import FineTuningKind, get_kind
+from tuneflow.monitor import monitor_predictions
 from tuneflow.registry import RegistryError, get_version, kind_of, version_by_alias
 from tuneflow.tracking import ensure_experiment
 
@@ -196,3 +198,19 @@ def log_summary(summary: BatchSummary) -> str:
         mlflow.log_metrics(metrics)
         mlflow.log_dict({**summary.__dict__, "ms_per_row": summary.ms_per_row}, "summary.json")
     return run.info.run_id
+
+
+def monitor_scored(summary: BatchSummary, text_column: str = "text") -> list[dict[str, Any]]:
+    """Record every scored file in the model's monitoring history (``tuneflow.monitor``): the predicted-label
+    distribution and the drift of its texts against the version's training data. Returns, per file, its
+    step, status and reasons (``degraded``: its inputs drifted)."""
+    name = summary.model_uri.removeprefix("models:/").rsplit("/", 1)[0]
+    mv = get_version(name, summary.version)
+    out = []
+    for source, scored in zip(summary.inputs, summary.outputs, strict=True):
+        frame = pd.read_csv(scored, dtype=str, keep_default_na=False)
+        cols = {text_column: TEXT} | ({"label": LABEL} if "label" in frame.columns else {})
+        frame = frame.rename(columns=cols)[list(cols.values())]
+        point = monitor_predictions(MonitorConfig(), mv, frame, Path(source).name)
+        out.append({"file": source, "step": point.step, "status": point.status, "reasons": point.reasons})
+    return out

@@ -18,6 +18,7 @@ from tuneflow.config import PipelineConfig, higher_is_better
 from tuneflow.evaluate import Evaluation
 from tuneflow.kinds import get_kind
 from tuneflow.models import base_model_card
+from tuneflow.reference import REFERENCE_TAG, log_reference
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -226,6 +227,7 @@ def register_version(
     description: str,
     example: list[str],
     metrics: dict[str, float] | None = None,
+    reference: pd.DataFrame | None = None,
 ) -> ModelVersion:
     """Log the model (transformers flavor) and its card into the active run, register it, alias it ``challenger``.
 
@@ -236,7 +238,8 @@ def register_version(
     3. alias ``challenger``. Moving ``champion`` is a separate step (``tuneflow.history.move_champion``).
 
     ``metrics`` (the eval metrics) go on the run the version points to and on MLflow's logged model, so the
-    registry page links to a run that shows them.
+    registry page links to a run that shows them. ``reference`` (the train split) is sampled into the version's
+    drift reference (``tuneflow.reference``), which monitoring compares new batches with.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -258,6 +261,8 @@ def register_version(
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, model_id=info.model_id)
     mlflow.log_text(description, CARD_FILE)
     name = cfg.registry.model_name
+    if reference is not None:
+        tags = {**tags, REFERENCE_TAG: log_reference(reference, cfg)}
     all_tags = {
         **tags,
         **decision_tags(decision),

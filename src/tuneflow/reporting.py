@@ -269,6 +269,8 @@ def nothing_new_markdown(cfg: PipelineConfig) -> str:
 
 def trigger_markdown(trigger: dict[str, Any]) -> str:
     """The triggering event as a table (shown as an artifact of the run it started)."""
+    if trigger.get("event") == "tuneflow.champion.degraded":
+        return decay_markdown(trigger)
     files = trigger.get("files") or []
     rows = "\n".join(f"| `{f.get('name')}` | {f.get('size', '')} | `{f.get('sha256', '')}` |" for f in files)
     return (
@@ -276,6 +278,168 @@ def trigger_markdown(trigger: dict[str, Any]) -> str:
         f"Landing zone: `{trigger.get('landing', '?')}`; {len(files)} file(s):\n\n"
         f"| file | bytes | sha256 |\n|---|---|---|\n{rows}\n"
     )
+
+
+def decay_markdown(payload: dict[str, Any]) -> str:
+    """The artifact of a retrain started by ``tuneflow.champion.degraded``: the decay that caused it."""
+    reasons = "\n".join(f"- {r}" for r in payload.get("reasons") or []) or "- (no reason recorded)"
+    batches = ", ".join(f"`{b}`" for b in payload.get("batches") or []) or "a batch"
+    return (
+        f"# Started by `tuneflow.champion.degraded`: {payload.get('model', '?')} "
+        f"v{payload.get('champion_version', '?')} degraded on {batches}\n\n"
+        f"Monitoring step {payload.get('step', '?')}: {payload.get('metric', '?')} "
+        f"{_num(payload.get('score'))} on {payload.get('rows', '?')} new rows vs {_num(payload.get('baseline'))} "
+        f"registered (drop {_num(payload.get('drop'))}).\n\n{reasons}\n\n"
+        f"Monitoring run: [{payload.get('monitor_run_id', '?')}]({payload.get('monitor_run_url', '')})\n"
+    )
+
+
+def held_markdown(
+    cfg: PipelineConfig, status: str, reason: str, point: Any, event: dict[str, Any] | None, run_id: str, url: str
+) -> str:
+    """The retrain artifact of a new-data run that monitored and did not train (``retrain_when: degraded``)."""
+    head = f"# Retrain `{cfg.name}`: {status}, not trained here\n\n{reason}.\n\n"
+    if point is not None and point.reasons and status != "degraded":
+        head += "\n".join(f"- {r}" for r in point.reasons) + "\n\n"
+    if event is not None:
+        head += "Emitted `tuneflow.champion.degraded`:\n\n" + "\n".join(f"- {r}" for r in event["reasons"]) + "\n\n"
+    return head + f"MLflow run: [{run_id}]({url})"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
+
+def _drift_cells(point: Any) -> dict[str, str]:
+    result = point.drift_result
+    cells = {}
+    for s in result.stats if result else []:
+        cells[s.name] = f"{s.value:.3f}{' **drift**' if s.drifted else ''} (< {s.threshold:.3f})"
+    return cells
+
+
+def monitor_markdown(points: list[Any], model_name: str, run_url: str, limit: int = 12) -> str:
+    """The monitoring series as a markdown table (Prefect artifact; ``tuneflow monitor`` prints the same rows)."""
+    rows = []
+    for p in points[-limit:]:
+        d = _drift_cells(p)
+        rows.append(
+            f"| {p.step} | {p.at[:16].replace('T', ' ')} | {p.source} | {_cell(', '.join(p.batches), 60)} | {p.rows} | "
+            f"{p.champion_version or '-'} | {_num(p.score)} | {_num(p.baseline)} | {_num(p.drop)} | "
+            f"{d.get('labels', '-')} | {d.get('length', '-')} | {d.get('text', '-')} | **{p.status}** |"
+        )
+    last = points[-1] if points else None
+    why = "\n".join(f"- {_cell(r, 300)}" for r in (last.reasons if last else []))
+    return (
+        f"# Monitoring `{model_name}`\n\n"
+        "| step | time (UTC) | source | batches | rows | champion | score | registered | drop | labels drift "
+        "| length drift | text drift | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + (f"\n\nLast step ({last.status}):\n{why}" if why else "")
+        + f"\n\nMonitoring run: [{run_url}]({run_url})\n"
+    )
+
+
+def monitor_table(points: list[Any], max_drop: float) -> str:
+    """The series as plain text for ``tuneflow monitor``: one line per point, then the reasons of the last."""
+    head = f"{'step':>4}  {'time (UTC)':16}  {'source':7}  {'batches':28}  {'rows':>6}  {'champ':>5}  "
+    head += f"{'metric':>10}  {'score':>7}  {'drop':>7}  {'drift':18}  status"
+    lines = [head]
+    for p in points:
+        drifted = ",".join(s.name for s in (p.drift_result.drifted if p.drift_result else [])) or "-"
+        lines.append(
+            f"{p.step:>4}  {p.at[:16].replace('T', ' '):16}  {p.source:7}  {_clip(', '.join(p.batches), 28):28}  "
+            f"{p.rows:>6}  {p.champion_version or '-':>5}  {p.primary_metric or '-':>10}  {_num(p.score):>7}  "
+            f"{_num(p.drop):>7}  {drifted:18}  {p.status}"
+        )
+    for p in points:
+        for r in p.reasons if p.status != "ok" else []:
+            lines.append(f"  step {p.step}: {r}")
+    lines.append(f"degraded: a drop past monitor.max_drop ({max_drop}) or drift past its threshold")
+    return "\n".join(lines)
+
+
+def production_section(points: list[Any]) -> str:
+    """The model card's "In production" section: the champion's last monitored batches."""
+    if not points:
+        return "## In production\n\nNot monitored on new data yet."
+    rows = "\n".join(
+        f"| {p.at[:10]} | {_cell(', '.join(p.batches), 40)} | {p.rows} | {_num(p.score)} | {_num(p.drop)} | "
+        f"{', '.join(s.name for s in (p.drift_result.drifted if p.drift_result else [])) or 'none'} | {p.status} |"
+        for p in points
+    )
+    metric = points[-1].primary_metric or "score"
+    return (
+        "## In production\n\nThe champion scored on the last batches that landed (tuneflow monitor):\n\n"
+        f"| date | batches | rows | {metric} | drop | drift | status |\n|---|---|---|---|---|---|---|\n{rows}"
+    )
+
+
+def monitor_html(point: Any, model_name: str) -> str:
+    """The drift report of one monitoring step: self-contained (no script, style or font from anywhere)."""
+    from tuneflow.drift import STAT_HELP
+
+    esc = html.escape
+    result = point.drift_result
+    title = f"{model_name}: monitoring step {point.step} ({point.status})"
+    out = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>tuneflow: {esc(title)}</title><style>{_PAGE_STYLE}</style></head><body>",
+        f"<h1>{esc(title)}</h1>",
+        f"<p class='verdict {'FAIL' if point.status == 'degraded' else 'pass'}'>{esc(point.status)}: "
+        f"{point.rows} rows from {esc(', '.join(point.batches))}; champion v{esc(str(point.champion_version))}; "
+        f"{esc(point.at)} UTC</p>",
+    ]
+    if point.reasons:
+        out.append("<ul>" + "".join(f"<li>{esc(r)}</li>" for r in point.reasons) + "</ul>")
+    if point.metrics:
+        out.append("<h2>The champion on these rows</h2><table><tr><th>metric</th><th>value</th></tr>")
+        for k, v in sorted(point.metrics.items()):
+            out.append(f"<tr><td>{esc(k)}</td><td>{v:.4f}</td></tr>")
+        out.append("</table>")
+        if point.baseline is not None:
+            out.append(
+                f"<p>Registered {esc(point.primary_metric)}: {point.baseline:.4f}; drop on these rows: "
+                f"{_num(point.drop)}.</p>"
+            )
+    if point.prediction_counts:
+        out.append("<h2>Predicted labels</h2><table><tr><th>label</th><th>rows</th></tr>")
+        out += [f"<tr><td>{esc(k)}</td><td>{v}</td></tr>" for k, v in point.prediction_counts.items()]
+        out.append("</table>")
+    if result is not None:
+        out.append(
+            "<h2>Drift against the champion's training data</h2><table><tr><th>statistic</th><th>what</th>"
+            "<th>value</th><th>threshold</th><th>from</th><th>drift</th></tr>"
+        )
+        for s in result.stats:
+            out.append(
+                f"<tr><td>{s.name}</td><td>{esc(STAT_HELP[s.name])}</td><td>{s.value:.4f}</td>"
+                f"<td>{s.threshold:.4f}</td><td>{'training-data chunks' if s.derived else 'config'}</td>"
+                f"<td class='{'FAIL' if s.drifted else 'pass'}'>{'yes' if s.drifted else 'no'}</td></tr>"
+            )
+        out.append("</table>")
+        if result.label_counts:
+            out.append("<h3>Labels</h3><table><tr><th>label</th><th>batch</th><th>training sample</th></tr>")
+            for lab, n in result.label_counts.get("batch", {}).items():
+                out.append(
+                    f"<tr><td>{esc(lab)}</td><td>{n}</td><td>{result.label_counts['reference'].get(lab, 0)}</td></tr>"
+                )
+            out.append("</table>")
+        if result.length_quantiles:
+            out.append("<h3>Text length (characters): p10 / p50 / p90</h3><table>")
+            for side, q in result.length_quantiles.items():
+                out.append(f"<tr><td>{esc(side)}</td><td>{' / '.join(f'{v:.0f}' for v in q)}</td></tr>")
+            out.append("</table>")
+        if result.batch_words:
+            out.append(
+                "<h3>Words more frequent in the batch than in the training data</h3><p>"
+                + ", ".join(f"<code>{esc(w)}</code>" for w in result.batch_words)
+                + "</p>"
+            )
+    else:
+        out.append("<p>Drift was not measured (see above).</p>")
+    out.append("</body></html>")
+    return "\n".join(out)
 
 
 def _distribution(frame: pd.DataFrame, labels: list[str]) -> dict[str, int]:
