@@ -6,6 +6,8 @@ Per config (``name`` is the config's name):
                                           ``model:<registry.model_name>`` (every deployment of the model)
     <name>: alert on quarantined batch    ``tuneflow.batch.quarantined`` on ``tuneflow.dataset.<name>``,
                                           emitted by the validate stage of any retrain (deployed or not)
+    <name>: alert on decay                ``tuneflow.champion.degraded`` on ``tuneflow.model.<model name>``: the
+                                          champion degraded on new data (the message says by how much and why)
 
 and one for every flow run of the server (team mode):
 
@@ -29,6 +31,7 @@ import logging
 from typing import Any
 
 from tuneflow.config import PipelineConfig
+from tuneflow.monitor import DEGRADED_EVENT, model_resource
 from tuneflow.watch import QUARANTINED_EVENT, resource_id
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,10 @@ FAILED_BODY = (
     "Flow run: {{ (flow_run|ui_url) or ('id ' ~ flow_run.id ~ ' (no UI URL: set PREFECT_UI_URL on the server)') }}"
 )
 QUARANTINED_BODY = "{{ event.payload.message }}\nFlow run: {{ event.payload.flow_run_url }}"
+DECAY_BODY = (
+    "{{ event.payload.message }}\nMonitoring run: {{ event.payload.monitor_run_url }}\n"
+    "Flow run: {{ event.payload.flow_run_url }}"
+)
 
 
 CRASH_AUTOMATION = "tuneflow: crash unresponsive flow runs"
@@ -101,6 +108,7 @@ def automation_names(cfg: PipelineConfig) -> dict[str, str]:
     return {
         "failed": f"{cfg.name}: alert on failed retrain",
         "quarantined": f"{cfg.name}: alert on quarantined batch",
+        "decay": f"{cfg.name}: alert on decay",
     }
 
 
@@ -169,6 +177,17 @@ def ensure_alerts(cfg: PipelineConfig) -> list[str]:
                 QUARANTINED_BODY,
                 expect={QUARANTINED_EVENT},
                 match={"prefect.resource.id": resource_id(cfg.name)},
+            )
+        )
+    if a.on_decay:
+        wanted.append(
+            alert(
+                names["decay"],
+                f"the champion of {model} degrades on new data",
+                f"tuneflow: {model} degraded on new data",
+                DECAY_BODY,
+                expect={DEGRADED_EVENT},
+                match={"prefect.resource.id": model_resource(model)},
             )
         )
     for name in names.values():  # replace, never duplicate: serve may start many times

@@ -5,6 +5,9 @@ Per config (``name`` is the config's name; a suffix ``-<name>`` is added when se
     retrain/scheduled     the config's ``schedule`` (cron + time zone); only when the config has one
     retrain/on-new-data   trigger: event ``tuneflow.data.arrived`` on resource ``tuneflow.dataset.<name>``;
                           only for a landing-zone config (``data.landing``)
+    retrain/on-decay      trigger: event ``tuneflow.champion.degraded`` on resource ``tuneflow.model.<model name>``
+                          (monitoring found the champion degraded; ``monitor.retrain_when: degraded``);
+                          only for a landing-zone config
     predict/batch         score a file or folder with ``<registry.model_name>@champion``
 
 and, when a webhook URL is configured (``alerts``), the automations of ``tuneflow.flows.alerts``.
@@ -25,6 +28,7 @@ from tuneflow.flows.alerts import ensure_alerts
 from tuneflow.flows.predict import predict
 from tuneflow.flows.retrain import ensure_concurrency_limit, limit_name, retrain_deployed
 from tuneflow.flows.watch import emit_arrival
+from tuneflow.monitor import DEGRADED_EVENT, model_resource
 from tuneflow.watch import EVENT, resource_id, watch_forever
 
 if TYPE_CHECKING:
@@ -45,6 +49,19 @@ def trigger_for(cfg: PipelineConfig, config_path: str):
         # A single-expression template keeps its JSON type (Prefect renders it with `| tojson`), so the
         # run's `trigger` parameter is the payload itself: files, sizes and sha256 digests.
         parameters={"config_path": config_path, "only_if_new_data": True, "trigger": "{{ event.payload }}"},
+    )
+
+
+def decay_trigger_for(cfg: PipelineConfig, config_path: str):
+    """The deployment trigger of ``retrain/on-decay``: one run per ``tuneflow.champion.degraded`` of this model."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name=f"{cfg.name}: retrain on decay",
+        description=f"Retrain {cfg.registry.model_name} when monitoring finds its champion degraded on new data",
+        expect={DEGRADED_EVENT},
+        match={"prefect.resource.id": model_resource(cfg.registry.model_name)},
+        parameters={"config_path": config_path, "trigger": "{{ event.payload }}"},
     )
 
 
@@ -89,6 +106,19 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
                     description=(
                         f"Retrain {cfg.registry.model_name} when tuneflow.data.arrived is emitted for "
                         f"tuneflow.dataset.{cfg.name}"
+                    ),
+                )
+            )
+        if cfg.data.landing:
+            deployments.append(
+                retrain_deployed.to_deployment(
+                    name=f"on-decay{sfx}",
+                    parameters={"config_path": path},
+                    tags=tags,
+                    triggers=[decay_trigger_for(cfg, path)],
+                    description=(
+                        f"Retrain {cfg.registry.model_name} when tuneflow.champion.degraded is emitted for "
+                        f"{model_resource(cfg.registry.model_name)} (monitor.retrain_when: degraded)"
                     ),
                 )
             )

@@ -29,15 +29,17 @@ def test_prefect_yaml_matches_the_configs_and_the_flows():
     from prefect.events import DeploymentEventTrigger
 
     from tuneflow.config import load_config
+    from tuneflow.monitor import DEGRADED_EVENT, model_resource
     from tuneflow.watch import EVENT, resource_id
 
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    assert set(deployments) == {"scheduled", "on-new-data", "batch", "landing"}
+    assert set(deployments) == {"scheduled", "on-new-data", "on-decay", "batch", "landing"}
     flows = {name: _entry(d["entrypoint"]) for name, d in deployments.items()}
     assert {n: f.name for n, f in flows.items()} == {
         "scheduled": "retrain",
         "on-new-data": "retrain",
+        "on-decay": "retrain",
         "batch": "predict",
         "landing": "watch",
     }
@@ -53,6 +55,12 @@ def test_prefect_yaml_matches_the_configs_and_the_flows():
     assert parsed.expect == {EVENT}
     assert trigger["match"] == {"prefect.resource.id": resource_id(cfg.name)}
     assert deployments["batch"]["parameters"]["model"] == f"{cfg.registry.model_name}@champion"
+    # monitoring's decay event retrains the same model, with the event's payload (the decay) as the trigger
+    (decay,) = deployments["on-decay"]["triggers"]
+    parsed = DeploymentEventTrigger.model_validate({k: v for k, v in decay.items() if k != "type"})
+    assert parsed.expect == {DEGRADED_EVENT}
+    assert decay["match"] == {"prefect.resource.id": model_resource(cfg.registry.model_name)}
+    assert decay["parameters"]["trigger"] == "{{ event.payload }}" and "only_if_new_data" not in decay["parameters"]
 
 
 def test_serve_builds_the_deployments_from_the_config(tmp_path, tiny_model_dir):
@@ -64,7 +72,10 @@ def test_serve_builds_the_deployments_from_the_config(tmp_path, tiny_model_dir):
     path.write_text(yaml.safe_dump(raw))
     deployments, _ = build_deployments([str(path)])
     by_name = {d.name: d for d in deployments}
-    assert set(by_name) == {"scheduled", "on-new-data", "batch"}
+    assert set(by_name) == {"scheduled", "on-new-data", "on-decay", "batch"}
+    (decay,) = by_name["on-decay"].triggers
+    assert decay.expect == {"tuneflow.champion.degraded"}
+    assert decay.match.model_dump() == {"prefect.resource.id": "tuneflow.model.tiny-clf"}
     assert by_name["scheduled"].schedules[0].schedule.cron == "0 3 * * 1"
     assert by_name["scheduled"].schedules[0].schedule.timezone == "Europe/Berlin"
     (trigger,) = by_name["on-new-data"].triggers
