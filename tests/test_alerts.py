@@ -66,7 +66,8 @@ def test_only_the_wanted_alerts_and_the_digest_ignores_them(cfg, prefect_harness
     from tuneflow.flows.alerts import ensure_alerts
 
     other = PipelineConfig.model_validate(
-        cfg.model_dump() | {"name": "only-failed", "alerts": {"webhook_url": URL, "on_quarantine": False, "on_decay": False}}
+        cfg.model_dump()
+        | {"name": "only-failed", "alerts": {"webhook_url": URL, "on_quarantine": False, "on_decay": False}}
     )
     assert ensure_alerts(other) == ["only-failed: alert on failed retrain"]
     assert other.digest() == cfg.model_copy(update={"name": "only-failed"}).digest()  # alerts do not shape a model

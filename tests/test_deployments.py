@@ -362,3 +362,72 @@ def test_an_sft_batch_in_the_landing_zone_is_retrained_through_serve(sft_stack):
 
     mv = MlflowClient(sft_stack.mlflow_uri, sft_stack.mlflow_uri).get_model_version("tiny-sft", "1")
     assert mv.tags["tuneflow.kind"] == "sft" and mv.tags["tuneflow.decision"] == "promoted"
+
+
+@pytest.fixture(scope="module")
+def decay_stack(tmp_path_factory, tiny_model_dir):
+    """``monitor.retrain_when: degraded``: new batches are monitored, only decay retrains (retrain/on-decay)."""
+    tmp = tmp_path_factory.mktemp("decay")
+    landing = tmp / "landing"
+    (landing / "incoming").mkdir(parents=True)
+    cfg = tiny_config_dict(Path("unused"), tiny_model_dir)
+    cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
+    cfg["watch"] = {"quiet_seconds": QUIET_S, "poll_seconds": 0.3}
+    cfg["monitor"] = {"retrain_when": "degraded", "min_rows": 50, "max_drop": 0.1}
+    hook = WebhookReceiver()
+    for st in _start_stack(tmp, cfg, landing, "tiny-clf", {"TUNEFLOW_ALERT_WEBHOOK_URL": hook.url}):
+        st.hook = hook
+        yield st
+    hook.server.shutdown()
+
+
+def _drop_rows(stack, name: str, rows) -> None:
+    path = stack.landing / "incoming" / name
+    tmp = path.with_name(name + ".part")
+    rows.to_csv(tmp, index=False)
+    os.rename(tmp, path)
+
+
+def test_retrain_on_decay_monitors_in_distribution_batches_and_retrains_once_on_a_degraded_one(decay_stack):
+    from mlflow import MlflowClient
+
+    st = decay_stack
+    _drop_rows(st, "first.csv", make_rows(150, seed=1))  # no champion yet: the first batch trains v1
+    run = st.wait_run_for("first.csv", timeout=150)
+    assert run.state_type.value == "COMPLETED", st.explain(run)
+    assert st.versions() == ["1"]
+    for i in range(3):  # in distribution: monitored, not retrained
+        _drop_rows(st, f"same-{i}.csv", make_rows(40, seed=20 + i))
+        run = st.wait_run_for(f"same-{i}.csv", timeout=150)
+        assert run.state_type.value == "COMPLETED", st.explain(run)
+    assert st.versions() == ["1"] and st.runs("retrain/on-decay") == []
+    client = MlflowClient(st.mlflow_uri, st.mlflow_uri)
+    exp = client.get_experiment_by_name("tiny")
+    (mon,) = client.search_runs([exp.experiment_id], "tags.`tuneflow.monitor_of` = 'tiny-clf'")
+    assert [m.step for m in client.get_metric_history(mon.info.run_id, "champion/macro_f1")] == [1, 2, 3]
+    assert [m.value for m in client.get_metric_history(mon.info.run_id, "degraded")] == [0.0, 0.0, 0.0]
+
+    flipped = make_rows(40, seed=30)
+    flipped.loc[flipped.label == "spam", "label"] = "ham"
+    flipped.loc[flipped.index[:5], "label"] = "spam"
+    _drop_rows(st, "flipped.csv", flipped)
+    run = st.wait_run_for("flipped.csv", timeout=150)
+    assert run.state_type.value == "COMPLETED", st.explain(run)
+    (decay,) = st.wait_runs("retrain/on-decay", 1, timeout=180)
+    assert decay.state_type.value == "COMPLETED", st.explain(decay)
+    assert decay.parameters["trigger"]["event"] == "tuneflow.champion.degraded"
+    assert decay.parameters["trigger"]["batches"] == ["flipped.csv"]
+    assert st.versions() == ["1", "2"]  # exactly one retrain
+    with st.client() as c:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[decay.id])))
+    text = "\n".join(str(a.data) for a in arts)
+    assert "tuneflow.champion.degraded" in text and "flipped.csv" in text and "max_drop" in text, text[:2000]
+    v2 = client.get_model_version("tiny-clf", "2")
+    assert "flipped.csv" in v2.tags["tuneflow.retrain_cause"]
+    alert = st.hook.wait_for(lambda a: a.get("subject") == "tuneflow: tiny-clf degraded on new data", timeout=90)
+    assert "flipped.csv" in alert["body"] and "max_drop" in alert["body"]
+    time.sleep(5)
+    assert len(st.runs("retrain/on-decay")) == 1
+    assert len([a for a in st.hook.received if "degraded on new data" in a.get("subject", "")]) == 1

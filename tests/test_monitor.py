@@ -214,7 +214,10 @@ def test_unlabelled_predictions_join_the_history_and_say_when_inputs_drift(champ
     assert plain.source == moved.source == "predict"
     assert sum(plain.prediction_counts.values()) == 120 and set(plain.prediction_counts) <= {"ham", "spam"}
     assert plain.status == "ok", plain.reasons
-    assert moved.status == "degraded" and any(r.startswith("text drift") for r in moved.reasons), (moved.reasons, moved.drift)
+    assert moved.status == "degraded" and any(r.startswith("text drift") for r in moved.reasons), (
+        moved.reasons,
+        moved.drift,
+    )
 
 
 def test_the_monitor_command_prints_the_series(champion, capsys):
