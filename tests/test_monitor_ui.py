@@ -62,7 +62,7 @@ def test_the_drift_report_page_reads_offline_in_chromium(tmp_path):
     text = html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))
     expected = [
         "sms-spam-classifier: monitoring step 3 (degraded)",
-        "60 rows from week-49.csv; champion v4",
+        "120 rows from week-49.csv; champion v4",
         "text drift: AUC",
         "Registered macro_f1: 0.9700; drop on these rows: 0.0600",
         "ROC AUC of a classifier telling batch texts from training texts",
