@@ -93,7 +93,7 @@ def test_imports_go_one_way_cli_flows_tasks_library():
 
 def test_every_stage_has_one_task_module():
     tasks = {p.stem for p in (ROOT / "tasks").glob("*.py")} - {"__init__"}
-    assert tasks == {"validate", "tokenize", "train", "evaluate", "register", "predict"}
+    assert tasks == {"validate", "monitor", "tokenize", "train", "evaluate", "register", "predict"}
 
 
 def test_library_log_lines_reach_the_flow_run_logs(prefect_harness):
