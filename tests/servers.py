@@ -73,6 +73,16 @@ def chromium(
     return subprocess.run(base + args, capture_output=True, text=True, timeout=180)
 
 
+def drawn_share(screenshot: Path) -> tuple[float, int]:
+    """(share of pixel rows holding dark pixels, number of colours) of a screenshot: a drawn page, not a blank one."""
+    import numpy as np
+    from matplotlib import image
+
+    pixels = image.imread(screenshot)[..., :3]
+    rows = float((pixels.min(axis=(1, 2)) < 0.5).mean())
+    return rows, len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+
+
 class PrefectApi:
     """Reads from a real Prefect server at ``self.api`` (set by the subclass), for the tests' assertions."""
 

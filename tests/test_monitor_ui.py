@@ -8,9 +8,7 @@ import html
 import re
 import shutil
 
-import numpy as np
 import pytest
-from matplotlib import image
 
 from test_report_page_ui import OFFLINE
 from test_ui import ARTIFACTS
@@ -19,7 +17,7 @@ from tuneflow.monitor import MonitorPoint
 from tuneflow.reporting import monitor_html
 
 from conftest import make_rows
-from servers import CHROMIUM, chromium
+from servers import CHROMIUM, chromium, drawn_share
 
 pytestmark = pytest.mark.ui
 
@@ -72,7 +70,5 @@ def test_the_drift_report_page_reads_offline_in_chromium(tmp_path):
     ]
     missing = [e for e in expected if e not in text]
     assert not missing, f"not on the rendered page: {missing}; see {ARTIFACTS}/monitor-report.*"
-    pixels = image.imread(shot)[..., :3]
-    drawn_rows = (pixels.min(axis=(1, 2)) < 0.5).mean()
-    colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+    drawn_rows, colours = drawn_share(shot)
     assert drawn_rows > 0.1 and colours > 20, (drawn_rows, colours)

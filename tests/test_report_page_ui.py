@@ -9,15 +9,13 @@ import html
 import re
 import shutil
 
-import numpy as np
 import pytest
-from matplotlib import image
 from transformers import AutoTokenizer
 
 from test_landing import quarantined_report_page
 from test_ui import ARTIFACTS
 
-from servers import CHROMIUM, chromium
+from servers import CHROMIUM, chromium, drawn_share
 
 pytestmark = pytest.mark.ui
 
@@ -64,7 +62,5 @@ def test_the_quarantine_report_reads_offline_in_chromium(tmp_path, tiny_model_di
     missing = [e for e in expected if e not in text]
     assert not missing, f"not on the rendered page {url}: {missing}; see {ARTIFACTS}/quarantine-report.*"
     # The screenshot shows a drawn page, not a blank one: text in several colours over most of the height.
-    pixels = image.imread(shot)[..., :3]
-    drawn_rows = (pixels.min(axis=(1, 2)) < 0.5).mean()
-    colours = len(np.unique((pixels * 255).astype(np.uint8).reshape(-1, 3), axis=0))
+    drawn_rows, colours = drawn_share(shot)
     assert drawn_rows > 0.2 and colours > 20, (drawn_rows, colours)
