@@ -31,8 +31,7 @@ import logging
 from typing import Any
 
 from tuneflow.config import PipelineConfig
-from tuneflow.monitor import DEGRADED_EVENT, model_resource
-from tuneflow.watch import QUARANTINED_EVENT, resource_id
+from tuneflow.watch import DEGRADED_EVENT, QUARANTINED_EVENT, model_resource, resource_id
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from tuneflow.config import PipelineConfig, load_config
 from tuneflow.data import TEXT, DataError, check_split, content_digest, split_data
 from tuneflow.evaluate import EvaluateOutput
 from tuneflow.files import file_lock
-from tuneflow.landing import DataCheck, has_new_batches, input_files_digest
+from tuneflow.landing import ACCEPTED, DataCheck, has_new_batches, input_files_digest
 from tuneflow.models import base_model_digest, check_max_length
-from tuneflow.monitor import DEGRADED_EVENT, MonitorOutcome
+from tuneflow.monitor import MonitorOutcome
 from tuneflow.registry import (
     FINGERPRINT_TAG,
     INPUT_FINGERPRINT_TAG,
@@ -70,6 +70,7 @@ from tuneflow.tracking import (
     run_url,
     start_parent_run,
 )
+from tuneflow.watch import DEGRADED_EVENT
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def monitor_new_batches(
     names = [o.path.name for o in checked.gate.accepted]
     if not names:
         return None
-    accepted = Path(config.data.landing).resolve() / "accepted"
+    accepted = Path(config.data.landing).resolve() / ACCEPTED
     return monitor_task(config, accepted, names, run, experiment_id)
 
 
@@ -281,7 +282,8 @@ def hold_unless_degraded(
     which deployment retrain/on-decay turns into a retrain)."""
     logger = get_run_logger()
     name = config.registry.model_name
-    if current_champion(name) is None:
+    champion = current_champion(name) if monitored is None else monitored.champion_version
+    if champion is None:
         logger.info("monitor.retrain_when is degraded, but %s has no champion yet: training the first one", name)
         return None
     status, event = "monitored", None

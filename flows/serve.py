@@ -28,8 +28,7 @@ from tuneflow.flows.alerts import ensure_alerts
 from tuneflow.flows.predict import predict
 from tuneflow.flows.retrain import ensure_concurrency_limit, limit_name, retrain_deployed
 from tuneflow.flows.watch import emit_arrival
-from tuneflow.monitor import DEGRADED_EVENT, model_resource
-from tuneflow.watch import EVENT, resource_id, watch_forever
+from tuneflow.watch import DEGRADED_EVENT, EVENT, model_resource, resource_id, watch_forever
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment

@@ -11,9 +11,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tuneflow.config import PipelineConfig
-from tuneflow.monitor import DEGRADED_EVENT, MonitorOutcome, model_resource, monitor_accepted, read_series
+from tuneflow.monitor import MonitorOutcome, monitor_accepted, read_series
 from tuneflow.reporting import artifact_key, monitor_markdown
 from tuneflow.tracking import RunContext, run_url, stage_run
+from tuneflow.watch import DEGRADED_EVENT, model_resource
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def monitor_task(
     with stage_run(run.parent_run_id, "monitor"):
         outcome = monitor_accepted(cfg, accepted, names, experiment_id)
     url = run_url(experiment_id, outcome.run_id)
-    if outcome.point is None and not outcome.run_id:
+    if outcome.champion_version is None:
         return outcome  # no champion yet: nothing to monitor
     if outcome.point is None:
         logger.info(
@@ -78,7 +79,7 @@ def emit_degraded(
         "score": p.score,
         "baseline": p.baseline,
         "drop": p.drop,
-        "drifted": [s.name for s in (p.drift_result.drifted if p.drift_result else [])],
+        "drifted": p.drifted,
         "reasons": p.reasons,
         "monitor_run_id": outcome.run_id,
         "monitor_run_url": run_url(experiment_id, outcome.run_id),

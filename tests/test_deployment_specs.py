@@ -29,8 +29,7 @@ def test_prefect_yaml_matches_the_configs_and_the_flows():
     from prefect.events import DeploymentEventTrigger
 
     from tuneflow.config import load_config
-    from tuneflow.monitor import DEGRADED_EVENT, model_resource
-    from tuneflow.watch import EVENT, resource_id
+    from tuneflow.watch import DEGRADED_EVENT, EVENT, model_resource, resource_id
 
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}

@@ -19,6 +19,7 @@ comparison is in the README, "Monitoring").
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -70,12 +71,18 @@ class DriftResult:
         return cls(stats, data.get("batch_words", []), data.get("label_counts", {}), data.get("length_quantiles", {}))
 
 
+def label_counts(values: list[str], labels: list[str]) -> dict[str, int]:
+    """Rows per label, in the order of ``labels`` (values outside it are not counted)."""
+    counts = Counter(values)
+    return {name: counts[name] for name in labels}
+
+
 def label_distance(current: list[str], reference: list[str], labels: list[str]) -> float:
     """Jensen-Shannon distance (base 2, in [0, 1]) between the label shares, add-half smoothed."""
     from scipy.spatial.distance import jensenshannon
 
     def shares(values: list[str]) -> np.ndarray:
-        counts = np.array([sum(1 for v in values if v == name) for name in labels], dtype=float) + 0.5
+        counts = np.array(list(label_counts(values, labels).values()), dtype=float) + 0.5
         return counts / counts.sum()
 
     return float(jensenshannon(shares(current), shares(reference), base=2))
@@ -196,8 +203,8 @@ def measure_drift(
     values = _statistics(batch, ref, lengths, features, label_list, labels, seed)
 
     # Reference chunks of the batch's size against the rest of the reference: how far apart two samples of
-    # the training data itself are at this size. The text
-    # statistic fits a classifier per chunk, so it gets ``chunks`` of them; the cheap ones get five times more.
+    # the training data itself are at this size. The text statistic fits a classifier per chunk, so it gets
+    # ``chunks`` of them; the cheap ones get five times more.
     # A reference smaller than twice the batch gives chunks of half its size: noisier, so a higher threshold.
     chunk_values: dict[str, list[float]] = {k: [] for k in values}
     size = min(n, m // 2)
@@ -221,10 +228,7 @@ def measure_drift(
         stats.append(DriftStat(name, values[name], threshold, True))
     result = DriftResult(stats, batch_words(c_texts, r_texts))
     if labels and c_labels is not None and r_labels is not None:
-        result.label_counts = {
-            "batch": {lab: sum(1 for v in c_labels if v == lab) for lab in labels},
-            "reference": {lab: sum(1 for v in r_labels if v == lab) for lab in labels},
-        }
+        result.label_counts = {"batch": label_counts(c_labels, labels), "reference": label_counts(r_labels, labels)}
     result.length_quantiles = {
         side: [float(q) for q in np.percentile([len(t) for t in texts], [10, 50, 90])]
         for side, texts in (("batch", c_texts), ("reference", r_texts))

@@ -31,10 +31,12 @@ import pandas as pd
 from tuneflow.config import MonitorConfig, PipelineConfig, higher_is_better
 from tuneflow.data import LABEL, TEXT, read_table, sft_settings
 from tuneflow.drift import STAT_HELP, DriftResult, measure_drift
+from tuneflow.kinds import get_kind
 from tuneflow.reference import load_reference
 from tuneflow.registry import (
     CARD_TAG,
     MAX_DESCRIPTION,
+    SCORE_TAG,
     RegistryError,
     current_champion,
     kind_of,
@@ -51,16 +53,10 @@ log = logging.getLogger(__name__)
 MONITOR_OF_TAG = "tuneflow.monitor_of"  # on the monitoring run: the registered model it follows
 POINT_TAG = "tuneflow.monitor.point."  # + step (6 digits): the point as JSON
 PENDING_TAG = "tuneflow.monitor.pending"  # JSON list of accepted batch names waiting for min_rows
-DEGRADED_EVENT = "tuneflow.champion.degraded"
 CARD_SECTION = "## In production"
 CARD_POINTS = 5
 
 Status = Literal["ok", "degraded", "not monitored"]
-
-
-def model_resource(model_name: str) -> str:
-    """The Prefect event resource of a registered model (``tuneflow.champion.degraded`` is emitted on it)."""
-    return f"tuneflow.model.{model_name}"
 
 
 @dataclass
@@ -100,12 +96,19 @@ class MonitorPoint:
     def score(self) -> float | None:
         return self.metrics.get(self.primary_metric)
 
+    @property
+    def drifted(self) -> list[str]:
+        """The names of the drift statistics past their thresholds."""
+        result = self.drift_result
+        return [s.name for s in result.drifted] if result is not None else []
+
 
 @dataclass
 class MonitorOutcome:
     """What the monitor stage did with the batches a gate accepted."""
 
-    point: MonitorPoint | None  # None: the batches were pooled, nothing scored yet
+    champion_version: str | None  # None: no champion yet, nothing was monitored
+    point: MonitorPoint | None  # None: nothing scored (no champion, or the batches were pooled)
     pooled: list[str]  # batch names waiting for more rows
     pool_rows: int
     run_id: str = ""
@@ -128,13 +131,13 @@ def find_monitoring_run(model_name: str, experiment_ids: list[str] | None = None
     return runs[0] if runs else None
 
 
-def monitoring_run(model_name: str, experiment_id: str) -> str:
-    """The id of the monitoring run of ``model_name`` (created in ``experiment_id`` when there is none)."""
+def monitoring_run(model_name: str, experiment_id: str) -> Any:
+    """The monitoring run of ``model_name`` with its tags (created in ``experiment_id`` when there is none)."""
     from mlflow import MlflowClient
 
     found = find_monitoring_run(model_name)
     if found is not None:
-        return found.info.run_id
+        return found
     client = MlflowClient()
     run = client.create_run(
         experiment_id,
@@ -142,7 +145,7 @@ def monitoring_run(model_name: str, experiment_id: str) -> str:
         tags={MONITOR_OF_TAG: model_name, "mlflow.note.content": f"Monitoring of {model_name}: one step per batch"},
     )
     client.set_terminated(run.info.run_id, "FINISHED")  # a record, not a process: nothing ever "runs" here
-    return run.info.run_id
+    return run
 
 
 def read_series(model_name: str) -> list[MonitorPoint]:
@@ -158,10 +161,8 @@ def series_of(tags: dict[str, str]) -> list[MonitorPoint]:
     return sorted(points, key=lambda p: p.step)
 
 
-def _pending(run_id: str) -> list[str]:
-    from mlflow import MlflowClient
-
-    raw = MlflowClient().get_run(run_id).data.tags.get(PENDING_TAG, "[]")
+def _pending(tags: dict[str, str]) -> list[str]:
+    raw = tags.get(PENDING_TAG, "[]")
     try:
         names = json.loads(raw)
     except ValueError:
@@ -196,8 +197,8 @@ def rows_digest(frame: pd.DataFrame) -> str:
 
 
 def baseline_score(mv: ModelVersion) -> float | None:
-    """The champion's eval score when it was registered (tag ``tuneflow.challenger_score``)."""
-    raw = (mv.tags or {}).get("tuneflow.challenger_score", "")
+    """The champion's eval score when it was registered (``tuneflow.registry.SCORE_TAG``)."""
+    raw = (mv.tags or {}).get(SCORE_TAG, "")
     try:
         return float(raw)
     except ValueError:
@@ -205,11 +206,8 @@ def baseline_score(mv: ModelVersion) -> float | None:
 
 
 def score_rows(cfg: PipelineConfig, mv: ModelVersion, frame: pd.DataFrame) -> dict[str, float]:
-    """The champion's metrics on ``frame`` (kind sft: a seeded sample of ``monitor.sft_rows`` rows)."""
-    rows = frame
-    if kind_of(mv) == "sft" and len(rows) > cfg.monitor.sft_rows:
-        rows = rows.sample(n=cfg.monitor.sft_rows, random_state=0).reset_index(drop=True)
-    return score_version(cfg, mv, rows).metrics
+    """The champion's metrics on the rows of ``frame`` its kind scores (kind sft: a seeded sample)."""
+    return score_version(cfg, mv, get_kind(kind_of(mv)).monitor_rows(frame, cfg)).metrics
 
 
 def decide(cfg: PipelineConfig, point: MonitorPoint) -> None:
@@ -230,7 +228,7 @@ def decide(cfg: PipelineConfig, point: MonitorPoint) -> None:
 
 
 def measure_point(
-    cfg: PipelineConfig, mv: ModelVersion | None, frame: pd.DataFrame, names: list[str], step: int
+    cfg: PipelineConfig, mv: ModelVersion, frame: pd.DataFrame, names: list[str], step: int
 ) -> MonitorPoint:
     """Score the champion ``mv`` on ``frame`` and measure drift; never raises for a champion that cannot be
     scored (the point is "not monitored" with the reason)."""
@@ -241,13 +239,10 @@ def measure_point(
         batches=list(names),
         rows=len(frame),
         digest=rows_digest(frame),
-        champion_version=None if mv is None else str(mv.version),
+        champion_version=str(mv.version),
         status="not monitored",
         primary_metric=cfg.evaluate.primary_metric,
     )
-    if mv is None:
-        point.reasons = ["no champion yet: nothing to monitor"]
-        return point
     if kind_of(mv) != cfg.kind:
         point.reasons = [f"champion v{mv.version} is of kind {kind_of(mv)}, this config is {cfg.kind}"]
         return point
@@ -262,8 +257,7 @@ def measure_point(
         point.drop = diff if higher_is_better(point.primary_metric) else -diff
     reference, why_not = load_reference(mv)
     if reference is not None:
-        labels = list(cfg.data.labels) if cfg.kind == "classification" else None
-        point.drift = drift_of(cfg.monitor, frame, reference, labels).to_json()
+        point.drift = drift_of(cfg.monitor, frame, reference, get_kind(cfg.kind).drift_labels(cfg)).to_json()
     else:
         log.info("drift not measured: %s", why_not)
     decide(cfg, point)
@@ -337,7 +331,7 @@ def point_metrics(point: MonitorPoint) -> dict[str, float]:
     """The point's MLflow metrics (logged at ``step``): what the run's charts show."""
     out: dict[str, float] = {"rows": float(point.rows), "degraded": float(point.status == "degraded")}
     for name, value in point.metrics.items():
-        if name == point.primary_metric or name == "accuracy" or name.startswith("recall_") or name in ("chrf",):
+        if name in (point.primary_metric, "accuracy", "chrf") or name.startswith("recall_"):
             out[f"champion/{name}"] = float(value)
     if point.drop is not None:
         out["drop"] = float(point.drop)
@@ -351,8 +345,9 @@ def point_metrics(point: MonitorPoint) -> dict[str, float]:
     return out
 
 
-def record_point(point: MonitorPoint, run_id: str, model_name: str) -> None:
-    """Log ``point`` on the monitoring run: metrics at its step, its JSON tag, its report page, the plot."""
+def record_point(point: MonitorPoint, run_id: str, model_name: str, earlier: list[MonitorPoint]) -> list[MonitorPoint]:
+    """Log ``point`` on the monitoring run: metrics at its step, its JSON tag, its report page, the plot of
+    ``earlier`` points and this one. Returns that series."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -362,18 +357,16 @@ def record_point(point: MonitorPoint, run_id: str, model_name: str) -> None:
     metrics = [Metric(k, v, now, point.step) for k, v in point_metrics(point).items()]
     client.log_batch(run_id, metrics=metrics)
     client.set_tag(run_id, f"{POINT_TAG}{point.step:06d}", point.to_json())
-    series = series_of(client.get_run(run_id).data.tags)
+    series = [*earlier, point]
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / Path(point.report).name
         page.write_text(monitor_html(point, model_name), encoding="utf-8")
         client.log_artifact(run_id, str(page), "reports")
         client.log_artifact(run_id, str(plot_series(series, Path(tmp) / "series.png", model_name)))
+    return series
 
 
-def next_step(run_id: str) -> int:
-    from mlflow import MlflowClient
-
-    series = series_of(MlflowClient().get_run(run_id).data.tags)
+def next_step(series: list[MonitorPoint]) -> int:
     return series[-1].step + 1 if series else 1
 
 
@@ -402,9 +395,11 @@ def monitor_accepted(cfg: PipelineConfig, accepted: Path, names: list[str], expe
     champion = current_champion(name)
     if champion is None:  # nothing to monitor: these batches train the first version
         log.info("monitoring: %s has no champion yet; nothing to score on %s", name, ", ".join(names))
-        return MonitorOutcome(None, [], 0)
-    run_id = monitoring_run(name, experiment_id)
-    pool = [n for n in _pending(run_id) if n not in names] + list(names)
+        return MonitorOutcome(None, None, [], 0)
+    version = str(champion.version)
+    run = monitoring_run(name, experiment_id)
+    run_id, tags = run.info.run_id, run.data.tags
+    pool = [n for n in _pending(tags) if n not in names] + list(names)
     frame = read_batches(cfg, accepted, pool)
     client = MlflowClient()
     if len(frame) < cfg.monitor.min_rows:
@@ -415,14 +410,15 @@ def monitor_accepted(cfg: PipelineConfig, accepted: Path, names: list[str], expe
             ", ".join(pool),
             cfg.monitor.min_rows,
         )
-        return MonitorOutcome(None, pool, len(frame), run_id)
-    point = measure_point(cfg, champion, frame, pool, next_step(run_id))
-    record_point(point, run_id, name)
+        return MonitorOutcome(version, None, pool, len(frame), run_id)
+    earlier = series_of(tags)
+    point = measure_point(cfg, champion, frame, pool, next_step(earlier))
+    series = record_point(point, run_id, name, earlier)
     client.set_tag(run_id, PENDING_TAG, "[]")
     if point.status != "not monitored":
-        update_card(name, str(champion.version), read_series(name))
+        update_card(name, version, series)
     log.info("monitoring step %d (%s): %s %s", point.step, ", ".join(pool), point.status, "; ".join(point.reasons))
-    return MonitorOutcome(point, [], len(frame), run_id)
+    return MonitorOutcome(version, point, [], len(frame), run_id)
 
 
 def monitor_predictions(m: MonitorConfig, mv: ModelVersion, frame: pd.DataFrame, source: str) -> MonitorPoint:
@@ -430,11 +426,11 @@ def monitor_predictions(m: MonitorConfig, mv: ModelVersion, frame: pd.DataFrame,
     classification); its predicted-label distribution and input drift against ``mv``'s training data."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
-    experiment_id = client.get_run(mv.run_id).info.experiment_id
-    run_id = monitoring_run(mv.name, experiment_id)
+    experiment_id = MlflowClient().get_run(mv.run_id).info.experiment_id
+    run = monitoring_run(mv.name, experiment_id)
+    earlier = series_of(run.data.tags)
     point = MonitorPoint(
-        step=next_step(run_id),
+        step=next_step(earlier),
         at=datetime.now(UTC).isoformat(timespec="seconds"),
         source="predict",
         batches=[source],
@@ -444,7 +440,7 @@ def monitor_predictions(m: MonitorConfig, mv: ModelVersion, frame: pd.DataFrame,
         status="not monitored",
         primary_metric="",
     )
-    classification = kind_of(mv) == "classification" and LABEL in frame.columns
+    classification = LABEL in frame.columns  # kind classification's predictions; sft output has no label
     if classification:
         point.prediction_counts = {str(k): int(v) for k, v in frame[LABEL].value_counts().sort_index().items()}
     reference, why_not = load_reference(mv)
@@ -457,8 +453,9 @@ def monitor_predictions(m: MonitorConfig, mv: ModelVersion, frame: pd.DataFrame,
         point.drift = drift_of(m, frame, reference, labels).to_json()
         drifted = point.drift_result.drifted
         point.status = "degraded" if drifted else "ok"
-        point.reasons = [f"{s.name} drift: {s.value:.4f} > threshold {s.threshold:.4f}" for s in drifted]
-        if classification:
-            point.reasons = [r.replace("labels drift", "predicted-labels drift") for r in point.reasons]
-    record_point(point, run_id, mv.name)
+        point.reasons = [
+            f"{'predicted-labels' if s.name == 'labels' else s.name} drift: {s.value:.4f} > threshold {s.threshold:.4f}"
+            for s in drifted
+        ]
+    record_point(point, run.info.run_id, mv.name, earlier)
     return point

@@ -300,12 +300,15 @@ def version_tags(lineage: dict[str, str], reports: list[Any] | None) -> dict[str
     return tags
 
 
+SCORE_TAG = "tuneflow.challenger_score"  # a version's primary metric on its eval split when it was registered
+
+
 def decision_tags(decision: Decision) -> dict[str, str]:
     return {
         f"{TAG}decision": "promoted" if decision.promote else "rejected",
         f"{TAG}decision_reason": decision.reason,
         f"{TAG}primary_metric": decision.metric,
-        f"{TAG}challenger_score": f"{decision.challenger_score:.6f}",
+        SCORE_TAG: f"{decision.challenger_score:.6f}",
         f"{TAG}champion_score": "" if decision.champion_score is None else f"{decision.champion_score:.6f}",
         f"{TAG}champion_version_before": decision.champion_version or "",
     }

@@ -10,6 +10,8 @@ import html
 from typing import TYPE_CHECKING, Any
 
 from tuneflow.data import LABEL
+from tuneflow.drift import STAT_HELP
+from tuneflow.watch import DEGRADED_EVENT
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -269,7 +271,7 @@ def nothing_new_markdown(cfg: PipelineConfig) -> str:
 
 def trigger_markdown(trigger: dict[str, Any]) -> str:
     """The triggering event as a table (shown as an artifact of the run it started)."""
-    if trigger.get("event") == "tuneflow.champion.degraded":
+    if trigger.get("event") == DEGRADED_EVENT:
         return decay_markdown(trigger)
     files = trigger.get("files") or []
     rows = "\n".join(f"| `{f.get('name')}` | {f.get('size', '')} | `{f.get('sha256', '')}` |" for f in files)
@@ -319,7 +321,7 @@ def _drift_cells(point: Any) -> dict[str, str]:
 
 
 def monitor_markdown(points: list[Any], model_name: str, run_url: str, limit: int = 12) -> str:
-    """The monitoring series as a markdown table (Prefect artifact; ``tuneflow monitor`` prints the same rows)."""
+    """The monitoring series as a markdown table with every drift value and threshold (the Prefect artifact)."""
     rows = []
     for p in points[-limit:]:
         d = _drift_cells(p)
@@ -346,7 +348,7 @@ def monitor_table(points: list[Any], max_drop: float) -> str:
     head += f"{'metric':>10}  {'score':>7}  {'drop':>7}  {'drift':18}  status"
     lines = [head]
     for p in points:
-        drifted = ",".join(s.name for s in (p.drift_result.drifted if p.drift_result else [])) or "-"
+        drifted = ",".join(p.drifted) or "-"
         lines.append(
             f"{p.step:>4}  {p.at[:16].replace('T', ' '):16}  {p.source:7}  {_clip(', '.join(p.batches), 28):28}  "
             f"{p.rows:>6}  {p.champion_version or '-':>5}  {p.primary_metric or '-':>10}  {_num(p.score):>7}  "
@@ -365,7 +367,7 @@ def production_section(points: list[Any]) -> str:
         return "## In production\n\nNot monitored on new data yet."
     rows = "\n".join(
         f"| {p.at[:10]} | {_cell(', '.join(p.batches), 40)} | {p.rows} | {_num(p.score)} | {_num(p.drop)} | "
-        f"{', '.join(s.name for s in (p.drift_result.drifted if p.drift_result else [])) or 'none'} | {p.status} |"
+        f"{', '.join(p.drifted) or 'none'} | {p.status} |"
         for p in points
     )
     metric = points[-1].primary_metric or "score"
@@ -377,8 +379,6 @@ def production_section(points: list[Any]) -> str:
 
 def monitor_html(point: Any, model_name: str) -> str:
     """The drift report of one monitoring step: self-contained (no script, style or font from anywhere)."""
-    from tuneflow.drift import STAT_HELP
-
     esc = html.escape
     result = point.drift_result
     title = f"{model_name}: monitoring step {point.step} ({point.status})"

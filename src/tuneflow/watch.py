@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 EVENT = "tuneflow.data.arrived"  # the Prefect event a settled burst is announced as
 QUARANTINED_EVENT = "tuneflow.batch.quarantined"  # emitted by a retrain whose gate quarantined batches
+DEGRADED_EVENT = "tuneflow.champion.degraded"  # emitted by a monitor stage that found the champion degraded
 STATE_FILE = ".watch-state.json"
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 MAX_SEEN = 10_000  # digests remembered; older ones are dropped first
@@ -41,6 +42,11 @@ MAX_SEEN = 10_000  # digests remembered; older ones are dropped first
 def resource_id(dataset: str) -> str:
     """The event resource a deployment trigger matches on: one per dataset (the config's ``name``)."""
     return f"tuneflow.dataset.{dataset}"
+
+
+def model_resource(model_name: str) -> str:
+    """The event resource of a registered model (``tuneflow.champion.degraded`` is emitted on it)."""
+    return f"tuneflow.model.{model_name}"
 
 
 @dataclass

@@ -76,6 +76,12 @@ class FineTuningKind(Protocol):
     def empty_output(self) -> Any:
         """The model output of zero rows."""
 
+    def monitor_rows(self, frame: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+        """The rows of a new batch the champion is scored on by monitoring (e.g. a bounded sample)."""
+
+    def drift_labels(self, cfg: PipelineConfig) -> list[str] | None:
+        """The label set whose distribution monitoring compares with the training data; None: no labels."""
+
 
 def get_kind(name: str) -> FineTuningKind:
     """The kind called ``name`` (``PipelineConfig.kind``)."""

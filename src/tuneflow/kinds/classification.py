@@ -208,3 +208,9 @@ class Classification:
 
     def empty_output(self) -> pd.DataFrame:
         return pd.DataFrame(columns=["label", "score"])
+
+    def monitor_rows(self, frame: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+        return frame  # scoring every row of a batch is cheap (a forward pass each)
+
+    def drift_labels(self, cfg: PipelineConfig) -> list[str] | None:
+        return list(cfg.data.labels)

@@ -442,3 +442,12 @@ class Sft:
 
     def empty_output(self) -> Any:
         return []
+
+    def monitor_rows(self, frame: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+        """A seeded sample of ``monitor.sft_rows`` rows: loss and generations cost seconds per row on a CPU."""
+        if len(frame) <= cfg.monitor.sft_rows:
+            return frame
+        return frame.sample(n=cfg.monitor.sft_rows, random_state=0).reset_index(drop=True)
+
+    def drift_labels(self, cfg: PipelineConfig) -> list[str] | None:
+        return None  # the "label" of a row is a free-text response
