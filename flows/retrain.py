@@ -26,6 +26,7 @@ from tuneflow.config import PipelineConfig, load_config
 from tuneflow.data import TEXT, DataError, check_split, content_digest, split_data
 from tuneflow.evaluate import EvaluateOutput
 from tuneflow.files import file_lock
+from tuneflow.flows.slot import hold_slot
 from tuneflow.landing import ACCEPTED, DataCheck, has_new_batches, input_files_digest
 from tuneflow.models import base_model_digest, check_max_length
 from tuneflow.monitor import MonitorOutcome
@@ -358,26 +359,23 @@ def model_slot(model_name: str) -> Iterator[None]:
     """One retrain of ``model_name`` at a time, for ``tuneflow run``: the Prefect slot of deployed runs
     (``retrain-<model name>``) when a Prefect server is configured (``PREFECT_API_URL``), and always the
     machine-local lock that deployed runs also take, so a CLI run and a deployed run never overlap."""
-    from prefect.concurrency.sync import concurrency
-
     server = bool(os.environ.get("PREFECT_API_URL"))
     if server:
         ensure_concurrency_limit(limit_name(model_name))
     lock = local_slot_path(model_name)
     log.info("waiting for the retrain slot of %s (one retrain of a model at a time)", model_name)
     with (
-        concurrency(limit_name(model_name), occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS)
-        if server
-        else nullcontext(),
+        hold_slot(limit_name(model_name), SLOT_LEASE_SECONDS) if server else nullcontext(),
         file_lock(lock, what=f"another retrain of {model_name} (lock {lock})"),
     ):
         log.info("got the retrain slot of %s", model_name)
         yield
 
 
-# The slot is a lease the holder renews every 45 s; when its process dies (a worker killed, a machine lost) the
-# server frees it once the lease runs out. Prefect's default lease is 300 s, its minimum 60 s (prefect 3.9):
-# with 60 s a crashed retrain blocks the model's next retrain for about a minute instead of five.
+# The slot is a lease the holder renews every 15 s (flows/slot.py); when its process dies (a worker killed, a
+# machine lost) the server frees it once the lease runs out. Prefect's default lease is 300 s, its minimum 60 s
+# (prefect 3.9): with 60 s a crashed retrain blocks the model's next retrain for about a minute instead of five.
+# An outage of Prefect's API does not stop the run; see hold_slot.
 SLOT_LEASE_SECONDS = 60
 
 
@@ -436,8 +434,6 @@ def retrain_deployed(
     Returns:
         the retrain result, or ``{"status": "nothing new", ...}``.
     """
-    from prefect.concurrency.sync import concurrency
-
     configure_environment()
     logger = get_run_logger()
     config = load_config(config_path, overrides or [])
@@ -452,7 +448,7 @@ def retrain_deployed(
     ensure_concurrency_limit(slot)
     logger.info("waiting for the retrain slot %r (one retrain of %s at a time)", slot, config.registry.model_name)
     with (
-        concurrency(slot, occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS),
+        hold_slot(slot, SLOT_LEASE_SECONDS),
         file_lock(local_slot_path(config.registry.model_name)),
     ):
         logger.info("got the retrain slot %r", slot)
