@@ -275,6 +275,8 @@ def team(tmp_path_factory, tiny_model_dir):
                 "PREFECT_HOME": str(tmp / "prefect-server" / "home"),
                 "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{db_url}/prefect",
                 "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",  # test only: the cron run is made sooner
+                # as the README's team-mode recipe: slot leases on disk survive a server restart
+                "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
                 # The UI calls the API at PREFECT_UI_API_URL (default: port 4200); alerts link to PREFECT_UI_URL.
                 "PREFECT_UI_API_URL": st.api,
                 "PREFECT_UI_URL": st.api.removesuffix("/api"),
