@@ -269,3 +269,67 @@ def test_unexpected_requirement_lines_are_refused(real_folders, name, line, name
     with pytest.raises(UntrustedModel, match="Fix:") as refused:
         check_folder(folder, "classification", "tampered")
     assert named in str(refused.value) and name in str(refused.value)
+
+
+# --- tuneflow verify when the download fails, and verify --download
+
+
+def test_verify_ends_in_one_clear_error_when_the_download_fails(workdir, register_tiny, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from servers import free_port
+
+    register_tiny("gone-clf", decide("macro_f1", 0.5, None, None, 0.0))
+    assert main(["verify", "gone-clf/7"]) == 2  # unknown version
+    err = capsys.readouterr().err
+    assert "gone-clf version 7 not found" in err and "Fix:" in err
+    # the version's files deleted from the artifact store: a download problem, not an untrusted model
+    for mlmodel in list((workdir / "mlruns").rglob("MLmodel")):
+        shutil.rmtree(mlmodel.parent)
+    kept = workdir / "kept"
+    for extra in ([], ["--download", str(kept)]):
+        assert main(["verify", "gone-clf/1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "could not download gone-clf v1" in err and "Fix:" in err and "refusing" not in err, err
+        assert len([line for line in err.splitlines() if "Fix:" in line]) == 1 and not kept.exists()  # one paragraph
+    # the registry unreachable (a tracking server nobody listens on): one paragraph, exit 2, no traceback
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tuneflow", "verify", "gone-clf@champion"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Fix:" in done.stderr and "could not read" in done.stderr
+
+
+def test_verify_download_keeps_the_checked_files_and_a_changed_byte_is_refused(workdir, register_tiny, capsys):
+    from tuneflow.trust import RECORD, check_kept
+
+    register_tiny("kept-clf", decide("macro_f1", 0.5, None, None, 0.0))
+    kept = workdir / "kept"
+    assert main(["verify", "kept-clf@champion", "--download", str(kept)]) == 0
+    assert f"kept in {kept}" in capsys.readouterr().out
+    record = json.loads((kept / RECORD).read_text())
+    assert (record["model"], record["version"], record["kind"]) == ("kept-clf", "1", "classification")
+    assert record["files"]["model/model.safetensors"] and (kept / "MLmodel").is_file()
+    assert check_kept(kept)["version"] == "1"
+    assert main(["verify", "kept-clf@champion", "--download", str(kept)]) == 2  # never mixed with older files
+    assert "not an empty folder" in capsys.readouterr().err
+    with (kept / "model" / "model.safetensors").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UntrustedModel, match="model/model.safetensors changed"):
+        check_kept(kept)
+    assert main(["serve-model", str(kept)]) == 2
+    assert "model/model.safetensors changed" in capsys.readouterr().err
+    # a check that fails leaves nothing behind to serve
+    (workdir / "bad").mkdir()
+    client = MlflowClient()
+    client.set_model_version_tag("kept-clf", "1", "tuneflow.kind", "unknown")
+    assert main(["verify", "kept-clf/1", "--download", str(workdir / "bad")]) == 2
+    assert not (workdir / "bad").exists()
