@@ -1,5 +1,6 @@
 """Using the champion: the batch scoring flow (Prefect test harness, real MLflow store) and
-`mlflow models serve` on a loopback port, offline, with the local environment."""
+`tuneflow serve-model` (MLflow's scoring server on a checked folder) on a loopback port, offline, with the
+local environment."""
 
 from __future__ import annotations
 
@@ -79,41 +80,10 @@ def test_predict_flow_scores_a_folder_and_logs_a_summary(champion, workdir, pref
     assert "holds no" in capsys.readouterr().err
 
 
-def test_mlflow_models_serve_answers_with_a_label(champion, workdir):
-    port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
-        # The server starts uvicorn from PATH: use the one of this interpreter's environment.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    log = (workdir / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{NAME}@champion",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
+def test_serve_model_answers_with_a_label_and_removes_its_download(champion, workdir):
+    """`tuneflow serve-model NAME@champion`: MLflow's scoring server on loopback, offline, local environment."""
+    (workdir / "tmp").mkdir()
+    proc, base, log = _serve_model(f"{NAME}@champion", workdir, "serve.log")
     try:
         wait_until_up(f"{base}/ping", proc, workdir / "serve.log")
         req = urllib.request.Request(
@@ -136,6 +106,7 @@ def test_mlflow_models_serve_answers_with_a_label(champion, workdir):
     finally:
         stop_group(proc)
         log.close()
+    assert list((workdir / "tmp").iterdir()) == []  # the checked download went with the server
 
 
 def test_texts_longer_than_max_length_are_cut_as_in_training(workdir, register_tiny, prefect_harness):
@@ -154,3 +125,69 @@ def test_texts_longer_than_max_length_are_cut_as_in_training(workdir, register_t
     score_path("long-clf@champion", short, workdir / "first32.scored.csv")
     cut = pd.read_csv(workdir / "first32.scored.csv")
     assert cut["score"].iloc[0] == pytest.approx(scored["score"].iloc[2], abs=1e-6)
+
+
+def _serve_model(target: str, workdir: Path, log_name: str) -> tuple[subprocess.Popen, str, object]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}",
+        "TMPDIR": str(workdir / "tmp"),  # where serve-model downloads: the test sees it emptied after
+    }
+    log = (workdir / log_name).open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuneflow", "serve-model", target, "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def _labels(base: str) -> set[str]:
+    req = urllib.request.Request(
+        f"{base}/invocations",
+        data=json.dumps({"inputs": ["WINNER! claim your prize", "see you at lunch"]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return {p["label"] for p in json.loads(r.read())["predictions"]}
+
+
+def test_serve_model_serves_the_checked_bytes_even_after_the_alias_moved(champion, workdir, tiny_model_dir, capsys):
+    from mlflow import MlflowClient
+    from transformers import AutoTokenizer
+
+    from tuneflow.cli import main
+    from tuneflow.kinds.classification import load_base_model
+    from tuneflow.registry import register_version
+
+    from conftest import tiny_registry_config
+
+    (workdir / "tmp").mkdir()
+    kept = workdir / "kept"
+    assert main(["verify", f"{NAME}@champion", "--download", str(kept)]) == 0
+    capsys.readouterr()
+    # then champion moves to a version with other labels
+    cfg = tiny_registry_config(NAME, tiny_model_dir)
+    with mlflow.start_run():
+        v2 = register_version(
+            load_base_model(cfg.model, ["no", "yes"]),
+            AutoTokenizer.from_pretrained(str(tiny_model_dir)),
+            cfg,
+            decide("macro_f1", 0.95, None, None, 0.0),
+            {},
+            "card",
+            ["hi"],
+        )
+    MlflowClient().set_registered_model_alias(NAME, "champion", v2.version)
+
+    proc, base, log = _serve_model(str(kept), workdir, "serve-kept.log")
+    try:
+        wait_until_up(f"{base}/ping", proc, workdir / "serve-kept.log")
+        assert _labels(base) <= {"ham", "spam"}  # v1's labels: the folder verify checked, not today's champion (v2)
+    finally:
+        stop_group(proc)
+        log.close()
+    assert (kept / "MLmodel").is_file()  # the kept folder stays as checked

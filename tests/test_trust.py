@@ -137,3 +137,199 @@ def test_a_version_without_tuneflow_tags_is_refused(workdir, register_tiny):
     with pytest.raises(UntrustedModel, match="not registered by tuneflow"):
         check_lineage(get_version("plain-clf", "1"))
     assert score_version  # the same check guards every load (registry.score_version, predict.score_path)
+
+
+# --- What a real version's MLmodel and environment files hold, and every key that would send loading elsewhere
+
+
+@pytest.fixture(scope="module")
+def pristine_folders(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """One real registered version of each kind (classification, sft), downloaded once: kind -> folder."""
+    from transformers import AutoTokenizer
+
+    from sft_fixtures import build_tiny_llama, sft_config
+    from tuneflow.config import PipelineConfig
+    from tuneflow.kinds import get_kind
+    from tuneflow.registry import register_version
+    from tuneflow.tracking import configure_tracking, ensure_experiment
+
+    from conftest import tiny_registry_config
+
+    root = tmp_path_factory.mktemp("real-versions")
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    configure_tracking(root)
+    ensure_experiment("real-versions")
+    clf = tiny_registry_config("real-clf", tiny_model_dir)
+    sft_cfg = PipelineConfig.model_validate(sft_config(build_tiny_llama(root / "llama"), root / "unused.csv"))
+    out = {}
+    try:
+        for kind, cfg, metric in (("classification", clf, "macro_f1"), ("sft", sft_cfg, "eval_loss")):
+            k = get_kind(kind)
+            tok = k.prepare_tokenizer(AutoTokenizer.from_pretrained(cfg.model.base_model), cfg)
+            with mlflow.start_run():
+                decision = decide(metric, 0.5, None, None, 0.0)
+                mv = register_version(k.load_model(cfg), tok, cfg, decision, {}, "card", ["hi"])
+            uri = f"models:/{mv.name}/{mv.version}"
+            out[kind] = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(root / kind)))
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+    return out
+
+
+@pytest.fixture
+def real_folders(pristine_folders, tmp_path) -> dict[str, Path]:
+    """A copy of each kind's real version, to tamper with."""
+    return {k: Path(shutil.copytree(v, tmp_path / k)) for k, v in pristine_folders.items()}
+
+
+def _mlmodel(folder: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((folder / "MLmodel").read_text())
+
+
+def test_the_check_allows_exactly_the_mlmodel_keys_real_versions_have(real_folders):
+    from tuneflow.trust import MLMODEL_KEYS, PYFUNC_KEYS, TRANSFORMERS_KEYS
+
+    seen: dict[str, set[str]] = {"top": set(), "python_function": set(), "transformers": set()}
+    for kind, folder in real_folders.items():
+        check_folder(folder, kind, kind)  # real versions pass
+        mlmodel = _mlmodel(folder)
+        seen["top"] |= set(mlmodel)
+        for flavor in ("python_function", "transformers"):
+            seen[flavor] |= set(mlmodel["flavors"][flavor])
+    # the lists in trust.py are the union of what MLflow writes for tuneflow's two kinds: nothing more
+    assert seen == {"top": MLMODEL_KEYS, "python_function": PYFUNC_KEYS, "transformers": TRANSFORMERS_KEYS}
+
+
+# (kind, flavor or None for the top, key, value, what the refusal must name)
+TAMPERED_MLMODEL = [
+    ("classification", "python_function", "data", "/tmp/elsewhere", "python_function.data"),
+    ("sft", "python_function", "data", "model", "python_function.data"),
+    ("classification", "python_function", "predict_fn", "__init__", "python_function.predict_fn"),
+    ("classification", "python_function", "env", {"conda": "/etc/conda.yaml"}, "python_function.env"),
+    ("classification", "python_function", "config", {"trust_remote_code": True}, "python_function.config"),
+    ("classification", "transformers", "pipeline_model_type", "EvilForSequenceClassification", "EvilFor"),
+    ("sft", "transformers", "pipeline_model_type", "BertForSequenceClassification", "BertFor"),
+    ("classification", "transformers", "model_binary", "/tmp/elsewhere/model", "transformers.model_binary"),
+    ("classification", "transformers", "model_binary", "../../model", "transformers.model_binary"),
+    ("classification", "transformers", "local_base_model_path", "/tmp/base", "local_base_model_path"),
+    ("sft", "transformers", "source_model_revision", "0" * 40, "source_model_revision"),
+    ("sft", "transformers", "peft_adaptor", "peft", "peft_adaptor"),
+    ("classification", "transformers", "feature_extractor_type", "BertTokenizer", "feature_extractor_type"),
+    ("classification", "transformers", "processor_type", "AutoProcessor", "processor_type"),
+    ("classification", "transformers", "components", ["tokenizer", "/tmp/x"], "transformers.components"),
+    ("classification", "transformers", "tokenizer_type", "EvilTokenizer", "EvilTokenizer"),
+    ("classification", "transformers", "tokenizer_type", "BertModel", "BertModel"),  # a class, not a tokenizer
+    ("sft", "transformers", "torch_dtype", "os.system", "transformers.torch_dtype"),
+    ("sft", None, "metadata", {"task": "llm/v1/chat", "prompt_template": "{prompt}"}, "metadata"),
+    ("classification", None, "resources", {"x": 1}, "resources"),
+]
+
+
+@pytest.mark.parametrize(("kind", "flavor", "key", "value", "named"), TAMPERED_MLMODEL)
+def test_every_mlmodel_key_that_sends_loading_elsewhere_is_refused(real_folders, kind, flavor, key, value, named):
+    import yaml
+
+    folder = real_folders[kind]
+    mlmodel = _mlmodel(folder)
+    (mlmodel["flavors"][flavor] if flavor else mlmodel)[key] = value
+    (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(UntrustedModel, match="Fix:") as refused:
+        check_folder(folder, kind, "tampered")
+    assert named in str(refused.value) and "MLmodel" in str(refused.value)
+
+
+def _append(path: Path, text: str) -> None:
+    path.write_text(path.read_text().rstrip("\n") + "\n" + text + "\n")
+
+
+TAMPERED_ENV = [
+    ("requirements.txt", "evil-package==1.0", "evil-package==1.0"),
+    ("requirements.txt", "-e git+https://example.com/evil.git#egg=evil", "-e git+https"),
+    ("requirements.txt", "--index-url http://example.com/simple", "--index-url"),
+    ("requirements.txt", "torch @ https://example.com/torch.whl", "torch @ https"),
+    ("requirements.txt", "git+https://example.com/evil.git", "git+https"),
+    ("requirements.txt", "-r other.txt", "-r other.txt"),
+    ("conda.yaml", "- pip:\n  - evil-package==1.0", "conda.yaml"),
+    ("python_env.yaml", "- evil-package==1.0", "python_env.yaml"),
+]
+
+
+@pytest.mark.parametrize(("name", "line", "named"), TAMPERED_ENV)
+def test_unexpected_requirement_lines_are_refused(real_folders, name, line, named):
+    folder = real_folders["classification"]
+    if name == "conda.yaml":  # a second pip list in the dependencies
+        _append(folder / name, "")
+        text = (folder / name).read_text().replace("name: mlflow-env", "")
+        (folder / name).write_text(text.replace("dependencies:\n", f"dependencies:\n{line}\n", 1))
+    else:
+        _append(folder / name, line)
+    with pytest.raises(UntrustedModel, match="Fix:") as refused:
+        check_folder(folder, "classification", "tampered")
+    assert named in str(refused.value) and name in str(refused.value)
+
+
+# --- tuneflow verify when the download fails, and verify --download
+
+
+def test_verify_ends_in_one_clear_error_when_the_download_fails(workdir, register_tiny, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from servers import free_port
+
+    register_tiny("gone-clf", decide("macro_f1", 0.5, None, None, 0.0))
+    assert main(["verify", "gone-clf/7"]) == 2  # unknown version
+    err = capsys.readouterr().err
+    assert "gone-clf version 7 not found" in err and "Fix:" in err
+    # the version's files deleted from the artifact store: a download problem, not an untrusted model
+    for mlmodel in list((workdir / "mlruns").rglob("MLmodel")):
+        shutil.rmtree(mlmodel.parent)
+    kept = workdir / "kept"
+    for extra in ([], ["--download", str(kept)]):
+        assert main(["verify", "gone-clf/1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "could not download gone-clf v1" in err and "Fix:" in err and "refusing" not in err, err
+        assert len([line for line in err.splitlines() if "Fix:" in line]) == 1 and not kept.exists()  # one paragraph
+    # the registry unreachable (a tracking server nobody listens on): one paragraph, exit 2, no traceback
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tuneflow", "verify", "gone-clf@champion"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Fix:" in done.stderr and "could not read" in done.stderr
+
+
+def test_verify_download_keeps_the_checked_files_and_a_changed_byte_is_refused(workdir, register_tiny, capsys):
+    from tuneflow.trust import RECORD, check_kept
+
+    register_tiny("kept-clf", decide("macro_f1", 0.5, None, None, 0.0))
+    kept = workdir / "kept"
+    assert main(["verify", "kept-clf@champion", "--download", str(kept)]) == 0
+    assert f"kept in {kept}" in capsys.readouterr().out
+    record = json.loads((kept / RECORD).read_text())
+    assert (record["model"], record["version"], record["kind"]) == ("kept-clf", "1", "classification")
+    assert record["files"]["model/model.safetensors"] and (kept / "MLmodel").is_file()
+    assert check_kept(kept)["version"] == "1"
+    assert main(["verify", "kept-clf@champion", "--download", str(kept)]) == 2  # never mixed with older files
+    assert "not an empty folder" in capsys.readouterr().err
+    with (kept / "model" / "model.safetensors").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(UntrustedModel, match="model/model.safetensors changed"):
+        check_kept(kept)
+    assert main(["serve-model", str(kept)]) == 2
+    assert "model/model.safetensors changed" in capsys.readouterr().err
+    # a check that fails leaves nothing behind to serve
+    (workdir / "bad").mkdir()
+    client = MlflowClient()
+    client.set_model_version_tag("kept-clf", "1", "tuneflow.kind", "unknown")
+    assert main(["verify", "kept-clf/1", "--download", str(workdir / "bad")]) == 2
+    assert not (workdir / "bad").exists()

@@ -72,9 +72,27 @@ def _parser() -> argparse.ArgumentParser:
     ver = sub.add_parser(
         "verify",
         help="check that a registered version is safe to load (tuneflow's lineage, transformers weights as "
-        "safetensors, no code or pickles); exit 2 when not. Run it before 'mlflow models serve'",
+        "safetensors, no code or pickles, only tuneflow's requirements); exit 2 when not",
     )
     ver.add_argument("model", help="NAME@ALIAS or NAME/VERSION, e.g. sms-spam-classifier@champion")
+    ver.add_argument(
+        "--download",
+        type=Path,
+        metavar="DIR",
+        help="keep the checked files in DIR (new or empty) with a record of the version and each file's SHA-256; "
+        "serve exactly them with 'tuneflow serve-model DIR'",
+    )
+
+    sm = sub.add_parser(
+        "serve-model",
+        help="serve a version over HTTP with MLflow's scoring server, from the one folder tuneflow downloaded and "
+        "checked, in the installed environment (nothing pip-installed)",
+    )
+    sm.add_argument(
+        "model", help="NAME@ALIAS, NAME/VERSION, or a folder kept by 'tuneflow verify --download' (checked again)"
+    )
+    sm.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
+    sm.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
 
     pred = sub.add_parser(
         "predict", help="batch-score a CSV/JSONL/Parquet file or a folder with a registered model (Prefect flow)"
@@ -281,22 +299,74 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_unreachable(ref: str, exc) -> int:
+    from tuneflow.runtime import redact_url
+    from tuneflow.tracking import configure_tracking
+
+    print(
+        f"error: could not read {ref} from the registry at {redact_url(configure_tracking())}: "
+        f"{exc.message.splitlines()[0][:300]}. Fix: check that the tracking server is reachable from here "
+        "(MLFLOW_TRACKING_URI, and its credentials), then check the name with 'tuneflow models'",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from tuneflow.predict import PredictError, resolve_model
     from tuneflow.registry import RegistryError
     from tuneflow.tracking import configure_tracking
-    from tuneflow.trust import checked_version
+    from tuneflow.trust import RECORD, checked_version, keep_checked
 
     configure_tracking()
     try:
         mv = resolve_model(args.model)
-        with checked_version(mv):
-            pass
+        if args.download:
+            folder = keep_checked(mv, args.download, args.model)
+        else:
+            with checked_version(mv):
+                pass
     except (PredictError, RegistryError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{mv.name} v{mv.version}: safe to load (transformers weights as safetensors, no code, no pickles)")
+    except MlflowException as exc:
+        return _registry_unreachable(args.model, exc)
+    print(
+        f"{mv.name} v{mv.version}: safe to load (transformers weights as safetensors, no code, no pickles, "
+        "only tuneflow's requirements)"
+    )
+    if args.download:
+        print(f"kept in {folder} (version and file digests in {RECORD}); serve it with: tuneflow serve-model {folder}")
     return 0
+
+
+def _cmd_serve_model(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from tuneflow.predict import PredictError, resolve_model
+    from tuneflow.registry import RegistryError
+    from tuneflow.serving import serve_folder
+    from tuneflow.tracking import configure_tracking
+    from tuneflow.trust import check_kept, checked_version
+
+    url = f"http://{args.host}:{args.port}"
+    try:
+        if Path(args.model).is_dir():
+            record = check_kept(Path(args.model))
+            print(f"serving {record['model']} v{record['version']} from {args.model} (checked again) on {url}")
+            return serve_folder(Path(args.model), args.host, args.port)
+        configure_tracking()
+        mv = resolve_model(args.model)
+        with checked_version(mv) as local:  # served from the folder just checked, removed when the server exits
+            print(f"serving {mv.name} v{mv.version} ({args.model} when it started; checked) on {url}")
+            return serve_folder(local, args.host, args.port)
+    except (PredictError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:
+        return _registry_unreachable(args.model, exc)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -451,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare": _cmd_compare,
         "predict": _cmd_predict,
         "verify": _cmd_verify,
+        "serve-model": _cmd_serve_model,
         "serve": _cmd_serve,
         "alerts": _cmd_alerts,
         "monitor": _cmd_monitor,

@@ -54,6 +54,8 @@ def version_description(card: str, card_uri: str, limit: int = MAX_DESCRIPTION) 
 
 KIND_TAG = "tuneflow.kind"
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's error codes for "no such alias"
+# What every version's requirements.txt pins, and all it may pin (the trust check refuses anything else).
+REQUIREMENT_PACKAGES = ("torch", "transformers", "tokenizers", "mlflow", "pandas", "numpy")
 
 
 class RegistryError(ValueError):
@@ -213,9 +215,7 @@ def score_champion(cfg: PipelineConfig, eval_frame: pd.DataFrame) -> ChampionSco
 
 def pip_requirements() -> list[str]:
     """Explicit, because MLflow's inference looks for torchvision and fails without it."""
-    reqs = [f"torch=={pkg_version('torch').split('+')[0]}"]
-    reqs += [f"{p}=={pkg_version(p)}" for p in ("transformers", "tokenizers", "mlflow", "pandas", "numpy")]
-    return reqs
+    return [f"{p}=={pkg_version(p).split('+')[0]}" for p in REQUIREMENT_PACKAGES]  # no local tag: torch's +cpu
 
 
 def register_version(
