@@ -25,7 +25,9 @@ def test_a_worse_or_equal_model_is_never_promoted():
     ("challenger", "champion", "margin", "promoted"),
     [
         (0.90, 0.85, 0.0, True),  # better, no margin asked
-        (0.90, 0.85, 0.05, True),  # better by exactly... 0.05 in floats is 0.0500000000000000
+        (0.90, 0.85, 0.05, True),  # better by exactly the margin (0.9 - 0.85 is 0.050000000000000044 in floats)
+        (0.85, 0.80, 0.05, True),  # ... and 0.85 - 0.80 is 0.04999999999999993: exactly the margin too
+        (0.8499, 0.80, 0.05, False),  # short of the margin by 1e-4: not promoted
         (0.90, 0.85, 0.06, False),  # better, but by less than the margin
         (0.851, 0.85, 0.0, True),
         (0.85, 0.85, 0.0, False),  # a tie keeps the champion
@@ -33,6 +35,13 @@ def test_a_worse_or_equal_model_is_never_promoted():
 )
 def test_a_better_model_is_promoted_only_past_the_margin(challenger, champion, margin, promoted):
     assert decide("macro_f1", challenger, champion, "3", margin).promote is promoted
+
+
+def test_an_improvement_of_exactly_the_margin_promotes_in_either_direction_despite_float_rounding():
+    # 0.85 - 0.80 is 0.04999999999999993 in floats: a user who asked for 0.05 gets 0.05 counted as 0.05
+    assert decide("eval_loss", 0.80, 0.85, "3", 0.05).promote is True
+    assert decide("eval_loss", 0.8001, 0.85, "3", 0.05).promote is False
+    assert decide("eval_loss", 0.85, 0.85, "3", 0.0).promote is False  # a tie still keeps the champion
 
 
 def test_first_model_is_promoted_and_unscorable_champion_is_not_replaced():

@@ -8,6 +8,7 @@ current champion re-scored on the same eval split.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from importlib.metadata import version as pkg_version
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,10 @@ KIND_TAG = "tuneflow.kind"
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's error codes for "no such alias"
 
 
+# Scores are differences of float sums: 1e-9 is far below any margin a person sets, far above rounding error
+MARGIN_TOLERANCE = 1e-9
+
+
 class RegistryError(ValueError):
     """A registry operation was refused; the message says why and what to do."""
 
@@ -100,7 +105,9 @@ def decide(
         )
     # improvement in the metric's better direction; NaN (a broken score) never promotes
     delta = challenger_score - champion_score if higher_is_better(metric) else champion_score - challenger_score
-    if delta >= min_improvement and delta > 0:
+    # 0.85 - 0.80 is 0.04999999999999993 in floats: an improvement of exactly the margin counts as reaching it
+    reaches = delta >= min_improvement or math.isclose(delta, min_improvement, rel_tol=1e-9, abs_tol=MARGIN_TOLERANCE)
+    if reaches and delta > 0:
         return Decision(
             True,
             f"{metric} {challenger_score:.4f} beats champion v{champion_version} ({champion_score:.4f}) by "
