@@ -51,6 +51,11 @@ ANY = object()  # move_champion's ``expected``: replace whatever the champion is
 class ChampionChanged(RegistryError):
     """The champion is no longer the one a move expected to replace; nothing was moved."""
 
+    def __init__(self, message: str, expected: str | None = None, current: str | None = None) -> None:
+        super().__init__(message)
+        self.expected = expected  # the champion the move was decided against
+        self.current = current  # the champion it found
+
 
 @dataclass(frozen=True)
 class Move:
@@ -201,7 +206,9 @@ def move_champion(
             raise ChampionChanged(
                 f"champion of {name} is v{current or '-'} now, not v{expected or '-'} as when v{version} was "
                 f"compared with it; v{version} stays challenger. Fix: retrain (it is scored against the new "
-                f"champion) or promote it by hand after review: tuneflow promote {name} {version} --reason ..."
+                f"champion) or promote it by hand after review: tuneflow promote {name} {version} --reason ...",
+                None if expected is None else str(expected),
+                current,
             )
         if current == str(version):
             raise RegistryError(f"{name} v{version} already is the champion; nothing to do")

@@ -19,7 +19,7 @@ import pandas as pd
 from tuneflow.config import PipelineConfig
 from tuneflow.data import LABEL, TEXT, read_table, sft_settings, split_by_text_hash
 from tuneflow.evaluate import Evaluation
-from tuneflow.history import Move, move_champion, read_history, rollback_target
+from tuneflow.history import ChampionChanged, Move, move_champion, read_history, rollback_target
 from tuneflow.landing import load_accepted
 from tuneflow.registry import TAG, VALIDATION_TAG, RegistryError, champion_version, get_version, score_version
 from tuneflow.reporting import metrics_table
@@ -134,6 +134,8 @@ def promote(
     """Manual promotion: re-score the champion and the candidate on the current eval split, then move ``champion``.
 
     Raises:
+        ChampionChanged: the champion moved while the versions were scored (nothing moved; the comparison
+            is stale).
         RegistryError: unknown version, already champion, no reason, a version that failed or lacks
             validation (unless ``force``), or a config of another model.
     """
@@ -165,18 +167,40 @@ def promote(
         + ("; forced past: " + "; ".join(blockers) if blockers else "")
         + "]"
     )
-    move = move_champion(name, str(version), "promote", "cli", actor or cli_actor(), full_reason)
+    # compare-and-swap, as the gate: a champion that moved while scoring (a retrain's gate, a colleague) stays
+    try:
+        move = move_champion(name, str(version), "promote", "cli", actor or cli_actor(), full_reason, expected=current)
+    except ChampionChanged as exc:
+        raise _moved_meanwhile(
+            name, exc, f"v{version} was compared with it", f"tuneflow promote {name} {version} --reason ..."
+        ) from exc
     return PromoteOutcome(move, metrics_table(cols, cfg.data.labels), len(eval_frame))
+
+
+def _moved_meanwhile(name: str, exc: ChampionChanged, while_: str, rerun: str) -> ChampionChanged:
+    return ChampionChanged(
+        f"the champion of {name} moved from v{exc.expected or '-'} to v{exc.current or '-'} while {while_}; "
+        f"nothing was moved (the comparison is stale). Fix: look at 'tuneflow models {name} --history' and "
+        f"re-run {rerun} if it is still wanted",
+        exc.expected,
+        exc.current,
+    )
 
 
 def rollback(name: str, reason: str = "", actor: str | None = None) -> Move:
     """Move ``champion`` back to the champion before the current one, as recorded in the history.
 
     Raises:
+        ChampionChanged: the champion moved between reading the history and the move (nothing moved).
         RegistryError: no champion, no history, nothing earlier, or the earlier version is gone.
     """
     current, previous = rollback_target(name)
-    return move_champion(name, previous, "rollback", "cli", actor or cli_actor(), reason or f"rollback from v{current}")
+    try:
+        return move_champion(
+            name, previous, "rollback", "cli", actor or cli_actor(), reason or f"rollback from v{current}", current
+        )
+    except ChampionChanged as exc:
+        raise _moved_meanwhile(name, exc, f"rolling back to v{previous}", f"tuneflow rollback {name}") from exc
 
 
 def compare(cfg: PipelineConfig, name: str, v1: str, v2: str, config_file: str = "the config") -> tuple[str, int]:
