@@ -134,3 +134,26 @@ def _no_promote(decision):
     from dataclasses import replace
 
     return replace(decision, promote=False)
+
+
+def test_a_champion_lock_held_too_long_is_a_clear_refusal_with_exit_2(workdir, register_tiny, monkeypatch, capsys):
+    import tuneflow.history as history
+    from tuneflow.cli import main
+    from tuneflow.files import file_lock
+    from tuneflow.history import ChampionLocked, champion_lock_path, move_champion
+
+    register_tiny(NAME, decide("macro_f1", 0.6, None, None, 0.0))
+    register_tiny(NAME, decide("macro_f1", 0.9, 0.6, "1", 0.0))  # v2 champion
+    lock = champion_lock_path(NAME)
+    with file_lock(lock, what="a test"):  # another champion move on this machine, stuck
+        with pytest.raises(ChampionLocked) as err:
+            move_champion(NAME, "1", "promote", "cli", "me", "try", lock_timeout_s=0.3)
+        message = str(err.value)
+        assert str(lock) in message and "nothing was moved" in message and "Fix:" in message
+        assert "pid " in message  # what holds it: the holder wrote its process into the lock file
+        monkeypatch.setattr(history, "CHAMPION_LOCK_TIMEOUT_S", 0.3)
+        assert main(["rollback", NAME]) == 2
+    err_text = capsys.readouterr().err
+    assert "Traceback" not in err_text and str(lock) in err_text and "Fix:" in err_text
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert move_champion(NAME, "1", "rollback", "cli", "me", "lock free again").to_version == "1"

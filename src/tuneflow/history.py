@@ -25,11 +25,14 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from tuneflow.files import file_lock
+from tuneflow.files import LockTimeout, file_lock
 from tuneflow.registry import (
     CARD_TAG,
     CHAMPION,
@@ -55,6 +58,18 @@ class ChampionChanged(RegistryError):
         super().__init__(message)
         self.expected = expected  # the champion the move was decided against
         self.current = current  # the champion it found
+
+
+class ChampionLocked(RegistryError):
+    """Another champion move held the model's lock for longer than the timeout; nothing was moved."""
+
+
+CHAMPION_LOCK_TIMEOUT_S = 120.0  # a move holds the lock for a few registry calls: 2 minutes means it is stuck
+
+
+def champion_lock_path(name: str) -> Path:
+    """The per-model lock that serializes champion moves on this machine."""
+    return cache_dir() / "locks" / f"champion-{name}.lock"
 
 
 @dataclass(frozen=True)
@@ -182,15 +197,24 @@ def set_champion_alias(name: str, version: str) -> None:
 
 
 def move_champion(
-    name: str, version: str, action: str, by: str, actor: str, reason: str, expected: str | None | object = ANY
+    name: str,
+    version: str,
+    action: str,
+    by: str,
+    actor: str,
+    reason: str,
+    expected: str | None | object = ANY,
+    lock_timeout_s: float | None = None,
 ) -> Move:
     """Point ``champion`` at ``version`` and record who, when, from which version and why.
 
     Args:
         expected: the champion this move replaces (None: there must be none); ``ANY`` skips the check.
+        lock_timeout_s: how long to wait for another move's lock (default ``CHAMPION_LOCK_TIMEOUT_S``).
 
     Raises:
         ChampionChanged: the champion is not ``expected`` any more (nothing moved, nothing recorded).
+        ChampionLocked: another move held the lock past the timeout (nothing moved, nothing recorded).
         RegistryError: the version does not exist, has no model card, or already is the champion.
     """
     client = _client()
@@ -200,7 +224,7 @@ def move_champion(
             f"{name} v{version} has no model card (empty description); refusing to make it champion. Fix: "
             "register it through 'tuneflow run'"
         )
-    with file_lock(cache_dir() / "locks" / f"champion-{name}.lock", timeout_s=120, what="another champion move"):
+    with _champion_lock(name, version, CHAMPION_LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s):
         current = champion_version(name)
         if expected is not ANY and current != expected:
             raise ChampionChanged(
@@ -228,6 +252,22 @@ def move_champion(
         set_champion_alias(name, str(version))
     log.info("champion of %s: v%s -> v%s (%s by %s/%s): %s", name, current or "-", version, action, by, actor, reason)
     return move
+
+
+@contextmanager
+def _champion_lock(name: str, version: str, timeout_s: float) -> Iterator[None]:
+    path = champion_lock_path(name)
+    try:
+        with file_lock(path, timeout_s=timeout_s, what=f"another champion move of {name}"):
+            yield
+    except LockTimeout as exc:
+        holder = exc.holder or "a process that did not say which (an older tuneflow)"
+        raise ChampionLocked(
+            f"could not move the champion of {name} to v{version}: another champion move of {name} on this machine "
+            f"has held the lock {path} for {timeout_s:.0f} s; nothing was moved. Held by: {holder}. Fix: wait for "
+            "that move (a retrain's gate, tuneflow promote or rollback) to finish and run this again; if that "
+            "process hangs, end it: the lock frees itself when its process exits (deleting the file does not help)"
+        ) from None
 
 
 def promote_by_gate(name: str, version: str, decision: Decision, actor: str) -> Move:
