@@ -18,6 +18,8 @@ when two machines move at the same moment.
 A crash between 2 and 3 leaves an entry whose move did not happen. ``applied_moves`` detects it (the
 next entry, or the current champion, does not start from that entry's target) and ignores it for
 rollback; ``tuneflow models NAME --history`` marks it "not applied".
+A tag whose value is not a move (edited by hand) is ``Unreadable``: listed as such, never replayed, and
+rollback refuses only when one sits where the champion may have moved.
 """
 
 from __future__ import annotations
@@ -109,15 +111,61 @@ def has_card(mv: Any) -> bool:
     return bool((mv.description or "").strip())
 
 
-def read_history(name: str) -> list[Move]:
-    """All recorded moves of ``champion`` for ``name``, oldest first, each marked applied or not."""
+@dataclass(frozen=True)
+class Unreadable:
+    """A history tag whose value is not a move (edited by hand, truncated): shown, never replayed."""
+
+    key: str
+    seq: int | None  # from the tag's key, when it has the usual form
+    value: str
+    problem: str
+
+
+def _key_seq(key: str) -> int | None:
+    head = key.removeprefix(HISTORY_TAG).split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def _parse(key: str, value: str) -> Move | Unreadable:
+    try:
+        e = json.loads(value)
+        return Move(
+            int(e["seq"]), str(e["time"]), e["action"], e["by"], e["actor"], e["from"], str(e["to"]), e["reason"]
+        )
+    except ValueError as exc:
+        return Unreadable(key, _key_seq(key), value, f"not JSON ({exc})")
+    except (KeyError, TypeError) as exc:
+        return Unreadable(key, _key_seq(key), value, f"not a move record (no field {exc})")
+
+
+def read_entries(name: str) -> tuple[list[Move], list[Unreadable]]:
+    """The recorded moves of ``champion`` (oldest first, each marked applied or not) and the unreadable entries."""
     tags = _client().get_registered_model(name).tags or {}
-    raw = [json.loads(v) for k, v in tags.items() if k.startswith(HISTORY_TAG)]
-    raw.sort(key=lambda e: (e["seq"], e["time"]))
-    moves = [
-        Move(e["seq"], e["time"], e["action"], e["by"], e["actor"], e["from"], str(e["to"]), e["reason"]) for e in raw
-    ]
-    return applied_moves(moves, champion_version(name))
+    parsed = [_parse(k, v) for k, v in tags.items() if k.startswith(HISTORY_TAG)]
+    moves = sorted((m for m in parsed if isinstance(m, Move)), key=lambda m: (m.seq, m.time))
+    bad = [u for u in parsed if isinstance(u, Unreadable)]
+    return applied_moves(moves, champion_version(name)), bad
+
+
+def read_history(name: str) -> list[Move]:
+    """All readable recorded moves of ``champion`` for ``name``, oldest first, each marked applied or not."""
+    return read_entries(name)[0]
+
+
+def hides_a_move(entry: Unreadable, moves: list[Move], current: str | None) -> bool:
+    """Whether an unreadable entry may stand for a move that happened.
+
+    Every move records the champion it replaced: when the readable entries around it connect (the one before
+    ends where the one after, or the current champion, starts), no move happened there. One before every
+    readable entry at most hides a champion below the first recorded one, which rollback never reaches.
+    """
+    if entry.seq is None:
+        return True  # cannot be placed in the sequence
+    before = [m for m in moves if m.seq < entry.seq]
+    if not before:
+        return False
+    after = next((m.from_version for m in moves if m.seq > entry.seq), current)
+    return before[-1].to_version != after
 
 
 def applied_moves(moves: list[Move], current: str | None) -> list[Move]:
@@ -157,7 +205,8 @@ def rollback_target(name: str) -> tuple[str, str]:
     """(current champion, the champion before it) from the history.
 
     Raises:
-        RegistryError: no champion, no history, or nothing earlier to go back to.
+        RegistryError: no champion, no history, nothing earlier to go back to, or an unreadable entry where the
+            champion may have moved (``hides_a_move``).
     """
     current = champion_version(name)
     fix = (
@@ -165,7 +214,16 @@ def rollback_target(name: str) -> tuple[str, str]:
     )
     if current is None:
         raise RegistryError(f"{name} has no champion, so there is nothing to roll back. {fix}")
-    moves = read_history(name)
+    moves, unreadable = read_entries(name)
+    hiding = [u for u in unreadable if hides_a_move(u, moves, current)]
+    if hiding:
+        raise RegistryError(
+            f"the champion history of {name} has unreadable entries where the champion may have moved: "
+            + "; ".join(f"tag {u.key}: {u.problem}" for u in hiding)
+            + f". Without them it cannot say which champion came before v{current}. Fix: restore or delete the "
+            f"tag (MlflowClient().set_registered_model_tag / delete_registered_model_tag), or pick a version with "
+            f"'tuneflow models {name}' and run 'tuneflow promote {name} VERSION --reason \"...\"'"
+        )
     if not moves:
         raise RegistryError(
             f"{name} has no promotion history (champion v{current} was set before tuneflow recorded moves). {fix}"
@@ -237,7 +295,9 @@ def move_champion(
         if current == str(version):
             raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
         tags = client.get_registered_model(name).tags or {}
-        seq = 1 + max((json.loads(v)["seq"] for k, v in tags.items() if k.startswith(HISTORY_TAG)), default=0)
+        # numbered past every entry, unreadable ones too (their key still carries their number)
+        seqs = [e.seq for k, v in tags.items() if k.startswith(HISTORY_TAG) for e in [_parse(k, v)]]
+        seq = 1 + max((q for q in seqs if q is not None), default=0)
         move = Move(
             seq,
             datetime.now(UTC).isoformat(timespec="seconds"),

@@ -19,7 +19,7 @@ import pandas as pd
 from tuneflow.config import PipelineConfig
 from tuneflow.data import LABEL, TEXT, read_table, sft_settings, split_by_text_hash
 from tuneflow.evaluate import Evaluation
-from tuneflow.history import ChampionChanged, Move, move_champion, read_history, rollback_target
+from tuneflow.history import ChampionChanged, Move, move_champion, read_entries, rollback_target
 from tuneflow.landing import load_accepted
 from tuneflow.registry import TAG, VALIDATION_TAG, RegistryError, champion_version, get_version, score_version
 from tuneflow.reporting import metrics_table
@@ -195,10 +195,16 @@ def rollback(name: str, reason: str = "", actor: str | None = None) -> Move:
         RegistryError: no champion, no history, nothing earlier, or the earlier version is gone.
     """
     current, previous = rollback_target(name)
-    try:
-        return move_champion(
-            name, previous, "rollback", "cli", actor or cli_actor(), reason or f"rollback from v{current}", current
+    reason = reason or f"rollback from v{current}"
+    unreadable = read_entries(name)[1]  # those that could hide a move made rollback_target refuse
+    if unreadable:
+        reason += (
+            f" (target v{previous} from the readable history; skipped unreadable entries "
+            + ", ".join(u.key for u in unreadable)
+            + ": no move happened there, the entries around them connect)"
         )
+    try:
+        return move_champion(name, previous, "rollback", "cli", actor or cli_actor(), reason, current)
     except ChampionChanged as exc:
         raise _moved_meanwhile(name, exc, f"rolling back to v{previous}", f"tuneflow rollback {name}") from exc
 
@@ -214,14 +220,33 @@ def compare(cfg: PipelineConfig, name: str, v1: str, v2: str, config_file: str =
 
 
 def history_rows(name: str) -> list[dict[str, str]]:
-    """The champion history for display, oldest first."""
-    return [
-        {
-            "time": m.time,
-            "move": f"v{m.from_version or '-'} -> v{m.to_version}",
-            "action": m.action + ("" if m.applied else " (NOT APPLIED: interrupted before the alias moved)"),
-            "by": f"{m.by}:{m.actor}",
-            "reason": m.reason,
-        }
-        for m in read_history(name)
+    """The champion history for display, oldest first; an unreadable entry (a hand-edited tag) is a row that
+    says so, named by its tag, in its place in the sequence."""
+    moves, unreadable = read_entries(name)
+    rows = [
+        (
+            (m.seq, 0),
+            {
+                "time": m.time,
+                "move": f"v{m.from_version or '-'} -> v{m.to_version}",
+                "action": m.action + ("" if m.applied else " (NOT APPLIED: interrupted before the alias moved)"),
+                "by": f"{m.by}:{m.actor}",
+                "reason": m.reason,
+            },
+        )
+        for m in moves
     ]
+    rows += [
+        (
+            (u.seq if u.seq is not None else float("inf"), 1),
+            {
+                "time": "?",
+                "move": "?",
+                "action": "UNREADABLE (not used by rollback)",
+                "by": "?",
+                "reason": f"tag {u.key}: {u.problem}; value {u.value[:80]!r}",
+            },
+        )
+        for u in unreadable
+    ]
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
