@@ -7,7 +7,7 @@ import random
 import pytest
 from mlflow import MlflowClient
 
-from tuneflow.registry import decide, list_versions
+from tuneflow.registry import RegistryError, decide, list_versions
 
 
 def test_a_worse_or_equal_model_is_never_promoted():
@@ -85,3 +85,47 @@ def test_a_long_model_card_fits_the_description_column_and_stays_whole_as_the_ar
     assert mlflow.artifacts.load_text(mv.tags[CARD_TAG]) == card
     short = "# card\n\nfits"
     assert register_tiny("tiny-short", decide("macro_f1", 0.9, None, None, 0.0), card=short).description == short
+
+
+def _champion_artifacts(tiny_config, register_tiny):
+    """(the registered champion, the folder of its logged model's artifacts in the local store)."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    champ = register_tiny(tiny_config, decide("macro_f1", 0.6, None, None, 0.0))
+    model_id = champ.source.removeprefix("models:/")  # MLflow 3: a version's source is its logged model
+    return champ, Path(urlparse(MlflowClient().get_logged_model(model_id).artifact_location).path)
+
+
+@pytest.mark.parametrize("damage", ["weights cut in half", "artifacts deleted"])
+def test_a_champion_that_cannot_be_loaded_is_not_replaced_and_the_retrain_goes_on(
+    workdir, tiny_config, register_tiny, damage
+):
+    """Artifacts garbage-collected or half-synced: the champion is scored as nothing, so the challenger is
+    registered but not promoted (as for an untrusted champion), and the reason says why, instead of the retrain
+    failing after training."""
+    import shutil
+
+    from tuneflow.data import read_table, split_data
+    from tuneflow.evaluate import Evaluation
+    from tuneflow.registry import decide_promotion, score_champion
+
+    champ, root = _champion_artifacts(tiny_config, register_tiny)
+    if damage == "artifacts deleted":
+        shutil.rmtree(root)
+    else:
+        for weights in root.rglob("*.safetensors"):  # an interrupted copy or sync of the store
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    eval_frame = split_data(read_table(tiny_config.data), tiny_config.data).eval
+
+    scored = score_champion(tiny_config, eval_frame)
+    assert scored.version == str(champ.version) and scored.evaluation is None and scored.error
+    challenger = Evaluation({"macro_f1": 0.99, "accuracy": 0.99})
+    decision = decide_promotion(tiny_config, challenger, scored)
+    assert decision.promote is False and "promote manually" in decision.reason
+    assert scored.error[:40] in decision.reason  # the summary, tags and card say why, not only the log
+    if damage == "weights cut in half":  # compare and promote score the same way: a refusal, not a traceback
+        from tuneflow.review import compare
+
+        with pytest.raises(RegistryError, match="could not be loaded"):
+            compare(tiny_config, "tiny-clf", str(champ.version), str(champ.version))

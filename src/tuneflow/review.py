@@ -96,6 +96,9 @@ def score_versions(
     cfg: PipelineConfig, name: str, versions: list[str], eval_frame: pd.DataFrame
 ) -> dict[str, Evaluation]:
     """Score each version on ``eval_frame`` with its own ``max_length`` (from its tags)."""
+    from mlflow.exceptions import MlflowException
+    from safetensors import SafetensorError
+
     out = {}
     for v in versions:
         mv = get_version(name, v)
@@ -107,6 +110,12 @@ def score_versions(
             raise RegistryError(
                 f"{name} v{v} cannot be scored on this eval split: {exc}. Fix: compare with a config whose "
                 "labels the model knows"
+            ) from exc
+        except (MlflowException, RuntimeError, SafetensorError) as exc:
+            raise RegistryError(
+                f"{name} v{v} could not be loaded: {type(exc).__name__}: {exc}. Its artifacts may have been "
+                "deleted or half-copied, or the store is unreachable. Fix: check the artifact store (tuneflow "
+                f"verify {name}/{v}), or compare and promote other versions"
             ) from exc
     return out
 
