@@ -263,3 +263,27 @@ def test_rollback_refuses_when_the_champion_moves_before_its_move(setup, monkeyp
     err = capsys.readouterr().err
     assert f"moved from v{v2} to v{v3} while" in err and "re-run" in err
     assert champion() == v3
+
+
+def test_compare_and_promote_name_the_accepted_batches_of_a_landing_config(
+    workdir, tiny_model_dir, register_tiny, capsys
+):
+    landing = workdir / "sms"
+    (landing / "accepted").mkdir(parents=True)
+    for name in ("base.csv", "bom.csv", "crlf.csv"):
+        shutil.copy(CORPUS / name, landing / "accepted" / name)
+    raw = tiny_config_dict(Path("unused"), tiny_model_dir)
+    raw["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
+    cfg_path = workdir / "landing.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    v1 = str(register_tiny(NAME, decide("macro_f1", 0.6, None, None, 0.0), VALIDATED).version)
+    v2 = str(register_tiny(NAME, decide("macro_f1", 0.4, 0.6, v1, 0.0), VALIDATED).version)
+    rows = len(current_eval_frame(PipelineConfig.model_validate(raw)))
+
+    assert main(["compare", NAME, v1, v2, "--config", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    where = f"{rows} rows of 3 accepted batches in {landing / 'accepted'}: base.csv, bom.csv, crlf.csv"
+    assert "None" not in out and where in out
+    assert main(["promote", NAME, v2, "--reason", "check", "--config", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and where in out

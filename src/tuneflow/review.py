@@ -20,7 +20,7 @@ from tuneflow.config import PipelineConfig
 from tuneflow.data import LABEL, TEXT, read_table, sft_settings, split_by_text_hash
 from tuneflow.evaluate import Evaluation
 from tuneflow.history import ChampionChanged, Move, move_champion, read_entries, rollback_target
-from tuneflow.landing import load_accepted
+from tuneflow.landing import ACCEPTED, load_accepted
 from tuneflow.registry import TAG, VALIDATION_TAG, RegistryError, champion_version, get_version, score_version
 from tuneflow.reporting import metrics_table
 from tuneflow.trust import UntrustedModel
@@ -38,6 +38,7 @@ class PromoteOutcome:
     move: Move
     table: str
     eval_rows: int
+    eval_source: str  # what the eval split was, for people: "N rows of data.csv" or of which accepted batches
 
 
 def cli_actor() -> str:
@@ -90,6 +91,16 @@ def current_eval_frame(cfg: PipelineConfig, config_file: str = "the config") -> 
             f"data.eval_fraction in {config_file}"
         )
     return ev
+
+
+def eval_source(cfg: PipelineConfig, eval_frame: pd.DataFrame, shown: int = 5) -> str:
+    """What an eval split from ``current_eval_frame`` is: "N rows of PATH", or of which accepted batches."""
+    if not cfg.data.landing:
+        return f"{len(eval_frame)} rows of {cfg.data.path}"
+    batches = sorted(eval_frame["batch"].unique()) if "batch" in eval_frame else []
+    names = ", ".join(batches[:shown]) + (f" and {len(batches) - shown} more" if len(batches) > shown else "")
+    where = Path(cfg.data.landing) / ACCEPTED
+    return f"{len(eval_frame)} rows of {len(batches)} accepted batches in {where}" + (f": {names}" if names else "")
 
 
 def score_versions(
@@ -172,7 +183,7 @@ def promote(
         f" vs v{current}={scored[current].metrics[primary]:.4f}" if current else ""
     )
     full_reason = (
-        f"{reason} [{note} on {len(eval_frame)} eval rows"
+        f"{reason} [{note} on {eval_source(cfg, eval_frame)}"
         + ("; forced past: " + "; ".join(blockers) if blockers else "")
         + "]"
     )
@@ -183,7 +194,7 @@ def promote(
         raise _moved_meanwhile(
             name, exc, f"v{version} was compared with it", f"tuneflow promote {name} {version} --reason ..."
         ) from exc
-    return PromoteOutcome(move, metrics_table(cols, cfg.data.labels), len(eval_frame))
+    return PromoteOutcome(move, metrics_table(cols, cfg.data.labels), len(eval_frame), eval_source(cfg, eval_frame))
 
 
 def _moved_meanwhile(name: str, exc: ChampionChanged, while_: str, rerun: str) -> ChampionChanged:
@@ -218,14 +229,16 @@ def rollback(name: str, reason: str = "", actor: str | None = None) -> Move:
         raise _moved_meanwhile(name, exc, f"rolling back to v{previous}", f"tuneflow rollback {name}") from exc
 
 
-def compare(cfg: PipelineConfig, name: str, v1: str, v2: str, config_file: str = "the config") -> tuple[str, int]:
-    """A markdown table of both versions' metrics, recomputed on the current eval split; and its row count."""
+def compare(cfg: PipelineConfig, name: str, v1: str, v2: str, config_file: str = "the config") -> tuple[str, str]:
+    """A markdown table of both versions' metrics, recomputed on the current eval split; and what that split
+    was (``eval_source``)."""
     _check_name(cfg, name, config_file)
     eval_frame = current_eval_frame(cfg, config_file)
     scored = score_versions(cfg, name, [v1, v2], eval_frame)
     champ = champion_version(name)
     label = {v: f"v{v}" + (" (champion)" if v == champ else "") for v in (str(v1), str(v2))}
-    return metrics_table({label[str(v)]: scored[str(v)].metrics for v in (v1, v2)}, cfg.data.labels), len(eval_frame)
+    table = metrics_table({label[str(v)]: scored[str(v)].metrics for v in (v1, v2)}, cfg.data.labels)
+    return table, eval_source(cfg, eval_frame)
 
 
 def history_rows(name: str) -> list[dict[str, str]]:
