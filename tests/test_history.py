@@ -134,3 +134,69 @@ def _no_promote(decision):
     from dataclasses import replace
 
     return replace(decision, promote=False)
+
+
+def test_a_champion_lock_held_too_long_is_a_clear_refusal_with_exit_2(workdir, register_tiny, monkeypatch, capsys):
+    import tuneflow.history as history
+    from tuneflow.cli import main
+    from tuneflow.files import file_lock
+    from tuneflow.history import ChampionLocked, champion_lock_path, move_champion
+
+    register_tiny(NAME, decide("macro_f1", 0.6, None, None, 0.0))
+    register_tiny(NAME, decide("macro_f1", 0.9, 0.6, "1", 0.0))  # v2 champion
+    lock = champion_lock_path(NAME)
+    with file_lock(lock, what="a test"):  # another champion move on this machine, stuck
+        with pytest.raises(ChampionLocked) as err:
+            move_champion(NAME, "1", "promote", "cli", "me", "try", lock_timeout_s=0.3)
+        message = str(err.value)
+        assert str(lock) in message and "nothing was moved" in message and "Fix:" in message
+        assert "pid " in message  # what holds it: the holder wrote its process into the lock file
+        monkeypatch.setattr(history, "CHAMPION_LOCK_TIMEOUT_S", 0.3)
+        assert main(["rollback", NAME]) == 2
+    err_text = capsys.readouterr().err
+    assert "Traceback" not in err_text and str(lock) in err_text and "Fix:" in err_text
+    assert str(MlflowClient().get_model_version_by_alias(NAME, "champion").version) == "2"
+    assert move_champion(NAME, "1", "rollback", "cli", "me", "lock free again").to_version == "1"
+
+
+def test_a_hand_edited_history_tag_that_is_not_json_is_shown_unreadable_and_moves_keep_working(
+    workdir, register_tiny, capsys
+):
+    from tuneflow.cli import main
+    from tuneflow.history import move_champion
+    from tuneflow.review import history_rows, rollback
+
+    register_tiny(NAME, decide("macro_f1", 0.6, None, None, 0.0))
+    register_tiny(NAME, decide("macro_f1", 0.9, 0.6, "1", 0.0))  # v2 champion
+    register_tiny(NAME, _no_promote(decide("macro_f1", 0.95, 0.9, "2", 0.0)))  # v3 challenger
+    client = MlflowClient()
+    bad = f"{HISTORY_TAG}000003.handedit"
+    client.set_registered_model_tag(NAME, bad, "v2 is champion now (edited by hand)")  # not JSON
+
+    rows = history_rows(NAME)
+    assert [r["move"] for r in rows[:2]] == ["v- -> v1", "v1 -> v2"]
+    assert "UNREADABLE" in rows[2]["action"] and bad in rows[2]["reason"]
+    assert main(["models", NAME, "--history"]) == 0
+    assert bad in capsys.readouterr().out
+
+    # The entry sits where no move happened (the entries around it connect): rollback works and says it skipped it.
+    move = rollback(NAME, "v2 misfires")
+    assert move.to_version == "1" and bad in move.reason and "skipped" in move.reason
+    # promotions still number their entries past it
+    later = move_champion(NAME, "3", "promote", "cli", "me", "reviewed", expected="1")
+    assert later.seq == 5 and [m.to_version for m in read_history(NAME)] == ["1", "2", "1", "3"]
+
+
+def test_rollback_refuses_when_an_unreadable_history_entry_hides_a_move(workdir, register_tiny, capsys):
+    from tuneflow.cli import main
+
+    register_tiny(NAME, decide("macro_f1", 0.6, None, None, 0.0))
+    register_tiny(NAME, decide("macro_f1", 0.9, 0.6, "1", 0.0))
+    register_tiny(NAME, decide("macro_f1", 0.95, 0.9, "2", 0.0))  # v3 champion, entry 3 records 2 -> 3
+    client = MlflowClient()
+    third = next(k for k in client.get_registered_model(NAME).tags if k.startswith(f"{HISTORY_TAG}000003."))
+    client.set_registered_model_tag(NAME, third, "{oops")  # the record of the move to v3, garbled by hand
+    assert main(["rollback", NAME]) == 2
+    err = capsys.readouterr().err
+    assert third in err and "unreadable" in err and "Fix:" in err and "Traceback" not in err
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"

@@ -7,7 +7,7 @@ import random
 import pytest
 from mlflow import MlflowClient
 
-from tuneflow.registry import decide, list_versions
+from tuneflow.registry import RegistryError, decide, list_versions
 
 
 def test_a_worse_or_equal_model_is_never_promoted():
@@ -25,7 +25,9 @@ def test_a_worse_or_equal_model_is_never_promoted():
     ("challenger", "champion", "margin", "promoted"),
     [
         (0.90, 0.85, 0.0, True),  # better, no margin asked
-        (0.90, 0.85, 0.05, True),  # better by exactly... 0.05 in floats is 0.0500000000000000
+        (0.90, 0.85, 0.05, True),  # better by exactly the margin (0.9 - 0.85 is 0.050000000000000044 in floats)
+        (0.85, 0.80, 0.05, True),  # ... and 0.85 - 0.80 is 0.04999999999999993: exactly the margin too
+        (0.8499, 0.80, 0.05, False),  # short of the margin by 1e-4: not promoted
         (0.90, 0.85, 0.06, False),  # better, but by less than the margin
         (0.851, 0.85, 0.0, True),
         (0.85, 0.85, 0.0, False),  # a tie keeps the champion
@@ -33,6 +35,13 @@ def test_a_worse_or_equal_model_is_never_promoted():
 )
 def test_a_better_model_is_promoted_only_past_the_margin(challenger, champion, margin, promoted):
     assert decide("macro_f1", challenger, champion, "3", margin).promote is promoted
+
+
+def test_an_improvement_of_exactly_the_margin_promotes_in_either_direction_despite_float_rounding():
+    # 0.85 - 0.80 is 0.04999999999999993 in floats: a user who asked for 0.05 gets 0.05 counted as 0.05
+    assert decide("eval_loss", 0.80, 0.85, "3", 0.05).promote is True
+    assert decide("eval_loss", 0.8001, 0.85, "3", 0.05).promote is False
+    assert decide("eval_loss", 0.85, 0.85, "3", 0.0).promote is False  # a tie still keeps the champion
 
 
 def test_first_model_is_promoted_and_unscorable_champion_is_not_replaced():
@@ -76,3 +85,47 @@ def test_a_long_model_card_fits_the_description_column_and_stays_whole_as_the_ar
     assert mlflow.artifacts.load_text(mv.tags[CARD_TAG]) == card
     short = "# card\n\nfits"
     assert register_tiny("tiny-short", decide("macro_f1", 0.9, None, None, 0.0), card=short).description == short
+
+
+def _champion_artifacts(tiny_config, register_tiny):
+    """(the registered champion, the folder of its logged model's artifacts in the local store)."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    champ = register_tiny(tiny_config, decide("macro_f1", 0.6, None, None, 0.0))
+    model_id = champ.source.removeprefix("models:/")  # MLflow 3: a version's source is its logged model
+    return champ, Path(urlparse(MlflowClient().get_logged_model(model_id).artifact_location).path)
+
+
+@pytest.mark.parametrize("damage", ["weights cut in half", "artifacts deleted"])
+def test_a_champion_that_cannot_be_loaded_is_not_replaced_and_the_retrain_goes_on(
+    workdir, tiny_config, register_tiny, damage
+):
+    """Artifacts garbage-collected or half-synced: the champion is scored as nothing, so the challenger is
+    registered but not promoted (as for an untrusted champion), and the reason says why, instead of the retrain
+    failing after training."""
+    import shutil
+
+    from tuneflow.data import read_table, split_data
+    from tuneflow.evaluate import Evaluation
+    from tuneflow.registry import decide_promotion, score_champion
+
+    champ, root = _champion_artifacts(tiny_config, register_tiny)
+    if damage == "artifacts deleted":
+        shutil.rmtree(root)
+    else:
+        for weights in root.rglob("*.safetensors"):  # an interrupted copy or sync of the store
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    eval_frame = split_data(read_table(tiny_config.data), tiny_config.data).eval
+
+    scored = score_champion(tiny_config, eval_frame)
+    assert scored.version == str(champ.version) and scored.evaluation is None and scored.error
+    challenger = Evaluation({"macro_f1": 0.99, "accuracy": 0.99})
+    decision = decide_promotion(tiny_config, challenger, scored)
+    assert decision.promote is False and "promote manually" in decision.reason
+    assert scored.error[:40] in decision.reason  # the summary, tags and card say why, not only the log
+    if damage == "weights cut in half":  # compare and promote score the same way: a refusal, not a traceback
+        from tuneflow.review import compare
+
+        with pytest.raises(RegistryError, match="could not be loaded"):
+            compare(tiny_config, "tiny-clf", str(champ.version), str(champ.version))

@@ -217,3 +217,73 @@ def test_compare_and_promote_score_on_the_eval_rows_the_retrain_scored_on(workdi
     whole_eval = split_data(read_table(cfg.data), cfg.data).eval
     assert len(whole_eval) > len(retrain_eval)  # some tolerated long rows fall in the eval split
     assert sorted(current_eval_frame(cfg)["text"]) == sorted(retrain_eval["text"])
+
+
+def test_promote_refuses_when_the_champion_moves_while_it_scores(setup, monkeypatch, capsys):
+    """A gate promotion landing while `tuneflow promote` scores is not overwritten; the stale comparison is refused."""
+    import tuneflow.review as review
+
+    cfg_path, add = setup
+    v1 = add(0.6)  # champion
+    v2 = add(0.1)  # challengers only
+    v3 = add(0.2)
+    real_score = review.score_versions
+
+    def score_while_a_retrain_promotes(*args, **kwargs):
+        scored = real_score(*args, **kwargs)
+        # another process's gate: it compared v3 with v1 and promotes it while this promotion is still scoring
+        history.move_champion(NAME, v3, "gate", "gate", "other-run", "beats v1", expected=v1)
+        return scored
+
+    monkeypatch.setattr(review, "score_versions", score_while_a_retrain_promotes)
+    assert main(["promote", NAME, v2, "--reason", "looks better", "--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"moved from v{v1} to v{v3} while" in err and "re-run" in err and f"tuneflow promote {NAME} {v2}" in err
+    assert champion() == v3  # the gate's promotion stands
+    assert [m.to_version for m in history.read_history(NAME)] == [v1, v3]  # the refusal recorded nothing
+    assert_consistent()
+
+
+def test_rollback_refuses_when_the_champion_moves_before_its_move(setup, monkeypatch, capsys):
+    import tuneflow.review as review
+
+    _, add = setup
+    add(0.6)  # v1
+    v2 = add(0.9)  # champion; a rollback would go back to v1
+    v3 = add(0.1)
+    real_target = review.rollback_target
+
+    def target_then_a_promotion(name):
+        found = real_target(name)
+        history.move_champion(NAME, v3, "promote", "cli", "colleague", "hotfix", expected=v2)
+        return found
+
+    monkeypatch.setattr(review, "rollback_target", target_then_a_promotion)
+    assert main(["rollback", NAME, "--reason", "v2 misfires"]) == 2
+    err = capsys.readouterr().err
+    assert f"moved from v{v2} to v{v3} while" in err and "re-run" in err
+    assert champion() == v3
+
+
+def test_compare_and_promote_name_the_accepted_batches_of_a_landing_config(
+    workdir, tiny_model_dir, register_tiny, capsys
+):
+    landing = workdir / "sms"
+    (landing / "accepted").mkdir(parents=True)
+    for name in ("base.csv", "bom.csv", "crlf.csv"):
+        shutil.copy(CORPUS / name, landing / "accepted" / name)
+    raw = tiny_config_dict(Path("unused"), tiny_model_dir)
+    raw["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
+    cfg_path = workdir / "landing.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    v1 = str(register_tiny(NAME, decide("macro_f1", 0.6, None, None, 0.0), VALIDATED).version)
+    v2 = str(register_tiny(NAME, decide("macro_f1", 0.4, 0.6, v1, 0.0), VALIDATED).version)
+    rows = len(current_eval_frame(PipelineConfig.model_validate(raw)))
+
+    assert main(["compare", NAME, v1, v2, "--config", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    where = f"{rows} rows of 3 accepted batches in {landing / 'accepted'}: base.csv, bom.csv, crlf.csv"
+    assert "None" not in out and where in out
+    assert main(["promote", NAME, v2, "--reason", "check", "--config", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert "None" not in out and where in out

@@ -257,7 +257,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     out, rc = _review(promote, cfg, args.name, args.version, args.reason, args.force, args.config)
     if rc:
         return rc
-    print(f"scored on the current eval split ({out.eval_rows} rows of {cfg.data.path}):\n{out.table}\n")
+    print(f"scored on the current eval split ({out.eval_source}):\n{out.table}\n")
     print(
         f"champion of {args.name}: v{out.move.from_version or '-'} -> v{out.move.to_version} "
         f"({out.move.by}:{out.move.actor}): {out.move.reason}"
@@ -291,11 +291,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     out, rc = _review(compare, cfg, args.name, args.v1, args.v2, args.config)
     if rc:
         return rc
-    table, n = out
-    print(
-        f"{args.name} v{args.v1} vs v{args.v2}, scored on the current eval split ({n} rows of "
-        f"{cfg.data.path}):\n{table}"
-    )
+    table, source = out
+    print(f"{args.name} v{args.v1} vs v{args.v2}, scored on the current eval split ({source}):\n{table}")
     return 0
 
 

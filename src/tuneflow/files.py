@@ -63,17 +63,40 @@ def split_package_spec(spec: str) -> tuple[str, str] | None:
     return module, rel
 
 
+class LockTimeout(TimeoutError):
+    """A ``file_lock`` was not free within its timeout; ``holder`` is what its holder wrote into the file."""
+
+    def __init__(self, message: str, path: Path | None = None, holder: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.holder = holder
+
+
+def lock_holder(path: Path) -> str:
+    """What the holder of a ``file_lock`` wrote into it (process, host, since when, command); empty if unknown."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return ""
+
+
 @contextmanager
 def file_lock(path: Path, timeout_s: float | None = None, what: str = "another process") -> Iterator[None]:
     """An exclusive ``flock`` on ``path`` (created if missing); the OS releases it if the process dies.
 
+    The holder writes its pid, host, start time and command into the file, so a timeout can say who holds it.
+
     Args:
         path: the lock file.
-        timeout_s: give up after this long with ``TimeoutError``; None waits forever.
+        timeout_s: give up after this long with ``LockTimeout`` (a ``TimeoutError``); None waits forever.
         what: who might hold it, for the timeout message.
     """
+    import socket
+    import sys
+    from datetime import UTC, datetime
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+    with open(path, "a+", encoding="utf-8") as fh:  # "a+": opening must not erase the holder's note
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             try:
@@ -81,8 +104,17 @@ def file_lock(path: Path, timeout_s: float | None = None, what: str = "another p
                 break
             except BlockingIOError:
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{what} has held {path} for {timeout_s:.0f} s") from None
+                    holder = lock_holder(path)
+                    raise LockTimeout(
+                        f"{what} has held {path} for {timeout_s:.0f} s" + (f" (holder: {holder})" if holder else ""),
+                        path,
+                        holder,
+                    ) from None
                 time.sleep(0.2)
+        fh.truncate(0)
+        since = datetime.now(UTC).isoformat(timespec="seconds")
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {since}: {' '.join(sys.argv)[:300]}\n")
+        fh.flush()
         try:
             yield
         finally:

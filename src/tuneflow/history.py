@@ -18,6 +18,8 @@ when two machines move at the same moment.
 A crash between 2 and 3 leaves an entry whose move did not happen. ``applied_moves`` detects it (the
 next entry, or the current champion, does not start from that entry's target) and ignores it for
 rollback; ``tuneflow models NAME --history`` marks it "not applied".
+A tag whose value is not a move (edited by hand) is ``Unreadable``: listed as such, never replayed, and
+rollback refuses only when one sits where the champion may have moved.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from tuneflow.files import file_lock
+from tuneflow.files import LockTimeout, file_lock
 from tuneflow.registry import (
     CARD_TAG,
     CHAMPION,
@@ -50,6 +55,23 @@ ANY = object()  # move_champion's ``expected``: replace whatever the champion is
 
 class ChampionChanged(RegistryError):
     """The champion is no longer the one a move expected to replace; nothing was moved."""
+
+    def __init__(self, message: str, expected: str | None = None, current: str | None = None) -> None:
+        super().__init__(message)
+        self.expected = expected  # the champion the move was decided against
+        self.current = current  # the champion it found
+
+
+class ChampionLocked(RegistryError):
+    """Another champion move held the model's lock for longer than the timeout; nothing was moved."""
+
+
+CHAMPION_LOCK_TIMEOUT_S = 120.0  # a move holds the lock for a few registry calls: 2 minutes means it is stuck
+
+
+def champion_lock_path(name: str) -> Path:
+    """The per-model lock that serializes champion moves on this machine."""
+    return cache_dir() / "locks" / f"champion-{name}.lock"
 
 
 @dataclass(frozen=True)
@@ -89,15 +111,61 @@ def has_card(mv: Any) -> bool:
     return bool((mv.description or "").strip())
 
 
-def read_history(name: str) -> list[Move]:
-    """All recorded moves of ``champion`` for ``name``, oldest first, each marked applied or not."""
+@dataclass(frozen=True)
+class Unreadable:
+    """A history tag whose value is not a move (edited by hand, truncated): shown, never replayed."""
+
+    key: str
+    seq: int | None  # from the tag's key, when it has the usual form
+    value: str
+    problem: str
+
+
+def _key_seq(key: str) -> int | None:
+    head = key.removeprefix(HISTORY_TAG).split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def _parse(key: str, value: str) -> Move | Unreadable:
+    try:
+        e = json.loads(value)
+        return Move(
+            int(e["seq"]), str(e["time"]), e["action"], e["by"], e["actor"], e["from"], str(e["to"]), e["reason"]
+        )
+    except ValueError as exc:
+        return Unreadable(key, _key_seq(key), value, f"not JSON ({exc})")
+    except (KeyError, TypeError) as exc:
+        return Unreadable(key, _key_seq(key), value, f"not a move record (no field {exc})")
+
+
+def read_entries(name: str) -> tuple[list[Move], list[Unreadable]]:
+    """The recorded moves of ``champion`` (oldest first, each marked applied or not) and the unreadable entries."""
     tags = _client().get_registered_model(name).tags or {}
-    raw = [json.loads(v) for k, v in tags.items() if k.startswith(HISTORY_TAG)]
-    raw.sort(key=lambda e: (e["seq"], e["time"]))
-    moves = [
-        Move(e["seq"], e["time"], e["action"], e["by"], e["actor"], e["from"], str(e["to"]), e["reason"]) for e in raw
-    ]
-    return applied_moves(moves, champion_version(name))
+    parsed = [_parse(k, v) for k, v in tags.items() if k.startswith(HISTORY_TAG)]
+    moves = sorted((m for m in parsed if isinstance(m, Move)), key=lambda m: (m.seq, m.time))
+    bad = [u for u in parsed if isinstance(u, Unreadable)]
+    return applied_moves(moves, champion_version(name)), bad
+
+
+def read_history(name: str) -> list[Move]:
+    """All readable recorded moves of ``champion`` for ``name``, oldest first, each marked applied or not."""
+    return read_entries(name)[0]
+
+
+def hides_a_move(entry: Unreadable, moves: list[Move], current: str | None) -> bool:
+    """Whether an unreadable entry may stand for a move that happened.
+
+    Every move records the champion it replaced: when the readable entries around it connect (the one before
+    ends where the one after, or the current champion, starts), no move happened there. One before every
+    readable entry at most hides a champion below the first recorded one, which rollback never reaches.
+    """
+    if entry.seq is None:
+        return True  # cannot be placed in the sequence
+    before = [m for m in moves if m.seq < entry.seq]
+    if not before:
+        return False
+    after = next((m.from_version for m in moves if m.seq > entry.seq), current)
+    return before[-1].to_version != after
 
 
 def applied_moves(moves: list[Move], current: str | None) -> list[Move]:
@@ -137,7 +205,8 @@ def rollback_target(name: str) -> tuple[str, str]:
     """(current champion, the champion before it) from the history.
 
     Raises:
-        RegistryError: no champion, no history, or nothing earlier to go back to.
+        RegistryError: no champion, no history, nothing earlier to go back to, or an unreadable entry where the
+            champion may have moved (``hides_a_move``).
     """
     current = champion_version(name)
     fix = (
@@ -145,7 +214,16 @@ def rollback_target(name: str) -> tuple[str, str]:
     )
     if current is None:
         raise RegistryError(f"{name} has no champion, so there is nothing to roll back. {fix}")
-    moves = read_history(name)
+    moves, unreadable = read_entries(name)
+    hiding = [u for u in unreadable if hides_a_move(u, moves, current)]
+    if hiding:
+        raise RegistryError(
+            f"the champion history of {name} has unreadable entries where the champion may have moved: "
+            + "; ".join(f"tag {u.key}: {u.problem}" for u in hiding)
+            + f". Without them it cannot say which champion came before v{current}. Fix: restore or delete the "
+            f"tag (MlflowClient().set_registered_model_tag / delete_registered_model_tag), or pick a version with "
+            f"'tuneflow models {name}' and run 'tuneflow promote {name} VERSION --reason \"...\"'"
+        )
     if not moves:
         raise RegistryError(
             f"{name} has no promotion history (champion v{current} was set before tuneflow recorded moves). {fix}"
@@ -177,15 +255,24 @@ def set_champion_alias(name: str, version: str) -> None:
 
 
 def move_champion(
-    name: str, version: str, action: str, by: str, actor: str, reason: str, expected: str | None | object = ANY
+    name: str,
+    version: str,
+    action: str,
+    by: str,
+    actor: str,
+    reason: str,
+    expected: str | None | object = ANY,
+    lock_timeout_s: float | None = None,
 ) -> Move:
     """Point ``champion`` at ``version`` and record who, when, from which version and why.
 
     Args:
         expected: the champion this move replaces (None: there must be none); ``ANY`` skips the check.
+        lock_timeout_s: how long to wait for another move's lock (default ``CHAMPION_LOCK_TIMEOUT_S``).
 
     Raises:
         ChampionChanged: the champion is not ``expected`` any more (nothing moved, nothing recorded).
+        ChampionLocked: another move held the lock past the timeout (nothing moved, nothing recorded).
         RegistryError: the version does not exist, has no model card, or already is the champion.
     """
     client = _client()
@@ -195,18 +282,22 @@ def move_champion(
             f"{name} v{version} has no model card (empty description); refusing to make it champion. Fix: "
             "register it through 'tuneflow run'"
         )
-    with file_lock(cache_dir() / "locks" / f"champion-{name}.lock", timeout_s=120, what="another champion move"):
+    with _champion_lock(name, version, CHAMPION_LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s):
         current = champion_version(name)
         if expected is not ANY and current != expected:
             raise ChampionChanged(
                 f"champion of {name} is v{current or '-'} now, not v{expected or '-'} as when v{version} was "
                 f"compared with it; v{version} stays challenger. Fix: retrain (it is scored against the new "
-                f"champion) or promote it by hand after review: tuneflow promote {name} {version} --reason ..."
+                f"champion) or promote it by hand after review: tuneflow promote {name} {version} --reason ...",
+                None if expected is None else str(expected),
+                current,
             )
         if current == str(version):
             raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
         tags = client.get_registered_model(name).tags or {}
-        seq = 1 + max((json.loads(v)["seq"] for k, v in tags.items() if k.startswith(HISTORY_TAG)), default=0)
+        # numbered past every entry, unreadable ones too (their key still carries their number)
+        seqs = [e.seq for k, v in tags.items() if k.startswith(HISTORY_TAG) for e in [_parse(k, v)]]
+        seq = 1 + max((q for q in seqs if q is not None), default=0)
         move = Move(
             seq,
             datetime.now(UTC).isoformat(timespec="seconds"),
@@ -221,6 +312,22 @@ def move_champion(
         set_champion_alias(name, str(version))
     log.info("champion of %s: v%s -> v%s (%s by %s/%s): %s", name, current or "-", version, action, by, actor, reason)
     return move
+
+
+@contextmanager
+def _champion_lock(name: str, version: str, timeout_s: float) -> Iterator[None]:
+    path = champion_lock_path(name)
+    try:
+        with file_lock(path, timeout_s=timeout_s, what=f"another champion move of {name}"):
+            yield
+    except LockTimeout as exc:
+        holder = exc.holder or "a process that did not say which (an older tuneflow)"
+        raise ChampionLocked(
+            f"could not move the champion of {name} to v{version}: another champion move of {name} on this machine "
+            f"has held the lock {path} for {timeout_s:.0f} s; nothing was moved. Held by: {holder}. Fix: wait for "
+            "that move (a retrain's gate, tuneflow promote or rollback) to finish and run this again; if that "
+            "process hangs, end it: the lock frees itself when its process exits (deleting the file does not help)"
+        ) from None
 
 
 def promote_by_gate(name: str, version: str, decision: Decision, actor: str) -> Move:

@@ -8,6 +8,7 @@ current champion re-scored on the same eval split.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from importlib.metadata import version as pkg_version
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,11 @@ _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's er
 REQUIREMENT_PACKAGES = ("torch", "transformers", "tokenizers", "mlflow", "pandas", "numpy")
 
 
+# Scores are differences of float sums: 1e-9 is far below any margin a person sets, far above rounding error
+MARGIN_TOLERANCE = 1e-9
+MAX_ERROR_IN_REASON = 400  # a champion's scoring error, quoted in the decision reason (a tag) and the card
+
+
 class RegistryError(ValueError):
     """A registry operation was refused; the message says why and what to do."""
 
@@ -78,11 +84,13 @@ def decide(
     champion_score: float | None,
     champion_version: str | None,
     min_improvement: float,
+    champion_error: str | None = None,
 ) -> Decision:
     """The promotion gate, in the metric's own direction (``eval_loss`` and ``perplexity``: lower is better).
 
     No champion: the challenger (which passed validation to get here) becomes champion. Otherwise it
-    must beat the champion's score on the same eval split by at least ``min_improvement``.
+    must beat the champion's score on the same eval split by at least ``min_improvement``; a champion that
+    could not be scored (``champion_error`` says why) is never replaced automatically.
     """
     if champion_score is None:
         if champion_version is None:
@@ -94,7 +102,9 @@ def decide(
             )
         return Decision(
             False,
-            f"champion v{champion_version} could not be re-evaluated on this eval split; promote manually after review",
+            f"champion v{champion_version} could not be re-evaluated on this eval split"
+            + (f" ({champion_error[:MAX_ERROR_IN_REASON]})" if champion_error else "")
+            + "; promote manually after review",
             metric,
             challenger_score,
             None,
@@ -102,7 +112,9 @@ def decide(
         )
     # improvement in the metric's better direction; NaN (a broken score) never promotes
     delta = challenger_score - champion_score if higher_is_better(metric) else champion_score - challenger_score
-    if delta >= min_improvement and delta > 0:
+    # 0.85 - 0.80 is 0.04999999999999993 in floats: an improvement of exactly the margin counts as reaching it
+    reaches = delta >= min_improvement or math.isclose(delta, min_improvement, rel_tol=1e-9, abs_tol=MARGIN_TOLERANCE)
+    if reaches and delta > 0:
         return Decision(
             True,
             f"{metric} {challenger_score:.4f} beats champion v{champion_version} ({champion_score:.4f}) by "
@@ -128,7 +140,14 @@ def decide_promotion(cfg: PipelineConfig, challenger: Evaluation, champion: Cham
     """``decide`` on the configured primary metric, the new model against the re-scored champion."""
     primary = cfg.evaluate.primary_metric
     champion_score = champion.evaluation.metrics[primary] if champion.evaluation is not None else None
-    return decide(primary, challenger.metrics[primary], champion_score, champion.version, cfg.registry.min_improvement)
+    return decide(
+        primary,
+        challenger.metrics[primary],
+        champion_score,
+        champion.version,
+        cfg.registry.min_improvement,
+        champion.error,
+    )
 
 
 def version_by_alias(name: str, alias: str) -> ModelVersion | None:
@@ -206,11 +225,26 @@ def score_champion(cfg: PipelineConfig, eval_frame: pd.DataFrame) -> ChampionSco
     champ = current_champion(cfg.registry.model_name)
     if champ is None:
         return ChampionScore(None, None, None)
+    from mlflow.exceptions import MlflowException
+    from safetensors import SafetensorError
+
     try:
         return ChampionScore(str(champ.version), score_version(cfg, champ, eval_frame), None)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # labels it lacks; UntrustedModel (a ValueError)
         log.warning("champion v%s could not be scored on this eval split: %s", champ.version, exc)
         return ChampionScore(str(champ.version), None, str(exc))
+    except (MlflowException, RuntimeError, SafetensorError) as exc:
+        # artifacts garbage-collected or half-copied, the store unreachable: the new model was trained and is
+        # registered all the same; with nothing to compare it with, it is not promoted (as an untrusted champion)
+        error = f"it could not be loaded: {type(exc).__name__}: {exc}"
+        log.warning(
+            "champion v%s of %s %s. The new version is registered but NOT promoted; check the artifact store, "
+            "then compare and promote by hand (tuneflow compare / promote)",
+            champ.version,
+            cfg.registry.model_name,
+            error,
+        )
+        return ChampionScore(str(champ.version), None, error)
 
 
 def pip_requirements() -> list[str]:

@@ -19,8 +19,8 @@ import pandas as pd
 from tuneflow.config import PipelineConfig
 from tuneflow.data import LABEL, TEXT, read_table, sft_settings, split_by_text_hash
 from tuneflow.evaluate import Evaluation
-from tuneflow.history import Move, move_champion, read_history, rollback_target
-from tuneflow.landing import load_accepted
+from tuneflow.history import ChampionChanged, Move, move_champion, read_entries, rollback_target
+from tuneflow.landing import ACCEPTED, load_accepted
 from tuneflow.registry import TAG, VALIDATION_TAG, RegistryError, champion_version, get_version, score_version
 from tuneflow.reporting import metrics_table
 from tuneflow.trust import UntrustedModel
@@ -38,6 +38,7 @@ class PromoteOutcome:
     move: Move
     table: str
     eval_rows: int
+    eval_source: str  # what the eval split was, for people: "N rows of data.csv" or of which accepted batches
 
 
 def cli_actor() -> str:
@@ -92,10 +93,23 @@ def current_eval_frame(cfg: PipelineConfig, config_file: str = "the config") -> 
     return ev
 
 
+def eval_source(cfg: PipelineConfig, eval_frame: pd.DataFrame, shown: int = 5) -> str:
+    """What an eval split from ``current_eval_frame`` is: "N rows of PATH", or of which accepted batches."""
+    if not cfg.data.landing:
+        return f"{len(eval_frame)} rows of {cfg.data.path}"
+    batches = sorted(eval_frame["batch"].unique()) if "batch" in eval_frame else []
+    names = ", ".join(batches[:shown]) + (f" and {len(batches) - shown} more" if len(batches) > shown else "")
+    where = Path(cfg.data.landing) / ACCEPTED
+    return f"{len(eval_frame)} rows of {len(batches)} accepted batches in {where}" + (f": {names}" if names else "")
+
+
 def score_versions(
     cfg: PipelineConfig, name: str, versions: list[str], eval_frame: pd.DataFrame
 ) -> dict[str, Evaluation]:
     """Score each version on ``eval_frame`` with its own ``max_length`` (from its tags)."""
+    from mlflow.exceptions import MlflowException
+    from safetensors import SafetensorError
+
     out = {}
     for v in versions:
         mv = get_version(name, v)
@@ -107,6 +121,12 @@ def score_versions(
             raise RegistryError(
                 f"{name} v{v} cannot be scored on this eval split: {exc}. Fix: compare with a config whose "
                 "labels the model knows"
+            ) from exc
+        except (MlflowException, RuntimeError, SafetensorError) as exc:
+            raise RegistryError(
+                f"{name} v{v} could not be loaded: {type(exc).__name__}: {exc}. Its artifacts may have been "
+                "deleted or half-copied, or the store is unreachable. Fix: check the artifact store (tuneflow "
+                f"verify {name}/{v}), or compare and promote other versions"
             ) from exc
     return out
 
@@ -134,6 +154,8 @@ def promote(
     """Manual promotion: re-score the champion and the candidate on the current eval split, then move ``champion``.
 
     Raises:
+        ChampionChanged: the champion moved while the versions were scored (nothing moved; the comparison
+            is stale).
         RegistryError: unknown version, already champion, no reason, a version that failed or lacks
             validation (unless ``force``), or a config of another model.
     """
@@ -161,43 +183,92 @@ def promote(
         f" vs v{current}={scored[current].metrics[primary]:.4f}" if current else ""
     )
     full_reason = (
-        f"{reason} [{note} on {len(eval_frame)} eval rows"
+        f"{reason} [{note} on {eval_source(cfg, eval_frame)}"
         + ("; forced past: " + "; ".join(blockers) if blockers else "")
         + "]"
     )
-    move = move_champion(name, str(version), "promote", "cli", actor or cli_actor(), full_reason)
-    return PromoteOutcome(move, metrics_table(cols, cfg.data.labels), len(eval_frame))
+    # compare-and-swap, as the gate: a champion that moved while scoring (a retrain's gate, a colleague) stays
+    try:
+        move = move_champion(name, str(version), "promote", "cli", actor or cli_actor(), full_reason, expected=current)
+    except ChampionChanged as exc:
+        raise _moved_meanwhile(
+            name, exc, f"v{version} was compared with it", f"tuneflow promote {name} {version} --reason ..."
+        ) from exc
+    return PromoteOutcome(move, metrics_table(cols, cfg.data.labels), len(eval_frame), eval_source(cfg, eval_frame))
+
+
+def _moved_meanwhile(name: str, exc: ChampionChanged, while_: str, rerun: str) -> ChampionChanged:
+    return ChampionChanged(
+        f"the champion of {name} moved from v{exc.expected or '-'} to v{exc.current or '-'} while {while_}; "
+        f"nothing was moved (the comparison is stale). Fix: look at 'tuneflow models {name} --history' and "
+        f"re-run {rerun} if it is still wanted",
+        exc.expected,
+        exc.current,
+    )
 
 
 def rollback(name: str, reason: str = "", actor: str | None = None) -> Move:
     """Move ``champion`` back to the champion before the current one, as recorded in the history.
 
     Raises:
+        ChampionChanged: the champion moved between reading the history and the move (nothing moved).
         RegistryError: no champion, no history, nothing earlier, or the earlier version is gone.
     """
     current, previous = rollback_target(name)
-    return move_champion(name, previous, "rollback", "cli", actor or cli_actor(), reason or f"rollback from v{current}")
+    reason = reason or f"rollback from v{current}"
+    unreadable = read_entries(name)[1]  # those that could hide a move made rollback_target refuse
+    if unreadable:
+        reason += (
+            f" (target v{previous} from the readable history; skipped unreadable entries "
+            + ", ".join(u.key for u in unreadable)
+            + ": no move happened there, the entries around them connect)"
+        )
+    try:
+        return move_champion(name, previous, "rollback", "cli", actor or cli_actor(), reason, current)
+    except ChampionChanged as exc:
+        raise _moved_meanwhile(name, exc, f"rolling back to v{previous}", f"tuneflow rollback {name}") from exc
 
 
-def compare(cfg: PipelineConfig, name: str, v1: str, v2: str, config_file: str = "the config") -> tuple[str, int]:
-    """A markdown table of both versions' metrics, recomputed on the current eval split; and its row count."""
+def compare(cfg: PipelineConfig, name: str, v1: str, v2: str, config_file: str = "the config") -> tuple[str, str]:
+    """A markdown table of both versions' metrics, recomputed on the current eval split; and what that split
+    was (``eval_source``)."""
     _check_name(cfg, name, config_file)
     eval_frame = current_eval_frame(cfg, config_file)
     scored = score_versions(cfg, name, [v1, v2], eval_frame)
     champ = champion_version(name)
     label = {v: f"v{v}" + (" (champion)" if v == champ else "") for v in (str(v1), str(v2))}
-    return metrics_table({label[str(v)]: scored[str(v)].metrics for v in (v1, v2)}, cfg.data.labels), len(eval_frame)
+    table = metrics_table({label[str(v)]: scored[str(v)].metrics for v in (v1, v2)}, cfg.data.labels)
+    return table, eval_source(cfg, eval_frame)
 
 
 def history_rows(name: str) -> list[dict[str, str]]:
-    """The champion history for display, oldest first."""
-    return [
-        {
-            "time": m.time,
-            "move": f"v{m.from_version or '-'} -> v{m.to_version}",
-            "action": m.action + ("" if m.applied else " (NOT APPLIED: interrupted before the alias moved)"),
-            "by": f"{m.by}:{m.actor}",
-            "reason": m.reason,
-        }
-        for m in read_history(name)
+    """The champion history for display, oldest first; an unreadable entry (a hand-edited tag) is a row that
+    says so, named by its tag, in its place in the sequence."""
+    moves, unreadable = read_entries(name)
+    rows = [
+        (
+            (m.seq, 0),
+            {
+                "time": m.time,
+                "move": f"v{m.from_version or '-'} -> v{m.to_version}",
+                "action": m.action + ("" if m.applied else " (NOT APPLIED: interrupted before the alias moved)"),
+                "by": f"{m.by}:{m.actor}",
+                "reason": m.reason,
+            },
+        )
+        for m in moves
     ]
+    rows += [
+        (
+            (u.seq if u.seq is not None else float("inf"), 1),
+            {
+                "time": "?",
+                "move": "?",
+                "action": "UNREADABLE (not used by rollback)",
+                "by": "?",
+                "reason": f"tag {u.key}: {u.problem}; value {u.value[:80]!r}",
+            },
+        )
+        for u in unreadable
+    ]
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]
