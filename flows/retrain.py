@@ -215,10 +215,9 @@ def retrain(
                 challenger.metrics,
                 split.train,
             )
-            if decision.promote and promote_task(config, version, decision, actor=flow_run_id or f"run {pid}") is None:
-                decision = replace(
-                    decision, promote=False, reason=f"{decision.reason}; NOT promoted: the champion changed meanwhile"
-                )
+            outcome = decision.promote and promote_task(config, version, decision, actor=flow_run_id or f"run {pid}")
+            if isinstance(outcome, str):  # refused: the reason
+                decision = replace(decision, promote=False, reason=f"{decision.reason}; NOT promoted: {outcome}")
                 client = mlflow.MlflowClient()  # the parent run says so too, as the version's tags do
                 for key, value in decision_tags(decision).items():
                     client.set_tag(pid, key, value)

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tuneflow.config import PipelineConfig
-from tuneflow.history import ChampionChanged, Move, promote_by_gate, record_refused_promotion
+from tuneflow.history import ChampionChanged, ChampionLocked, Move, promote_by_gate, record_refused_promotion
 from tuneflow.registry import Decision, register_version
 from tuneflow.tracking import RunContext, log_decision, stage_run
 
@@ -39,12 +39,18 @@ def register_task(
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_task(cfg: PipelineConfig, version: str, decision: Decision, actor: str) -> Move | None:
-    """Move ``champion`` to ``version`` (a history entry first, then the alias); None when the champion
-    changed since the decision compared with it (the version stays challenger and says why)."""
+def promote_task(cfg: PipelineConfig, version: str, decision: Decision, actor: str) -> Move | str:
+    """Move ``champion`` to ``version`` (a history entry first, then the alias). When the move is refused, the
+    version stays challenger, its tags and card say why, and the short reason is returned instead of a move: the
+    champion changed since the decision compared with it, or another move held the champion's lock too long."""
     try:
         return promote_by_gate(cfg.registry.model_name, version, decision, actor)
-    except ChampionChanged as exc:
-        get_run_logger().warning("not promoted: %s", exc)
-        record_refused_promotion(cfg.registry.model_name, version, str(exc))
-        return None
+    except (ChampionChanged, ChampionLocked) as exc:
+        why = (
+            "the champion changed meanwhile"
+            if isinstance(exc, ChampionChanged)
+            else "another champion move held the champion's lock too long"
+        )
+        get_run_logger().warning("not promoted (%s): %s", why, exc)
+        record_refused_promotion(cfg.registry.model_name, version, str(exc), why)
+        return why

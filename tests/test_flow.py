@@ -322,3 +322,23 @@ def test_hundreds_of_labels_run_to_the_end_with_a_condensed_confusion_plot(workd
     assert sum(k.startswith("eval/f1_topic") for k in parent.data.metrics) == 300  # every per-class metric
     png = Path(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="plots/confusion_matrix.png"))
     assert Image.open(png).size == (1200, 1200)  # condensed to a bounded figure, not 330 inches square
+
+
+def test_a_champion_lock_held_too_long_leaves_the_new_version_challenger_and_the_run_says_so(
+    workdir, data_csv, tiny_model_dir, monkeypatch
+):
+    import tuneflow.history as history
+    from tuneflow.files import file_lock
+
+    client = MlflowClient()
+    weak = tiny_config_dict(data_csv, tiny_model_dir, train={"learning_rate": 0.0, "epochs": 1})
+    assert _run(weak)["version"] == "1"
+    monkeypatch.setattr(history, "CHAMPION_LOCK_TIMEOUT_S", 0.5)
+    with file_lock(history.champion_lock_path("tiny-clf"), what="a stuck move"):  # another move on this machine
+        strong = _run(tiny_config_dict(data_csv, tiny_model_dir))
+    assert strong["version"] == "2" and strong["promoted"] is False  # registered, not lost after training
+    assert "held the champion's lock too long" in strong["reason"]
+    assert str(client.get_model_version_by_alias("tiny-clf", "champion").version) == "1"
+    mv = client.get_model_version("tiny-clf", "2")
+    assert mv.tags["tuneflow.decision"] == "rejected" and "Fix:" in mv.tags["tuneflow.decision_reason"]
+    assert "Not promoted (another champion move held the champion's lock too long)" in mv.description

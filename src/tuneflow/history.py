@@ -336,13 +336,14 @@ def promote_by_gate(name: str, version: str, decision: Decision, actor: str) -> 
     return move_champion(name, str(version), "gate", "gate", actor, decision.reason, expected=decision.champion_version)
 
 
-def record_refused_promotion(name: str, version: str, why: str) -> None:
-    """A gate promotion refused by ``ChampionChanged``: the version's decision tags and card say so."""
+def record_refused_promotion(name: str, version: str, why: str, short: str = "champion changed meanwhile") -> None:
+    """A refused gate promotion (``ChampionChanged``, ``ChampionLocked``): the version's decision tags and card say
+    why (``why`` in full, ``short`` in the card's headline)."""
     client = _client()
     mv = get_version(name, version)
     client.set_model_version_tag(name, version, "tuneflow.decision", "rejected")
     client.set_model_version_tag(name, version, "tuneflow.decision_reason", why[:MAX_REASON_CHARS])
-    card = (mv.description or "").replace("**Promoted to champion**", "**Not promoted (champion changed meanwhile)**")
+    card = (mv.description or "").replace("**Promoted to champion**", f"**Not promoted ({short})**")
     refused = f"Promotion refused: {why}\n\n"  # first, so a shortened card keeps it
     description = version_description(refused + card, (mv.tags or {}).get(CARD_TAG, "its run"))
     client.update_model_version(name, version, description=description)
