@@ -409,3 +409,24 @@ def test_an_unreadable_batch_gets_the_same_page(tmp_path, tiny_model_dir, tokeni
     assert outcome.status == "quarantined" and "<script" not in page.lower() and "://" not in page
     check = outcome.report.failed[0]
     assert check.name in page and "could not be read" in page and str(quarantine / "notes.csv") in page
+
+
+def test_a_suffixed_quarantine_name_never_overwrites_an_older_report(tmp_path, tiny_model_dir, tokenizer):
+    # batch.csv was quarantined twice (batch.csv, batch.2.csv); someone took batch.2.csv out to fix it and
+    # left its reports. A third bad batch.csv must get a name of its own, not batch.2.csv's reports.
+    landing = tmp_path / "sms"
+    incoming, _, quarantine = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)
+    for _ in range(2):
+        (incoming / "batch.csv").write_bytes(b"")  # unreadable: quarantined without running a check
+        run_gate(cfg, landing, tokenizer)
+    assert (quarantine / "batch.2.csv").exists()
+    (quarantine / "batch.2.csv").rename(tmp_path / "being-fixed.csv")
+    kept = [quarantine / "batch.2.csv.report.json", quarantine / "batch.2.csv.report" / "index.html"]
+    older = {p: p.read_bytes() + b"<!-- the older report -->" for p in kept}
+    for p, content in older.items():
+        p.write_bytes(content)
+    (incoming / "batch.csv").write_bytes(b"")
+    (outcome,) = run_gate(cfg, landing, tokenizer).outcomes
+    assert outcome.path == quarantine / "batch.3.csv" and (quarantine / "batch.3.csv.report.json").exists()
+    assert {p: p.read_bytes() for p in older} == older  # the older reports are untouched

@@ -91,13 +91,19 @@ def gate_lock(landing: Path, timeout_s: float = 3600):
     return file_lock(landing / ".gate.lock", timeout_s, what="another gate")
 
 
+def _taken(folder: Path, name: str) -> bool:
+    """Whether ``name`` or one of its reports is in ``folder``. A batch taken out of quarantine/ (to be fixed)
+    leaves its reports behind, and a dangling link does not ``exists()``: both still hold the name."""
+    return any(os.path.lexists(folder / n) for n in (name, f"{name}.report.json", f"{name}.report"))
+
+
 def _free_name(folder: Path, name: str) -> str:
-    """``name``, or ``stem.<n>.ext`` if taken: an accepted batch is never overwritten."""
-    if not (folder / name).exists() and not (folder / f"{name}.report.json").exists():
+    """``name``, or ``stem.<n>.ext`` if taken: no batch and no report is ever overwritten."""
+    if not _taken(folder, name):
         return name
     stem, dot, ext = name.partition(".")
     n = 2
-    while (folder / f"{stem}.{n}{dot}{ext}").exists():
+    while _taken(folder, f"{stem}.{n}{dot}{ext}"):
         n += 1
     return f"{stem}.{n}{dot}{ext}"
 
