@@ -430,3 +430,31 @@ def test_a_suffixed_quarantine_name_never_overwrites_an_older_report(tmp_path, t
     (outcome,) = run_gate(cfg, landing, tokenizer).outcomes
     assert outcome.path == quarantine / "batch.3.csv" and (quarantine / "batch.3.csv.report.json").exists()
     assert {p: p.read_bytes() for p in older} == older  # the older reports are untouched
+
+
+@pytest.mark.parametrize("content", [b'{"batches": {"base.csv": "9f2c', b"[1, 2]", b'{"batches": 5}', b"\xff\xfe"])
+def test_a_corrupt_manifest_stops_the_gate_and_overwrites_nothing(content, tmp_path, tiny_model_dir, tokenizer):
+    from tuneflow.data import DataError
+
+    landing = tmp_path / "sms"
+    incoming, accepted, _ = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)
+    shutil.copy(CORPUS / "base.csv", incoming)
+    run_gate(cfg, landing, tokenizer)
+    manifest = accepted / ".manifest.json"
+    manifest.write_bytes(content)
+    with (accepted / "base.csv").open("a") as fh:
+        fh.write("free prize now,ham\n")  # edited after it was judged: must not be adopted as it is now
+    shutil.copy(CORPUS / "crlf.csv", incoming)  # a new batch whose acceptance would rewrite the manifest
+    for read in (lambda: run_gate(cfg, landing, tokenizer), lambda: load_accepted(cfg, landing)):
+        with pytest.raises(DataError) as err:
+            read()
+        assert err.value.check == "accepted_integrity"
+        message = str(err.value)
+        assert str(manifest) in message and "Fix: restore .manifest.json from a backup" in message
+        assert f"mv {manifest} {manifest}.corrupt" in message
+    assert manifest.read_bytes() == content  # left exactly as found
+    assert (incoming / "crlf.csv").exists() and sorted(p.name for p in accepted.iterdir()) == [
+        ".manifest.json",
+        "base.csv",
+    ]

@@ -128,18 +128,38 @@ def _snapshot(path: Path, dest: Path) -> Path | None:
 
 
 def _manifest(accepted: Path) -> tuple[dict[str, str], str | None]:
-    """The manifest: batch name -> sha256 when accepted, and the data shape the union was judged as."""
+    """The manifest: batch name -> sha256 when accepted, and the data shape the union was judged as. No
+    manifest yet is an empty one (a new landing zone, or batches placed by hand).
+
+    Raises:
+        DataError (check ``accepted_integrity``): the manifest exists but cannot be read as one. Read as empty,
+            every accepted batch (an edited one too) would be recorded as it is now, and the next accepted
+            batch would write a manifest without the others' digests.
+    """
     import json
 
+    path = accepted / MANIFEST
     try:
-        data = json.loads((accepted / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return {}, None
-    if not isinstance(data, dict):
-        return {}, None
-    batches = data.get("batches")
-    batches = {str(k): str(v) for k, v in batches.items()} if isinstance(batches, dict) else {}
-    return batches, data.get("data_shape")
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _corrupt_manifest(path, f"{type(exc).__name__}: {exc}") from exc
+    batches = data.get("batches") if isinstance(data, dict) else None
+    if not isinstance(batches, dict) or not all(isinstance(v, str) for v in batches.values()):
+        raise _corrupt_manifest(path, "not an object with a 'batches' map of name to sha256")
+    return {str(k): v for k, v in batches.items()}, data.get("data_shape")
+
+
+def _corrupt_manifest(path: Path, why: str) -> DataError:
+    return DataError(
+        f"{path} cannot be read ({why}). It holds the sha256 each accepted batch had when it was judged; without "
+        "it an edited batch cannot be told from a judged one, so nothing is judged, trained or recorded, and the "
+        f"file is left as it is. Fix: restore {path.name} from a backup; or, to trust every file in {path.parent} "
+        f"as it is now, move it aside (mv {path} {path}.corrupt): the next run records each batch as it is, with "
+        "a warning per batch, and judges their union again before training",
+        check="accepted_integrity",
+    )
 
 
 def _write_manifest(accepted: Path, batches: dict[str, str], shape: str | None) -> None:
