@@ -458,3 +458,50 @@ def test_a_corrupt_manifest_stops_the_gate_and_overwrites_nothing(content, tmp_p
         ".manifest.json",
         "base.csv",
     ]
+
+
+def test_a_file_still_being_written_is_left_for_the_next_run(tmp_path, tiny_model_dir, tokenizer, caplog):
+    landing = tmp_path / "sms"
+    incoming, accepted, _ = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)  # watch.quiet_seconds 0.2 (conftest)
+    lines = (CORPUS / "base.csv").read_bytes().splitlines(keepends=True)
+    batch = incoming / "base.csv"
+    batch.write_bytes(b"".join(lines[:101]))  # the header and the first 100 rows: a batch that would pass
+    done = threading.Event()
+
+    def writer():  # still appending, a row every 50 ms while the gate runs, then the rest at once
+        with batch.open("ab") as fh:
+            for line in lines[101:]:
+                fh.write(line)
+                fh.flush()
+                done.wait(0.05)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        with caplog.at_level("WARNING", logger="tuneflow.landing"):
+            check = check_data(cfg, "cfg.yaml", tmp_path / "docs", tokenizer)  # a run's validate stage
+    finally:
+        done.set()
+        thread.join()
+    assert check.gate.outcomes == [] and check.gate.waiting == ["base.csv"] and batch.exists()
+    assert "base.csv is still being written" in caplog.text and "left for the next run" in caplog.text
+    assert check.data is None and "base.csv" in str(check.error) and "still being written" in str(check.error)
+    # once the writer is done the next run judges the whole file (it waits out the window once)
+    assert [o.status for o in run_gate(cfg, landing, tokenizer).outcomes] == ["accepted"]
+    assert (accepted / "base.csv").read_bytes() == (CORPUS / "base.csv").read_bytes()
+
+
+def test_a_file_older_than_the_settle_window_is_judged_without_waiting(tmp_path, tiny_model_dir, tokenizer):
+    import time
+
+    landing = tmp_path / "sms"
+    incoming, _, _ = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)
+    cfg.watch.quiet_seconds = 600
+    shutil.copy(CORPUS / "base.csv", incoming)
+    hour_ago = time.time() - 3600
+    os.utime(incoming / "base.csv", (hour_ago, hour_ago))  # e.g. renamed in after a copy under a dot-name
+    started = time.monotonic()
+    assert [o.status for o in run_gate(cfg, landing, tokenizer).outcomes] == ["accepted"]
+    assert time.monotonic() - started < 60

@@ -32,7 +32,7 @@ from tuneflow.validation import (
     validate_frame,
     write_report_page,
 )
-from tuneflow.watch import is_candidate, list_incoming
+from tuneflow.watch import is_candidate, list_incoming, settle
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -54,6 +54,7 @@ class BatchOutcome:
 @dataclass
 class GateResult:
     outcomes: list[BatchOutcome] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # files in incoming/ still being written: left for next run
 
     @property
     def accepted(self) -> list[BatchOutcome]:
@@ -70,6 +71,8 @@ class BatchRejected(DataError):
     def __init__(self, result: GateResult, trained: bool = False):
         outcome = "the accepted data was trained on (data.on_quarantine: train)" if trained else "nothing was trained"
         parts = [f"{len(result.quarantined)} batch(es) quarantined, {len(result.accepted)} accepted; {outcome}."]
+        if result.waiting:
+            parts.append(f"Still being written, left in incoming/ for the next run: {', '.join(result.waiting)}.")
         for o in result.quarantined:
             parts.append(f"\n{o.path}\n{o.report.summary()}")  # the summary ends with the report's path
         super().__init__(
@@ -332,10 +335,20 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
         adopt_unrecorded(accepted)
         current = load_accepted(cfg, landing)
         reference = current.frame if current is not None else None
-        # Same rule as the watcher: dotfiles and *.tmp / *.part are files still being written.
-        for path in sorted(p for p in incoming.iterdir() if is_candidate(p.name)):
-            if not (path.is_file() or path.is_symlink()):
-                continue
+        # Same rules as the watcher: dotfiles and *.tmp / *.part are files still being written, and so is a
+        # file whose size or mtime changed within watch.quiet_seconds (a run started by hand or by a schedule
+        # would otherwise move it away while a writer still appends, and judge a truncated batch).
+        candidates = sorted(p for p in incoming.iterdir() if is_candidate(p.name) and (p.is_file() or p.is_symlink()))
+        ready, busy = settle(candidates, cfg.watch.quiet_seconds)
+        for path in busy:
+            log.warning(
+                "%s is still being written (its size or mtime changed within watch.quiet_seconds, %g s): "
+                "left for the next run",
+                path,
+                cfg.watch.quiet_seconds,
+            )
+            result.waiting.append(path.name)
+        for path in ready:
             work = landing / ".work" / path.name
             shutil.rmtree(work, ignore_errors=True)
             # The bytes judged are the bytes kept: a private copy (a new file, links followed) is judged and
@@ -438,7 +451,14 @@ def check_data(
                 reports.append(recheck)
                 if not recheck.success:
                     error, loaded, quarantined = ValidationFailed(recheck), None, None
-        if error is None and loaded is None:
+        if error is None and loaded is None and gate.waiting:
+            error = DataError(
+                f"no data in {landing / ACCEPTED}, and {', '.join(gate.waiting)} in {landing / INCOMING} is still "
+                f"being written (its size or mtime changed within watch.quiet_seconds, {cfg.watch.quiet_seconds:g} "
+                "s). Fix: run again once the writer is done (write under a dot-name and rename it when complete)",
+                check="file_exists",
+            )
+        elif error is None and loaded is None:
             error = DataError(
                 f"no data in {landing / ACCEPTED} and no new batch in {landing / INCOMING}. "
                 f"Fix: drop a CSV/JSONL/Parquet batch into {landing / INCOMING}",
