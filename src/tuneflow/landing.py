@@ -198,7 +198,11 @@ def record_accepted(accepted: Path, batch: Path, shape: str) -> None:
 
 
 def recheck_union(
-    cfg: PipelineConfig, landing: Path, union: LoadedData, tokenizer: PreTrainedTokenizerBase | None
+    cfg: PipelineConfig,
+    landing: Path,
+    union: LoadedData,
+    tokenizer: PreTrainedTokenizerBase | None,
+    config_file: str = "the config file",
 ) -> ValidationReport | None:
     """When the columns, labels or label mapping of the config changed since the accepted batches were judged,
     judge their union again with the config as it is now (before anything trains on it). Returns the report
@@ -208,7 +212,7 @@ def recheck_union(
     if _manifest(accepted)[1] == shape:
         return None
     log.warning("the config's columns, labels or label mapping changed since %s was judged: judging it again", accepted)
-    report = validate_frame(union.frame, cfg, accepted, tokenizer=tokenizer)
+    report = validate_frame(union.frame, cfg, accepted, tokenizer=tokenizer, config_file=config_file)
     if report.success:
         with gate_lock(landing):
             _write_manifest(accepted, _manifest(accepted)[0], shape)
@@ -286,6 +290,7 @@ def judge_batch(
     tokenizer: PreTrainedTokenizerBase | None,
     docs_dir: Path,
     read_from: Path | None = None,
+    config_file: str = "the config file",
 ) -> tuple[ValidationReport, LoadedData | None]:
     """Validate one incoming file (its bytes read from ``read_from``, a private snapshot, when given); never
     raises for bad data (the report says what is wrong)."""
@@ -298,7 +303,7 @@ def judge_batch(
         return failure_report(str(path), err), None
     try:
         loaded = read_table(
-            cfg.data, config_file="the config", path=read_from or path, digest=False, sft=sft_settings(cfg)
+            cfg.data, config_file=config_file, path=read_from or path, digest=False, sft=sft_settings(cfg)
         )
     except DataError as err:
         if read_from is not None:  # name the batch, not the snapshot
@@ -307,7 +312,14 @@ def judge_batch(
     try:
         loaded.frame[NORM] = loaded.frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
         report = validate_frame(
-            loaded.frame, cfg, path, raw=loaded.raw, reference=reference, tokenizer=tokenizer, docs_dir=docs_dir
+            loaded.frame,
+            cfg,
+            path,
+            raw=loaded.raw,
+            reference=reference,
+            tokenizer=tokenizer,
+            docs_dir=docs_dir,
+            config_file=config_file,
         )
     except Exception as exc:  # MemoryError included: any failure to judge quarantines, never blocks incoming/
         # A batch the gate cannot judge (a Great Expectations error, memory, a bug) would otherwise stay in
@@ -323,10 +335,16 @@ def judge_batch(
     return report, loaded
 
 
-def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> GateResult:
-    """Judge every file in ``incoming/`` (oldest name first), then move it to accepted/ or quarantine/.
+def run_gate(
+    cfg: PipelineConfig,
+    landing: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    config_file: str = "the config file",
+) -> GateResult:
+    """Judge every settled file in ``incoming/`` (oldest name first), then move it to accepted/ or quarantine/.
 
-    Later batches are compared with the earlier ones accepted in the same run.
+    Later batches are compared with the earlier ones accepted in the same run. ``config_file`` is named in the
+    reports' fixes.
     """
     incoming, accepted, quarantine = folders(landing)
     result = GateResult()
@@ -355,7 +373,9 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
             # becomes the accepted batch, so a link, a hard link or a writer that keeps the file open cannot
             # change what was accepted.
             snapshot = None if _is_outside(path, landing) else _snapshot(path, work / "batch" / path.name)
-            report, loaded = judge_batch(path, cfg, reference, landing, tokenizer, work / "docs", snapshot)
+            report, loaded = judge_batch(
+                path, cfg, reference, landing, tokenizer, work / "docs", snapshot, config_file=config_file
+            )
             if report.success and loaded is not None and snapshot is not None:
                 dest = accepted / _free_name(accepted, path.name)
                 os.rename(path, dest)  # one atomic move: the batch is never in two places, never gone
@@ -435,7 +455,7 @@ def check_data(
     gate = None
     if cfg.data.landing:
         landing = Path(cfg.data.landing).resolve()
-        gate = run_gate(cfg, landing, tokenizer)
+        gate = run_gate(cfg, landing, tokenizer, config_file)
         reports = [o.report for o in gate.outcomes]
         error: DataError | None = BatchRejected(gate) if gate.quarantined else None
         if error is not None and gate.accepted and cfg.data.on_quarantine == "train":
@@ -446,7 +466,7 @@ def check_data(
             quarantined = None
         loaded = None if error else load_accepted(cfg, landing)
         if loaded is not None:
-            recheck = recheck_union(cfg, landing, loaded, tokenizer)
+            recheck = recheck_union(cfg, landing, loaded, tokenizer, config_file)
             if recheck is not None:
                 reports.append(recheck)
                 if not recheck.success:
@@ -467,7 +487,13 @@ def check_data(
     else:
         loaded = read_table(cfg.data, config_file, sft=sft_settings(cfg))
         report = validate_frame(
-            loaded.frame, cfg, loaded.source, raw=loaded.raw, tokenizer=tokenizer, docs_dir=docs_dir
+            loaded.frame,
+            cfg,
+            loaded.source,
+            raw=loaded.raw,
+            tokenizer=tokenizer,
+            docs_dir=docs_dir,
+            config_file=config_file,
         )
         reports = [report]
         error = None if report.success else ValidationFailed(report)

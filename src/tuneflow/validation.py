@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from tuneflow.config import CLASSIFICATION_CHECKS, SFT_CHECKS, PipelineConfig, Severity
+from tuneflow.config import CLASSIFICATION_CHECKS, ESSENTIAL_CHECKS, SFT_CHECKS, PipelineConfig, Severity
 from tuneflow.data import CONTEXT, LABEL, LINE, TEXT, DataError, LoadedData, normalize_text, row_key
 from tuneflow.reporting import validation_html, validation_summary
 
@@ -679,6 +679,17 @@ def _user_column(column: str, cfg: PipelineConfig) -> str:
     return names.get(column, column)
 
 
+def _fix(check: Check, severity: Severity, config_file: str) -> str:
+    """The check's fix; for a check that refuses the data but may be tolerated (not essential), also the setting
+    that accepts such data knowingly: a corpus refused for 1 % mojibake rows needs more than "re-export it"."""
+    if severity != "error" or check.name in ESSENTIAL_CHECKS or "validation.severity." in check.fix:
+        return check.fix
+    return (
+        f"{check.fix}; or, to accept such data knowingly, set validation.severity.{check.name}: warn in "
+        f"{config_file} (reported as a warning instead of refused)"
+    )
+
+
 def _docs_context(docs_dir: Path | None):
     import great_expectations as gx
 
@@ -710,6 +721,7 @@ def validate_frame(
     reference: pd.DataFrame | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     docs_dir: Path | None = None,
+    config_file: str = "the config file",
 ) -> ValidationReport:
     """Run every enabled check of ``cfg.kind`` on ``frame`` (columns text/label/line; kind sft: the prompt,
     the response, the line and the chat context) and return the report (never raises).
@@ -724,10 +736,12 @@ def validate_frame(
         tokenizer: for the token-length checks; without one they are skipped. Kind sft counts tokens with the
             chat template: pass a tokenizer prepared by ``tuneflow.kinds.sft.prepare_tokenizer``.
         docs_dir: when set, Great Expectations Data Docs (HTML) are written there.
+        config_file: named in the fixes (where to set a check's severity).
     """
     import great_expectations as gx
 
     checks = [c for c in build_checks(cfg) if cfg.validation.severity_of(c.name) != "off"]
+    fixes = {c.name: _fix(c, cfg.validation.severity_of(c.name), config_file) for c in checks}
     tables = _tables(frame, cfg, raw, reference, tokenizer, {c.name for c in checks})
     ctx = _docs_context(docs_dir)
     source_ = ctx.data_sources.add_pandas("tuneflow")
@@ -751,7 +765,7 @@ def validate_frame(
             True,
             reason,
             [],
-            check.fix,
+            fixes[check.name],
             cfg.validation.severity_of(check.name),
             check.threshold,
         )
@@ -771,7 +785,7 @@ def validate_frame(
                     True,
                     f"skipped: {' and '.join(broken_schema)} failed",
                     [],
-                    check.fix,
+                    fixes[check.name],
                     cfg.validation.severity_of(check.name),
                     check.threshold,
                 )
@@ -780,7 +794,7 @@ def validate_frame(
         built: dict[str, Any] = {}
         for check in table_checks:
             exp = built[check.name] = check.expectation()
-            exp.meta = {"check": check.name, "rule": check.rule, "fix": check.fix}
+            exp.meta = {"check": check.name, "rule": check.rule, "fix": fixes[check.name]}
             suite.add_expectation(exp)
         batch = source_.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
         vd = ctx.validation_definitions.add(
@@ -821,7 +835,7 @@ def validate_frame(
                 success=bool(r.success),
                 observed=_in_rule_terms(check.name, r.result, tables, cfg),
                 examples=[] if r.success else _examples(r.result, table, limit, tables["rows"]),
-                fix=check.fix,
+                fix=fixes[check.name],
                 severity=cfg.validation.severity_of(check.name),
                 threshold=check.threshold,
                 offending=[] if r.success else _offending(r.result, table, limit, tables["rows"]),
