@@ -505,3 +505,28 @@ def test_a_file_older_than_the_settle_window_is_judged_without_waiting(tmp_path,
     started = time.monotonic()
     assert [o.status for o in run_gate(cfg, landing, tokenizer).outcomes] == ["accepted"]
     assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("name", "test", "what"),
+    [
+        ("drift_text_length.csv", "Kolmogorov-Smirnov", "text length: median "),
+        ("drift_labels.csv", "chi-square", "labels in the batch vs accepted data: "),
+    ],
+)
+def test_a_drift_check_reads_as_its_p_value_against_the_threshold(name, test, what, corpus_run):
+    landing, outcomes = corpus_run
+    check = next(c for c in outcomes[name].report.failed if c.name.startswith("drift_"))
+    page = (landing / "quarantine" / f"{name}.report" / "index.html").read_text()
+    observed = str(check.observed)
+    # a test of the whole batch against the accepted data, not "1 of 1 rows (100.0%)" of a one-row table
+    assert "rows" not in observed and observed.startswith(f"{test} p = ") and " &lt; 0.001" in html_escape(observed)
+    assert what in observed
+    assert f"<tr><th>observed</th><td>{html_escape(observed)}</td></tr>" in page and "1 of 1 rows" not in page
+    assert f"observed: {observed}" in outcomes[name].report.summary()
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)
