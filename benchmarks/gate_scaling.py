@@ -56,7 +56,9 @@ def main(sizes: list[int]) -> None:
                 update={
                     "data": cfg.data.model_copy(
                         update={"path": None, "landing": str(landing), "label_values": None, "label_column": "label"}
-                    )
+                    ),
+                    # the batch was written just now and is complete: measure judging, not the settle wait
+                    "watch": cfg.watch.model_copy(update={"quiet_seconds": 0}),
                 }
             )
             t = time.perf_counter()

@@ -109,6 +109,8 @@ def tiny_config_dict(data_path: Path, model_dir: Path, **sections) -> dict:
             "threads": 1,
         },
         "registry": {"model_name": "tiny-clf"},
+        # the gate judges a file once unchanged this long: tests write their batches whole, then run it at once
+        "watch": {"quiet_seconds": 0.2},
     }
     for section, values in sections.items():
         base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values

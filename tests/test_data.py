@@ -240,3 +240,22 @@ def test_a_file_above_the_size_limit_is_refused_before_it_is_read(tmp_path):
         read_table(DataConfig(path=str(path), labels=["ham", "spam"], max_file_mb=0.01))
     assert err.value.check == "file_size" and "Fix:" in str(err.value)
     assert len(read_table(DataConfig(path=str(path), labels=["ham", "spam"])).frame) == 2000
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+@pytest.mark.parametrize(
+    ("bom", "newline"), [(True, "\n"), (False, "\r\n"), (True, "\r\n")], ids=["bom", "crlf", "bom+crlf"]
+)
+def test_a_byte_order_mark_and_windows_line_ends_read_like_plain_utf8(tmp_path, suffix, bom, newline):
+    # What Windows tools write (Notepad, PowerShell's Out-File, Excel's "CSV UTF-8"): the same rows either way.
+    if suffix == ".csv":
+        lines = ["sms,is_spam", *(f"{t},{c}" for t, c in zip(ROWS["sms"], ROWS["is_spam"], strict=True))]
+    else:
+        lines = [f'{{"sms": "{t}", "is_spam": {c}}}' for t, c in zip(ROWS["sms"], ROWS["is_spam"], strict=True)]
+    path = tmp_path / f"windows{suffix}"
+    path.write_bytes(("\ufeff" if bom else "").encode() + (newline.join(lines) + newline).encode("utf-8"))
+    plain = write(ROWS, tmp_path / f"plain{suffix}")
+    loaded = read_table(make_cfg(path, label_values=LV).data)
+    assert loaded.frame["text"].tolist() == ROWS["sms"].tolist()  # no '\ufeff' glued to a name, no '\r' to a value
+    assert loaded.frame["label"].tolist() == ["ham", "spam", "ham", "spam"]
+    assert loaded.digest == read_table(make_cfg(plain, label_values=LV).data).digest

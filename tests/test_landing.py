@@ -409,3 +409,124 @@ def test_an_unreadable_batch_gets_the_same_page(tmp_path, tiny_model_dir, tokeni
     assert outcome.status == "quarantined" and "<script" not in page.lower() and "://" not in page
     check = outcome.report.failed[0]
     assert check.name in page and "could not be read" in page and str(quarantine / "notes.csv") in page
+
+
+def test_a_suffixed_quarantine_name_never_overwrites_an_older_report(tmp_path, tiny_model_dir, tokenizer):
+    # batch.csv was quarantined twice (batch.csv, batch.2.csv); someone took batch.2.csv out to fix it and
+    # left its reports. A third bad batch.csv must get a name of its own, not batch.2.csv's reports.
+    landing = tmp_path / "sms"
+    incoming, _, quarantine = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)
+    for _ in range(2):
+        (incoming / "batch.csv").write_bytes(b"")  # unreadable: quarantined without running a check
+        run_gate(cfg, landing, tokenizer)
+    assert (quarantine / "batch.2.csv").exists()
+    (quarantine / "batch.2.csv").rename(tmp_path / "being-fixed.csv")
+    kept = [quarantine / "batch.2.csv.report.json", quarantine / "batch.2.csv.report" / "index.html"]
+    older = {p: p.read_bytes() + b"<!-- the older report -->" for p in kept}
+    for p, content in older.items():
+        p.write_bytes(content)
+    (incoming / "batch.csv").write_bytes(b"")
+    (outcome,) = run_gate(cfg, landing, tokenizer).outcomes
+    assert outcome.path == quarantine / "batch.3.csv" and (quarantine / "batch.3.csv.report.json").exists()
+    assert {p: p.read_bytes() for p in older} == older  # the older reports are untouched
+
+
+@pytest.mark.parametrize("content", [b'{"batches": {"base.csv": "9f2c', b"[1, 2]", b'{"batches": 5}', b"\xff\xfe"])
+def test_a_corrupt_manifest_stops_the_gate_and_overwrites_nothing(content, tmp_path, tiny_model_dir, tokenizer):
+    from tuneflow.data import DataError
+
+    landing = tmp_path / "sms"
+    incoming, accepted, _ = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)
+    shutil.copy(CORPUS / "base.csv", incoming)
+    run_gate(cfg, landing, tokenizer)
+    manifest = accepted / ".manifest.json"
+    manifest.write_bytes(content)
+    with (accepted / "base.csv").open("a") as fh:
+        fh.write("free prize now,ham\n")  # edited after it was judged: must not be adopted as it is now
+    shutil.copy(CORPUS / "crlf.csv", incoming)  # a new batch whose acceptance would rewrite the manifest
+    for read in (lambda: run_gate(cfg, landing, tokenizer), lambda: load_accepted(cfg, landing)):
+        with pytest.raises(DataError) as err:
+            read()
+        assert err.value.check == "accepted_integrity"
+        message = str(err.value)
+        assert str(manifest) in message and "Fix: restore .manifest.json from a backup" in message
+        assert f"mv {manifest} {manifest}.corrupt" in message
+    assert manifest.read_bytes() == content  # left exactly as found
+    assert (incoming / "crlf.csv").exists() and sorted(p.name for p in accepted.iterdir()) == [
+        ".manifest.json",
+        "base.csv",
+    ]
+
+
+def test_a_file_still_being_written_is_left_for_the_next_run(tmp_path, tiny_model_dir, tokenizer, caplog):
+    landing = tmp_path / "sms"
+    incoming, accepted, _ = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)  # watch.quiet_seconds 0.2 (conftest)
+    lines = (CORPUS / "base.csv").read_bytes().splitlines(keepends=True)
+    batch = incoming / "base.csv"
+    batch.write_bytes(b"".join(lines[:101]))  # the header and the first 100 rows: a batch that would pass
+    done = threading.Event()
+
+    def writer():  # still appending, a row every 50 ms while the gate runs, then the rest at once
+        with batch.open("ab") as fh:
+            for line in lines[101:]:
+                fh.write(line)
+                fh.flush()
+                done.wait(0.05)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        with caplog.at_level("WARNING", logger="tuneflow.landing"):
+            check = check_data(cfg, "cfg.yaml", tmp_path / "docs", tokenizer)  # a run's validate stage
+    finally:
+        done.set()
+        thread.join()
+    assert check.gate.outcomes == [] and check.gate.waiting == ["base.csv"] and batch.exists()
+    assert "base.csv is still being written" in caplog.text and "left for the next run" in caplog.text
+    assert check.data is None and "base.csv" in str(check.error) and "still being written" in str(check.error)
+    # once the writer is done the next run judges the whole file (it waits out the window once)
+    assert [o.status for o in run_gate(cfg, landing, tokenizer).outcomes] == ["accepted"]
+    assert (accepted / "base.csv").read_bytes() == (CORPUS / "base.csv").read_bytes()
+
+
+def test_a_file_older_than_the_settle_window_is_judged_without_waiting(tmp_path, tiny_model_dir, tokenizer):
+    import time
+
+    landing = tmp_path / "sms"
+    incoming, _, _ = folders(landing)
+    cfg = gate_config(landing, tiny_model_dir)
+    cfg.watch.quiet_seconds = 600
+    shutil.copy(CORPUS / "base.csv", incoming)
+    hour_ago = time.time() - 3600
+    os.utime(incoming / "base.csv", (hour_ago, hour_ago))  # e.g. renamed in after a copy under a dot-name
+    started = time.monotonic()
+    assert [o.status for o in run_gate(cfg, landing, tokenizer).outcomes] == ["accepted"]
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(
+    ("name", "test", "what"),
+    [
+        ("drift_text_length.csv", "Kolmogorov-Smirnov", "text length: median "),
+        ("drift_labels.csv", "chi-square", "labels in the batch vs accepted data: "),
+    ],
+)
+def test_a_drift_check_reads_as_its_p_value_against_the_threshold(name, test, what, corpus_run):
+    landing, outcomes = corpus_run
+    check = next(c for c in outcomes[name].report.failed if c.name.startswith("drift_"))
+    page = (landing / "quarantine" / f"{name}.report" / "index.html").read_text()
+    observed = str(check.observed)
+    # a test of the whole batch against the accepted data, not "1 of 1 rows (100.0%)" of a one-row table
+    assert "rows" not in observed and observed.startswith(f"{test} p = ") and " &lt; 0.001" in html_escape(observed)
+    assert what in observed
+    assert f"<tr><th>observed</th><td>{html_escape(observed)}</td></tr>" in page and "1 of 1 rows" not in page
+    assert f"observed: {observed}" in outcomes[name].report.summary()
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)

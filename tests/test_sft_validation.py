@@ -217,6 +217,10 @@ def test_response_length_drift_is_named(tmp_path, tiny_llama, tokenizer):
     assert "response" in drift.rule
     (example,) = drift.examples
     assert example.startswith("response length: ") and float(example.partition(": ")[2]) < 0.001
+    # observed: each side's p-value against the threshold and what was compared, not "1 of 2 rows"
+    prompt, response = drift.observed.split("; ")
+    assert prompt.startswith("Kolmogorov-Smirnov p = ") and " >= 0.001 (prompt length: median " in prompt
+    assert " < 0.001 (response length: median " in response and "rows" not in drift.observed
 
 
 def test_messages_rows_name_the_messages_column_and_keep_contexts_apart(tmp_path, tiny_llama, tokenizer):

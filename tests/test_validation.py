@@ -171,3 +171,28 @@ def test_offending_rows_carry_line_text_and_label():
     ]
     too_long = validate_frame(make_frame(extra=[("x" * 50, "spam")]), make_cfg(max_text_chars=40), SOURCE).failed[0]
     assert too_long.offending == [{"line": 82, "text": "x" * 50, "label": "spam"}]
+
+
+@pytest.mark.parametrize(
+    ("check", "extra", "data_fix"),
+    [
+        ("text_encoding", [("caf\u00c3\u00a9 at noon?", "ham")], "re-export the data as UTF-8"),  # 1 of 101 rows
+        ("duplicate_rate", [("ham message number 1", "ham")] * 40, "deduplicate the file"),
+    ],
+)
+def test_a_failure_that_may_be_tolerated_names_the_setting_that_tolerates_it(check, extra, data_fix):
+    frame = make_frame(per_class=50, extra=extra)
+    report = validate_frame(frame, make_cfg(), SOURCE, config_file="configs/corpus.yaml")
+    (failed,) = report.failed
+    assert failed.name == check and data_fix in failed.fix  # the data fix first, then the knowing way to accept it
+    assert f"validation.severity.{check}: warn in configs/corpus.yaml" in failed.fix
+    assert f"validation.severity.{check}: warn in configs/corpus.yaml" in report.summary()
+    tolerated = validate_frame(frame, make_cfg(severity={check: "warn"}), SOURCE)
+    assert tolerated.success and [c.name for c in tolerated.warnings] == [check]  # the setting does what it says
+    assert "validation.severity" not in tolerated.warnings[0].fix  # already tolerated: nothing more to set
+
+
+def test_a_failure_that_cannot_be_tolerated_names_only_the_data_fix():
+    report = validate_frame(make_frame(extra=[("hello there", "eggs")]), make_cfg(), SOURCE)
+    (failed,) = report.failed
+    assert failed.name == "label_in_set" and "validation.severity" not in failed.fix  # essential: must stay error

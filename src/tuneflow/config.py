@@ -346,7 +346,9 @@ class WatchConfig(_Section):
         10.0,
         ge=0,
         description="A burst of new files in <landing>/incoming counts as complete once no file was added, "
-        "grown or touched for this long; then one tuneflow.data.arrived event is emitted.",
+        "grown or touched for this long; then one tuneflow.data.arrived event is emitted. The gate uses the same "
+        "window: a file changed more recently is waited for (at most this long) and, if still changing, left "
+        "in incoming/ for the next run.",
     )
     poll_seconds: float = Field(2.0, gt=0, description="How often the watcher lists <landing>/incoming.")
 

@@ -140,5 +140,7 @@ def read_frame(path: Path, fmt: str) -> pd.DataFrame:
         # mark (Excel writes one) is unusual, not wrong.
         return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], encoding="utf-8-sig")
     if fmt == "jsonl":
-        return pd.read_json(path, lines=True, dtype=False, encoding="utf-8")
+        # utf-8-sig here too: with plain utf-8 a BOM (Notepad, PowerShell) made the first line invalid JSON
+        # and the whole batch unreadable (pandas 3.1); CRLF line ends are JSON whitespace already.
+        return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")
     return pd.read_parquet(path)

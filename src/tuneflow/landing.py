@@ -32,7 +32,7 @@ from tuneflow.validation import (
     validate_frame,
     write_report_page,
 )
-from tuneflow.watch import is_candidate, list_incoming
+from tuneflow.watch import is_candidate, list_incoming, settle
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -54,6 +54,7 @@ class BatchOutcome:
 @dataclass
 class GateResult:
     outcomes: list[BatchOutcome] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # files in incoming/ still being written: left for next run
 
     @property
     def accepted(self) -> list[BatchOutcome]:
@@ -70,6 +71,8 @@ class BatchRejected(DataError):
     def __init__(self, result: GateResult, trained: bool = False):
         outcome = "the accepted data was trained on (data.on_quarantine: train)" if trained else "nothing was trained"
         parts = [f"{len(result.quarantined)} batch(es) quarantined, {len(result.accepted)} accepted; {outcome}."]
+        if result.waiting:
+            parts.append(f"Still being written, left in incoming/ for the next run: {', '.join(result.waiting)}.")
         for o in result.quarantined:
             parts.append(f"\n{o.path}\n{o.report.summary()}")  # the summary ends with the report's path
         super().__init__(
@@ -91,13 +94,19 @@ def gate_lock(landing: Path, timeout_s: float = 3600):
     return file_lock(landing / ".gate.lock", timeout_s, what="another gate")
 
 
+def _taken(folder: Path, name: str) -> bool:
+    """Whether ``name`` or one of its reports is in ``folder``. A batch taken out of quarantine/ (to be fixed)
+    leaves its reports behind, and a dangling link does not ``exists()``: both still hold the name."""
+    return any(os.path.lexists(folder / n) for n in (name, f"{name}.report.json", f"{name}.report"))
+
+
 def _free_name(folder: Path, name: str) -> str:
-    """``name``, or ``stem.<n>.ext`` if taken: an accepted batch is never overwritten."""
-    if not (folder / name).exists() and not (folder / f"{name}.report.json").exists():
+    """``name``, or ``stem.<n>.ext`` if taken: no batch and no report is ever overwritten."""
+    if not _taken(folder, name):
         return name
     stem, dot, ext = name.partition(".")
     n = 2
-    while (folder / f"{stem}.{n}{dot}{ext}").exists():
+    while _taken(folder, f"{stem}.{n}{dot}{ext}"):
         n += 1
     return f"{stem}.{n}{dot}{ext}"
 
@@ -122,18 +131,38 @@ def _snapshot(path: Path, dest: Path) -> Path | None:
 
 
 def _manifest(accepted: Path) -> tuple[dict[str, str], str | None]:
-    """The manifest: batch name -> sha256 when accepted, and the data shape the union was judged as."""
+    """The manifest: batch name -> sha256 when accepted, and the data shape the union was judged as. No
+    manifest yet is an empty one (a new landing zone, or batches placed by hand).
+
+    Raises:
+        DataError (check ``accepted_integrity``): the manifest exists but cannot be read as one. Read as empty,
+            every accepted batch (an edited one too) would be recorded as it is now, and the next accepted
+            batch would write a manifest without the others' digests.
+    """
     import json
 
+    path = accepted / MANIFEST
     try:
-        data = json.loads((accepted / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return {}, None
-    if not isinstance(data, dict):
-        return {}, None
-    batches = data.get("batches")
-    batches = {str(k): str(v) for k, v in batches.items()} if isinstance(batches, dict) else {}
-    return batches, data.get("data_shape")
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise _corrupt_manifest(path, f"{type(exc).__name__}: {exc}") from exc
+    batches = data.get("batches") if isinstance(data, dict) else None
+    if not isinstance(batches, dict) or not all(isinstance(v, str) for v in batches.values()):
+        raise _corrupt_manifest(path, "not an object with a 'batches' map of name to sha256")
+    return {str(k): v for k, v in batches.items()}, data.get("data_shape")
+
+
+def _corrupt_manifest(path: Path, why: str) -> DataError:
+    return DataError(
+        f"{path} cannot be read ({why}). It holds the sha256 each accepted batch had when it was judged; without "
+        "it an edited batch cannot be told from a judged one, so nothing is judged, trained or recorded, and the "
+        f"file is left as it is. Fix: restore {path.name} from a backup; or, to trust every file in {path.parent} "
+        f"as it is now, move it aside (mv {path} {path}.corrupt): the next run records each batch as it is, with "
+        "a warning per batch, and judges their union again before training",
+        check="accepted_integrity",
+    )
 
 
 def _write_manifest(accepted: Path, batches: dict[str, str], shape: str | None) -> None:
@@ -169,7 +198,11 @@ def record_accepted(accepted: Path, batch: Path, shape: str) -> None:
 
 
 def recheck_union(
-    cfg: PipelineConfig, landing: Path, union: LoadedData, tokenizer: PreTrainedTokenizerBase | None
+    cfg: PipelineConfig,
+    landing: Path,
+    union: LoadedData,
+    tokenizer: PreTrainedTokenizerBase | None,
+    config_file: str = "the config file",
 ) -> ValidationReport | None:
     """When the columns, labels or label mapping of the config changed since the accepted batches were judged,
     judge their union again with the config as it is now (before anything trains on it). Returns the report
@@ -179,7 +212,7 @@ def recheck_union(
     if _manifest(accepted)[1] == shape:
         return None
     log.warning("the config's columns, labels or label mapping changed since %s was judged: judging it again", accepted)
-    report = validate_frame(union.frame, cfg, accepted, tokenizer=tokenizer)
+    report = validate_frame(union.frame, cfg, accepted, tokenizer=tokenizer, config_file=config_file)
     if report.success:
         with gate_lock(landing):
             _write_manifest(accepted, _manifest(accepted)[0], shape)
@@ -257,6 +290,7 @@ def judge_batch(
     tokenizer: PreTrainedTokenizerBase | None,
     docs_dir: Path,
     read_from: Path | None = None,
+    config_file: str = "the config file",
 ) -> tuple[ValidationReport, LoadedData | None]:
     """Validate one incoming file (its bytes read from ``read_from``, a private snapshot, when given); never
     raises for bad data (the report says what is wrong)."""
@@ -269,7 +303,7 @@ def judge_batch(
         return failure_report(str(path), err), None
     try:
         loaded = read_table(
-            cfg.data, config_file="the config", path=read_from or path, digest=False, sft=sft_settings(cfg)
+            cfg.data, config_file=config_file, path=read_from or path, digest=False, sft=sft_settings(cfg)
         )
     except DataError as err:
         if read_from is not None:  # name the batch, not the snapshot
@@ -278,7 +312,14 @@ def judge_batch(
     try:
         loaded.frame[NORM] = loaded.frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
         report = validate_frame(
-            loaded.frame, cfg, path, raw=loaded.raw, reference=reference, tokenizer=tokenizer, docs_dir=docs_dir
+            loaded.frame,
+            cfg,
+            path,
+            raw=loaded.raw,
+            reference=reference,
+            tokenizer=tokenizer,
+            docs_dir=docs_dir,
+            config_file=config_file,
         )
     except Exception as exc:  # MemoryError included: any failure to judge quarantines, never blocks incoming/
         # A batch the gate cannot judge (a Great Expectations error, memory, a bug) would otherwise stay in
@@ -294,10 +335,16 @@ def judge_batch(
     return report, loaded
 
 
-def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> GateResult:
-    """Judge every file in ``incoming/`` (oldest name first), then move it to accepted/ or quarantine/.
+def run_gate(
+    cfg: PipelineConfig,
+    landing: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    config_file: str = "the config file",
+) -> GateResult:
+    """Judge every settled file in ``incoming/`` (oldest name first), then move it to accepted/ or quarantine/.
 
-    Later batches are compared with the earlier ones accepted in the same run.
+    Later batches are compared with the earlier ones accepted in the same run. ``config_file`` is named in the
+    reports' fixes.
     """
     incoming, accepted, quarantine = folders(landing)
     result = GateResult()
@@ -306,17 +353,29 @@ def run_gate(cfg: PipelineConfig, landing: Path, tokenizer: PreTrainedTokenizerB
         adopt_unrecorded(accepted)
         current = load_accepted(cfg, landing)
         reference = current.frame if current is not None else None
-        # Same rule as the watcher: dotfiles and *.tmp / *.part are files still being written.
-        for path in sorted(p for p in incoming.iterdir() if is_candidate(p.name)):
-            if not (path.is_file() or path.is_symlink()):
-                continue
+        # Same rules as the watcher: dotfiles and *.tmp / *.part are files still being written, and so is a
+        # file whose size or mtime changed within watch.quiet_seconds (a run started by hand or by a schedule
+        # would otherwise move it away while a writer still appends, and judge a truncated batch).
+        candidates = sorted(p for p in incoming.iterdir() if is_candidate(p.name) and (p.is_file() or p.is_symlink()))
+        ready, busy = settle(candidates, cfg.watch.quiet_seconds)
+        for path in busy:
+            log.warning(
+                "%s is still being written (its size or mtime changed within watch.quiet_seconds, %g s): "
+                "left for the next run",
+                path,
+                cfg.watch.quiet_seconds,
+            )
+            result.waiting.append(path.name)
+        for path in ready:
             work = landing / ".work" / path.name
             shutil.rmtree(work, ignore_errors=True)
             # The bytes judged are the bytes kept: a private copy (a new file, links followed) is judged and
             # becomes the accepted batch, so a link, a hard link or a writer that keeps the file open cannot
             # change what was accepted.
             snapshot = None if _is_outside(path, landing) else _snapshot(path, work / "batch" / path.name)
-            report, loaded = judge_batch(path, cfg, reference, landing, tokenizer, work / "docs", snapshot)
+            report, loaded = judge_batch(
+                path, cfg, reference, landing, tokenizer, work / "docs", snapshot, config_file=config_file
+            )
             if report.success and loaded is not None and snapshot is not None:
                 dest = accepted / _free_name(accepted, path.name)
                 os.rename(path, dest)  # one atomic move: the batch is never in two places, never gone
@@ -396,7 +455,7 @@ def check_data(
     gate = None
     if cfg.data.landing:
         landing = Path(cfg.data.landing).resolve()
-        gate = run_gate(cfg, landing, tokenizer)
+        gate = run_gate(cfg, landing, tokenizer, config_file)
         reports = [o.report for o in gate.outcomes]
         error: DataError | None = BatchRejected(gate) if gate.quarantined else None
         if error is not None and gate.accepted and cfg.data.on_quarantine == "train":
@@ -407,12 +466,19 @@ def check_data(
             quarantined = None
         loaded = None if error else load_accepted(cfg, landing)
         if loaded is not None:
-            recheck = recheck_union(cfg, landing, loaded, tokenizer)
+            recheck = recheck_union(cfg, landing, loaded, tokenizer, config_file)
             if recheck is not None:
                 reports.append(recheck)
                 if not recheck.success:
                     error, loaded, quarantined = ValidationFailed(recheck), None, None
-        if error is None and loaded is None:
+        if error is None and loaded is None and gate.waiting:
+            error = DataError(
+                f"no data in {landing / ACCEPTED}, and {', '.join(gate.waiting)} in {landing / INCOMING} is still "
+                f"being written (its size or mtime changed within watch.quiet_seconds, {cfg.watch.quiet_seconds:g} "
+                "s). Fix: run again once the writer is done (write under a dot-name and rename it when complete)",
+                check="file_exists",
+            )
+        elif error is None and loaded is None:
             error = DataError(
                 f"no data in {landing / ACCEPTED} and no new batch in {landing / INCOMING}. "
                 f"Fix: drop a CSV/JSONL/Parquet batch into {landing / INCOMING}",
@@ -421,7 +487,13 @@ def check_data(
     else:
         loaded = read_table(cfg.data, config_file, sft=sft_settings(cfg))
         report = validate_frame(
-            loaded.frame, cfg, loaded.source, raw=loaded.raw, tokenizer=tokenizer, docs_dir=docs_dir
+            loaded.frame,
+            cfg,
+            loaded.source,
+            raw=loaded.raw,
+            tokenizer=tokenizer,
+            docs_dir=docs_dir,
+            config_file=config_file,
         )
         reports = [report]
         error = None if report.success else ValidationFailed(report)

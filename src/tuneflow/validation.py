@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from tuneflow.config import CLASSIFICATION_CHECKS, SFT_CHECKS, PipelineConfig, Severity
+from tuneflow.config import CLASSIFICATION_CHECKS, ESSENTIAL_CHECKS, SFT_CHECKS, PipelineConfig, Severity
 from tuneflow.data import CONTEXT, LABEL, LINE, TEXT, DataError, LoadedData, normalize_text, row_key
 from tuneflow.reporting import validation_html, validation_summary
 
@@ -53,6 +53,9 @@ PROMPT_TOKENS = "prompt_tokens"  # the templated prompt (context + prompt + gene
 PAIR_TOKENS = "pair_tokens"  # the templated prompt + response, as trained
 RESPONSE_CONFLICT = "response_conflict"
 LENGTH_OF = "length_of"  # index of kind sft's drift table: prompt length, response length
+# beside each p-value in the drift table: what was compared, in words (not checked; for the observed value)
+LABEL_NOTE = "label_drift_compared"
+LENGTH_NOTE = "length_drift_compared"
 TOKEN_CHECKS = frozenset({"text_tokens", "prompt_tokens", "pair_tokens"})  # skipped without a tokenizer
 SCHEMA_CHECKS = ("text_type", "label_type", "response_type")  # when one fails, the row checks are skipped
 # Any tokenizer here makes at most one token per UTF-8 byte, plus a few special tokens; a text whose
@@ -532,12 +535,14 @@ def _tables(
 
         if sft:
             # Prompt and response lengths, one row each: a failed check names the side that drifted.
-            p_values = []
-            for column in (TEXT, LABEL):
+            p_values, notes = [], []
+            for column, what in ((TEXT, "prompt length"), (LABEL, "response length")):
                 lengths, accepted = frame[column].dropna().str.len(), reference[column].dropna().str.len()
                 p_values.append(float(ks_2samp(lengths, accepted).pvalue) if len(lengths) and len(accepted) else 1.0)
+                notes.append(_length_note(what, lengths, accepted))
             tables["drift"] = pd.DataFrame(
-                {LENGTH_P: p_values}, index=pd.Index(["prompt length", "response length"], name=LENGTH_OF)
+                {LENGTH_P: p_values, LENGTH_NOTE: notes},
+                index=pd.Index(["prompt length", "response length"], name=LENGTH_OF),
             )
         else:
             ref_counts = reference[LABEL].value_counts()
@@ -548,10 +553,41 @@ def _tables(
             label_p = float(chi2_contingency(table)[1]) if testable else 1.0
             lengths = frame[TEXT].dropna().str.len()
             length_p = float(ks_2samp(lengths, reference[TEXT].str.len()).pvalue) if len(lengths) else 1.0
+            batch_n, accepted_n = max(int(per_label.sum()), 1), max(len(reference), 1)
+            shares = [
+                f"{lab!r} {n / batch_n:.0%} vs {int(ref_counts.get(lab, 0)) / accepted_n:.0%}"
+                for lab, n in zip(cfg.data.labels, per_label, strict=True)
+            ]
+            label_note = (
+                f"labels in the batch vs accepted data: {', '.join(shares)}" if testable else "no two labels to compare"
+            )
             tables["drift"] = pd.DataFrame(
-                {LABEL_P: [label_p], LENGTH_P: [length_p]}, index=pd.Index(["batch"], name="vs_accepted")
+                {
+                    LABEL_P: [label_p],
+                    LENGTH_P: [length_p],
+                    LABEL_NOTE: [label_note],
+                    LENGTH_NOTE: [_length_note("text length", lengths, reference[TEXT].dropna().str.len())],
+                },
+                index=pd.Index(["batch"], name="vs_accepted"),
             )
     return tables
+
+
+def _length_note(what: str, batch: pd.Series, accepted: pd.Series) -> str:
+    if not len(batch) or not len(accepted):
+        return f"{what}: nothing to compare"
+    return f"{what}: median {batch.median():.0f} characters in the batch vs {accepted.median():.0f} in accepted data"
+
+
+# drift check -> (p-value column, note column, the test), for the observed value in the rule's terms
+_DRIFT_TESTS = {
+    "drift_labels": (LABEL_P, LABEL_NOTE, "chi-square"),
+    "drift_text_length": (LENGTH_P, LENGTH_NOTE, "Kolmogorov-Smirnov"),
+}
+
+
+def _p(value: float) -> str:
+    return f"{value:.3g}" if value >= 0.01 else f"{value:.2e}"
 
 
 def _observed(result: dict[str, Any]) -> Any:
@@ -575,6 +611,15 @@ def _in_rule_terms(name: str, result: dict[str, Any], tables: dict[Table, pd.Dat
         repeats = len(values) - values.nunique()
         share = repeats / len(values) if len(values) else 0.0
         return f"{repeats} of {len(values)} rows ({share:.1%}) repeat another row"
+    if name in _DRIFT_TESTS and "drift" in tables:
+        # one test of the whole batch (kind sft: one per side), not "1 of 1 rows" of the one-row table GE checks
+        column, note, test = _DRIFT_TESTS[name]
+        limit = cfg.validation.drift_p_value
+        drift = tables["drift"]
+        return "; ".join(
+            f"{test} p = {_p(p)} {'<' if p < limit else '>='} {limit:g} ({what})"
+            for p, what in zip(drift[column], drift[note], strict=True)
+        )
     if name in ("rows_per_class", "class_imbalance") and "classes" in tables:
         counts = tables["classes"][ROWS]
         per_label = ", ".join(f"{label!r}: {int(n)}" for label, n in counts.items())
@@ -679,6 +724,17 @@ def _user_column(column: str, cfg: PipelineConfig) -> str:
     return names.get(column, column)
 
 
+def _fix(check: Check, severity: Severity, config_file: str) -> str:
+    """The check's fix; for a check that refuses the data but may be tolerated (not essential), also the setting
+    that accepts such data knowingly: a corpus refused for 1 % mojibake rows needs more than "re-export it"."""
+    if severity != "error" or check.name in ESSENTIAL_CHECKS or "validation.severity." in check.fix:
+        return check.fix
+    return (
+        f"{check.fix}; or, to accept such data knowingly, set validation.severity.{check.name}: warn in "
+        f"{config_file} (reported as a warning instead of refused)"
+    )
+
+
 def _docs_context(docs_dir: Path | None):
     import great_expectations as gx
 
@@ -710,6 +766,7 @@ def validate_frame(
     reference: pd.DataFrame | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     docs_dir: Path | None = None,
+    config_file: str = "the config file",
 ) -> ValidationReport:
     """Run every enabled check of ``cfg.kind`` on ``frame`` (columns text/label/line; kind sft: the prompt,
     the response, the line and the chat context) and return the report (never raises).
@@ -724,10 +781,12 @@ def validate_frame(
         tokenizer: for the token-length checks; without one they are skipped. Kind sft counts tokens with the
             chat template: pass a tokenizer prepared by ``tuneflow.kinds.sft.prepare_tokenizer``.
         docs_dir: when set, Great Expectations Data Docs (HTML) are written there.
+        config_file: named in the fixes (where to set a check's severity).
     """
     import great_expectations as gx
 
     checks = [c for c in build_checks(cfg) if cfg.validation.severity_of(c.name) != "off"]
+    fixes = {c.name: _fix(c, cfg.validation.severity_of(c.name), config_file) for c in checks}
     tables = _tables(frame, cfg, raw, reference, tokenizer, {c.name for c in checks})
     ctx = _docs_context(docs_dir)
     source_ = ctx.data_sources.add_pandas("tuneflow")
@@ -751,7 +810,7 @@ def validate_frame(
             True,
             reason,
             [],
-            check.fix,
+            fixes[check.name],
             cfg.validation.severity_of(check.name),
             check.threshold,
         )
@@ -771,7 +830,7 @@ def validate_frame(
                     True,
                     f"skipped: {' and '.join(broken_schema)} failed",
                     [],
-                    check.fix,
+                    fixes[check.name],
                     cfg.validation.severity_of(check.name),
                     check.threshold,
                 )
@@ -780,7 +839,7 @@ def validate_frame(
         built: dict[str, Any] = {}
         for check in table_checks:
             exp = built[check.name] = check.expectation()
-            exp.meta = {"check": check.name, "rule": check.rule, "fix": check.fix}
+            exp.meta = {"check": check.name, "rule": check.rule, "fix": fixes[check.name]}
             suite.add_expectation(exp)
         batch = source_.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
         vd = ctx.validation_definitions.add(
@@ -821,7 +880,7 @@ def validate_frame(
                 success=bool(r.success),
                 observed=_in_rule_terms(check.name, r.result, tables, cfg),
                 examples=[] if r.success else _examples(r.result, table, limit, tables["rows"]),
-                fix=check.fix,
+                fix=fixes[check.name],
                 severity=cfg.validation.severity_of(check.name),
                 threshold=check.threshold,
                 offending=[] if r.success else _offending(r.result, table, limit, tables["rows"]),

@@ -119,6 +119,36 @@ def _mtime_ns(info: dict[str, Any]) -> int:
     return 0  # no time at all: the size alone has to stay stable
 
 
+def settle(
+    paths: list[Path], quiet_seconds: float, sleep: Callable[[float], None] = time.sleep
+) -> tuple[list[Path], list[Path]]:
+    """Split local files into (settled, still being written) by the watcher's rule: a file is complete once its
+    size and mtime stayed the same for ``quiet_seconds`` (the gate uses this rule too).
+
+    A file last modified longer ago than that is settled without waiting (the usual case: the watcher announced
+    it, or it was renamed in). For younger ones this waits, once for all of them, until each is that old (at most
+    ``quiet_seconds``: an mtime in the future, from a share's clock, is not waited for longer) and looks again:
+    the ones whose size or mtime changed meanwhile are still being written.
+    """
+
+    def key(path: Path) -> tuple[int, int] | None:
+        try:
+            st = path.stat()  # follows a link: its target is what would be read
+        except OSError:
+            return None  # gone, or a dangling link: nothing to wait for, the gate reports what it finds
+        return st.st_size, st.st_mtime_ns
+
+    now = time.time()
+    young = {p: k for p in paths if (k := key(p)) is not None and now - k[1] / 1e9 < quiet_seconds}
+    if not young:
+        return list(paths), []
+    wait = min(quiet_seconds, max(k[1] / 1e9 + quiet_seconds - now for k in young.values()))
+    log.info("waiting %.1f s for %d new file(s) to settle (watch.quiet_seconds %g)", wait, len(young), quiet_seconds)
+    sleep(max(wait, 0.0))
+    busy = [p for p, k in young.items() if key(p) != k]
+    return [p for p in paths if p not in busy], busy
+
+
 def list_incoming(landing: str) -> dict[str, list[int]]:
     """``{name: [size, mtime_ns]}`` of the files in ``<landing>/incoming`` the watcher may pick up."""
     fs, root = _fs(landing)
