@@ -133,6 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tuneflow.data import DataError
     from tuneflow.flows.retrain import model_slot, retrain, start_prefect_while_importing
     from tuneflow.models import ModelError
+    from tuneflow.train import TrainingError
 
     start_prefect_while_importing()
     try:
@@ -140,6 +141,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             result = retrain(config, config_file=str(args.config), force=args.force)
     except (DataError, ModelError) as exc:
         print(f"\nerror: retrain stopped before training; nothing was registered.\n{exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"\nerror: training failed; nothing was registered.\n{exc}", file=sys.stderr)
         return 2
     if result.get("status") == "unchanged":
         print(f"\n=== tuneflow retrain: {result['reason']} ===")

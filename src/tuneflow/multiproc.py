@@ -168,7 +168,8 @@ def train_in_processes(
 
     Raises:
         TrainingProcessError: a training process failed.
-        ValueError: more processes than GPUs on a GPU machine, or a checkpoint of another number of processes.
+        TrainingError: a checkpoint of another number of processes.
+        ValueError: more processes than GPUs on a GPU machine.
     """
     import torch
     import transformers
