@@ -293,3 +293,31 @@ def test_a_checkpoint_of_another_number_of_processes_stops_the_run_with_exit_2_a
     assert "Fix: rerun with train.processes=2" in err and "Traceback" not in err, err
     assert len(MlflowClient().search_model_versions("name='procs-clf'")) == 1  # nothing registered
     assert checkpoint.is_dir()  # kept for the rerun the message proposes
+
+
+@pytest.mark.timeout(300)  # a rank left waiting for the failed one would hang the run: fail instead
+def test_a_failing_training_rank_stops_the_run_with_exit_2_naming_it_its_error_and_the_fix(
+    workdir, data_csv, tiny_model_dir, prefect_harness, capsys
+):
+    """A real 2-process run whose rank 1 cannot read its own input: the RNG state file of the checkpoint it
+    resumes from (each rank reads only its own) is corrupt. Rank 0 reads a good one and goes on to wait for rank 1
+    in the first step's gradient exchange: torchrun must stop it, and the run must end, not hang."""
+    from mlflow import MlflowClient
+
+    from tuneflow.cli import main
+
+    path, folder = _cli_run_and_its_checkpoint_folder(workdir, data_csv, tiny_model_dir, "rank-clf")
+    checkpoint = _left_checkpoint(tiny_model_dir, workdir, folder, processes=2)
+    (checkpoint / "rng_state_1.pth").write_bytes(b"half-written by a crashed disk\n")
+    capsys.readouterr()
+    start = time.monotonic()
+    assert main(["run", "--config", str(path), "--force", "--set", "train.processes=2"]) == 2
+    assert time.monotonic() - start < 240
+    err = capsys.readouterr().err
+    assert "error: training failed; nothing was registered" in err, err
+    assert "training process rank 1 of 2 failed (exit code 1)" in err, err
+    # rank 1's own lines: where it failed and its exception (what torch.load makes of the corrupt file)
+    assert "torch.load(rng_file" in err and re.search(r"\[rank1\]: \w+Error: ", err), err
+    assert f"This run resumed from {checkpoint}" in err and f"delete {folder} to train from the start" in err, err
+    assert err.rstrip().splitlines()[-1].startswith("Fix: "), err  # the last word is the fix, not a traceback
+    assert len(MlflowClient().search_model_versions("name='rank-clf'")) == 1  # nothing registered
