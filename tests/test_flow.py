@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -80,7 +81,7 @@ def test_retrain_registers_champion_and_keeps_it_against_a_worse_model(workdir, 
 
     # The champion loads offline through pyfunc and predicts label names.
     preds = mlflow.pyfunc.load_model("models:/tiny-clf@champion").predict(
-        ["winner prize claim cash", "lunch dinner home later"]
+        pd.DataFrame({"text": ["winner prize claim cash", "lunch dinner home later"]})
     )
     assert set(preds["label"]) <= {"ham", "spam"}
 

@@ -15,6 +15,7 @@ loss curve within 0.11 at worst. Asserted: steps and learning rates equal, first
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -27,7 +28,7 @@ from tuneflow.config import PipelineConfig
 from tuneflow.kinds import get_kind
 from tuneflow.kinds.classification import load_base_model
 from tuneflow.multiproc import TrainingProcessError, launch
-from tuneflow.train import COMPLETE_MARKER, checkpoint_processes
+from tuneflow.train import COMPLETE_MARKER, TrainingError, checkpoint_processes
 
 from conftest import tiny_config_dict, tiny_training_setup
 
@@ -60,7 +61,7 @@ def test_two_processes_train_the_same_recipe_as_one_and_resume_exactly(tiny_mode
     assert two.model.config.id2label == {0: "ham", 1: "spam"}
 
     # Its checkpoints hold one RNG state per process: one process refuses to resume from them ...
-    with pytest.raises(ValueError, match=r"written by 2 training process\(es\), but train.processes is 1"):
+    with pytest.raises(TrainingError, match=r"written by 2 training process\(es\), but train.processes is 1"):
         kind.train(cfg1, tok, data, tmp_path / "two")
 
     # ... and two processes resume exactly: from an earlier epoch's end (the one the rotation kept: the best, or
@@ -132,7 +133,6 @@ get_kind("classification").train(cfg, tok, data, tmp / "work")
 
 
 def test_ranks_stop_when_the_process_that_started_them_is_killed(tiny_model_dir, tmp_path):
-    import re
     import signal
     import subprocess
     from pathlib import Path
@@ -231,3 +231,93 @@ def test_the_flow_trains_in_two_processes_logs_to_its_train_run_and_registers(
         "champion",
         "register",
     }
+
+
+def _cli_run_and_its_checkpoint_folder(workdir, data_csv, tiny_model_dir, name: str):
+    """A finished ``tuneflow run`` (one process, one epoch) of a config saved as ``<name>.yaml``; returns the config
+    path and the folder where a rerun of the same work (with --force) looks for checkpoints to resume from."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from tuneflow.cli import main
+    from tuneflow.registry import FINGERPRINT_TAG
+    from tuneflow.tracking import checkpoints_root
+
+    path = workdir / f"{name}.yaml"
+    cfg = tiny_config_dict(data_csv, tiny_model_dir, train={"epochs": 1}, registry={"model_name": name})
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(path)]) == 0
+    (mv,) = MlflowClient().search_model_versions(f"name='{name}'")
+    return path, checkpoints_root(name) / mv.tags[FINGERPRINT_TAG][:16]
+
+
+def _left_checkpoint(tiny_model_dir, tmp_path, folder, processes: int):
+    """A complete checkpoint in ``folder`` as a crashed run with ``processes`` training processes leaves it: a real
+    one-process training's, with its RNG state as rank 0's and rank 1's when ``processes`` is 2 (the only files
+    that differ by rank: weights, optimizer and scheduler are the same in every process)."""
+    cfg, tok, data = tiny_training_setup(tiny_model_dir, tmp_path, epochs=1)
+    get_kind("classification").train(cfg, tok, data, folder)
+    (checkpoint,) = folder.glob("checkpoint-*")
+    if processes == 2:
+        state = checkpoint / "rng_state.pth"
+        shutil.copy(state, checkpoint / "rng_state_1.pth")
+        state.rename(checkpoint / "rng_state_0.pth")
+    assert checkpoint_processes(checkpoint) == processes
+    return checkpoint
+
+
+def test_a_checkpoint_of_another_number_of_processes_stops_the_run_with_exit_2_and_the_fix(
+    workdir, data_csv, tiny_model_dir, prefect_harness, capsys
+):
+    from mlflow import MlflowClient
+
+    from tuneflow.cli import main
+
+    path, folder = _cli_run_and_its_checkpoint_folder(workdir, data_csv, tiny_model_dir, "procs-clf")
+    # written by one process, resumed with two: refused before any training process starts
+    checkpoint = _left_checkpoint(tiny_model_dir, workdir, folder, processes=1)
+    capsys.readouterr()
+    assert main(["run", "--config", str(path), "--force", "--set", "train.processes=2"]) == 2
+    err = capsys.readouterr().err
+    assert "error: training failed; nothing was registered" in err and str(checkpoint) in err, err
+    assert "written by 1 training process(es), but train.processes is 2" in err, err
+    assert "Fix: rerun with train.processes=1" in err and f"or delete {folder}" in err, err
+    assert "Traceback" not in err, err
+
+    # written by two, resumed with one
+    shutil.rmtree(folder)
+    checkpoint = _left_checkpoint(tiny_model_dir, workdir, folder, processes=2)
+    assert main(["run", "--config", str(path), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "written by 2 training process(es), but train.processes is 1" in err and str(checkpoint) in err, err
+    assert "Fix: rerun with train.processes=2" in err and "Traceback" not in err, err
+    assert len(MlflowClient().search_model_versions("name='procs-clf'")) == 1  # nothing registered
+    assert checkpoint.is_dir()  # kept for the rerun the message proposes
+
+
+@pytest.mark.timeout(300)  # a rank left waiting for the failed one would hang the run: fail instead
+def test_a_failing_training_rank_stops_the_run_with_exit_2_naming_it_its_error_and_the_fix(
+    workdir, data_csv, tiny_model_dir, prefect_harness, capsys
+):
+    """A real 2-process run whose rank 1 cannot read its own input: the RNG state file of the checkpoint it
+    resumes from (each rank reads only its own) is corrupt. Rank 0 reads a good one and goes on to wait for rank 1
+    in the first step's gradient exchange: torchrun must stop it, and the run must end, not hang."""
+    from mlflow import MlflowClient
+
+    from tuneflow.cli import main
+
+    path, folder = _cli_run_and_its_checkpoint_folder(workdir, data_csv, tiny_model_dir, "rank-clf")
+    checkpoint = _left_checkpoint(tiny_model_dir, workdir, folder, processes=2)
+    (checkpoint / "rng_state_1.pth").write_bytes(b"half-written by a crashed disk\n")
+    capsys.readouterr()
+    start = time.monotonic()
+    assert main(["run", "--config", str(path), "--force", "--set", "train.processes=2"]) == 2
+    assert time.monotonic() - start < 240
+    err = capsys.readouterr().err
+    assert "error: training failed; nothing was registered" in err, err
+    assert "training process rank 1 of 2 failed (exit code 1)" in err, err
+    # rank 1's own lines: where it failed and its exception (what torch.load makes of the corrupt file)
+    assert "torch.load(rng_file" in err and re.search(r"\[rank1\]: \w+Error: ", err), err
+    assert f"This run resumed from {checkpoint}" in err and f"delete {folder} to train from the start" in err, err
+    assert err.rstrip().splitlines()[-1].startswith("Fix: "), err  # the last word is the fix, not a traceback
+    assert len(MlflowClient().search_model_versions("name='rank-clf'")) == 1  # nothing registered

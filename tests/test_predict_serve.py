@@ -20,6 +20,17 @@ from tuneflow.registry import decide
 from servers import free_port, stop_group, wait_until_up
 
 NAME = "serve-clf"
+LONG = " ".join(["free"] * 5000)  # 5,000 words: MLflow's literal parsing of a list input raised MemoryError on it
+LITERAL = "{'text': 'free prize'}"  # reads as a Python dict: MLflow's literal parsing scored it as "free prize"
+
+
+def pipeline_scores(uri: str, texts: list[str]) -> list[float]:
+    """What the logged model's own transformers pipeline gives ``texts`` (cut to max_length 32, as logged)."""
+    from transformers import pipeline
+
+    parts = mlflow.transformers.load_model(uri, return_type="components")
+    pipe = pipeline("text-classification", model=parts["model"], tokenizer=parts["tokenizer"])
+    return [r["score"] for r in pipe(texts, truncation=True, max_length=32)]
 
 
 @pytest.fixture
@@ -86,23 +97,30 @@ def test_serve_model_answers_with_a_label_and_removes_its_download(champion, wor
     proc, base, log = _serve_model(f"{NAME}@champion", workdir, "serve.log")
     try:
         wait_until_up(f"{base}/ping", proc, workdir / "serve.log")
-        req = urllib.request.Request(
-            f"{base}/invocations",
-            # the third text is 400 tokens, past the tiny model's 128 positions: cut to max_length as in
-            # training, not an HTTP 500 for the whole request
-            data=json.dumps(
-                {"inputs": ["WINNER! claim your prize", "see you at lunch", " ".join(["free"] * 400)]}
-            ).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=60) as r:
-            body = json.loads(r.read())
-        preds = body["predictions"]
+
+        def invoke(payload: dict) -> list[dict]:
+            req = urllib.request.Request(
+                f"{base}/invocations", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return json.loads(r.read())["predictions"]
+
+        # the third text is 400 tokens, past the tiny model's 128 positions: cut to max_length as in training, not
+        # an HTTP 500 for the whole request
+        preds = invoke({"inputs": ["WINNER! claim your prize", "see you at lunch", " ".join(["free"] * 400)]})
         assert (
             len(preds) == 3
             and {p["label"] for p in preds} <= {"ham", "spam"}
             and all(0 <= p["score"] <= 1 for p in preds)
         )
+        # 5,000 words, and a text that reads as a Python literal, each alone in a request (MLflow parsed a list's
+        # texts as literals until one was not): scored as written
+        truth = pipeline_scores(f"models:/{NAME}/{champion}", [LONG, LITERAL, "free prize"])
+        assert invoke({"inputs": [LONG]})[0]["score"] == pytest.approx(truth[0], abs=1e-6)
+        assert invoke({"inputs": [LITERAL]})[0]["score"] == pytest.approx(truth[1], abs=1e-6)
+        assert truth[1] != pytest.approx(truth[2], abs=1e-9)  # the literal and its content score differently here
+        # the column form (what versions registered before take safely) gives the same
+        assert invoke({"dataframe_records": [{"text": LITERAL}]})[0]["score"] == pytest.approx(truth[1], abs=1e-6)
     finally:
         stop_group(proc)
         log.close()
@@ -191,3 +209,39 @@ def test_serve_model_serves_the_checked_bytes_even_after_the_alias_moved(champio
         stop_group(proc)
         log.close()
     assert (kept / "MLmodel").is_file()  # the kept folder stays as checked
+
+
+def test_long_and_literal_looking_texts_are_scored_as_written(
+    workdir, register_tiny, tiny_model_dir, prefect_harness, monkeypatch
+):
+    from tuneflow.cli import main
+    from tuneflow.kinds.classification import Classification
+    from tuneflow.predict import score_path
+    from tuneflow.registry import get_version, score_version
+
+    new = register_tiny("lit-clf", decide("macro_f1", 0.9, None, None, 0.0))
+    inbox = workdir / "inbox"
+    inbox.mkdir()
+    pd.DataFrame({"text": [LONG, "lunch later"]}).to_csv(inbox / "long.csv", index=False)
+    pd.DataFrame({"text": [LITERAL]}).to_csv(inbox / "literal.csv", index=False)  # a batch of literals only
+    assert main(["predict", "--model", "lit-clf@champion", "--input", str(inbox), "--output", "out"]) == 0
+    truth = pipeline_scores(f"models:/lit-clf/{new.version}", [LONG, "lunch later", LITERAL, "free prize"])
+    scored = [*pd.read_csv("out/long.scored.csv")["score"], *pd.read_csv("out/literal.scored.csv")["score"]]
+    assert scored == pytest.approx(truth[:3], abs=1e-6)
+    assert truth[2] != pytest.approx(truth[3], abs=1e-9)  # the literal and its content score differently here
+
+    # A version logged before the model took a text column (its input schema: one unnamed string column)
+    monkeypatch.setattr(Classification, "input_example", lambda self, texts: texts[:2])
+    old = register_tiny("lit-clf", decide("macro_f1", 0.1, 0.9, "1", 0.0))
+    assert "'text'" not in str(mlflow.models.get_model_info(f"models:/lit-clf/{old.version}").signature.inputs)
+    score_path(f"lit-clf/{old.version}", inbox / "literal.csv", workdir / "old-literal.csv")
+    score_path(f"lit-clf/{old.version}", inbox / "long.csv", workdir / "old-long.csv")
+    old_scored = [*pd.read_csv("old-long.csv")["score"], *pd.read_csv("old-literal.csv")["score"]]
+    assert old_scored == pytest.approx(truth[:3], abs=1e-6)
+
+    # The champion as the gate and monitoring score it: the same texts, no error
+    from conftest import tiny_registry_config
+
+    frame = pd.DataFrame({"text": [LONG, LITERAL], "label": ["spam", "ham"]})
+    evaluation = score_version(tiny_registry_config("lit-clf", tiny_model_dir), get_version("lit-clf", "1"), frame)
+    assert len(evaluation.predictions) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -66,8 +67,12 @@ def test_register_tags_aliases_and_lists_versions(workdir, register_tiny):
         (2, "challenger", "rejected"),
         (1, "champion", "promoted"),
     ]
-    preds = mlflow.pyfunc.load_model("models:/reg-clf@champion").predict(["free prize", "lunch"])
+    model = mlflow.pyfunc.load_model("models:/reg-clf@champion")
+    preds = model.predict(pd.DataFrame({"text": ["free prize", "lunch"]}))
     assert set(preds["label"]) <= {"ham", "spam"}
+    # a plain list is refused, not parsed as Python literals as MLflow does for a list
+    with pytest.raises(mlflow.exceptions.MlflowException, match="missing inputs \\['text'\\]"):
+        model.predict(["free prize", "lunch"])
 
 
 def test_a_long_model_card_fits_the_description_column_and_stays_whole_as_the_artifact(workdir, register_tiny):

@@ -247,6 +247,14 @@ def test_flow_registers_a_chat_model_that_reloads_offline_with_the_same_greedy_o
     scored = pd.read_csv(workdir / "out.csv")
     assert summary.rows == 2 and list(scored["generation"].fillna("")) == expected
     assert set(scored["finish_reason"]) <= {"stop", "length"}
+    # a prompt that reads as a Python literal, and a 5,000-word one, each alone in a batch: generated from as
+    # written (the chat input becomes prompt strings before MLflow parses anything; kind classification's list
+    # input was parsed as literals: tests/test_predict_serve.py)
+    for prompt in ("{'text': 'free prize'}", " ".join(["free"] * 5000)):
+        pd.DataFrame({"prompt": [prompt]}).to_csv(inputs, index=False)
+        score_path("tiny-sft@champion", inputs, workdir / "one.csv", text_column="prompt")
+        wanted, _ = generate(parts["model"], tok, [prompt], max_new_tokens=cfg.sft.max_new_tokens)
+        assert list(pd.read_csv(workdir / "one.csv")["generation"].fillna("")) == wanted
 
     # the same data, config and base model again: nothing changed, nothing trained or registered
     same = retrain(cfg, config_file="sft.yaml")

@@ -151,6 +151,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tuneflow.data import DataError
     from tuneflow.flows.retrain import model_slot, retrain, start_prefect_while_importing
     from tuneflow.models import ModelError
+    from tuneflow.train import TrainingError
 
     start_prefect_while_importing()
     try:
@@ -158,6 +159,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             result = retrain(config, config_file=str(args.config), force=args.force)
     except (DataError, ModelError) as exc:
         print(f"\nerror: retrain stopped before training; nothing was registered.\n{exc}", file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        print(f"\nerror: training failed; nothing was registered.\n{exc}", file=sys.stderr)
         return 2
     if result.get("status") == "unchanged":
         print(f"\n=== tuneflow retrain: {result['reason']} ===")

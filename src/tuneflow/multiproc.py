@@ -8,7 +8,7 @@ trains data-parallel from torchrun's environment: gloo on CPU, NCCL on GPUs); ra
 result file, which this process reads back into a ``TrainResult`` and logs to the active MLflow run, as the
 single-process path does. The processes log nothing to MLflow themselves.
 
-A failed rank fails the stage with its rank, exit code and last lines; torchrun stops the other ranks, and
+A failed rank fails the stage with its rank, exit code, last lines and the fix; torchrun stops the other ranks, and
 this process stops torchrun when it is interrupted itself.
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneflow.config import PipelineConfig
-from tuneflow.train import TrainResult, log_history_to_mlflow, resume_point
+from tuneflow.train import TrainingError, TrainResult, log_history_to_mlflow, resume_point
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -43,7 +43,7 @@ MODEL_DIR = "model"
 _RANK_LINE = re.compile(r"^\[default(\d+)\]:(.*)$")
 
 
-class TrainingProcessError(RuntimeError):
+class TrainingProcessError(TrainingError):
     """A training process failed; the message names its rank, its exit code and its last lines."""
 
 
@@ -79,13 +79,21 @@ def torchrun_command(processes: int, log_dir: Path, target: list[str]) -> list[s
     ]
 
 
-def launch(target: list[str], processes: int, work: Path, env: dict[str, str] | None = None, tail: int = 15) -> float:
+def launch(
+    target: list[str],
+    processes: int,
+    work: Path,
+    env: dict[str, str] | None = None,
+    tail: int = 15,
+    fix: str = "",
+) -> float:
     """Run ``target`` (``["-m", module, args...]`` or ``[script, args...]``) as ``processes`` ranks under torchrun;
     each line they print goes to this module's log, prefixed with its rank. Returns the wall time.
 
     Raises:
         TrainingProcessError: a rank failed (or torchrun did): the message names the rank torchrun saw fail
-            first, its exit code and its last ``tail`` lines. torchrun has stopped the other ranks by then.
+            first, its exit code and its last ``tail`` lines, then ``fix``. torchrun has stopped the other ranks
+            by then.
     """
     work.mkdir(parents=True, exist_ok=True)
     command = torchrun_command(processes, work / "logs", target)
@@ -115,7 +123,9 @@ def launch(target: list[str], processes: int, work: Path, env: dict[str, str] | 
     finally:
         stop(proc)
     if code != 0:
-        raise TrainingProcessError(failure_message(code, processes, tails, list(launcher)))
+        raise TrainingProcessError(
+            "\n".join(filter(None, [failure_message(code, processes, tails, list(launcher)), fix]))
+        )
     return time.perf_counter() - start
 
 
@@ -158,6 +168,17 @@ def failure_message(code: int, processes: int, tails: dict[str, Any], launcher: 
     )
 
 
+def failure_fix(checkpoints: Path, resume: Path | None) -> str:
+    """What to do after a training process failed: its error names the cause; a checkpoint it resumed from may be it."""
+    fix = "Fix: correct what the failed rank's error names, then rerun"
+    if resume is None:
+        return f"{fix} (it resumes from the newest complete checkpoint in {checkpoints}, if one was saved)."
+    return (
+        f"{fix}. This run resumed from {resume}: if the error is about a file of that checkpoint (unreadable, "
+        f"corrupt), delete {checkpoints} to train from the start."
+    )
+
+
 def train_in_processes(
     cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, checkpoints: Path
 ) -> TrainResult:
@@ -168,7 +189,8 @@ def train_in_processes(
 
     Raises:
         TrainingProcessError: a training process failed.
-        ValueError: more processes than GPUs on a GPU machine, or a checkpoint of another number of processes.
+        TrainingError: a checkpoint of another number of processes.
+        ValueError: more processes than GPUs on a GPU machine.
     """
     import torch
     import transformers
@@ -203,7 +225,13 @@ def train_in_processes(
         (work / "spec.json").write_text(json.dumps(spec))
         device = "GPU" if torch.cuda.is_available() else f"CPU, {threads} thread(s) each"
         log.info("training in %d processes (%s), %d rows per process per step", n, device, cfg.train.batch_size // n)
-        wall = launch(["-m", WORKER_MODULE, str(work / "spec.json")], n, work, env={"OMP_NUM_THREADS": str(threads)})
+        wall = launch(
+            ["-m", WORKER_MODULE, str(work / "spec.json")],
+            n,
+            work,
+            env={"OMP_NUM_THREADS": str(threads)},
+            fix=failure_fix(checkpoints, resume),
+        )
         result = json.loads((work / "output" / RESULT_FILE).read_text())
         model_dir = work / "output" / MODEL_DIR
         architecture = (transformers.AutoConfig.from_pretrained(str(model_dir)).architectures or [""])[0]

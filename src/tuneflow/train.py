@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+class TrainingError(RuntimeError):
+    """Training stopped for a reason a person has to act on; the message names what happened and the fix
+    (``tuneflow run`` prints it and exits 2)."""
+
+
 @dataclass
 class TrainResult:
     model: PreTrainedModel
@@ -204,19 +209,19 @@ def resume_point(checkpoints: Path, processes: int) -> Path | None:
     """The newest complete checkpoint under ``checkpoints`` to resume from (None: start from scratch).
 
     Raises:
-        ValueError: it was written by another number of training processes (``train.processes``): its per-process
-            RNG states would not match, and a resume would silently differ from the run it continues.
+        TrainingError: it was written by another number of training processes (``train.processes``): its
+            per-process RNG states would not match, and a resume would silently differ from the run it continues.
     """
     resume = latest_checkpoint(checkpoints)
     if resume is None:
         return None
     written = checkpoint_processes(resume)
     if written is not None and written != processes:
-        raise ValueError(
+        raise TrainingError(
             f"the checkpoint {resume} left by an earlier run that did not finish was written by {written} training "
             f"process(es), but train.processes is {processes}; a resume across a different number of processes is "
-            f"refused (its RNG states would not match). Fix: rerun with train.processes={written} to resume, or "
-            f"delete {checkpoints} to start this training over"
+            f"refused (its RNG states would not match). Fix: rerun with train.processes={written} (--set "
+            f"train.processes={written}) to resume, or delete {checkpoints} to start this training over"
         )
     return resume
 

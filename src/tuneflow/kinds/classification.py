@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _MAP_BATCH = 1000
+# The one column the logged model takes: MLflow's text-classification pyfunc passes a row {"text": t} to the
+# transformers pipeline as it is (its keys may only be "text" and "text_pair")
+PIPELINE_TEXT = "text"
 
 
 def load_base_model(cfg: ModelConfig, labels: list[str]) -> PreTrainedModel:
@@ -191,11 +194,18 @@ class Classification:
             cfg.train.eval_batch_size,
         )
 
-    def model_input(self, texts: list[str]) -> Any:
-        return texts
+    def model_input(self, texts: list[str]) -> pd.DataFrame:
+        """A ``text`` column, not a list of strings: MLflow's text-classification pyfunc (mlflow 3.17) turns a list
+        into rows ``{0: text}`` and runs ``ast.literal_eval`` on every text, so a very long text raised
+        ``MemoryError`` and a text that reads as a Python literal (``{'text': 'free prize'}``) was scored as that
+        literal's content. Rows ``{"text": ...}`` go to the pipeline as they are; versions logged before (input
+        schema: an unnamed string column) take this input too."""
+        return pd.DataFrame({PIPELINE_TEXT: texts})
 
-    def input_example(self, texts: list[str]) -> Any:
-        return texts[:2]
+    def input_example(self, texts: list[str]) -> pd.DataFrame:
+        """Logs the input schema as one ``text`` column, so the served model takes (and requires) that column and
+        never the list form above (``mlflow models serve`` refuses ``{"inputs": [...]}`` with HTTP 400)."""
+        return self.model_input(texts[:2])
 
     def logging_options(self, cfg: PipelineConfig) -> dict[str, Any]:
         """Texts are cut to ``model.max_length`` tokens when the registered model scores them (predict, serve),
