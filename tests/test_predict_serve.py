@@ -245,3 +245,27 @@ def test_long_and_literal_looking_texts_are_scored_as_written(
     frame = pd.DataFrame({"text": [LONG, LITERAL], "label": ["spam", "ham"]})
     evaluation = score_version(tiny_registry_config("lit-clf", tiny_model_dir), get_version("lit-clf", "1"), frame)
     assert len(evaluation.predictions) == 2
+
+
+def test_predict_against_an_unreachable_registry_is_one_error_with_the_fix(workdir):
+    """A tracking server nobody listens on: exit 2 and what to check, not a traceback from inside the flow."""
+    pd.DataFrame({"text": ["see you at lunch"]}).to_csv(workdir / "in.csv", index=False)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tuneflow", "predict", "--model", f"{NAME}@champion", "--input", "in.csv"]
+        + ["--output", "out.csv"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not read" in errors[0] and "Fix:" in errors[0], done.stderr[-3000:]
+    assert not (workdir / "out.csv").exists()

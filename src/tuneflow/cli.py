@@ -371,6 +371,8 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from tuneflow.data import DataError
     from tuneflow.flows.predict import predict
     from tuneflow.predict import PredictError
@@ -381,6 +383,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     except (DataError, PredictError, RegistryError) as exc:  # RegistryError: e.g. a version refused as untrusted
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except MlflowException as exc:  # the tracking server does not answer
+        return _registry_unreachable(args.model, exc)
     labels = ", ".join(f"{k} {v}" for k, v in out["label_counts"].items())
     print(f"wrote {out['rows']} predictions with {out['model_uri']} (version {out['version']}) to {args.output}")
     counts = f"labels: {labels}; " if labels else ""  # a generative model has no labels to count
