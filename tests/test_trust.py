@@ -127,16 +127,27 @@ def test_versions_that_carry_code_are_refused_everywhere_and_never_run(
     assert not sentinel.exists()
 
 
-def test_a_version_without_tuneflow_tags_is_refused(workdir, register_tiny):
+def test_a_version_without_tuneflow_tags_is_refused(workdir, register_tiny, tiny_model_dir):
+    from tuneflow.predict import score_path
     from tuneflow.registry import get_version, score_version
     from tuneflow.trust import check_lineage
+
+    from conftest import tiny_registry_config
 
     register_tiny("plain-clf", decide("macro_f1", 0.5, None, None, 0.0))
     client = MlflowClient()
     client.delete_model_version_tag("plain-clf", "1", "tuneflow.decision")
+    mv = get_version("plain-clf", "1")
     with pytest.raises(UntrustedModel, match="not registered by tuneflow"):
-        check_lineage(get_version("plain-clf", "1"))
-    assert score_version  # the same check guards every load (registry.score_version, predict.score_path)
+        check_lineage(mv)
+    # the same check guards every load: the gate's champion scoring and batch scoring refuse it too
+    frame = pd.DataFrame({"text": ["free prize now", "lunch later"], "label": ["spam", "ham"]})
+    with pytest.raises(UntrustedModel, match="not registered by tuneflow"):
+        score_version(tiny_registry_config("plain-clf", tiny_model_dir), mv, frame)
+    frame[["text"]].to_csv(workdir / "in.csv", index=False)
+    with pytest.raises(UntrustedModel, match="not registered by tuneflow"):
+        score_path("plain-clf/1", workdir / "in.csv", workdir / "out.csv")
+    assert not (workdir / "out.csv").exists()
 
 
 # --- What a real version's MLmodel and environment files hold, and every key that would send loading elsewhere
