@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 
 from tuneflow.cli import main
 from tuneflow.registry import decide
-from tuneflow.trust import UntrustedModel, check_folder
+from tuneflow.registry_base import UntrustedModel
+from tuneflow.trust import check_folder
 
 SENTINEL_NAME = "pwned.txt"
 TUNEFLOW_TAGS = {"tuneflow.decision": "promoted", "tuneflow.max_length": "32", "tuneflow.kind": "classification"}
@@ -128,7 +129,8 @@ def test_versions_that_carry_code_are_refused_everywhere_and_never_run(
 
 
 def test_a_version_without_tuneflow_tags_is_refused(workdir, register_tiny):
-    from tuneflow.registry import get_version, score_version
+    from tuneflow.registry import get_version
+    from tuneflow.scoring import score_version
     from tuneflow.trust import check_lineage
 
     register_tiny("plain-clf", decide("macro_f1", 0.5, None, None, 0.0))
@@ -136,7 +138,7 @@ def test_a_version_without_tuneflow_tags_is_refused(workdir, register_tiny):
     client.delete_model_version_tag("plain-clf", "1", "tuneflow.decision")
     with pytest.raises(UntrustedModel, match="not registered by tuneflow"):
         check_lineage(get_version("plain-clf", "1"))
-    assert score_version  # the same check guards every load (registry.score_version, predict.score_path)
+    assert score_version  # the same check guards every load (scoring.score_version, predict.score_path)
 
 
 # --- What a real version's MLmodel and environment files hold, and every key that would send loading elsewhere
