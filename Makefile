@@ -38,10 +38,12 @@ test: setup-dev
 test-slow: setup-dev
 	$(BIN)/python -m pytest -m slow
 
-# ruff: lint (incl. the ban on bare `tasks`/`flows` imports) and formatting, as configured in pyproject.toml
+# ruff: lint (incl. the ban on bare `tasks`/`flows` imports) and formatting; lint-imports: the import contracts
+# (no cycles in the library, nothing imports the CLI); all as configured in pyproject.toml
 lint: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: setup-dev
 	$(BIN)/ruff format .

@@ -31,8 +31,6 @@ from tuneflow.landing import ACCEPTED, DataCheck, has_new_batches, input_files_d
 from tuneflow.models import base_model_digest, check_max_length
 from tuneflow.monitor import MonitorOutcome
 from tuneflow.registry import (
-    FINGERPRINT_TAG,
-    INPUT_FINGERPRINT_TAG,
     current_champion,
     decide_promotion,
     decision_tags,
@@ -41,6 +39,7 @@ from tuneflow.registry import (
     version_tags,
     version_with_fingerprint,
 )
+from tuneflow.registry_base import FINGERPRINT_TAG, INPUT_FINGERPRINT_TAG
 from tuneflow.reporting import (
     artifact_key,
     held_markdown,

@@ -11,7 +11,8 @@ from tuneflow.config import PipelineConfig
 from tuneflow.data import Split
 from tuneflow.evaluate import Evaluation
 from tuneflow.kinds import get_kind
-from tuneflow.registry import ChampionScore, score_champion
+from tuneflow.registry import ChampionScore
+from tuneflow.scoring import score_champion
 from tuneflow.tracking import RunContext, log_champion_score, log_evaluation, stage_run
 
 if TYPE_CHECKING:

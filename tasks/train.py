@@ -9,7 +9,7 @@ from tuneflow.config import PipelineConfig
 from tuneflow.kinds import get_kind
 from tuneflow.tokenization import Tokenized
 from tuneflow.tracking import RunContext, log_training, stage_run
-from tuneflow.train import TrainResult
+from tuneflow.train_common import TrainResult
 
 
 # Not retried: a failed training run must be looked at; repeating it burns the same minutes again.

@@ -7,7 +7,8 @@ import pytest
 from mlflow import MlflowClient
 
 from tuneflow.history import HISTORY_TAG, Move, applied_moves, champion_stack, read_history, rollback_target
-from tuneflow.registry import RegistryError, decide
+from tuneflow.registry import decide
+from tuneflow.registry_base import RegistryError
 
 NAME = "hist-clf"
 

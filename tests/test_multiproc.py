@@ -28,7 +28,7 @@ from tuneflow.config import PipelineConfig
 from tuneflow.kinds import get_kind
 from tuneflow.kinds.classification import load_base_model
 from tuneflow.multiproc import TrainingProcessError, launch
-from tuneflow.train import COMPLETE_MARKER, TrainingError, checkpoint_processes
+from tuneflow.train_common import COMPLETE_MARKER, TrainingError, checkpoint_processes
 
 from conftest import tiny_config_dict, tiny_training_setup
 
@@ -240,7 +240,7 @@ def _cli_run_and_its_checkpoint_folder(workdir, data_csv, tiny_model_dir, name: 
     from mlflow import MlflowClient
 
     from tuneflow.cli import main
-    from tuneflow.registry import FINGERPRINT_TAG
+    from tuneflow.registry_base import FINGERPRINT_TAG
     from tuneflow.tracking import checkpoints_root
 
     path = workdir / f"{name}.yaml"

@@ -217,7 +217,8 @@ def test_long_and_literal_looking_texts_are_scored_as_written(
     from tuneflow.cli import main
     from tuneflow.kinds.classification import Classification
     from tuneflow.predict import score_path
-    from tuneflow.registry import get_version, score_version
+    from tuneflow.registry import get_version
+    from tuneflow.scoring import score_version
 
     new = register_tiny("lit-clf", decide("macro_f1", 0.9, None, None, 0.0))
     inbox = workdir / "inbox"

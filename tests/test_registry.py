@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tuneflow.registry import RegistryError, decide, list_versions
+from tuneflow.registry import decide, list_versions
+from tuneflow.registry_base import RegistryError
 
 
 def test_a_worse_or_equal_model_is_never_promoted():
@@ -78,7 +79,8 @@ def test_register_tags_aliases_and_lists_versions(workdir, register_tiny):
 def test_a_long_model_card_fits_the_description_column_and_stays_whole_as_the_artifact(workdir, register_tiny):
     import mlflow
 
-    from tuneflow.registry import CARD_TAG, MAX_DESCRIPTION
+    from tuneflow.registry import MAX_DESCRIPTION
+    from tuneflow.registry_base import CARD_TAG
 
     sections = [f"## Section {i}\n\n" + ("metric | value\n" * 60) for i in range(12)]
     card = "# tiny-long v?\n\nShort intro.\n\n" + "\n".join(sections)
@@ -113,7 +115,8 @@ def test_a_champion_that_cannot_be_loaded_is_not_replaced_and_the_retrain_goes_o
 
     from tuneflow.data import read_table, split_data
     from tuneflow.evaluate import Evaluation
-    from tuneflow.registry import decide_promotion, score_champion
+    from tuneflow.registry import decide_promotion
+    from tuneflow.scoring import score_champion
 
     champ, root = _champion_artifacts(tiny_config, register_tiny)
     if damage == "artifacts deleted":

@@ -9,7 +9,7 @@ from tuneflow.data import Split
 from tuneflow.evaluate import EvaluateOutput, Evaluation
 from tuneflow.registry import decide
 from tuneflow.reporting import metrics_table, model_card, trigger_markdown
-from tuneflow.train import TrainResult
+from tuneflow.train_common import TrainResult
 from tuneflow.validation import CheckResult, ValidationReport
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from tuneflow.cli import main
 from tuneflow.tracking import checkpoints_root
-from tuneflow.train import COMPLETE_MARKER, latest_checkpoint
+from tuneflow.train_common import COMPLETE_MARKER, latest_checkpoint
 
 from conftest import tiny_config_dict
 

@@ -288,7 +288,7 @@ def test_cli_run_and_compare_on_an_sft_config(tiny_llama, sft_data, workdir, cap
 def test_sft_training_resumes_from_the_newest_complete_checkpoint(tiny_llama, sft_data, tmp_path):
     import shutil
 
-    from tuneflow.train import COMPLETE_MARKER
+    from tuneflow.train_common import COMPLETE_MARKER
 
     cfg = _cfg(tiny_llama, sft_data, **{"sft.max_steps": 5, "train.checkpoint_minutes": 0})
     kind, tok, _, data = _prepared(cfg)

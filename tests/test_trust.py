@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 
 from tuneflow.cli import main
 from tuneflow.registry import decide
-from tuneflow.trust import UntrustedModel, check_folder
+from tuneflow.registry_base import UntrustedModel
+from tuneflow.trust import check_folder
 
 SENTINEL_NAME = "pwned.txt"
 TUNEFLOW_TAGS = {"tuneflow.decision": "promoted", "tuneflow.max_length": "32", "tuneflow.kind": "classification"}
@@ -129,7 +130,8 @@ def test_versions_that_carry_code_are_refused_everywhere_and_never_run(
 
 def test_a_version_without_tuneflow_tags_is_refused(workdir, register_tiny, tiny_model_dir):
     from tuneflow.predict import score_path
-    from tuneflow.registry import get_version, score_version
+    from tuneflow.registry import get_version
+    from tuneflow.scoring import score_version
     from tuneflow.trust import check_lineage
 
     from conftest import tiny_registry_config

@@ -151,7 +151,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tuneflow.data import DataError
     from tuneflow.flows.retrain import model_slot, retrain, start_prefect_while_importing
     from tuneflow.models import ModelError
-    from tuneflow.train import TrainingError
+    from tuneflow.train_common import TrainingError
 
     start_prefect_while_importing()
     try:
@@ -229,7 +229,7 @@ def _review(fn, *a, **kw):
     from mlflow.exceptions import MlflowException
 
     from tuneflow.data import DataError
-    from tuneflow.registry import RegistryError
+    from tuneflow.registry_base import RegistryError
 
     try:
         return fn(*a, **kw), 0
@@ -317,7 +317,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from tuneflow.predict import PredictError, resolve_model
-    from tuneflow.registry import RegistryError
+    from tuneflow.registry_base import RegistryError
     from tuneflow.tracking import configure_tracking
     from tuneflow.trust import RECORD, checked_version, keep_checked
 
@@ -347,7 +347,7 @@ def _cmd_serve_model(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from tuneflow.predict import PredictError, resolve_model
-    from tuneflow.registry import RegistryError
+    from tuneflow.registry_base import RegistryError
     from tuneflow.serving import serve_folder
     from tuneflow.tracking import configure_tracking
     from tuneflow.trust import check_kept, checked_version
@@ -376,7 +376,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from tuneflow.data import DataError
     from tuneflow.flows.predict import predict
     from tuneflow.predict import PredictError
-    from tuneflow.registry import RegistryError
+    from tuneflow.registry_base import RegistryError
 
     try:
         out = predict(args.model, str(args.input), str(args.output), args.text_column, args.batch_size)

@@ -1,7 +1,7 @@
 """Evaluation: score a model on the held-out split, with the kind's metrics, and plot the confusion matrix.
 
 The kind's ``evaluate`` (``tuneflow.kinds``) scores the new model and the current champion
-(``tuneflow.registry.score_champion``) with the same code, so the promotion decision compares like with like.
+(``tuneflow.scoring.score_champion``) with the same code, so the promotion decision compares like with like.
 """
 
 from __future__ import annotations

@@ -35,15 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneflow.files import LockTimeout, file_lock
-from tuneflow.registry import (
-    CARD_TAG,
-    CHAMPION,
-    Decision,
-    RegistryError,
-    champion_version,
-    get_version,
-    version_description,
-)
+from tuneflow.registry import Decision, champion_version, get_version, version_description
+from tuneflow.registry_base import CARD_TAG, CHAMPION, DECISION_REASON_TAG, DECISION_TAG, RegistryError
 from tuneflow.runtime import cache_dir
 
 log = logging.getLogger(__name__)
@@ -341,8 +334,8 @@ def record_refused_promotion(name: str, version: str, why: str, short: str = "ch
     why (``why`` in full, ``short`` in the card's headline)."""
     client = _client()
     mv = get_version(name, version)
-    client.set_model_version_tag(name, version, "tuneflow.decision", "rejected")
-    client.set_model_version_tag(name, version, "tuneflow.decision_reason", why[:MAX_REASON_CHARS])
+    client.set_model_version_tag(name, version, DECISION_TAG, "rejected")
+    client.set_model_version_tag(name, version, DECISION_REASON_TAG, why[:MAX_REASON_CHARS])
     card = (mv.description or "").replace("**Promoted to champion**", f"**Not promoted ({short})**")
     refused = f"Promotion refused: {why}\n\n"  # first, so a shortened card keeps it
     description = version_description(refused + card, (mv.tags or {}).get(CARD_TAG, "its run"))

@@ -1,7 +1,7 @@
 """Monitoring: the champion scored on every accepted batch, drift against its training data, the decay decision.
 
 When the landing-zone gate accepts labelled batches, ``monitor_accepted`` scores the current champion on those
-batches alone (``tuneflow.registry.score_version``: the code that scores it for the promotion gate) and measures
+batches alone (``tuneflow.scoring.score_version``: the code that scores it for the promotion gate) and measures
 their drift against the sample of training rows registered with the champion (``tuneflow.drift``). Batches with
 fewer than ``monitor.min_rows`` rows wait in a pool until the pool is big enough.
 
@@ -33,17 +33,10 @@ from tuneflow.data import LABEL, TEXT, read_table, sft_settings
 from tuneflow.drift import STAT_HELP, DriftResult, measure_drift
 from tuneflow.kinds import get_kind
 from tuneflow.reference import load_reference
-from tuneflow.registry import (
-    CARD_TAG,
-    MAX_DESCRIPTION,
-    SCORE_TAG,
-    RegistryError,
-    current_champion,
-    kind_of,
-    score_version,
-    version_description,
-)
+from tuneflow.registry import MAX_DESCRIPTION, current_champion, version_description
+from tuneflow.registry_base import CARD_TAG, SCORE_TAG, RegistryError, kind_of
 from tuneflow.reporting import monitor_html, production_section
+from tuneflow.scoring import score_version
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion

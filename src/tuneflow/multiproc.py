@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneflow.config import PipelineConfig
-from tuneflow.train import TrainingError, TrainResult, log_history_to_mlflow, resume_point
+from tuneflow.train_common import TrainingError, TrainResult, log_history_to_mlflow, resume_point
 
 if TYPE_CHECKING:
     from datasets import DatasetDict

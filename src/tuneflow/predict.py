@@ -19,7 +19,8 @@ from tuneflow.data import LABEL, TEXT, DataError
 from tuneflow.files import FORMATS, read_frame
 from tuneflow.kinds import FineTuningKind, get_kind
 from tuneflow.monitor import monitor_predictions
-from tuneflow.registry import RegistryError, get_version, kind_of, version_by_alias
+from tuneflow.registry import get_version, version_by_alias
+from tuneflow.registry_base import RegistryError, kind_of
 from tuneflow.tracking import ensure_experiment
 
 if TYPE_CHECKING:

@@ -20,6 +20,22 @@ from tuneflow.evaluate import Evaluation
 from tuneflow.kinds import get_kind
 from tuneflow.models import base_model_card
 from tuneflow.reference import REFERENCE_TAG, log_reference
+from tuneflow.registry_base import (
+    CARD_TAG,
+    CHALLENGER,
+    CHAMPION,
+    DATA_DIGEST_TAG,
+    DECISION_REASON_TAG,
+    DECISION_TAG,
+    FINGERPRINT_TAG,
+    KIND_TAG,
+    MAX_LENGTH_TAG,
+    REQUIREMENT_PACKAGES,
+    SCORE_TAG,
+    TAG,
+    VALIDATION_TAG,
+    RegistryError,
+)
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -27,12 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-TAG = "tuneflow."
 CARD_FILE = "model_card.md"
-VALIDATION_TAG = "tuneflow.validation"  # passed | failed: the data checks of the run that produced the version
-CARD_TAG = "tuneflow.model_card"
 # MLflow's schema holds a version's description in a 5,000-character column on PostgreSQL and MySQL
 MAX_DESCRIPTION = 5000
 
@@ -53,19 +64,12 @@ def version_description(card: str, card_uri: str, limit: int = MAX_DESCRIPTION) 
     return kept.rstrip() + footer
 
 
-KIND_TAG = "tuneflow.kind"
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's error codes for "no such alias"
-# What every version's requirements.txt pins, and all it may pin (the trust check refuses anything else).
-REQUIREMENT_PACKAGES = ("torch", "transformers", "tokenizers", "mlflow", "pandas", "numpy")
 
 
 # Scores are differences of float sums: 1e-9 is far below any margin a person sets, far above rounding error
 MARGIN_TOLERANCE = 1e-9
 MAX_ERROR_IN_REASON = 400  # a champion's scoring error, quoted in the decision reason (a tag) and the card
-
-
-class RegistryError(ValueError):
-    """A registry operation was refused; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -168,11 +172,6 @@ def current_champion(name: str) -> ModelVersion | None:
     return version_by_alias(name, CHAMPION)
 
 
-def kind_of(mv: ModelVersion) -> str:
-    """The kind of fine-tuning that produced a version (versions from before kinds are classification)."""
-    return (mv.tags or {}).get(KIND_TAG, "classification")
-
-
 def champion_version(name: str) -> str | None:
     champ = current_champion(name)
     return None if champ is None else str(champ.version)
@@ -196,21 +195,6 @@ def get_version(name: str, version: str) -> ModelVersion:
         ) from exc
 
 
-def score_version(cfg: PipelineConfig, mv: ModelVersion, eval_frame: pd.DataFrame) -> Evaluation:
-    """Load a registered version offline and score it with the code that scores a new model.
-
-    The version's own ``max_length`` (its tag) is used, so it is scored as it was trained.
-    """
-    import mlflow
-
-    from tuneflow.trust import checked_version
-
-    max_length = int((mv.tags or {}).get(f"{TAG}max_length", cfg.model.max_length))
-    with checked_version(mv) as local:  # refuses versions that carry code or pickles, before loading anything
-        parts = mlflow.transformers.load_model(str(local), return_type="components")
-        return get_kind(kind_of(mv)).evaluate(parts["model"], parts["tokenizer"], eval_frame, cfg, max_length)
-
-
 @dataclass
 class ChampionScore:
     """The current champion scored on this run's eval split (version None: there is no champion)."""
@@ -218,33 +202,6 @@ class ChampionScore:
     version: str | None
     evaluation: Evaluation | None
     error: str | None  # it exists but cannot be scored here (e.g. it lacks a label)
-
-
-def score_champion(cfg: PipelineConfig, eval_frame: pd.DataFrame) -> ChampionScore:
-    """Re-score the current champion on ``eval_frame``, so the decision compares like with like."""
-    champ = current_champion(cfg.registry.model_name)
-    if champ is None:
-        return ChampionScore(None, None, None)
-    from mlflow.exceptions import MlflowException
-    from safetensors import SafetensorError
-
-    try:
-        return ChampionScore(str(champ.version), score_version(cfg, champ, eval_frame), None)
-    except (ValueError, OSError) as exc:  # labels it lacks; UntrustedModel (a ValueError)
-        log.warning("champion v%s could not be scored on this eval split: %s", champ.version, exc)
-        return ChampionScore(str(champ.version), None, str(exc))
-    except (MlflowException, RuntimeError, SafetensorError) as exc:
-        # artifacts garbage-collected or half-copied, the store unreachable: the new model was trained and is
-        # registered all the same; with nothing to compare it with, it is not promoted (as an untrusted champion)
-        error = f"it could not be loaded: {type(exc).__name__}: {exc}"
-        log.warning(
-            "champion v%s of %s %s. The new version is registered but NOT promoted; check the artifact store, "
-            "then compare and promote by hand (tuneflow compare / promote)",
-            champ.version,
-            cfg.registry.model_name,
-            error,
-        )
-        return ChampionScore(str(champ.version), None, error)
 
 
 def pip_requirements() -> list[str]:
@@ -300,7 +257,7 @@ def register_version(
     all_tags = {
         **tags,
         **decision_tags(decision),
-        f"{TAG}max_length": str(cfg.model.max_length),
+        MAX_LENGTH_TAG: str(cfg.model.max_length),
         KIND_TAG: cfg.kind,
         CARD_TAG: f"runs:/{run_id}/{CARD_FILE}",
     }
@@ -334,23 +291,15 @@ def version_tags(lineage: dict[str, str], reports: list[Any] | None) -> dict[str
     return tags
 
 
-SCORE_TAG = "tuneflow.challenger_score"  # a version's primary metric on its eval split when it was registered
-
-
 def decision_tags(decision: Decision) -> dict[str, str]:
     return {
-        f"{TAG}decision": "promoted" if decision.promote else "rejected",
-        f"{TAG}decision_reason": decision.reason,
+        DECISION_TAG: "promoted" if decision.promote else "rejected",
+        DECISION_REASON_TAG: decision.reason,
         f"{TAG}primary_metric": decision.metric,
         SCORE_TAG: f"{decision.challenger_score:.6f}",
         f"{TAG}champion_score": "" if decision.champion_score is None else f"{decision.champion_score:.6f}",
         f"{TAG}champion_version_before": decision.champion_version or "",
     }
-
-
-FINGERPRINT_TAG = "tuneflow.fingerprint"
-# The same, over the input files' bytes before validation: lets an unchanged retrain stop before validating
-INPUT_FINGERPRINT_TAG = "tuneflow.input_fingerprint"
 
 
 def fingerprint(rows_digest: str, config_digest: str, base_digest: str) -> str:
@@ -380,7 +329,7 @@ def trained_digests(name: str) -> set[str]:
     from mlflow import MlflowClient
 
     versions = MlflowClient().search_model_versions(f"name='{name}'")
-    return {d for mv in versions if (d := (mv.tags or {}).get(f"{TAG}data_digest"))}
+    return {d for mv in versions if (d := (mv.tags or {}).get(DATA_DIGEST_TAG))}
 
 
 def list_versions(name: str | None = None) -> list[dict[str, Any]]:
@@ -402,9 +351,9 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
                     "version": int(mv.version),
                     "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
                     "metric": t.get(f"{TAG}primary_metric", ""),
-                    "score": t.get(f"{TAG}challenger_score", ""),
-                    "decision": t.get(f"{TAG}decision", ""),
-                    "data_digest": t.get(f"{TAG}data_digest", "")[:12],
+                    "score": t.get(SCORE_TAG, ""),
+                    "decision": t.get(DECISION_TAG, ""),
+                    "data_digest": t.get(DATA_DIGEST_TAG, "")[:12],
                     "created": pd.Timestamp(mv.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M"),
                 }
             )

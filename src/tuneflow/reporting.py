@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from tuneflow.data import LoadedData, Split
     from tuneflow.evaluate import EvaluateOutput
     from tuneflow.registry import Decision
-    from tuneflow.train import TrainResult
+    from tuneflow.train_common import TrainResult
     from tuneflow.validation import ValidationReport
 
 

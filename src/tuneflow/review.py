@@ -21,16 +21,17 @@ from tuneflow.data import LABEL, TEXT, read_table, sft_settings, split_by_text_h
 from tuneflow.evaluate import Evaluation
 from tuneflow.history import ChampionChanged, Move, move_champion, read_entries, rollback_target
 from tuneflow.landing import ACCEPTED, load_accepted
-from tuneflow.registry import TAG, VALIDATION_TAG, RegistryError, champion_version, get_version, score_version
+from tuneflow.registry import champion_version, get_version
+from tuneflow.registry_base import DATA_DIGEST_TAG, DECISION_TAG, VALIDATION_TAG, RegistryError, UntrustedModel
 from tuneflow.reporting import metrics_table
-from tuneflow.trust import UntrustedModel
+from tuneflow.scoring import score_version
 from tuneflow.validation import drop_out_of_bounds
 
 log = logging.getLogger(__name__)
 
 # A version registered by the retrain flow carries these; one without them was not produced (or not
 # validated) by tuneflow, so promoting it needs --force.
-REQUIRED_LINEAGE = (f"{TAG}data_digest", f"{TAG}decision", VALIDATION_TAG)
+REQUIRED_LINEAGE = (DATA_DIGEST_TAG, DECISION_TAG, VALIDATION_TAG)
 
 
 @dataclass

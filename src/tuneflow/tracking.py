@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING, Any
 from tuneflow.data import LABEL, TEXT, LoadedData, Split, content_digest
 from tuneflow.evaluate import Evaluation, plot_confusion, plot_training_loss
 from tuneflow.models import resolve_base_model
-from tuneflow.registry import TAG, ChampionScore, Decision, decision_tags
+from tuneflow.registry import ChampionScore, Decision, decision_tags
+from tuneflow.registry_base import TAG
 from tuneflow.tokenization import Tokenized, tokenizer_fingerprint
 
 if TYPE_CHECKING:
     from tuneflow.config import PipelineConfig
     from tuneflow.landing import DataCheck
-    from tuneflow.train import TrainResult
+    from tuneflow.train_common import TrainResult
     from tuneflow.validation import ValidationReport
 
 log = logging.getLogger(__name__)

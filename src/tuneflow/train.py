@@ -1,43 +1,44 @@
-"""Training: what every kind's training shares (the result, MLflow metrics while training) and the transformers
-``Trainer`` loop that kind classification uses (model, collator and metrics come from the kind)."""
+"""Training: MLflow metrics while training, checkpoint saves and the transformers ``Trainer`` loop that kind
+classification uses (model, collator and metrics come from the kind). The result and the checkpoint helpers every
+training path shares are in the leaf ``tuneflow.train_common``."""
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tuneflow.config import PipelineConfig
+from tuneflow.multiproc import train_in_processes
+from tuneflow.train_common import (
+    COMPLETE_MARKER,
+    TrainResult,
+    checkpoint_step,
+    mark_complete,
+    resume_point,
+    trainer_log_metrics,
+)
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from datasets import Dataset, DatasetDict
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from tuneflow.kinds import FineTuningKind
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """Training stopped for a reason a person has to act on; the message names what happened and the fix
-    (``tuneflow run`` prints it and exits 2)."""
+class TrainerKind(Protocol):
+    """What the Trainer loop asks of its kind (a ``tuneflow.kinds.FineTuningKind`` has it): declared here, so that
+    this module sits below the kinds that call it and imports none of them."""
 
+    def load_model(self, cfg: PipelineConfig) -> PreTrainedModel: ...
 
-@dataclass
-class TrainResult:
-    model: PreTrainedModel
-    best_metric: float | None
-    epochs_run: float
-    steps: int
-    train_seconds: float
-    log_history: list[dict[str, Any]]
-    extra: dict[str, float] = field(default_factory=dict)  # kind-specific figures, logged as metrics
+    def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any: ...
+
+    def trainer_metrics(self, cfg: PipelineConfig) -> Callable[[Any], dict[str, float]]: ...
 
 
 def epoch_seeded_trainer(base: type) -> type:
@@ -91,26 +92,6 @@ def mlflow_callback():
     return MlflowMetrics()
 
 
-def trainer_log_metrics(logs: dict[str, Any]) -> dict[str, float]:
-    """One Trainer log entry as MLflow metrics: ``eval_x`` -> ``eval/x``, anything else ``train/x``."""
-    values = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    return {k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}": v for k, v in values.items()}
-
-
-def log_history_to_mlflow(log_history: list[dict[str, Any]]) -> None:
-    """Log a finished run's Trainer log history into the active MLflow run, as ``mlflow_callback`` logs it live
-    (training processes started by ``tuneflow.multiproc`` log nothing themselves: their parent replays this)."""
-    import mlflow
-
-    for entry in log_history:
-        logs = {k: v for k, v in entry.items() if k != "step"}
-        if logs:
-            mlflow.log_metrics(trainer_log_metrics(logs), step=int(entry.get("step", 0)))
-
-
-COMPLETE_MARKER = "tuneflow-complete"  # written into a checkpoint folder once everything in it is on disk
-
-
 def checkpoint_callback(every_minutes: float):
     """Saves a checkpoint at least every ``every_minutes`` (on top of the kind's own saves; 0: every step) and
     marks each saved checkpoint complete once transformers has written all of it."""
@@ -159,73 +140,6 @@ def checkpoint_callback(every_minutes: float):
     return Checkpoints()
 
 
-def mark_complete(folder: Path) -> None:
-    """Flush every file of a saved checkpoint, then write its marker: a folder without one is never resumed from
-    (a kill -9 or a power cut while transformers wrote it leaves a partial folder, which is ignored and removed)."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-    marker = folder / COMPLETE_MARKER
-    tmp = folder / f".{COMPLETE_MARKER}.{os.getpid()}"
-    with tmp.open("w") as fh:
-        fh.write(f"{time.time()}\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(marker)
-
-
-def _step(folder: Path) -> int:
-    match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
-    return int(match.group(1)) if match else -1
-
-
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint under ``checkpoints``; partial ones (no marker) are removed."""
-    if not checkpoints.is_dir():
-        return None
-    complete = []
-    for folder in checkpoints.iterdir():
-        if not folder.is_dir() or _step(folder) < 0:
-            continue
-        if (folder / COMPLETE_MARKER).is_file() and (folder / "trainer_state.json").is_file():
-            complete.append(folder)
-        else:
-            log.warning("removing the partial checkpoint %s (its save never finished)", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-    return max(complete, key=_step, default=None)
-
-
-def checkpoint_processes(folder: Path) -> int | None:
-    """How many training processes wrote the checkpoint ``folder``: transformers saves one RNG state per process
-    (``rng_state_<rank>.pth``) when there are several, ``rng_state.pth`` when there is one; None: neither."""
-    ranks = list(folder.glob("rng_state_*.pth"))
-    if ranks:
-        return len(ranks)
-    return 1 if (folder / "rng_state.pth").is_file() else None
-
-
-def resume_point(checkpoints: Path, processes: int) -> Path | None:
-    """The newest complete checkpoint under ``checkpoints`` to resume from (None: start from scratch).
-
-    Raises:
-        TrainingError: it was written by another number of training processes (``train.processes``): its
-            per-process RNG states would not match, and a resume would silently differ from the run it continues.
-    """
-    resume = latest_checkpoint(checkpoints)
-    if resume is None:
-        return None
-    written = checkpoint_processes(resume)
-    if written is not None and written != processes:
-        raise TrainingError(
-            f"the checkpoint {resume} left by an earlier run that did not finish was written by {written} training "
-            f"process(es), but train.processes is {processes}; a resume across a different number of processes is "
-            f"refused (its RNG states would not match). Fix: rerun with train.processes={written} (--set "
-            f"train.processes={written}) to resume, or delete {checkpoints} to start this training over"
-        )
-    return resume
-
-
 def run_trainer(
     trainer: Any, checkpoints: Path, every_minutes: float, resume: Path | None | str = "latest"
 ) -> tuple[Any, float, int]:
@@ -243,9 +157,11 @@ def run_trainer(
         resume = resume_point(checkpoints, 1)
         if resume is not None:
             log.warning(
-                "resuming training from %s (step %d) left by an earlier run that did not finish", resume, _step(resume)
+                "resuming training from %s (step %d) left by an earlier run that did not finish",
+                resume,
+                checkpoint_step(resume),
             )
-    resumed = _step(Path(resume)) if resume is not None else 0
+    resumed = checkpoint_step(Path(resume)) if resume is not None else 0
     trainer.add_callback(checkpoint_callback(every_minutes))
     start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
@@ -266,7 +182,7 @@ def train_with_trainer(
     tokenizer: PreTrainedTokenizerBase,
     data: DatasetDict,
     checkpoints: Path,
-    kind: FineTuningKind,
+    kind: TrainerKind,
 ) -> TrainResult:
     """Fine-tune ``cfg.model.base_model`` on ``data["train"]``, evaluating on ``data["eval"]`` each epoch.
 
@@ -276,8 +192,6 @@ def train_with_trainer(
     Trainer runs in that many processes (``tuneflow.multiproc``), and this process collects their result.
     """
     if cfg.train.processes > 1:
-        from tuneflow.multiproc import train_in_processes
-
         return train_in_processes(cfg, tokenizer, data, checkpoints)
     trainer, output, seconds, resumed = fit_with_trainer(cfg, tokenizer, data, checkpoints, kind)
     state = trainer.state
@@ -300,7 +214,7 @@ def fit_with_trainer(
     tokenizer: PreTrainedTokenizerBase,
     data: DatasetDict,
     checkpoints: Path,
-    kind: FineTuningKind,
+    kind: TrainerKind,
     resume: Path | None | str = "latest",
     threads: int | None = None,
     extra_callbacks: tuple[Any, ...] = (),

@@ -41,7 +41,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneflow.registry import KIND_TAG, REQUIREMENT_PACKAGES, TAG, RegistryError, kind_of
+from tuneflow.registry_base import (
+    DECISION_TAG,
+    KIND_TAG,
+    MAX_LENGTH_TAG,
+    REQUIREMENT_PACKAGES,
+    DownloadError,
+    RegistryError,
+    UntrustedModel,
+    kind_of,
+)
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -154,16 +163,8 @@ TOP_LEVEL_FILES = {
     "registered_model_meta",  # written by MLflow's client when it downloads a models:/ URI
 }
 DATA_SUFFIXES = {".json", ".safetensors", ".txt", ".jinja", ".model", ".md"}  # .model: a sentencepiece vocabulary
-LINEAGE_TAGS = (f"{TAG}decision", f"{TAG}max_length")  # set by register_version on every version
+LINEAGE_TAGS = (DECISION_TAG, MAX_LENGTH_TAG)  # set by register_version on every version
 RECORD = "tuneflow-verified.json"  # written by 'tuneflow verify --download' next to the files it checked
-
-
-class UntrustedModel(RegistryError):
-    """A registered version failed the checks that make it safe to load; nothing of it was loaded."""
-
-
-class DownloadError(RegistryError):
-    """A registered version's files could not be downloaded; nothing was checked or loaded."""
 
 
 def _architectures(mapping: str) -> set[str]:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from tuneflow.config import PipelineConfig
     from tuneflow.data import Split
     from tuneflow.evaluate import Evaluation
-    from tuneflow.train import TrainResult
+    from tuneflow.train_common import TrainResult
 
 
 class FineTuningKind(Protocol):

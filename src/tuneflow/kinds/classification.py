@@ -16,7 +16,8 @@ from tuneflow.config import ModelConfig, PipelineConfig
 from tuneflow.data import LABEL, TEXT, Split
 from tuneflow.evaluate import Evaluation
 from tuneflow.models import resolve_base_model
-from tuneflow.train import TrainResult, train_with_trainer
+from tuneflow.train import train_with_trainer
+from tuneflow.train_common import TrainResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -29,7 +29,8 @@ from tuneflow.config import PipelineConfig, SftConfig
 from tuneflow.data import CONTEXT, LABEL, TEXT, Split
 from tuneflow.evaluate import Evaluation
 from tuneflow.models import resolve_base_model
-from tuneflow.train import TrainResult, mlflow_callback, run_trainer
+from tuneflow.train import mlflow_callback, run_trainer
+from tuneflow.train_common import TrainResult
 
 if TYPE_CHECKING:
     from collections.abc import Callable
