@@ -6,6 +6,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -144,3 +145,9 @@ def read_frame(path: Path, fmt: str) -> pd.DataFrame:
         # and the whole batch unreadable (pandas 3.1); CRLF line ends are JSON whitespace already.
         return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")
     return pd.read_parquet(path)
+
+
+def slug(name: str) -> str:
+    """``name`` as one safe path segment (checkpoint, artifact and tokenization-cache folders): every run of
+    characters other than ASCII letters, digits, ``_``, ``.`` and ``-`` becomes one ``-``."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "default"

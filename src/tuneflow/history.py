@@ -247,6 +247,12 @@ def set_champion_alias(name: str, version: str) -> None:
     _client().set_registered_model_alias(name, CHAMPION, version)
 
 
+def refuse_if_champion(name: str, version: str, current: str | None) -> None:
+    """A move to the version that already is the champion is refused (``RegistryError``): there is nothing to do."""
+    if current == str(version):
+        raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
+
+
 def move_champion(
     name: str,
     version: str,
@@ -285,8 +291,7 @@ def move_champion(
                 None if expected is None else str(expected),
                 current,
             )
-        if current == str(version):
-            raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
+        refuse_if_champion(name, version, current)
         tags = client.get_registered_model(name).tags or {}
         # numbered past every entry, unreadable ones too (their key still carries their number)
         seqs = [e.seq for k, v in tags.items() if k.startswith(HISTORY_TAG) for e in [_parse(k, v)]]

@@ -19,7 +19,7 @@ import pandas as pd
 from tuneflow.config import PipelineConfig
 from tuneflow.data import LABEL, TEXT, read_table, sft_settings, split_by_text_hash
 from tuneflow.evaluate import Evaluation
-from tuneflow.history import ChampionChanged, Move, move_champion, read_entries, rollback_target
+from tuneflow.history import ChampionChanged, Move, move_champion, read_entries, refuse_if_champion, rollback_target
 from tuneflow.landing import ACCEPTED, load_accepted
 from tuneflow.registry import champion_version, get_version
 from tuneflow.registry_base import DATA_DIGEST_TAG, DECISION_TAG, VALIDATION_TAG, RegistryError, UntrustedModel
@@ -165,8 +165,7 @@ def promote(
         raise RegistryError('a promotion needs a reason. Fix: pass --reason "why this version"')
     mv = get_version(name, version)
     current = champion_version(name)
-    if current == str(version):
-        raise RegistryError(f"{name} v{version} already is the champion; nothing to do")
+    refuse_if_champion(name, version, current)  # before minutes of scoring; the move checks it again under the lock
     blockers = promotion_blockers(mv)
     if blockers and not force:
         raise RegistryError(

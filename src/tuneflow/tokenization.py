@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from tuneflow.config import PipelineConfig
 from tuneflow.data import LoadedData, Split, content_digest, split_digest
+from tuneflow.files import slug
 from tuneflow.kinds import get_kind
 from tuneflow.models import load_tokenizer
 
@@ -171,11 +172,7 @@ def tokenize_data(cfg: PipelineConfig, data: LoadedData, split: Split, cache_roo
         cfg.data.labels,
         content_digest(data.frame),
         split_digest(cfg.data),
-        cache_root / "tokenized" / _slug(cfg.name),
+        cache_root / "tokenized" / slug(cfg.name),
         cfg.kind,
         keep=KEEP_ENTRIES,
     )
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneflow.data import LABEL, TEXT, LoadedData, Split, content_digest
 from tuneflow.evaluate import Evaluation, plot_confusion, plot_training_loss
+from tuneflow.files import slug
 from tuneflow.models import resolve_base_model
 from tuneflow.registry import ChampionScore, Decision, decision_tags
 from tuneflow.registry_base import TAG
@@ -77,11 +77,7 @@ def checkpoints_root(model_name: str) -> Path:
     """Where retrains of ``model_name`` keep checkpoints (one folder per fingerprint) until a run succeeds."""
     from tuneflow.runtime import cache_dir
 
-    return cache_dir() / "checkpoints" / _slug(model_name)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "default"
+    return cache_dir() / "checkpoints" / slug(model_name)
 
 
 def ensure_experiment(name: str) -> str:
@@ -96,7 +92,7 @@ def ensure_experiment(name: str) -> str:
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
-        location = (db.parent / "artifacts" / _slug(name)).as_uri()
+        location = (db.parent / "artifacts" / slug(name)).as_uri()
     exp_id = mlflow.create_experiment(name, artifact_location=location)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
