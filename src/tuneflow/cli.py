@@ -149,14 +149,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from tuneflow.data import DataError
-    from tuneflow.flows.retrain import model_slot, retrain, start_prefect_while_importing
+    from tuneflow.flows.retrain import model_slot, retrain_once, start_prefect_while_importing
     from tuneflow.models import ModelError
     from tuneflow.train import TrainingError
 
     start_prefect_while_importing()
     try:
         with model_slot(config.registry.model_name):  # as deployed runs: one retrain of a model at a time
-            result = retrain(config, config_file=str(args.config), force=args.force)
+            result = retrain_once(config, config_file=str(args.config), force=args.force)
     except (DataError, ModelError) as exc:
         print(f"\nerror: retrain stopped before training; nothing was registered.\n{exc}", file=sys.stderr)
         return 2

@@ -348,6 +348,20 @@ def decision_tags(decision: Decision) -> dict[str, str]:
     }
 
 
+def refused_promotion(decision: Decision, why: str, run_id: str) -> Decision:
+    """A promotion the registry refused (``why``): the decision says so, and the parent run's tags too (as the
+    version's tags do)."""
+    from dataclasses import replace
+
+    from mlflow import MlflowClient
+
+    refused = replace(decision, promote=False, reason=f"{decision.reason}; NOT promoted: {why}")
+    client = MlflowClient()
+    for key, value in decision_tags(refused).items():
+        client.set_tag(run_id, key, value)
+    return refused
+
+
 FINGERPRINT_TAG = "tuneflow.fingerprint"
 # The same, over the input files' bytes before validation: lets an unchanged retrain stop before validating
 INPUT_FINGERPRINT_TAG = "tuneflow.input_fingerprint"
