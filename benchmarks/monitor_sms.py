@@ -37,7 +37,7 @@ def main() -> None:
 
     from tuneflow.cli import main as cli
     from tuneflow.config import load_config
-    from tuneflow.flows.retrain import decay_cause, retrain
+    from tuneflow.flows.retrain import decay_cause, retrain_once
     from tuneflow.tracking import configure_tracking
 
     configure_tracking()
@@ -72,7 +72,7 @@ def main() -> None:
     for name, frame in batches.items():
         frame.to_csv(landing / "incoming" / name, index=False)
         start = time.perf_counter()
-        out = retrain(cfg, config_file="configs/sms-spam-landing.yaml", on_new_data=True)
+        out = retrain_once(cfg, config_file="configs/sms-spam-landing.yaml", on_new_data=True)
         print(f"{name}: {out.get('status', 'trained')} in {time.perf_counter() - start:.1f} s: {out.get('reason', '')}")
         if out.get("status") == "degraded":
             from tuneflow.monitor import read_series
@@ -81,7 +81,7 @@ def main() -> None:
             trigger = {"event": "tuneflow.champion.degraded", "champion_version": p.champion_version}
             trigger |= {"batches": p.batches, "step": p.step, "reasons": p.reasons}
             start = time.perf_counter()
-            again = retrain(cfg, config_file="configs/sms-spam-landing.yaml", cause=decay_cause(trigger))
+            again = retrain_once(cfg, config_file="configs/sms-spam-landing.yaml", cause=decay_cause(trigger))
             print(
                 f"  retrain on decay: v{again['version']} in {time.perf_counter() - start:.1f} s, "
                 f"macro_f1 {again['metrics']['macro_f1']:.4f}, {again['reason']}"

@@ -1,20 +1,19 @@
 """The retrain flows: validate -> split -> tokenize -> fine-tune -> evaluate -> score champion -> decide -> register.
 
-``retrain`` takes a loaded config (``tuneflow run``); ``retrain_deployed`` loads it from a path and
-waits for the model's slot first (schedules, new-data triggers, workers). Stages are not retried: a
-failed validation or training run must be looked at, not repeated.
+``retrain_once`` (flow "retrain-once") takes a loaded config (``tuneflow run``); ``retrain`` (flow "retrain")
+loads it from a path and waits for the model's slot first (schedules, new-data triggers, workers). Stages are
+not retried: a failed validation or training run must be looked at, not repeated.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from prefect import flow, get_run_logger
@@ -23,21 +22,20 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from tuneflow.config import PipelineConfig, load_config
-from tuneflow.data import TEXT, DataError, check_split, content_digest, split_data
-from tuneflow.evaluate import EvaluateOutput
+from tuneflow.data import TEXT, DataError, Split, check_split, split_data
+from tuneflow.evaluate import EvaluateOutput, Evaluation
 from tuneflow.files import file_lock
 from tuneflow.flows.slot import hold_slot
-from tuneflow.landing import ACCEPTED, DataCheck, has_new_batches, input_files_digest
-from tuneflow.models import base_model_digest, check_max_length
+from tuneflow.landing import ACCEPTED, DataCheck, has_new_batches
+from tuneflow.models import check_max_length
 from tuneflow.monitor import MonitorOutcome
 from tuneflow.registry import (
+    Decision,
     current_champion,
     decide_promotion,
-    decision_tags,
-    fingerprint,
+    refused_promotion,
     trained_digests,
     version_tags,
-    version_with_fingerprint,
 )
 from tuneflow.registry_base import FINGERPRINT_TAG, INPUT_FINGERPRINT_TAG
 from tuneflow.reporting import (
@@ -58,134 +56,78 @@ from tuneflow.tasks.register import promote_task, register_task
 from tuneflow.tasks.tokenize import tokenize_task
 from tuneflow.tasks.train import train_task
 from tuneflow.tasks.validate import validate_task
+from tuneflow.tokenization import Tokenized
 from tuneflow.tracking import (
     RunContext,
     checkpoints_root,
     configure_tracking,
     ensure_experiment,
-    git_commit,
     log_dataset_inputs,
     log_unchanged,
     model_url,
+    run_lineage,
     run_url,
     start_parent_run,
+    sweep_after_register,
 )
+from tuneflow.train import TrainResult
+from tuneflow.unchanged import data_fingerprint, input_fingerprint, remember_input, same_version, unchanged_result
 from tuneflow.watch import DEGRADED_EVENT
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger(__name__)
 
 
-# Two flows, two names: deployments belong to "retrain" (retrain/scheduled, retrain/on-new-data), which
-# calls this one's body; "retrain-once" is a run started directly (`tuneflow run`, Python).
+# Two flows, each named as its function: deployments belong to "retrain" (retrain/scheduled, retrain/on-new-data),
+# which loads the config, takes the model's slot and calls this one's body; "retrain-once" is a run started
+# directly (`tuneflow run`, Python).
 @flow(name="retrain-once")
-def retrain(
+def retrain_once(
     config: PipelineConfig, config_file: str = "", force: bool = False, on_new_data: bool = False, cause: str = ""
 ) -> dict[str, Any] | State:
     """Retrain ``config.registry.model_name`` on ``config.data`` and promote it only if it is better.
-
-    Batches the landing-zone gate accepts are monitored first (the champion scored on them, drift).
 
     Args:
         config: the pipeline config (shown as a form in the Prefect UI).
         config_file: where the config came from, for error messages.
         force: retrain even when a registered version was trained on exactly this (same fingerprint).
-        on_new_data: started by new data (retrain/on-new-data): with ``monitor.retrain_when: degraded`` the run
-            stops after monitoring unless the champion degraded (then it emits ``tuneflow.champion.degraded``).
+        on_new_data: started by new data: with ``monitor.retrain_when: degraded`` the run stops after monitoring
+            unless the champion degraded (then it emits ``tuneflow.champion.degraded``).
         cause: why this retrain runs (e.g. the decay that started it), recorded on the run and the version.
 
     Returns:
-        MLflow run id and URL, eval metrics, registered version, decision and model URI; when batches were
-        quarantined but the accepted ones trained (``data.on_quarantine: train``), a ``Completed`` state named
-        "Completed with quarantined batches" holding that result (calling the flow still returns the dict).
+        MLflow run id and URL, eval metrics, registered version, decision and model URI; with quarantined batches
+        trained around (``data.on_quarantine: train``) a ``Completed`` state "Completed with quarantined batches".
     """
     configure_environment()
     configure_tracking()
-    logger = get_run_logger()
-    experiment_id = ensure_experiment(config.name)
-    flow_run_id = str(flow_run.get_id() or "")
-    config_digest = config.digest()
-    lineage = {
-        "tuneflow.config_digest": config_digest,
-        "tuneflow.git_commit": git_commit(Path(__file__).resolve().parent),
-        "tuneflow.prefect_flow_run_id": flow_run_id,
-        "tuneflow.base_model": config.model.base_model,
-    }
-    if cause:
-        lineage[CAUSE_TAG] = cause[:5000]
+    experiment_id, flow_run_id = ensure_experiment(config.name), str(flow_run.get_id() or "")
+    lineage = run_lineage(config, flow_run_id, cause)
     with start_parent_run(config, f"retrain-{flow_run.get_name() or 'local'}", lineage) as parent:
         pid = parent.info.run_id
         url = run_url(experiment_id, pid)
-        logger.info("MLflow run %s: %s", pid, url)
+        get_run_logger().info("MLflow run %s: %s", pid, url)
         run = RunContext(pid, cache_dir() / "runs" / (flow_run_id or "local"), cache_dir())
-
-        def unchanged(same: Any, what: str) -> dict[str, Any]:
-            reason = (
-                f"nothing changed: v{same.version} was trained on exactly this {what}, config, base model and "
-                "tuneflow version; nothing trained or registered (force: true / tuneflow run --force retrains)"
-            )
-            logger.info("%s", reason)
-            log_unchanged(str(same.version))
-            create_markdown_artifact(
-                key=artifact_key(config.name, "retrain"),
-                markdown=unchanged_markdown(config, str(same.version), reason, pid, url),
-                description="Nothing changed since a registered version; nothing was trained.",
-            )
-            return {
-                "status": "unchanged",
-                "run_id": pid,
-                "run_url": url,
-                "experiment_id": experiment_id,
-                "version": str(same.version),
-                "model_uri": f"models:/{config.registry.model_name}/{same.version}",
-                "reason": reason,
-            }
-
         check_max_length(config.model)  # a max_length past the base model's positions: exit 2, before any work
-        # The input files' bytes, before validating them: when a version was trained on exactly these files
-        # with this config and base model, it was validated on them too; stop before the gate runs again.
-        base_digest = base_model_digest(config.model)
-        files_digest = input_files_digest(config)
-        if files_digest is not None:
-            lineage[INPUT_FINGERPRINT_TAG] = fingerprint(files_digest, config_digest, base_digest)
-            if config.registry.enabled and not force:
-                same = version_with_fingerprint(
-                    config.registry.model_name, lineage[INPUT_FINGERPRINT_TAG], INPUT_FINGERPRINT_TAG
-                )
-                if same is not None:
-                    return unchanged(same, "input")
-
-        try:
-            checked = validate_task(config, run, config_file or "the config")
-        except DataError as exc:
-            create_markdown_artifact(
-                key=artifact_key(config.name, "retrain"),
-                markdown=rejected_markdown(exc, pid, url),
-                description="Data rejected; nothing was trained or registered.",
-            )
-            raise
+        # A version trained on exactly these input bytes, config and base model was validated on them: stop here.
+        input_fp = with_tag(lineage, INPUT_FINGERPRINT_TAG, input_fingerprint(config))
+        if same := same_version(config, input_fp, INPUT_FINGERPRINT_TAG, force):
+            return report_unchanged(config, same, "input", pid, url, experiment_id)
+        checked = validate_or_report(config, run, config_file, pid, url)
         monitored = monitor_new_batches(config, checked, run, experiment_id)
         if on_new_data and config.monitor.retrain_when == "degraded":
-            held = hold_unless_degraded(config, monitored, experiment_id, pid, url)
-            if held is not None:
+            if (held := hold_unless_degraded(config, monitored, experiment_id, pid, url)) is not None:
                 return held
         data = checked.data
         if checked.quarantined is not None:  # data.on_quarantine: train - said loudly, here and at the end
-            logger.warning("%s", checked.quarantined)
+            get_run_logger().warning("%s", checked.quarantined)
         lineage["tuneflow.data_digest"] = data.digest
-        fp = fingerprint(content_digest(data.frame), config_digest, base_digest)
-        lineage[FINGERPRINT_TAG] = fp
-        same = version_with_fingerprint(config.registry.model_name, fp) if config.registry.enabled else None
-        if same is not None and not force:
-            if (
-                INPUT_FINGERPRINT_TAG in lineage
-                and (same.tags or {}).get(INPUT_FINGERPRINT_TAG) != lineage[INPUT_FINGERPRINT_TAG]
-            ):
-                # these bytes validate to exactly that version's rows (the latest bytes seen are remembered):
-                # the next run on them stops before the gate
-                mlflow.MlflowClient().set_model_version_tag(
-                    config.registry.model_name, same.version, INPUT_FINGERPRINT_TAG, lineage[INPUT_FINGERPRINT_TAG]
-                )
-            return unchanged(same, "data")
+        fp = with_tag(lineage, FINGERPRINT_TAG, data_fingerprint(config, data.frame))
+        if same := same_version(config, fp, force=force):
+            remember_input(config, same, input_fp)  # these bytes validate to exactly that version's rows
+            return report_unchanged(config, same, "data", pid, url, experiment_id)
         # Checkpoints live under the fingerprint: a rerun of exactly this work after a crash resumes from them.
         run = replace(run, checkpoint_dir=checkpoints_root(config.registry.model_name) / fp[:16])
         split = split_data(data, config.data)
@@ -198,39 +140,123 @@ def retrain(
         champion = score_champion_task(config, split, run)
         decision = decide_promotion(config, challenger, champion)
         scores = EvaluateOutput(challenger, champion.version, champion.evaluation, champion.error)
+        version = register(config, checked, tokenized, trained, split, scores, decision, lineage, run)
+        decision = promote(config, version, decision, pid, actor=flow_run_id or f"run {pid}")
+        report_trained(config, cause, checked, split, tokenized, trained, scores, decision, version, pid, url)
+    sweep_after_register(run.work_dir, config.registry.model_name)  # both kept after a failure
+    return trained_result(config, checked, tokenized, challenger, decision, version, pid, url, experiment_id)
 
-        version = None
-        if config.registry.enabled:
-            card = model_card(config, decision, scores, split, data.digest, pid, checked.reports, trained)
-            version = register_task(
-                config,
-                trained.model,
-                tokenized.tokenizer,
-                decision,
-                card,
-                version_tags(lineage, checked.trained_reports),
-                list(split.eval[TEXT][:2]),
-                run,
-                challenger.metrics,
-                split.train,
-            )
-            outcome = decision.promote and promote_task(config, version, decision, actor=flow_run_id or f"run {pid}")
-            if isinstance(outcome, str):  # refused: the reason
-                decision = replace(decision, promote=False, reason=f"{decision.reason}; NOT promoted: {outcome}")
-                client = mlflow.MlflowClient()  # the parent run says so too, as the version's tags do
-                for key, value in decision_tags(decision).items():
-                    client.set_tag(pid, key, value)
 
+def with_tag(lineage: dict[str, str], tag: str, value: str | None) -> str | None:
+    """``value``, also set as ``tag`` in ``lineage`` (the run's and the version's tags) unless it is None."""
+    if value is not None:
+        lineage[tag] = value
+    return value
+
+
+def report_unchanged(
+    config: PipelineConfig, same: ModelVersion, what: str, pid: str, url: str, experiment_id: str
+) -> dict[str, Any]:
+    """A version was trained on exactly this ``what`` ("input" or "data"): say so (log, run tags, artifact)."""
+    result = unchanged_result(config, str(same.version), what, pid, url, experiment_id)
+    get_run_logger().info("%s", result["reason"])
+    log_unchanged(str(same.version))
+    create_markdown_artifact(
+        key=artifact_key(config.name, "retrain"),
+        markdown=unchanged_markdown(config, str(same.version), result["reason"], pid, url),
+        description="Nothing changed since a registered version; nothing was trained.",
+    )
+    return result
+
+
+def validate_or_report(config: PipelineConfig, run: RunContext, config_file: str, pid: str, url: str) -> DataCheck:
+    """The validate stage; rejected data is also said in the run's artifact before the error goes up."""
+    try:
+        return validate_task(config, run, config_file or "the config")
+    except DataError as exc:
         create_markdown_artifact(
             key=artifact_key(config.name, "retrain"),
-            markdown=(f"> Retrain caused by: {cause}\n\n" if cause else "")
-            + retrain_markdown(config, data, split, tokenized.cache_hit, trained, scores, decision, version, pid, url)
-            + (quarantined_markdown(checked.quarantined) if checked.quarantined is not None else ""),
-            description=f"Eval metrics and promotion decision for {config.registry.model_name}",
+            markdown=rejected_markdown(exc, pid, url),
+            description="Data rejected; nothing was trained or registered.",
         )
-    shutil.rmtree(run.work_dir, ignore_errors=True)  # plots and Data Docs are in MLflow now; kept after a failure
-    # The model is registered: this model's checkpoints (also those of crashed runs on older data) are swept.
-    shutil.rmtree(checkpoints_root(config.registry.model_name), ignore_errors=True)
+        raise
+
+
+def register(
+    config: PipelineConfig,
+    checked: DataCheck,
+    tokenized: Tokenized,
+    trained: TrainResult,
+    split: Split,
+    scores: EvaluateOutput,
+    decision: Decision,
+    lineage: dict[str, str],
+    run: RunContext,
+) -> str | None:
+    """The register stage: the new version with its card and tags (None without a registry)."""
+    if not config.registry.enabled:
+        return None
+    card = model_card(config, decision, scores, split, checked.data.digest, run.parent_run_id, checked.reports, trained)
+    return register_task(
+        config,
+        trained.model,
+        tokenized.tokenizer,
+        decision,
+        card,
+        version_tags(lineage, checked.trained_reports),
+        list(split.eval[TEXT][:2]),
+        run,
+        scores.challenger.metrics,
+        split.train,
+    )
+
+
+def promote(config: PipelineConfig, version: str | None, decision: Decision, pid: str, actor: str) -> Decision:
+    """The promote stage when the decision says so; a refusal (e.g. the champion moved meanwhile) turns the
+    decision into "not promoted" with the reason, on the run too."""
+    if version is None or not decision.promote:
+        return decision
+    outcome = promote_task(config, version, decision, actor=actor)
+    return refused_promotion(decision, outcome, pid) if isinstance(outcome, str) else decision
+
+
+def report_trained(
+    config: PipelineConfig,
+    cause: str,
+    checked: DataCheck,
+    split: Split,
+    tokenized: Tokenized,
+    trained: TrainResult,
+    scores: EvaluateOutput,
+    decision: Decision,
+    version: str | None,
+    pid: str,
+    url: str,
+) -> None:
+    """The run's artifact: eval metrics and the promotion decision (and the cause, and quarantined batches)."""
+    create_markdown_artifact(
+        key=artifact_key(config.name, "retrain"),
+        markdown=(f"> Retrain caused by: {cause}\n\n" if cause else "")
+        + retrain_markdown(
+            config, checked.data, split, tokenized.cache_hit, trained, scores, decision, version, pid, url
+        )
+        + (quarantined_markdown(checked.quarantined) if checked.quarantined is not None else ""),
+        description=f"Eval metrics and promotion decision for {config.registry.model_name}",
+    )
+
+
+def trained_result(
+    config: PipelineConfig,
+    checked: DataCheck,
+    tokenized: Tokenized,
+    challenger: Evaluation,
+    decision: Decision,
+    version: str | None,
+    pid: str,
+    url: str,
+    experiment_id: str,
+) -> dict[str, Any] | State:
+    """What a run that trained returns; with quarantined batches, a ``Completed`` state that says so."""
     result: dict[str, Any] = {
         "run_id": pid,
         "run_url": url,
@@ -246,18 +272,15 @@ def retrain(
             "reason": decision.reason,
             "version_url": model_url(config.registry.model_name, version),
         }
-    if checked.quarantined is not None:
-        result["quarantined"] = [o.name for o in checked.quarantined.result.quarantined]
-        # The run did its job, but a person must look at the quarantined batches: the state's name says so.
-        return Completed(
-            name="Completed with quarantined batches",
-            message=f"{len(result['quarantined'])} batch(es) quarantined: {', '.join(result['quarantined'])}",
-            data=result,
-        )
-    return result
-
-
-CAUSE_TAG = "tuneflow.retrain_cause"
+    if checked.quarantined is None:
+        return result
+    result["quarantined"] = [o.name for o in checked.quarantined.result.quarantined]
+    # The run did its job, but a person must look at the quarantined batches: the state's name says so.
+    return Completed(
+        name="Completed with quarantined batches",
+        message=f"{len(result['quarantined'])} batch(es) quarantined: {', '.join(result['quarantined'])}",
+        data=result,
+    )
 
 
 def monitor_new_batches(
@@ -353,21 +376,25 @@ def local_slot_path(model_name: str) -> Path:
 
 
 @contextmanager
-def model_slot(model_name: str) -> Iterator[None]:
-    """One retrain of ``model_name`` at a time, for ``tuneflow run``: the Prefect slot of deployed runs
-    (``retrain-<model name>``) when a Prefect server is configured (``PREFECT_API_URL``), and always the
-    machine-local lock that deployed runs also take, so a CLI run and a deployed run never overlap."""
-    server = bool(os.environ.get("PREFECT_API_URL"))
+def model_slot(model_name: str, server: bool | None = None, logger: Any = None) -> Iterator[None]:
+    """One retrain of ``model_name`` at a time: the Prefect slot of deployed runs (``retrain-<model name>``) when
+    ``server`` (default: when a Prefect server is configured, ``PREFECT_API_URL``), and always the machine-local
+    lock, so a CLI run and a deployed run never overlap. ``logger``: where waiting, getting and releasing the slot
+    are said (the flow run's logger in a deployed run)."""
+    logger = logger or log
+    server = bool(os.environ.get("PREFECT_API_URL")) if server is None else server
     if server:
         ensure_concurrency_limit(limit_name(model_name))
     lock = local_slot_path(model_name)
-    log.info("waiting for the retrain slot of %s (one retrain of a model at a time)", model_name)
+    logger.info("waiting for the retrain slot of %s (one retrain of a model at a time)", model_name)
     with (
         hold_slot(limit_name(model_name), SLOT_LEASE_SECONDS) if server else nullcontext(),
         file_lock(lock, what=f"another retrain of {model_name} (lock {lock})"),
     ):
-        log.info("got the retrain slot of %s", model_name)
+        logger.info("got the retrain slot of %s", model_name)
         yield
+    # The run's end time comes later (results, logs, state): this line marks when the slot was freed.
+    logger.info("released the retrain slot of %s", model_name)
 
 
 # The slot is a lease the holder renews every 15 s (flows/slot.py); when its process dies (a worker killed, a
@@ -406,13 +433,13 @@ def ensure_concurrency_limit(name: str, limit: int = 1) -> None:
 
 
 @flow(name="retrain")
-def retrain_deployed(
+def retrain(
     config_path: str,
     overrides: list[str] | None = None,
     only_if_new_data: bool = False,
     trigger: dict[str, Any] | None = None,
     force: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """The deployed retrain: load the config from a path, wait for the model's slot, retrain.
 
     At most one retrain of a model runs at a time, whatever started it (schedule, new-data trigger,
@@ -433,7 +460,6 @@ def retrain_deployed(
         the retrain result, or ``{"status": "nothing new", ...}``.
     """
     configure_environment()
-    logger = get_run_logger()
     config = load_config(config_path, overrides or [])
     if trigger:
         create_markdown_artifact(
@@ -441,39 +467,32 @@ def retrain_deployed(
             markdown=trigger_markdown(trigger),
             description="The event that started this run",
         )
-    slot = limit_name(config.registry.model_name)
-    final: State | None = None
-    ensure_concurrency_limit(slot)
-    logger.info("waiting for the retrain slot %r (one retrain of %s at a time)", slot, config.registry.model_name)
-    with (
-        hold_slot(slot, SLOT_LEASE_SECONDS),
-        file_lock(local_slot_path(config.registry.model_name)),
-    ):
-        logger.info("got the retrain slot %r", slot)
-        if only_if_new_data:
-            configure_tracking()
-        if only_if_new_data and not has_new_batches(config, trained_digests(config.registry.model_name)):
-            logger.info(
-                "nothing new in %s: no batch in incoming/, and a registered version was trained on the accepted data",
-                config.data.landing,
-            )
-            create_markdown_artifact(
-                key=artifact_key(config.name, "retrain"),
-                markdown=nothing_new_markdown(config),
-                description="Nothing new to train on; nothing was trained or registered.",
-            )
-            result = {"status": "nothing new", "model_name": config.registry.model_name}
-        else:
-            cause = decay_cause(trigger) if trigger else ""
-            out = retrain.fn(config, config_file=config_path, force=force, on_new_data=only_if_new_data, cause=cause)
-            if isinstance(out, State):  # trained, with quarantined batches: keep the state's name and message
-                result = {"status": "trained", **out.data}
-                final = Completed(name=out.name, message=out.message, data=result)
-            else:
-                result = {"status": "trained", **out}  # "status" from out wins: "unchanged" when nothing changed
-    # The run's end time comes later (results, logs, state): this line marks when the slot was freed.
-    logger.info("released the retrain slot %r", slot)
-    return final if final is not None else result
+    with model_slot(config.registry.model_name, server=True, logger=get_run_logger()):
+        if only_if_new_data and (nothing := nothing_new(config)) is not None:
+            return nothing
+        cause = decay_cause(trigger) if trigger else ""
+        out = retrain_once.fn(config, config_file=config_path, force=force, on_new_data=only_if_new_data, cause=cause)
+    if isinstance(out, State):  # trained, with quarantined batches: keep the state's name and message
+        return Completed(name=out.name, message=out.message, data={"status": "trained", **out.data})
+    return {"status": "trained", **out}  # "status" from out wins: "unchanged" when nothing changed
+
+
+def nothing_new(config: PipelineConfig) -> dict[str, Any] | None:
+    """None when the landing zone has a new batch (or accepted data no version was trained on); else the
+    "nothing new" result, said in the run's log and artifact."""
+    configure_tracking()
+    if has_new_batches(config, trained_digests(config.registry.model_name)):
+        return None
+    get_run_logger().info(
+        "nothing new in %s: no batch in incoming/, and a registered version was trained on the accepted data",
+        config.data.landing,
+    )
+    create_markdown_artifact(
+        key=artifact_key(config.name, "retrain"),
+        markdown=nothing_new_markdown(config),
+        description="Nothing new to train on; nothing was trained or registered.",
+    )
+    return {"status": "nothing new", "model_name": config.registry.model_name}
 
 
 def decay_cause(trigger: dict[str, Any]) -> str:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from tuneflow.config import PipelineConfig, load_config
 from tuneflow.flows.alerts import ensure_alerts
 from tuneflow.flows.predict import predict
-from tuneflow.flows.retrain import ensure_concurrency_limit, limit_name, retrain_deployed
+from tuneflow.flows.retrain import ensure_concurrency_limit, limit_name, retrain
 from tuneflow.flows.watch import emit_arrival
 from tuneflow.watch import DEGRADED_EVENT, EVENT, model_resource, resource_id, watch_forever
 
@@ -82,7 +82,7 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
         loaded.append(cfg)
         if cfg.schedule is not None:
             deployments.append(
-                retrain_deployed.to_deployment(
+                retrain.to_deployment(
                     name=f"scheduled{sfx}",
                     parameters={"config_path": path},
                     tags=tags,
@@ -97,7 +97,7 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
             log.info("%s has no schedule section: no retrain/scheduled deployment", path)
         if cfg.data.landing:
             deployments.append(
-                retrain_deployed.to_deployment(
+                retrain.to_deployment(
                     name=f"on-new-data{sfx}",
                     parameters={"config_path": path, "only_if_new_data": True},
                     tags=tags,
@@ -110,7 +110,7 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
             )
         if cfg.data.landing:
             deployments.append(
-                retrain_deployed.to_deployment(
+                retrain.to_deployment(
                     name=f"on-decay{sfx}",
                     parameters={"config_path": path},
                     tags=tags,

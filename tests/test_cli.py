@@ -169,3 +169,33 @@ def test_cli_run_without_a_server_starts_one_temporary_server_and_records_the_fl
             "select flow.name, flow_run.state_type from flow_run join flow on flow.id = flow_run.flow_id"
         ).fetchall()
     assert runs == [("retrain-once", "COMPLETED")]
+
+    # Nothing changed: answered from the registry before Prefect starts or torch is imported, as the flow answers
+    again = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tuneflow", "run", "--config", str(path)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")}
+    assert not {"torch", "transformers", "prefect", "great_expectations"} & imported, sorted(imported)
+    assert "Starting temporary server" not in again.stdout + again.stderr
+    lines = again.stdout.strip().splitlines()
+    assert lines[0] == (
+        "=== tuneflow retrain: nothing changed: v1 was trained on exactly this input, config, base model and "
+        "tuneflow version; nothing trained or registered (force: true / tuneflow run --force retrains) ==="
+    )
+    assert lines[1] == "version:      models:/tiny-clf/1" and lines[2].startswith("MLflow run:   http")
+    with sqlite3.connect(home / "prefect.db") as db:
+        assert db.execute("select count(*) from flow_run").fetchone() == (1,)  # no flow run: Prefect never started
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(lines[2].rsplit("/", 1)[-1])  # recorded as the flow's unchanged run is
+    v1 = client.get_model_version("tiny-clf", "1")
+    assert run.data.tags["tuneflow.outcome"] == "unchanged" and run.data.tags["tuneflow.same_as_version"] == "1"
+    assert run.data.tags["tuneflow.input_fingerprint"] == v1.tags["tuneflow.input_fingerprint"]
+    assert run.data.tags["tuneflow.config_digest"] == v1.tags["tuneflow.config_digest"]

@@ -98,7 +98,7 @@ def test_a_triggered_run_with_nothing_new_completes_without_training(prefect_har
     the accepted data (a retrain that failed after its gate accepted the batches must not lose its trigger)."""
     from mlflow import MlflowClient
 
-    from tuneflow.flows.retrain import retrain_deployed
+    from tuneflow.flows.retrain import retrain
 
     landing = workdir / "landing"
     (landing / "incoming").mkdir(parents=True)
@@ -112,10 +112,10 @@ def test_a_triggered_run_with_nothing_new_completes_without_training(prefect_har
     trigger = {"dataset": "tiny", "landing": str(landing), "files": [{"name": "x.csv", "sha256": "0" * 64, "size": 1}]}
 
     # accepted data that no version was trained on (as after a failed retrain): the triggered run trains
-    first = retrain_deployed(str(path), only_if_new_data=True, trigger=trigger)
+    first = retrain(str(path), only_if_new_data=True, trigger=trigger)
     assert first["status"] == "trained" and first["version"] == "1"
     # the same accepted data again, nothing in incoming/: nothing new
-    out = retrain_deployed(str(path), only_if_new_data=True, trigger=trigger)
+    out = retrain(str(path), only_if_new_data=True, trigger=trigger)
     assert out == {"status": "nothing new", "model_name": "tiny-clf"}
     assert [str(v.version) for v in MlflowClient().search_model_versions("name='tiny-clf'")] == ["1"]
 

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _run(cfg_dict: dict) -> dict:
-    from tuneflow.flows.retrain import retrain
+    from tuneflow.flows.retrain import retrain_once
 
-    return retrain(PipelineConfig.model_validate(cfg_dict), config_file="test.yaml")
+    return retrain_once(PipelineConfig.model_validate(cfg_dict), config_file="test.yaml")
 
 
 def _sha(path: Path) -> str:
@@ -209,7 +209,7 @@ def test_landing_zone_flow_trains_on_accepted_batches_and_stops_on_a_bad_one(wor
 def test_new_good_batches_are_trained_even_when_a_bad_one_arrives_beside_them(workdir, tiny_model_dir):
     from prefect.client.orchestration import get_client
 
-    from tuneflow.flows.retrain import retrain
+    from tuneflow.flows.retrain import retrain_once
     from tuneflow.landing import BatchRejected
 
     landing = workdir / "data" / "tiny"
@@ -221,7 +221,7 @@ def test_new_good_batches_are_trained_even_when_a_bad_one_arrives_beside_them(wo
     cfg = tiny_config_dict(Path("unused"), tiny_model_dir)
     cfg["data"] = {"landing": str(landing), "labels": ["ham", "spam"], "eval_fraction": 0.25}
 
-    state = retrain(PipelineConfig.model_validate(cfg), config_file="test.yaml", return_state=True)
+    state = retrain_once(PipelineConfig.model_validate(cfg), config_file="test.yaml", return_state=True)
     result = state.result()
     assert state.name == "Completed with quarantined batches" and "batch-002.csv" in state.message
     assert result["version"] == "1" and result["quarantined"] == ["batch-002.csv"]

@@ -64,7 +64,7 @@ def test_install_exposes_tuneflow_and_no_bare_tasks_or_flows(mode, checkout, tmp
             str(python),
             "-c",
             "import tuneflow.flows.serve, tuneflow.tasks.validate, tuneflow.kinds.classification;"
-            "import tuneflow.flows.retrain as r; print(r.retrain_deployed.name, r.retrain.name)",
+            "import tuneflow.flows.retrain as r; print(r.retrain.name, r.retrain_once.name)",
         ],
         elsewhere,
     )

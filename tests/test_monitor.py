@@ -99,18 +99,18 @@ def fresh_rows(n_per_class: int, seed: int) -> pd.DataFrame:
 @pytest.fixture
 def champion(workdir, tiny_model_dir, prefect_harness):
     """A landing zone whose first batch trained the champion (v1)."""
-    from tuneflow.flows.retrain import retrain
+    from tuneflow.flows.retrain import retrain_once
 
     landing = workdir / "landing"
     drop_batch(landing, "b000.csv", make_rows(150))
     cfg = landing_config(landing, tiny_model_dir)
-    first = retrain(cfg, config_file="test.yaml")
+    first = retrain_once(cfg, config_file="test.yaml")
     assert first["promoted"] is True
     return landing, cfg
 
 
 def test_the_champion_is_scored_on_each_batch_and_a_flipped_class_is_a_drop(champion):
-    from tuneflow.flows.retrain import retrain
+    from tuneflow.flows.retrain import retrain_once
     from tuneflow.monitor import POINT_TAG, find_monitoring_run, read_series
 
     landing, cfg = champion
@@ -126,12 +126,12 @@ def test_the_champion_is_scored_on_each_batch_and_a_flipped_class_is_a_drop(cham
     held_cfg = cfg.model_copy(update={"monitor": cfg.monitor.model_copy(update={"retrain_when": "degraded"})})
 
     # retrain_when: degraded, started by new data: monitored, not trained
-    ok = retrain(held_cfg, config_file="test.yaml", on_new_data=True)
+    ok = retrain_once(held_cfg, config_file="test.yaml", on_new_data=True)
     assert ok["status"] == "monitored" and ok["monitor_step"] == 1, ok
     assert len(client.search_model_versions("name='tiny-clf'")) == 1
 
     drop_batch(landing, "b002.csv", flipped)
-    bad = retrain(held_cfg, config_file="test.yaml", on_new_data=True)
+    bad = retrain_once(held_cfg, config_file="test.yaml", on_new_data=True)
     assert bad["status"] == "degraded", bad
     assert len(client.search_model_versions("name='tiny-clf'")) == 1  # the retrain is the on-decay deployment's
 

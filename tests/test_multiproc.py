@@ -208,10 +208,10 @@ def test_the_flow_trains_in_two_processes_logs_to_its_train_run_and_registers(
 ):
     from mlflow import MlflowClient
 
-    from tuneflow.flows.retrain import retrain
+    from tuneflow.flows.retrain import retrain_once
 
     cfg = PipelineConfig.model_validate(tiny_config_dict(data_csv, tiny_model_dir, train={"processes": 2}))
-    out = retrain(cfg, config_file="test.yaml")
+    out = retrain_once(cfg, config_file="test.yaml")
     assert out["version"] == "1" and out["promoted"] is True
     assert out["metrics"]["macro_f1"] > 0.9, out["metrics"]
     client = MlflowClient()

@@ -190,11 +190,11 @@ def test_flow_registers_a_chat_model_that_reloads_offline_with_the_same_greedy_o
     import mlflow
     from mlflow import MlflowClient
 
-    from tuneflow.flows.retrain import retrain
+    from tuneflow.flows.retrain import retrain_once
     from tuneflow.predict import score_path
 
     cfg = _cfg(tiny_llama, sft_data, **{"train.epochs": 2})
-    first = retrain(cfg, config_file="sft.yaml")
+    first = retrain_once(cfg, config_file="sft.yaml")
     assert first["promoted"] is True and first["version"] == "1"
     m = first["metrics"]
     assert {"eval_loss", "perplexity", "chrf", "eos_stop_share"} <= set(m)
@@ -257,12 +257,12 @@ def test_flow_registers_a_chat_model_that_reloads_offline_with_the_same_greedy_o
         assert list(pd.read_csv(workdir / "one.csv")["generation"].fillna("")) == wanted
 
     # the same data, config and base model again: nothing changed, nothing trained or registered
-    same = retrain(cfg, config_file="sft.yaml")
+    same = retrain_once(cfg, config_file="sft.yaml")
     assert same["status"] == "unchanged" and same["version"] == "1" and "nothing changed" in same["reason"]
     assert [str(v.version) for v in client.search_model_versions("name='tiny-sft'")] == ["1"]
     assert client.get_run(same["run_id"]).data.tags["tuneflow.same_as_version"] == "1"
     # forced: it retrains and re-scores the champion with the same code; no better: champion kept
-    second = retrain(cfg, config_file="sft.yaml", force=True)
+    second = retrain_once(cfg, config_file="sft.yaml", force=True)
     assert second["version"] == "2" and second["promoted"] is False
     assert "lower is better" in second["reason"]
     assert client.get_run(second["run_id"]).data.metrics["champion/eval_loss"] == pytest.approx(m["eval_loss"])

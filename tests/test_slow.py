@@ -13,13 +13,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 def test_default_config_trains_a_real_model_to_at_least_090_macro_f1(workdir):
     from pathlib import Path
 
-    from tuneflow.flows.retrain import retrain
+    from tuneflow.flows.retrain import retrain_once
 
     repo = Path(__file__).resolve().parents[1]
     # One epoch (about 75 s of training here; 0.967 macro-F1 measured). A third of an epoch once ended
     # in the all-ham solution (0.47), so this does not cut the schedule shorter.
     cfg = load_config(repo / "configs/sms-spam.yaml", ["train.epochs=1"])
-    result = retrain(cfg, config_file="configs/sms-spam.yaml")
+    result = retrain_once(cfg, config_file="configs/sms-spam.yaml")
     assert result["metrics"]["macro_f1"] >= 0.90, result["metrics"]
     champion = MlflowClient().get_model_version_by_alias(cfg.registry.model_name, "champion")
     assert str(champion.version) == result["version"]
@@ -30,7 +30,7 @@ def test_sft_config_fine_tunes_smollm2_and_the_eval_loss_falls(workdir):
     from pathlib import Path
 
     from tuneflow.data import read_table, resolve_path, sft_settings, split_data
-    from tuneflow.flows.retrain import retrain
+    from tuneflow.flows.retrain import retrain_once
     from tuneflow.kinds import get_kind
     from tuneflow.models import load_tokenizer
 
@@ -42,6 +42,6 @@ def test_sft_config_fine_tunes_smollm2_and_the_eval_loss_falls(workdir):
     loaded = read_table(cfg.data, sft=sft_settings(cfg), path=resolve_path(cfg.data.path))
     eval_rows = split_data(loaded, cfg.data).eval
     base = kind.evaluate(kind.load_model(cfg), tokenizer, eval_rows, cfg, cfg.model.max_length).metrics
-    result = retrain(cfg, config_file="configs/chatterbot-sft.yaml")
+    result = retrain_once(cfg, config_file="configs/chatterbot-sft.yaml")
     assert result["metrics"]["eval_loss"] < base["eval_loss"], (result["metrics"], base)
     assert result["promoted"] is True

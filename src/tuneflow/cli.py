@@ -148,15 +148,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not args.force and (same := _unchanged_without_prefect(config)) is not None:
+        _print_unchanged(same)
+        return 0
     from tuneflow.data import DataError
-    from tuneflow.flows.retrain import model_slot, retrain, start_prefect_while_importing
+    from tuneflow.flows.retrain import model_slot, retrain_once, start_prefect_while_importing
     from tuneflow.models import ModelError
     from tuneflow.train_common import TrainingError
 
     start_prefect_while_importing()
     try:
         with model_slot(config.registry.model_name):  # as deployed runs: one retrain of a model at a time
-            result = retrain(config, config_file=str(args.config), force=args.force)
+            result = retrain_once(config, config_file=str(args.config), force=args.force)
     except (DataError, ModelError) as exc:
         print(f"\nerror: retrain stopped before training; nothing was registered.\n{exc}", file=sys.stderr)
         return 2
@@ -164,9 +167,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"\nerror: training failed; nothing was registered.\n{exc}", file=sys.stderr)
         return 2
     if result.get("status") == "unchanged":
-        print(f"\n=== tuneflow retrain: {result['reason']} ===")
-        print(f"version:      {result['model_uri']}")
-        print(f"MLflow run:   {result['run_url']}")
+        _print_unchanged(result)
         return 0
     m = result["metrics"]
     print("\n=== tuneflow retrain finished ===")
@@ -185,6 +186,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _unchanged_without_prefect(config) -> dict | None:
+    """Nothing changed, nothing paid: the flow's first check, by the same functions, before Prefect's server starts
+    or the training stack is imported. A version trained on exactly these input files (a landing zone with an
+    empty ``incoming/``), config, base model and tuneflow version: its answer, recorded as an MLflow run.
+    None when the flow must run (no such version, a batch waiting in ``incoming/``, no registry, or anything
+    the flow should report itself)."""
+    if not config.registry.enabled:
+        return None
+    from tuneflow.registry_base import INPUT_FINGERPRINT_TAG
+    from tuneflow.tracking import configure_tracking
+    from tuneflow.unchanged import input_fingerprint, record_unchanged_run, same_version
+
+    try:
+        fp = input_fingerprint(config)
+        if fp is None:
+            return None
+        configure_tracking()
+        same = same_version(config, fp, INPUT_FINGERPRINT_TAG)
+    except Exception:  # noqa: BLE001 - e.g. a base model that does not resolve: the flow says it properly
+        return None
+    return None if same is None else record_unchanged_run(config, str(same.version), fp)
+
+
+def _print_unchanged(result: dict) -> None:
+    print(f"\n=== tuneflow retrain: {result['reason']} ===")
+    print(f"version:      {result['model_uri']}")
+    print(f"MLflow run:   {result['run_url']}")
 
 
 def _table(rows: list[dict], cols: list[str]) -> None:

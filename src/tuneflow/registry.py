@@ -302,6 +302,20 @@ def decision_tags(decision: Decision) -> dict[str, str]:
     }
 
 
+def refused_promotion(decision: Decision, why: str, run_id: str) -> Decision:
+    """A promotion the registry refused (``why``): the decision says so, and the parent run's tags too (as the
+    version's tags do)."""
+    from dataclasses import replace
+
+    from mlflow import MlflowClient
+
+    refused = replace(decision, promote=False, reason=f"{decision.reason}; NOT promoted: {why}")
+    client = MlflowClient()
+    for key, value in decision_tags(refused).items():
+        client.set_tag(run_id, key, value)
+    return refused
+
+
 def fingerprint(rows_digest: str, config_digest: str, base_digest: str) -> str:
     """What makes two retrains the same: the rows trained on, every setting that shapes the model, the base
     model's bytes and the tuneflow version (its code)."""

@@ -80,6 +80,15 @@ def checkpoints_root(model_name: str) -> Path:
     return cache_dir() / "checkpoints" / slug(model_name)
 
 
+def sweep_after_register(work_dir: Path, model_name: str) -> None:
+    """After a successful run: its scratch (plots and Data Docs are in MLflow now) and this model's checkpoints
+    (also those of crashed runs on older data). Both stay after a failure."""
+    import shutil
+
+    shutil.rmtree(work_dir, ignore_errors=True)
+    shutil.rmtree(checkpoints_root(model_name), ignore_errors=True)
+
+
 def ensure_experiment(name: str) -> str:
     """Get or create the experiment; on the local sqlite store its artifacts go under ``mlruns/artifacts``."""
     import mlflow
@@ -261,6 +270,22 @@ def start_parent_run(cfg: PipelineConfig, run_name: str, lineage: dict[str, str]
     mlflow.log_params({k: str(v)[:500] for k, v in flatten(cfg.model_dump(mode="json")).items()})
     mlflow.log_dict(cfg.model_dump(mode="json"), "config.json")
     return run
+
+
+CAUSE_TAG = "tuneflow.retrain_cause"
+
+
+def run_lineage(config: PipelineConfig, flow_run_id: str = "", cause: str = "") -> dict[str, str]:
+    """The lineage tags of a retrain's parent run (and later of its version)."""
+    lineage = {
+        "tuneflow.config_digest": config.digest(),
+        "tuneflow.git_commit": git_commit(Path(__file__).resolve().parent),
+        "tuneflow.prefect_flow_run_id": flow_run_id,
+        "tuneflow.base_model": config.model.base_model,
+    }
+    if cause:
+        lineage[CAUSE_TAG] = cause[:5000]
+    return lineage
 
 
 def _log_report(report: ValidationReport, prefix: str) -> None:

@@ -226,32 +226,39 @@ def fit_with_trainer(
     split evenly across the processes, so steps, learning rate schedule and data order match one process.
     """
     import torch
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
+
+    if threads or cfg.train.threads:
+        torch.set_num_threads(threads or cfg.train.threads)
+    set_seed(cfg.train.seed)
+    trainer = epoch_seeded_trainer(Trainer)(
+        model=kind.load_model(cfg),
+        args=training_arguments(cfg, checkpoints),
+        train_dataset=data["train"],
+        eval_dataset=by_length(data["eval"]),
+        processing_class=tokenizer,
+        data_collator=kind.collator(tokenizer),
+        compute_metrics=kind.trainer_metrics(cfg),
+        callbacks=trainer_callbacks(cfg, extra_callbacks),
+    )
+    output, seconds, resumed = run_trainer(trainer, checkpoints, cfg.train.checkpoint_minutes, resume)
+    return trainer, output, seconds, resumed
+
+
+def selects_best(cfg: PipelineConfig) -> bool:
+    """More than one epoch: the best epoch's model is kept. One epoch (or less) has one model to pick: evaluating
+    it during training would only repeat the evaluate stage."""
+    return cfg.train.epochs > 1
+
+
+def training_arguments(cfg: PipelineConfig, checkpoints: Path) -> Any:
+    """The ``TrainingArguments`` of ``cfg.train`` (checkpoints under ``checkpoints``, resumable)."""
+    import torch
+    from transformers import TrainingArguments
 
     t = cfg.train
-    threads = threads or t.threads
-    if threads:
-        torch.set_num_threads(threads)
-    set_seed(t.seed)
-    model = kind.load_model(cfg)
-    primary = cfg.evaluate.primary_metric
-
-    select_best = t.epochs > 1
-    distributed: dict[str, Any] = {}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        distributed = {
-            "accelerator_config": {"split_batches": True},
-            "ddp_backend": "nccl" if torch.cuda.is_available() else "gloo",
-            # transformers 5.24 multiplies each rank's loss by the number of processes whenever the model's
-            # forward takes **kwargs (it assumes the loss divides by a token count summed over all ranks); a
-            # classification loss is a per-rank mean, so that doubled the gradients (and the logged loss) at 2.
-            "average_tokens_across_devices": False,
-            # every parameter of a classification model takes part in each step; True costs a graph walk per step
-            "ddp_find_unused_parameters": False,
-            # progress as log lines (rank 0's PrinterCallback): the parent streams them line by line
-            "disable_tqdm": True,
-        }
-    args = TrainingArguments(
+    select_best = selects_best(cfg)
+    return TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size,
@@ -261,13 +268,12 @@ def fit_with_trainer(
         warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         seed=t.seed,
         data_seed=t.seed,
-        # One epoch (or less) has one model to pick: evaluating it here would only repeat the evaluate stage.
         eval_strategy="epoch" if select_best else "no",
         save_strategy="epoch",
         save_total_limit=2,
         save_only_model=False,  # optimizer, scheduler and RNG states too: a killed run resumes where it was
         load_best_model_at_end=select_best,
-        metric_for_best_model=primary,
+        metric_for_best_model=cfg.evaluate.primary_metric,
         greater_is_better=True,
         logging_strategy="steps",
         logging_steps=t.logging_steps,
@@ -276,20 +282,35 @@ def fit_with_trainer(
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         report_to="none",
         dataloader_num_workers=0,
-        **({"disable_tqdm": False} | distributed),
+        **({"disable_tqdm": False} | distributed_arguments()),
     )
-    callbacks = [mlflow_callback(), *extra_callbacks]
-    if t.early_stopping_patience > 0 and select_best:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
-    trainer = epoch_seeded_trainer(Trainer)(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=by_length(data["eval"]),
-        processing_class=tokenizer,
-        data_collator=kind.collator(tokenizer),
-        compute_metrics=kind.trainer_metrics(cfg),
-        callbacks=callbacks,
-    )
-    output, seconds, resumed = run_trainer(trainer, checkpoints, t.checkpoint_minutes, resume)
-    return trainer, output, seconds, resumed
+
+
+def distributed_arguments() -> dict[str, Any]:
+    """The ``TrainingArguments`` of a process started by torchrun (``WORLD_SIZE`` > 1); none in one process."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return {}
+    return {
+        "accelerator_config": {"split_batches": True},
+        "ddp_backend": "nccl" if torch.cuda.is_available() else "gloo",
+        # transformers 5.24 multiplies each rank's loss by the number of processes whenever the model's
+        # forward takes **kwargs (it assumes the loss divides by a token count summed over all ranks); a
+        # classification loss is a per-rank mean, so that doubled the gradients (and the logged loss) at 2.
+        "average_tokens_across_devices": False,
+        # every parameter of a classification model takes part in each step; True costs a graph walk per step
+        "ddp_find_unused_parameters": False,
+        # progress as log lines (rank 0's PrinterCallback): the parent streams them line by line
+        "disable_tqdm": True,
+    }
+
+
+def trainer_callbacks(cfg: PipelineConfig, extra: tuple[Any, ...] = ()) -> list[Any]:
+    """Metrics to MLflow, ``extra``, and early stopping when configured (and there is a best epoch to keep)."""
+    from transformers import EarlyStoppingCallback
+
+    callbacks = [mlflow_callback(), *extra]
+    if cfg.train.early_stopping_patience > 0 and selects_best(cfg):
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    return callbacks
