@@ -1,13 +1,23 @@
 """Kinds of fine-tuning: the one seam between the stages and what a task is.
 
-The stages (tokenize, train, evaluate, register, predict) call a ``FineTuningKind``; they never branch
-on the kind. A new kind is one module here that implements the protocol, plus its name in
-``tuneflow.config.Kind`` and in ``KINDS`` below.
+The stages (tokenize, train, evaluate, register, predict) call a ``FineTuningKind``; what differs by kind
+and is needed before anything heavy loads (config cross-checks, data checks, metric names, the shape of its
+rows, what its MLmodel holds) is the kind's ``KindFacts`` (``tuneflow.kinds.facts``, one ``<kind>_facts``
+module per kind), read with ``facts_of``. The stages never branch on the kind's name.
+
+A new kind is its module here that implements the protocol, its facts module, and its name in
+``tuneflow.config.Kind`` and in ``KINDS`` / ``FACTS`` below. This package imports nothing heavy: a kind's
+module is imported when ``get_kind`` first asks for it.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Protocol
+
+from tuneflow.kinds.classification_facts import FACTS as CLASSIFICATION_FACTS
+from tuneflow.kinds.facts import CheckRow, KindFacts
+from tuneflow.kinds.sft_facts import FACTS as SFT_FACTS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,6 +35,7 @@ if TYPE_CHECKING:
 
 class FineTuningKind(Protocol):
     name: str
+    facts: KindFacts  # what the stages read without the heavy stack (tuneflow.kinds.facts)
     mlflow_task: str  # the transformers pipeline task the MLflow model is logged with
 
     def load_model(self, cfg: PipelineConfig) -> PreTrainedModel:
@@ -83,16 +94,32 @@ class FineTuningKind(Protocol):
         """The label set whose distribution monitoring compares with the training data; None: no labels."""
 
 
+# name -> the kind's module and class (imported on first use) and its facts
+KINDS: dict[str, str] = {"classification": "classification:Classification", "sft": "sft:Sft"}
+FACTS: dict[str, KindFacts] = {f.name: f for f in (CLASSIFICATION_FACTS, SFT_FACTS)}
+
+
 def get_kind(name: str) -> FineTuningKind:
     """The kind called ``name`` (``PipelineConfig.kind``)."""
     try:
-        return KINDS[name]()
+        module, cls = KINDS[name].split(":")
     except KeyError:
         raise ValueError(f"unknown fine-tuning kind {name!r}; the kinds are: {', '.join(KINDS)}") from None
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
 
 
-# Imported after the protocol: a kind module may import from this package's other modules.
-from tuneflow.kinds.classification import Classification  # noqa: E402
-from tuneflow.kinds.sft import Sft  # noqa: E402
+def facts_of(name: str) -> KindFacts:
+    """The facts of the kind called ``name`` (light: no model stack is imported)."""
+    try:
+        return FACTS[name]
+    except KeyError:
+        raise ValueError(f"unknown fine-tuning kind {name!r}; the kinds are: {', '.join(FACTS)}") from None
 
-KINDS: dict[str, type[FineTuningKind]] = {"classification": Classification, "sft": Sft}
+
+def all_checks() -> dict[str, CheckRow]:
+    """Every data check of every kind, each once: the first kind's in its order, then the others' own."""
+    out: dict[str, CheckRow] = {}
+    for facts in FACTS.values():
+        for row in facts.rows():
+            out.setdefault(row.name, row)
+    return out
