@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tuneflow.kinds import FACTS, all_checks, facts_of
+from tuneflow.kinds.catalog import FACTS, all_checks, facts_of
 
 
 class ConfigError(ValueError):

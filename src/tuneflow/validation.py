@@ -31,7 +31,7 @@ import pandas as pd
 
 from tuneflow.config import ESSENTIAL_CHECKS, PipelineConfig, Severity
 from tuneflow.data import CONTEXT, LABEL, LINE, TEXT, DataError, LoadedData, normalize_text, row_key
-from tuneflow.kinds import facts_of
+from tuneflow.kinds.catalog import facts_of
 from tuneflow.kinds.facts import BLANK_REGEX, CheckRow, Table
 from tuneflow.reporting import validation_html, validation_summary
 

@@ -3,11 +3,11 @@
 The stages (tokenize, train, evaluate, register, predict) call a ``FineTuningKind``; what differs by kind
 and is needed before anything heavy loads (config cross-checks, data checks, metric names, the shape of its
 rows, what its MLmodel holds) is the kind's ``KindFacts`` (``tuneflow.kinds.facts``, one ``<kind>_facts``
-module per kind), read with ``facts_of``. The stages never branch on the kind's name.
+module per kind), read with ``tuneflow.kinds.catalog.facts_of``. The stages never branch on the kind's name.
 
 A new kind is its module here that implements the protocol, its facts module, and its name in
-``tuneflow.config.Kind`` and in ``KINDS`` / ``FACTS`` below. This package imports nothing heavy: a kind's
-module is imported when ``get_kind`` first asks for it.
+``tuneflow.config.Kind``, in ``KINDS`` below and in ``tuneflow.kinds.catalog.FACTS``. This package imports
+nothing heavy: a kind's module is imported when ``get_kind`` first asks for it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tuneflow.kinds.classification_facts import FACTS as CLASSIFICATION_FACTS
-from tuneflow.kinds.facts import CheckRow, KindFacts
-from tuneflow.kinds.sft_facts import FACTS as SFT_FACTS
+from tuneflow.kinds.catalog import FACTS, all_checks, facts_of
+from tuneflow.kinds.facts import KindFacts
+
+__all__ = ["FACTS", "KINDS", "FineTuningKind", "KindFacts", "all_checks", "facts_of", "get_kind"]
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -94,9 +95,8 @@ class FineTuningKind(Protocol):
         """The label set whose distribution monitoring compares with the training data; None: no labels."""
 
 
-# name -> the kind's module and class (imported on first use) and its facts
+# name -> the kind's module and class, imported on first use (its facts: tuneflow.kinds.catalog.FACTS)
 KINDS: dict[str, str] = {"classification": "classification:Classification", "sft": "sft:Sft"}
-FACTS: dict[str, KindFacts] = {f.name: f for f in (CLASSIFICATION_FACTS, SFT_FACTS)}
 
 
 def get_kind(name: str) -> FineTuningKind:
@@ -106,20 +106,3 @@ def get_kind(name: str) -> FineTuningKind:
     except KeyError:
         raise ValueError(f"unknown fine-tuning kind {name!r}; the kinds are: {', '.join(KINDS)}") from None
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
-
-
-def facts_of(name: str) -> KindFacts:
-    """The facts of the kind called ``name`` (light: no model stack is imported)."""
-    try:
-        return FACTS[name]
-    except KeyError:
-        raise ValueError(f"unknown fine-tuning kind {name!r}; the kinds are: {', '.join(FACTS)}") from None
-
-
-def all_checks() -> dict[str, CheckRow]:
-    """Every data check of every kind, each once: the first kind's in its order, then the others' own."""
-    out: dict[str, CheckRow] = {}
-    for facts in FACTS.values():
-        for row in facts.rows():
-            out.setdefault(row.name, row)
-    return out
