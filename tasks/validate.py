@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tuneflow.config import PipelineConfig
 from tuneflow.kinds import get_kind
+from tuneflow.kinds.catalog import facts_of
 from tuneflow.landing import DataCheck, check_data
 from tuneflow.models import load_tokenizer
 from tuneflow.reporting import artifact_key, validation_artifact
@@ -19,16 +20,14 @@ from tuneflow.watch import QUARANTINED_EVENT, resource_id
 
 log = logging.getLogger(__name__)
 
-# The checks that count tokens, per kind (they need the base model's tokenizer, with its chat template for sft).
-TOKEN_CHECKS = {"classification": ("text_tokens",), "sft": ("prompt_tokens", "pair_tokens")}
-
 
 # Not retried: a batch that fails validation fails again; it must be looked at, not repeated.
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(cfg: PipelineConfig, run: RunContext, config_file: str) -> DataCheck:
     """Judge the data; raises ``DataError`` (ValidationFailed / BatchRejected) when it must not be trained on."""
     with stage_run(run.parent_run_id, "validate"):
-        checks = TOKEN_CHECKS[cfg.kind]
+        # the checks that count tokens need the base model's tokenizer, as the kind prepares it
+        checks = facts_of(cfg.kind).token_checks
         wanted = any(cfg.validation.severity_of(c) != "off" for c in checks)
         tokenizer = get_kind(cfg.kind).prepare_tokenizer(load_tokenizer(cfg.model), cfg) if wanted else None
         check = check_data(cfg, config_file, run.work_dir / "data_docs", tokenizer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "src" / "tuneflow"
@@ -67,6 +69,40 @@ def test_the_library_imports_without_prefect():
         "sys.exit(1 if loaded else 0)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT / "tests")
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+# a kind's name tested: `kind == "sft"`, `cfg.kind != 'classification'`, `"sft" == kind` (not `kind_of(v) != cfg.kind`)
+KIND_BRANCH = re.compile(r"""\bkind\s*[!=]=\s*["']|["']\s*[!=]=\s*[\w.]*\bkind\b""")
+
+
+def kind_branches(files: dict[str, Path]) -> list[str]:
+    """``kind ==`` / ``kind !=`` tests outside ``tuneflow.kinds``: what differs by kind belongs to the kind."""
+    return [
+        f"{name}:{n}: {line.strip()}"
+        for name, path in sorted(files.items())
+        if not (name == "tuneflow.kinds" or name.startswith("tuneflow.kinds."))
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if KIND_BRANCH.search(line.split("#")[0])
+    ]
+
+
+def test_the_stages_ask_the_kind_and_never_test_its_name(tmp_path):
+    assert kind_branches(_source_files()) == []
+    # the check sees one when it is added
+    added = tmp_path / "added.py"
+    added.write_text('if cfg.kind == "sft":\n    pass\nif "sft" != config.kind:\n    pass\n', encoding="utf-8")
+    assert len(kind_branches({"tuneflow.added": added})) == 2 or pytest.fail("the grep misses a kind branch")
+
+
+def test_the_config_imports_no_model_stack():
+    code = (
+        "import sys, tuneflow.config\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'pandas', 'great_expectations') if m in sys.modules)\n"
+        "print(heavy)\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT / "tests")
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
 
 

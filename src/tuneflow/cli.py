@@ -171,7 +171,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     m = result["metrics"]
     print("\n=== tuneflow retrain finished ===")
-    shown = ("accuracy", "macro_f1") if config.kind == "classification" else ("eval_loss", "perplexity", "chrf")
+    from tuneflow.kinds.catalog import facts_of
+
+    shown = facts_of(config.kind).shown_metrics
     print("eval " + ", ".join(f"{k} {m[k]:.4f}" for k in shown if k in m))
     print(f"tokenization: {'cache hit (not re-tokenized)' if result['tokenize_cache_hit'] else 'computed and cached'}")
     print(f"MLflow run:   {result['run_url']}  (start the UI with: tuneflow ui)")

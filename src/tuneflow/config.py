@@ -11,6 +11,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tuneflow.kinds.catalog import FACTS, all_checks, facts_of
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file, the field, the value and the fix."""
@@ -20,57 +22,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-Severity = Literal["error", "warn", "off"]
+Severity = Literal["error", "warn", "off"]  # as in tuneflow.kinds.facts
 
 # Every data check, with its default severity: "error" stops the run (and quarantines a landing-zone
-# batch), "warn" is reported and logged, "off" skips it. validation.severity overrides these.
-DEFAULT_SEVERITY: dict[str, Severity] = {
-    "text_type": "error",
-    "label_type": "error",
-    "text_not_null": "error",
-    "text_not_blank": "error",
-    "text_length": "error",
-    "text_tokens": "warn",
-    "text_encoding": "error",
-    "label_not_null": "error",
-    "label_in_set": "error",
-    "duplicate_rate": "error",
-    "label_conflict": "error",
-    "repeats_accepted": "error",
-    "rows_per_class": "error",
-    "class_imbalance": "warn",
-    "drift_labels": "warn",
-    "drift_text_length": "warn",
-    # kind: sft (prompt/response rows; TEXT holds the prompt, LABEL the response)
-    "response_type": "error",
-    "response_not_blank": "error",
-    "response_encoding": "error",
-    "prompt_tokens": "error",
-    "pair_tokens": "warn",
-    "response_conflict": "warn",
-}
+# batch), "warn" is reported and logged, "off" skips it. validation.severity overrides these. The checks are
+# declared by the kinds (tuneflow.kinds.facts: the rows every kind shares, and each kind's own).
+DEFAULT_SEVERITY: dict[str, Severity] = {name: row.severity for name, row in all_checks().items()}
 
 # Checks whose failing rows training cannot use at all: they cannot be turned to warn or off.
-ESSENTIAL_CHECKS = {"text_type", "label_type", "text_not_null", "label_not_null", "label_in_set", "response_type"}
+ESSENTIAL_CHECKS = {name for name, row in all_checks().items() if row.essential}
 
 # Checks that only make sense for one kind of fine-tuning; the others apply to every kind.
-CLASSIFICATION_CHECKS = {
-    "label_type",
-    "label_in_set",
-    "label_conflict",
-    "rows_per_class",
-    "class_imbalance",
-    "drift_labels",
-    "text_tokens",
-}
-SFT_CHECKS = {
-    "response_type",
-    "response_not_blank",
-    "response_encoding",
-    "prompt_tokens",
-    "pair_tokens",
-    "response_conflict",
-}
+CLASSIFICATION_CHECKS = set(facts_of("classification").check_rows)
+SFT_CHECKS = set(facts_of("sft").check_rows)
 
 
 class DataConfig(_Section):
@@ -285,10 +249,7 @@ class TrainConfig(_Section):
 Metric = Literal["macro_f1", "accuracy", "eval_loss", "perplexity", "chrf"]
 # Which way is better, per metric: the direction belongs to the metric, not to the config.
 LOWER_IS_BETTER = frozenset({"eval_loss", "perplexity"})
-KIND_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("macro_f1", "accuracy"),
-    "sft": ("eval_loss", "perplexity", "chrf"),
-}
+KIND_METRICS: dict[str, tuple[str, ...]] = {name: facts.metrics for name, facts in FACTS.items()}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -506,25 +467,17 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _kind(self) -> PipelineConfig:
-        metrics = KIND_METRICS[self.kind]
-        if self.kind == "sft" and "primary_metric" not in self.evaluate.model_fields_set:
-            self.evaluate.primary_metric = "eval_loss"
-        if self.evaluate.primary_metric not in metrics:
+        facts = facts_of(self.kind)
+        unset = "primary_metric" not in self.evaluate.model_fields_set
+        if unset and self.evaluate.primary_metric != facts.default_metric:
+            self.evaluate.primary_metric = facts.default_metric
+        if self.evaluate.primary_metric not in facts.metrics:
             raise ValueError(
                 f"evaluate.primary_metric {self.evaluate.primary_metric!r} is not a metric of kind {self.kind!r}; "
-                f"use one of: {', '.join(metrics)}"
+                f"use one of: {', '.join(facts.metrics)}"
             )
-        if self.kind == "classification" and len(self.data.labels) < 2:
-            raise ValueError(
-                f"data.labels lists {len(self.data.labels)} label(s); kind classification needs at least two, "
-                "e.g. labels: [ham, spam]"
-            )
-        if self.kind == "sft" and self.train.processes > 1:
-            raise ValueError(
-                f"train.processes is {self.train.processes}, but kind sft trains in one process (multi-process "
-                "training is done for kind classification only). Fix: remove train.processes or set it to 1"
-            )
-        if self.kind != "sft" and self.data.format == "chatterbot":
+        facts.check_config(self)
+        if not facts.reads_chat and self.data.format == "chatterbot":
             raise ValueError("data.format chatterbot holds conversations: use it with kind: sft")
         return self
 
@@ -536,7 +489,7 @@ class PipelineConfig(_Section):
         # default, digests of unchanged configs stay what they were.
         # The same for the sft section, which classification does not read.
         exclude: dict[str, Any] = {k: True for k in ("schedule", "watch", "alerts", "monitor")}
-        if self.kind == "classification":
+        if not facts_of(self.kind).digest_has_kind:
             exclude |= {"kind": True, "sft": True}
         # what a run does after quarantining a batch, and how big a file it reads: not what it trains
         exclude["data"] = {"on_quarantine", "max_file_mb"}

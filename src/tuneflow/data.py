@@ -14,6 +14,7 @@ import pandas as pd
 
 from tuneflow.config import DataConfig, PipelineConfig, SftConfig
 from tuneflow.files import FORMATS, PackageNotFound, package_folder, read_frame, split_package_spec
+from tuneflow.kinds.catalog import facts_of
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def normalize_text(text: str) -> str:
 
 def sft_settings(cfg: PipelineConfig) -> SftConfig | None:
     """The sft section when the config's kind reads prompt/response rows, else None (for ``read_table``)."""
-    return cfg.sft if cfg.kind == "sft" else None
+    return cfg.sft if facts_of(cfg.kind).reads_chat else None
 
 
 def read_table(
@@ -476,7 +477,7 @@ def check_split(split: Split, cfg: DataConfig, kind: str, source: str) -> None:
             "data.eval_fraction",
             check="split",
         )
-    if kind != "classification":
+    if not facts_of(kind).labels_in_both_splits:
         return
     for name, part in (("eval", split.eval), ("train", split.train)):
         present = set(part[LABEL].astype(str))

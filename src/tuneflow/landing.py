@@ -23,6 +23,7 @@ import pandas as pd
 from tuneflow.config import PipelineConfig
 from tuneflow.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table, row_key, sft_settings
 from tuneflow.files import file_lock, sha256_file, write_json_atomic
+from tuneflow.kinds.catalog import facts_of
 from tuneflow.validation import (
     NORM,
     ValidationFailed,
@@ -182,9 +183,7 @@ def data_shape(cfg: PipelineConfig) -> str:
         "label_values": d.label_values,
         "format": d.format,
     }
-    if cfg.kind == "sft":
-        s = cfg.sft
-        shape["sft"] = [s.prompt_column, s.response_column, s.system_column, s.messages_column]
+    shape |= facts_of(cfg.kind).shape_part(cfg)
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

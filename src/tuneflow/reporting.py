@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneflow.data import LABEL
 from tuneflow.drift import STAT_HELP
+from tuneflow.kinds.catalog import facts_of
 from tuneflow.watch import DEGRADED_EVENT
 
 if TYPE_CHECKING:
@@ -465,8 +466,21 @@ def model_card(
         validation: ``ValidationReport`` of the data (``None``: not available).
         training: ``TrainResult`` (``train_seconds``, ``epochs_run``; ``None``: not available).
     """
-    if cfg.kind == "sft":
-        return sft_model_card(cfg, decision, evaluation, split, data_digest, run_id, validation, training)
+    card = CARDS[facts_of(cfg.kind).card]
+    return card(cfg, decision, evaluation, split, data_digest, run_id, validation, training)
+
+
+def classification_model_card(
+    cfg: PipelineConfig,
+    decision: Decision,
+    evaluation: EvaluateOutput,
+    split: Split,
+    data_digest: str,
+    run_id: str,
+    validation: ValidationReport | list[ValidationReport] | None = None,
+    training: TrainResult | None = None,
+) -> str:
+    """The model card of kind classification (``model_card``)."""
     labels = cfg.data.labels
     t = cfg.train
     cols: dict[str, dict[str, float] | None] = {"this version": evaluation.challenger.metrics}
@@ -637,3 +651,7 @@ def sft_model_card(
         "- Trained on the data above alone: prompts from another domain or language may get worse answers.",
     ]
     return "\n".join(lines)
+
+
+# The model card of each kind (KindFacts.card): rendering stays here, the kind names its card.
+CARDS = {"classification": classification_model_card, "sft": sft_model_card}

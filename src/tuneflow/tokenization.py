@@ -21,6 +21,7 @@ from tuneflow.config import PipelineConfig
 from tuneflow.data import LoadedData, Split, content_digest, split_digest
 from tuneflow.files import slug
 from tuneflow.kinds import get_kind
+from tuneflow.kinds.catalog import facts_of
 from tuneflow.models import load_tokenizer
 
 if TYPE_CHECKING:
@@ -82,9 +83,7 @@ def cache_key(
         "labels": labels,
         "v": 1,
     }
-    if kind != "classification":  # keeps the keys of existing classification caches
-        spec["kind"] = kind
-        spec["chat_template"] = getattr(tokenizer, "chat_template", None)
+    spec |= facts_of(kind).cache_key_part(tokenizer)  # nothing for classification: keeps its existing keys
     blob = json.dumps(spec, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 

@@ -36,11 +36,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneflow.kinds.catalog import FACTS
+from tuneflow.kinds.facts import Expected
 from tuneflow.registry_base import (
     DECISION_TAG,
     KIND_TAG,
@@ -56,37 +57,10 @@ if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 
-@dataclass(frozen=True)
-class Expected:
-    """What a kind's MLmodel holds: the MLflow task and pipeline, the auto-mapping whose classes are allowed,
-    the inference task and metadata of a chat model, and the serving options (name -> type) tuneflow logs."""
-
-    task: str
-    pipeline: str
-    mapping: str
-    inference_task: str | None
-    metadata: dict[str, str] | None
-    config: dict[str, type]
+# What a kind's MLmodel holds, per kind (the kinds declare it: KindFacts.expected)
+EXPECTED: dict[str, Expected] = {name: facts.expected for name, facts in FACTS.items()}
 
 
-EXPECTED = {
-    "classification": Expected(
-        "text-classification",
-        "TextClassificationPipeline",
-        "MODEL_FOR_SEQUENCE_CLASSIFICATION",
-        None,
-        None,
-        {"truncation": bool, "max_length": int},
-    ),
-    "sft": Expected(
-        "text-generation",
-        "TextGenerationPipeline",
-        "MODEL_FOR_CAUSAL_LM",
-        "llm/v1/chat",
-        {"task": "llm/v1/chat"},
-        {"max_new_tokens": int, "do_sample": bool},
-    ),
-}
 # Every key of a tuneflow-logged MLmodel (mlflow 3.17, both kinds; tests/test_trust.py checks these are exactly
 # the keys of real versions). Any other key is refused: it may send loading elsewhere.
 MLMODEL_KEYS = frozenset(

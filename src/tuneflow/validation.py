@@ -2,16 +2,17 @@
 
 Each check is one Great Expectations expectation (built-in, or a subclass in ``tuneflow.expectations``)
 plus a human rule, a threshold, a fix and a severity (``error`` stops the run, ``warn`` is reported,
-``off`` skips it; defaults in ``tuneflow.config.DEFAULT_SEVERITY``). Adding a check means adding one
-``Check`` to ``build_checks``. The checks depend on the kind of fine-tuning: ``CLASSIFICATION_CHECKS`` run
-only for kind classification, ``SFT_CHECKS`` only for kind sft (where TEXT holds the prompt and LABEL the
-response), the others for both. Checks run on four small tables derived from the batch:
+``off`` skips it; defaults in ``tuneflow.config.DEFAULT_SEVERITY``). The checks are declarations, not code:
+a ``tuneflow.kinds.facts.CheckRow`` each, in ``COMMON_CHECKS`` (every kind) or in a kind's own table
+(``KindFacts.check_rows``); the kind lists which run, in report order. ``build_checks`` fills a row's
+templates from the config (``check_context``). Adding a check means adding one row. Checks run on four small
+tables derived from the batch, in the shape the kind names (``KindFacts.shape``; ``SHAPES``):
 
 - ``schema``: the text and label columns as the file typed them (index = line in the file);
 - ``rows``: one row per record (index = line) with derived columns: normalized text, token count,
   whether the text conflicts with another label, whether it was accepted before (kind sft: the
   normalized prompt + response pair, the templated token counts, whether the prompt has another response);
-- ``classes``: rows and imbalance per configured label (classification only);
+- ``classes``: rows and imbalance per configured label (shape ``labeled`` only);
 - ``drift``: p-values of the batch against accepted data (only when there is accepted data).
 """
 
@@ -23,13 +24,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from tuneflow.config import CLASSIFICATION_CHECKS, ESSENTIAL_CHECKS, SFT_CHECKS, PipelineConfig, Severity
+from tuneflow.config import ESSENTIAL_CHECKS, PipelineConfig, Severity
 from tuneflow.data import CONTEXT, LABEL, LINE, TEXT, DataError, LoadedData, normalize_text, row_key
+from tuneflow.kinds.catalog import facts_of
+from tuneflow.kinds.facts import BLANK_REGEX, CheckRow, Table
 from tuneflow.reporting import validation_html, validation_summary
 
 if TYPE_CHECKING:
@@ -37,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Table = Literal["schema", "rows", "classes", "drift"]
 TABLES: tuple[Table, ...] = ("schema", "rows", "classes", "drift")
 NORM = "text_normalized"
 TOKENS = "text_tokens"
@@ -56,7 +58,6 @@ LENGTH_OF = "length_of"  # index of kind sft's drift table: prompt length, respo
 # beside each p-value in the drift table: what was compared, in words (not checked; for the observed value)
 LABEL_NOTE = "label_drift_compared"
 LENGTH_NOTE = "length_drift_compared"
-TOKEN_CHECKS = frozenset({"text_tokens", "prompt_tokens", "pair_tokens"})  # skipped without a tokenizer
 SCHEMA_CHECKS = ("text_type", "label_type", "response_type")  # when one fails, the row checks are skipped
 # Any tokenizer here makes at most one token per UTF-8 byte, plus a few special tokens; a text whose
 # byte length plus this margin is within the token limit cannot exceed it and is not tokenized.
@@ -73,6 +74,7 @@ class Check:
     fix: str
     expectation: Callable[[], Any]  # builds the GE expectation (GE is imported lazily)
     needs_reference: bool = False
+    needs_tokenizer: bool = False
 
 
 @dataclass
@@ -141,11 +143,6 @@ class ValidationFailed(DataError):
         self.report = report
 
 
-# Blank: nothing but whitespace and invisible format characters (zero-width spaces and joiners, direction
-# marks, word joiner, BOM, soft hyphen), which a text made only of looks empty and tokenizes to nothing.
-BLANK_REGEX = r"^[\s\u00ad\u034f\u061c\u115f\u1160\u180e\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufeff]*$"
-
-
 def failure_report(source: str, error: DataError) -> ValidationReport:
     """A report for a file that could not even be read (so no expectation could run)."""
     return ValidationReport(
@@ -169,7 +166,7 @@ def failure_report(source: str, error: DataError) -> ValidationReport:
 def _column_names(cfg: PipelineConfig) -> tuple[str, str]:
     """The names a user knows the text and label columns by: kind sft's prompt and response columns (or the
     turns of its messages column), else data.text_column / data.label_column."""
-    if cfg.kind != "sft":
+    if not facts_of(cfg.kind).reads_chat:
         return cfg.data.text_column, cfg.data.label_column
     s = cfg.sft
     if s.messages_column is not None:
@@ -177,219 +174,71 @@ def _column_names(cfg: PipelineConfig) -> tuple[str, str]:
     return s.prompt_column, s.response_column
 
 
+def check_context(cfg: PipelineConfig) -> dict[str, Any]:
+    """What a ``CheckRow``'s templates and expectation arguments are filled from."""
+    v, d = cfg.validation, cfg.data
+    text_col, label_col = _column_names(cfg)
+    partial = v.text_length_mostly < 1
+    return {
+        **facts_of(cfg.kind).words,
+        "v": v,
+        "d": d,
+        "text_col": text_col,
+        "label_col": label_col,
+        "tokens": v.max_text_tokens or cfg.model.max_length,
+        "limit": cfg.model.max_length,  # kind sft: what training truncates prompt + response to
+        "limit_below": cfg.model.max_length - 1,
+        "mostly_rule": f" for at least {v.text_length_mostly:.1%} of rows" if partial else "",
+        "mostly_threshold": f", mostly {v.text_length_mostly}" if partial else "",
+        "min_chars": v.min_text_chars,
+        "max_chars": v.max_text_chars,
+        "length_mostly": v.text_length_mostly,
+        "unique_share": 1.0 - v.max_duplicate_rate,
+        "new_share": 1.0 - v.max_repeat_share if v.max_repeat_share < 1 else 0.0,
+        "min_rows": v.min_rows_per_class,
+        "max_imbalance": v.max_class_imbalance,
+        "drift_p": v.drift_p_value,
+        "labels": list(d.labels),
+        "label_set": ", ".join(d.labels),
+        "str_types": ["str"],
+        "label_types": _LABEL_TYPES,
+        "blank_regex": BLANK_REGEX,
+    }
+
+
+def _expectation(row: CheckRow, ctx: dict[str, Any]) -> Callable[[], Any]:
+    """Builds the row's GE expectation when called (Great Expectations is imported lazily: 3.5 s)."""
+
+    def build() -> Any:
+        import great_expectations.expectations as gxe
+
+        from tuneflow import expectations as tfx
+
+        cls = getattr(gxe, row.expectation, None) or getattr(tfx, row.expectation)
+        kwargs = {name: ctx[key] for name, key in row.args.items()}
+        if row.column is not None:
+            kwargs["column"] = row.column.format(**ctx)
+        return cls(**kwargs)
+
+    return build
+
+
 def build_checks(cfg: PipelineConfig) -> list[Check]:
     """The checks of ``cfg.kind``, in report order (every severity, ``off`` included)."""
-    import great_expectations.expectations as gxe
-
-    from tuneflow import expectations as tfx  # imports Great Expectations (3.5 s): only when checks run
-
-    v, d = cfg.validation, cfg.data
-    sft = cfg.kind == "sft"
-    text_col, label_col = _column_names(cfg)
-    text, texts = ("prompt", "prompts") if sft else ("text", "texts")
-    tokens = v.max_text_tokens or cfg.model.max_length
-    limit = cfg.model.max_length  # kind sft: what training truncates prompt + response to
-    checks = [
+    ctx = check_context(cfg)
+    return [
         Check(
-            "text_type",
-            "schema",
-            f"{texts} are strings",
-            "str",
-            f"store '{text_col}' as text (quote numbers in CSV, strings in JSONL/Parquet)",
-            lambda: gxe.ExpectColumnValuesToBeInTypeList(column=TEXT, type_list=["str"]),
-        ),
-        Check(
-            "label_type",
-            "schema",
-            "labels are strings or integers",
-            " / ".join(_LABEL_TYPES[:2]),
-            f"store '{d.label_column}' as text or integer codes (not floats); map codes with data.label_values",
-            lambda: gxe.ExpectColumnValuesToBeInTypeList(column=LABEL, type_list=_LABEL_TYPES),
-        ),
-        Check(
-            "response_type",
-            "schema",
-            "responses are strings",
-            "str",
-            f"store '{label_col}' as text (quote numbers in CSV, strings in JSONL/Parquet)",
-            lambda: gxe.ExpectColumnValuesToBeInTypeList(column=LABEL, type_list=["str"]),
-        ),
-        Check(
-            "text_not_null",
-            "rows",
-            f"every row has a {text}",
-            "0 nulls",
-            f"fill or drop rows with an empty '{text_col}'",
-            lambda: gxe.ExpectColumnValuesToNotBeNull(column=TEXT),
-        ),
-        Check(
-            "text_not_blank",
-            "rows",
-            f"no {text} is only whitespace",
-            "0 rows",
-            f"drop rows whose '{text_col}' is blank",
-            lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=TEXT, regex=BLANK_REGEX),
-        ),
-        Check(
-            "text_length",
-            "rows",
-            f"{text} length is {v.min_text_chars}..{v.max_text_chars} characters"
-            + (f" for at least {v.text_length_mostly:.1%} of rows" if v.text_length_mostly < 1 else ""),
-            f"{v.min_text_chars}..{v.max_text_chars} chars"
-            + (f", mostly {v.text_length_mostly}" if v.text_length_mostly < 1 else ""),
-            "drop or shorten those rows, or change validation.min_text_chars / max_text_chars",
-            lambda: gxe.ExpectColumnValueLengthsToBeBetween(
-                column=TEXT, min_value=v.min_text_chars, max_value=v.max_text_chars, mostly=v.text_length_mostly
-            ),
-        ),
-        Check(
-            "text_tokens",
-            "rows",
-            f"texts fit in {tokens} tokens of the model's tokenizer",
-            f"<= {tokens} tokens",
-            "longer texts are truncated in training: shorten them, or raise model.max_length / "
-            "validation.max_text_tokens",
-            lambda: gxe.ExpectColumnValuesToBeBetween(column=TOKENS, max_value=tokens),
-        ),
-        Check(
-            "text_encoding",
-            "rows",
-            f"no control characters or broken encoding (mojibake){' in prompts' if sft else ''}",
-            "0 rows",
-            "re-export the data as UTF-8 from its source (text decoded with the wrong codec looks like 'Ã©')",
-            lambda: tfx.ExpectTextToBeCleanUnicode(column=TEXT),
-        ),
-        Check(
-            "label_not_null",
-            "rows",
-            f"every row has a {'response' if sft else 'label'}",
-            "0 nulls",
-            f"fill or drop rows with an empty '{label_col}'",
-            lambda: gxe.ExpectColumnValuesToNotBeNull(column=LABEL),
-        ),
-        Check(
-            "response_not_blank",
-            "rows",
-            "no response is only whitespace",
-            "0 rows",
-            f"drop rows whose '{label_col}' is blank, or write their response",
-            lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=LABEL, regex=BLANK_REGEX),
-        ),
-        Check(
-            "response_encoding",
-            "rows",
-            "no control characters or broken encoding (mojibake) in responses",
-            "0 rows",
-            "re-export the data as UTF-8 from its source (text decoded with the wrong codec looks like 'Ã©'); "
-            "the model would learn to write it",
-            lambda: tfx.ExpectTextToBeCleanUnicode(column=LABEL),
-        ),
-        Check(
-            "prompt_tokens",
-            "rows",
-            f"the prompt with its context and the chat template is shorter than {limit} tokens "
-            "(else no response token fits and the row trains nothing)",
-            f"< {limit} tokens",
-            "shorten those prompts (or their system message / earlier turns), or raise model.max_length",
-            lambda: gxe.ExpectColumnValuesToBeBetween(column=PROMPT_TOKENS, max_value=limit - 1),
-        ),
-        Check(
-            "pair_tokens",
-            "rows",
-            f"prompt and response fit in {limit} tokens with the chat template",
-            f"<= {limit} tokens",
-            "longer responses are cut in training (the model never sees their end and learns no stop): "
-            "shorten them, or raise model.max_length",
-            lambda: gxe.ExpectColumnValuesToBeBetween(column=PAIR_TOKENS, max_value=limit),
-        ),
-        Check(
-            "label_in_set",
-            "rows",
-            f"labels are one of {d.labels}",
-            ", ".join(d.labels),
-            "fix those rows, or add the label to data.labels (or map it with data.label_values)",
-            lambda: gxe.ExpectColumnValuesToBeInSet(column=LABEL, value_set=list(d.labels)),
-        ),
-        Check(
-            "duplicate_rate",
-            "rows",
-            f"at most {v.max_duplicate_rate:.0%} of rows repeat another row's "
-            + ("prompt and response" if sft else "text"),
-            f"<= {v.max_duplicate_rate:.0%}",
-            "deduplicate the file, or raise validation.max_duplicate_rate",
-            lambda: gxe.ExpectColumnProportionOfUniqueValuesToBeBetween(
-                column=PAIR if sft else NORM, min_value=1.0 - v.max_duplicate_rate
-            ),
-        ),
-        Check(
-            "label_conflict",
-            "rows",
-            "the same text never has two different labels",
-            "0 rows",
-            "decide the right label for those texts and fix the rows (here or in the accepted data)",
-            lambda: tfx.ExpectTextsToHaveOneLabel(),
-        ),
-        Check(
-            "response_conflict",
-            "rows",
-            "the same prompt (in the same context) never has two different responses",
-            "0 rows",
-            "keep one answer per prompt (here or in the accepted data) if the answers contradict each other; "
-            "if several answers are fine, set validation.severity.response_conflict: off",
-            lambda: tfx.ExpectPromptsToHaveOneResponse(),
-        ),
-        Check(
-            "repeats_accepted",
-            "rows",
-            f"at most {v.max_repeat_share:.0%} of rows repeat already-accepted data"
-            + (" (the same prompt and response)" if sft else ""),
-            f"<= {v.max_repeat_share:.0%}",
-            "send only new rows (was this batch delivered twice?), or raise validation.max_repeat_share",
-            lambda: tfx.ExpectRowsToBeNewData(mostly=1.0 - v.max_repeat_share)
-            if v.max_repeat_share < 1
-            else tfx.ExpectRowsToBeNewData(mostly=0.0),
-            needs_reference=True,
-        ),
-        Check(
-            "rows_per_class",
-            "classes",
-            f"every label has at least {v.min_rows_per_class} rows",
-            f">= {v.min_rows_per_class} rows",
-            "add rows for those labels, or lower validation.min_rows_per_class",
-            lambda: gxe.ExpectColumnValuesToBeBetween(column=ROWS, min_value=v.min_rows_per_class),
-        ),
-        Check(
-            "class_imbalance",
-            "classes",
-            f"the largest class has at most {v.max_class_imbalance:g}x the rows of each other class",
-            f"<= {v.max_class_imbalance:g}x",
-            "add rows for the small classes, or raise validation.max_class_imbalance",
-            lambda: gxe.ExpectColumnValuesToBeBetween(column=IMBALANCE, max_value=v.max_class_imbalance),
-        ),
-        Check(
-            "drift_labels",
-            "drift",
-            "the label distribution matches the accepted data",
-            f"p >= {v.drift_p_value}",
-            "check the source of this batch; if the shift is real, set validation.severity.drift_labels: warn",
-            lambda: tfx.ExpectLabelDistributionToMatchAccepted(min_value=v.drift_p_value),
-            needs_reference=True,
-        ),
-        Check(
-            "drift_text_length",
-            "drift",
-            "the prompt- and response-length distributions match the accepted data"
-            if sft
-            else "the text-length distribution matches the accepted data",
-            f"p >= {v.drift_p_value}",
-            "check the source of this batch (truncated or concatenated texts?); if real, relax "
-            "validation.drift_p_value",
-            lambda: tfx.ExpectTextLengthDistributionToMatchAccepted(min_value=v.drift_p_value),
-            needs_reference=True,
-        ),
+            row.name,
+            row.table,
+            row.rule.format(**ctx),
+            row.threshold.format(**ctx),
+            row.fix.format(**ctx),
+            _expectation(row, ctx),
+            needs_reference=row.needs_reference,
+            needs_tokenizer=row.needs_tokenizer,
+        )
+        for row in facts_of(cfg.kind).rows()
     ]
-    other_kind = CLASSIFICATION_CHECKS if sft else SFT_CHECKS
-    return [c for c in checks if c.name not in other_kind]
 
 
 def _token_counts(texts: pd.Series, tokenizer: PreTrainedTokenizerBase, limit: int) -> pd.Series:
@@ -486,6 +335,130 @@ def _sft_columns(
         rows[SEEN] = rows[PAIR].isin(set(row_key(reference, reference[NORM])))
 
 
+def _labeled_columns(
+    rows: pd.DataFrame,
+    frame: pd.DataFrame,
+    cfg: PipelineConfig,
+    reference: pd.DataFrame | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    wanted: set[str],
+) -> dict[Table, pd.DataFrame]:
+    """Shape ``labeled`` (text, label): the token counts, whether a text has another label, whether it was
+    accepted before, and the per-label table."""
+    v = cfg.validation
+    if "text_tokens" in wanted and tokenizer is not None:
+        rows[TOKENS] = _token_counts(rows[TEXT], tokenizer, v.max_text_tokens or cfg.model.max_length)
+    pairs = rows[[NORM, LABEL]].dropna()
+    ref_pairs = reference[[NORM, LABEL]].dropna() if reference is not None else pairs.iloc[:0]
+    both = pd.concat([pairs, ref_pairs], ignore_index=True)
+    label_sets = both.groupby(NORM)[LABEL].nunique()
+    rows[CONFLICT] = rows[NORM].isin(set(label_sets[label_sets > 1].index))
+    if reference is not None:
+        rows[SEEN] = rows[NORM].isin(set(reference[NORM]))
+    counts = frame[LABEL].value_counts()
+    per_label = np.array([int(counts.get(lab, 0)) for lab in cfg.data.labels])
+    largest = per_label.max() if len(per_label) else 0
+    # An empty class has no ratio (NaN: GE skips it); rows_per_class reports it instead.
+    imbalance = [float(largest / n) if n else np.nan for n in per_label]
+    classes = pd.DataFrame({ROWS: per_label, IMBALANCE: imbalance}, index=pd.Index(cfg.data.labels, name=LABEL))
+    return {"rows": rows, "classes": classes}
+
+
+def _labeled_drift(frame: pd.DataFrame, reference: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+    """Shape ``labeled``: the batch's label distribution and text lengths against the accepted data."""
+    from scipy.stats import chi2_contingency, ks_2samp
+
+    counts, ref_counts = frame[LABEL].value_counts(), reference[LABEL].value_counts()
+    per_label = np.array([int(counts.get(lab, 0)) for lab in cfg.data.labels])
+    table = np.array([per_label, [int(ref_counts.get(lab, 0)) for lab in cfg.data.labels]])
+    table = table[:, table.sum(axis=0) > 0]
+    # No test without two labels seen and rows on both sides (label_in_set reports unknown labels).
+    testable = table.shape[1] > 1 and (table.sum(axis=1) > 0).all()
+    label_p = float(chi2_contingency(table)[1]) if testable else 1.0
+    lengths = frame[TEXT].dropna().str.len()
+    length_p = float(ks_2samp(lengths, reference[TEXT].str.len()).pvalue) if len(lengths) else 1.0
+    batch_n, accepted_n = max(int(per_label.sum()), 1), max(len(reference), 1)
+    shares = [
+        f"{lab!r} {n / batch_n:.0%} vs {int(ref_counts.get(lab, 0)) / accepted_n:.0%}"
+        for lab, n in zip(cfg.data.labels, per_label, strict=True)
+    ]
+    label_note = (
+        f"labels in the batch vs accepted data: {', '.join(shares)}" if testable else "no two labels to compare"
+    )
+    return pd.DataFrame(
+        {
+            LABEL_P: [label_p],
+            LENGTH_P: [length_p],
+            LABEL_NOTE: [label_note],
+            LENGTH_NOTE: [_length_note("text length", lengths, reference[TEXT].dropna().str.len())],
+        },
+        index=pd.Index(["batch"], name="vs_accepted"),
+    )
+
+
+def _chat_columns(
+    rows: pd.DataFrame,
+    frame: pd.DataFrame,
+    cfg: PipelineConfig,
+    reference: pd.DataFrame | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    wanted: set[str],
+) -> dict[Table, pd.DataFrame]:
+    """Shape ``chat`` (prompt, response, context): ``_sft_columns``; the context is not checked."""
+    _sft_columns(rows, reference, tokenizer, cfg.model.max_length, wanted)
+    return {"rows": rows.drop(columns=CONTEXT)}  # the chat JSON: not checked, kept out of the reports
+
+
+def _chat_drift(frame: pd.DataFrame, reference: pd.DataFrame, cfg: PipelineConfig) -> pd.DataFrame:
+    """Shape ``chat``: prompt and response lengths, one row each: a failed check names the side that drifted."""
+    from scipy.stats import ks_2samp
+
+    p_values, notes = [], []
+    for column, what in ((TEXT, "prompt length"), (LABEL, "response length")):
+        lengths, accepted = frame[column].dropna().str.len(), reference[column].dropna().str.len()
+        p_values.append(float(ks_2samp(lengths, accepted).pvalue) if len(lengths) and len(accepted) else 1.0)
+        notes.append(_length_note(what, lengths, accepted))
+    return pd.DataFrame(
+        {LENGTH_P: p_values, LENGTH_NOTE: notes},
+        index=pd.Index(["prompt length", "response length"], name=LENGTH_OF),
+    )
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How a kind's rows are validated: the file columns kept, the derived columns and tables, the drift
+    table, the column that makes two rows the same row, and how the derived columns are named to a user."""
+
+    columns: tuple[str, ...]
+    derive: Callable[..., dict[Table, pd.DataFrame]]
+    drift: Callable[[pd.DataFrame, pd.DataFrame, PipelineConfig], pd.DataFrame]
+    row_key: str
+    user_columns: Callable[[str, str], dict[str, str]] = lambda text, label: {}
+
+
+SHAPES: dict[str, Shape] = {
+    "labeled": Shape((TEXT, LABEL), _labeled_columns, _labeled_drift, NORM),
+    "chat": Shape(
+        (TEXT, LABEL, CONTEXT),
+        _chat_columns,
+        _chat_drift,
+        PAIR,
+        lambda text, label: {
+            PAIR: f"{text} + {label} (normalized)",
+            PROMPT_TOKENS: f"{text} tokens (chat template)",
+            PAIR_TOKENS: f"{text} + {label} tokens (chat template)",
+            RESPONSE_CONFLICT: f"{label} per {text} (normalized)",
+            SEEN: f"{text} + {label} (normalized) in accepted data",
+            LENGTH_P: f"{text} / {label} length drift (p-value)",
+        },
+    ),
+}
+
+
+def shape_of(cfg: PipelineConfig) -> Shape:
+    return SHAPES[facts_of(cfg.kind).shape]
+
+
 def _tables(
     frame: pd.DataFrame,
     cfg: PipelineConfig,
@@ -495,81 +468,21 @@ def _tables(
     wanted: set[str],
 ) -> dict[Table, pd.DataFrame]:
     v = cfg.validation
-    sft = cfg.kind == "sft"
-    if sft:
+    shape = shape_of(cfg)
+    if CONTEXT in shape.columns:
         frame = _with_context(frame)
-    columns = [TEXT, LABEL] + ([CONTEXT] if sft else [])
+    columns = list(shape.columns)
     if NORM in frame.columns:  # computed once by the caller (the gate keeps it for the next batch)
         rows = frame.set_index(LINE)[[*columns, NORM]].copy()
     else:
         rows = frame.set_index(LINE)[columns].copy()
         rows[NORM] = rows[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
-    tables: dict[Table, pd.DataFrame] = {"rows": rows}
-    tables["schema"] = raw if raw is not None else frame.set_index(LINE)[[TEXT, LABEL]].astype(object)
-    if sft:
-        _sft_columns(rows, reference, tokenizer, cfg.model.max_length, wanted)
-        tables["rows"] = rows.drop(columns=CONTEXT)  # the chat JSON: not checked, kept out of the reports
-    else:
-        if "text_tokens" in wanted and tokenizer is not None:
-            rows[TOKENS] = _token_counts(rows[TEXT], tokenizer, v.max_text_tokens or cfg.model.max_length)
-        pairs = rows[[NORM, LABEL]].dropna()
-        ref_pairs = reference[[NORM, LABEL]].dropna() if reference is not None else pairs.iloc[:0]
-        both = pd.concat([pairs, ref_pairs], ignore_index=True)
-        label_sets = both.groupby(NORM)[LABEL].nunique()
-        conflicting = set(label_sets[label_sets > 1].index)
-        rows[CONFLICT] = rows[NORM].isin(conflicting)
-        if reference is not None:
-            rows[SEEN] = rows[NORM].isin(set(reference[NORM]))
-
-        counts = frame[LABEL].value_counts()
-        per_label = np.array([int(counts.get(lab, 0)) for lab in cfg.data.labels])
-        largest = per_label.max() if len(per_label) else 0
-        # An empty class has no ratio (NaN: GE skips it); rows_per_class reports it instead.
-        imbalance = [float(largest / n) if n else np.nan for n in per_label]
-        tables["classes"] = pd.DataFrame(
-            {ROWS: per_label, IMBALANCE: imbalance}, index=pd.Index(cfg.data.labels, name=LABEL)
-        )
-
+    tables: dict[Table, pd.DataFrame] = {
+        "schema": raw if raw is not None else frame.set_index(LINE)[[TEXT, LABEL]].astype(object)
+    }
+    tables |= shape.derive(rows, frame, cfg, reference, tokenizer, wanted)
     if reference is not None and len(frame) >= v.drift_min_rows and len(reference) >= v.drift_min_rows:
-        from scipy.stats import chi2_contingency, ks_2samp
-
-        if sft:
-            # Prompt and response lengths, one row each: a failed check names the side that drifted.
-            p_values, notes = [], []
-            for column, what in ((TEXT, "prompt length"), (LABEL, "response length")):
-                lengths, accepted = frame[column].dropna().str.len(), reference[column].dropna().str.len()
-                p_values.append(float(ks_2samp(lengths, accepted).pvalue) if len(lengths) and len(accepted) else 1.0)
-                notes.append(_length_note(what, lengths, accepted))
-            tables["drift"] = pd.DataFrame(
-                {LENGTH_P: p_values, LENGTH_NOTE: notes},
-                index=pd.Index(["prompt length", "response length"], name=LENGTH_OF),
-            )
-        else:
-            ref_counts = reference[LABEL].value_counts()
-            table = np.array([per_label, [int(ref_counts.get(lab, 0)) for lab in cfg.data.labels]])
-            table = table[:, table.sum(axis=0) > 0]
-            # No test without two labels seen and rows on both sides (label_in_set reports unknown labels).
-            testable = table.shape[1] > 1 and (table.sum(axis=1) > 0).all()
-            label_p = float(chi2_contingency(table)[1]) if testable else 1.0
-            lengths = frame[TEXT].dropna().str.len()
-            length_p = float(ks_2samp(lengths, reference[TEXT].str.len()).pvalue) if len(lengths) else 1.0
-            batch_n, accepted_n = max(int(per_label.sum()), 1), max(len(reference), 1)
-            shares = [
-                f"{lab!r} {n / batch_n:.0%} vs {int(ref_counts.get(lab, 0)) / accepted_n:.0%}"
-                for lab, n in zip(cfg.data.labels, per_label, strict=True)
-            ]
-            label_note = (
-                f"labels in the batch vs accepted data: {', '.join(shares)}" if testable else "no two labels to compare"
-            )
-            tables["drift"] = pd.DataFrame(
-                {
-                    LABEL_P: [label_p],
-                    LENGTH_P: [length_p],
-                    LABEL_NOTE: [label_note],
-                    LENGTH_NOTE: [_length_note("text length", lengths, reference[TEXT].dropna().str.len())],
-                },
-                index=pd.Index(["batch"], name="vs_accepted"),
-            )
+        tables["drift"] = shape.drift(frame, reference, cfg)
     return tables
 
 
@@ -607,7 +520,7 @@ def _in_rule_terms(name: str, result: dict[str, Any], tables: dict[Table, pd.Dat
     unique values for "at most 10 % of rows repeat", the rows of a per-label table for "every label has at
     least 5 rows"); a person reads the quantity the rule names."""
     if name == "duplicate_rate":
-        values = tables["rows"][PAIR if cfg.kind == "sft" else NORM].dropna()
+        values = tables["rows"][shape_of(cfg).row_key].dropna()
         repeats = len(values) - values.nunique()
         share = repeats / len(values) if len(values) else 0.0
         return f"{repeats} of {len(values)} rows ({share:.1%}) repeat another row"
@@ -712,15 +625,7 @@ def _user_column(column: str, cfg: PipelineConfig) -> str:
         LABEL_P: f"{label} distribution vs accepted data (p-value)",
         LENGTH_P: f"{text} length vs accepted data (p-value)",
     }
-    if cfg.kind == "sft":
-        names |= {
-            PAIR: f"{text} + {label} (normalized)",
-            PROMPT_TOKENS: f"{text} tokens (chat template)",
-            PAIR_TOKENS: f"{text} + {label} tokens (chat template)",
-            RESPONSE_CONFLICT: f"{label} per {text} (normalized)",
-            SEEN: f"{text} + {label} (normalized) in accepted data",
-            LENGTH_P: f"{text} / {label} length drift (p-value)",
-        }
+    names |= shape_of(cfg).user_columns(text, label)
     return names.get(column, column)
 
 
@@ -798,7 +703,7 @@ def validate_frame(
             reason = "skipped: no accepted data to compare with"
         elif check.table == "drift" and "drift" not in tables:
             reason = f"skipped: fewer than {cfg.validation.drift_min_rows} rows"
-        elif check.name in TOKEN_CHECKS and tokenizer is None:
+        elif check.needs_tokenizer and tokenizer is None:
             reason = "skipped: no tokenizer given"
         else:
             continue
@@ -932,7 +837,7 @@ def drop_out_of_bounds(loaded: LoadedData, cfg: PipelineConfig) -> tuple[LoadedD
             v.text_length_mostly,
         )
     frame = frame[keep]
-    if cfg.kind == "sft":
+    if facts_of(cfg.kind).dedupe_pairs:
         normalized = frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
         repeated = row_key(frame, normalized).duplicated(keep="first")
         if repeated.any():

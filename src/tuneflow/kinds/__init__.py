@@ -1,13 +1,24 @@
 """Kinds of fine-tuning: the one seam between the stages and what a task is.
 
-The stages (tokenize, train, evaluate, register, predict) call a ``FineTuningKind``; they never branch
-on the kind. A new kind is one module here that implements the protocol, plus its name in
-``tuneflow.config.Kind`` and in ``KINDS`` below.
+The stages (tokenize, train, evaluate, register, predict) call a ``FineTuningKind``; what differs by kind
+and is needed before anything heavy loads (config cross-checks, data checks, metric names, the shape of its
+rows, what its MLmodel holds) is the kind's ``KindFacts`` (``tuneflow.kinds.facts``, one ``<kind>_facts``
+module per kind), read with ``tuneflow.kinds.catalog.facts_of``. The stages never branch on the kind's name.
+
+A new kind is its module here that implements the protocol, its facts module, and its name in
+``tuneflow.config.Kind``, in ``KINDS`` below and in ``tuneflow.kinds.catalog.FACTS``. This package imports
+nothing heavy: a kind's module is imported when ``get_kind`` first asks for it.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any, Protocol
+
+from tuneflow.kinds.catalog import FACTS, all_checks, facts_of
+from tuneflow.kinds.facts import KindFacts
+
+__all__ = ["FACTS", "KINDS", "FineTuningKind", "KindFacts", "all_checks", "facts_of", "get_kind"]
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -25,6 +36,7 @@ if TYPE_CHECKING:
 
 class FineTuningKind(Protocol):
     name: str
+    facts: KindFacts  # what the stages read without the heavy stack (tuneflow.kinds.facts)
     mlflow_task: str  # the transformers pipeline task the MLflow model is logged with
 
     def load_model(self, cfg: PipelineConfig) -> PreTrainedModel:
@@ -83,16 +95,14 @@ class FineTuningKind(Protocol):
         """The label set whose distribution monitoring compares with the training data; None: no labels."""
 
 
+# name -> the kind's module and class, imported on first use (its facts: tuneflow.kinds.catalog.FACTS)
+KINDS: dict[str, str] = {"classification": "classification:Classification", "sft": "sft:Sft"}
+
+
 def get_kind(name: str) -> FineTuningKind:
     """The kind called ``name`` (``PipelineConfig.kind``)."""
     try:
-        return KINDS[name]()
+        module, cls = KINDS[name].split(":")
     except KeyError:
         raise ValueError(f"unknown fine-tuning kind {name!r}; the kinds are: {', '.join(KINDS)}") from None
-
-
-# Imported after the protocol: a kind module may import from this package's other modules.
-from tuneflow.kinds.classification import Classification  # noqa: E402
-from tuneflow.kinds.sft import Sft  # noqa: E402
-
-KINDS: dict[str, type[FineTuningKind]] = {"classification": Classification, "sft": Sft}
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()

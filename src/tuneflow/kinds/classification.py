@@ -15,6 +15,7 @@ import pandas as pd
 from tuneflow.config import ModelConfig, PipelineConfig
 from tuneflow.data import LABEL, TEXT, Split
 from tuneflow.evaluate import Evaluation
+from tuneflow.kinds.classification_facts import FACTS
 from tuneflow.models import resolve_base_model
 from tuneflow.train import train_with_trainer
 from tuneflow.train_common import TrainResult
@@ -129,6 +130,7 @@ class Classification:
     """The ``classification`` kind (``kind: classification``, the default)."""
 
     name = "classification"
+    facts = FACTS
     mlflow_task = "text-classification"  # the transformers pipeline task of the logged MLflow model
 
     def load_model(self, cfg: PipelineConfig) -> PreTrainedModel:

@@ -28,6 +28,7 @@ import pandas as pd
 from tuneflow.config import PipelineConfig, SftConfig
 from tuneflow.data import CONTEXT, LABEL, TEXT, Split
 from tuneflow.evaluate import Evaluation
+from tuneflow.kinds.sft_facts import FACTS
 from tuneflow.models import resolve_base_model
 from tuneflow.train import mlflow_callback, run_trainer
 from tuneflow.train_common import TrainResult
@@ -379,6 +380,7 @@ class Sft:
     """The ``sft`` kind (``kind: sft``): instruction SFT of a causal language model."""
 
     name = "sft"
+    facts = FACTS
     mlflow_task = "llm/v1/chat"  # served as a chat endpoint; loaded by pyfunc offline
 
     def load_model(self, cfg: PipelineConfig) -> PreTrainedModel:
