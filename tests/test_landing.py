@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from tuneflow.config import PipelineConfig
 from tuneflow.landing import check_data, folders, has_new_batches, load_accepted, run_gate
+from tuneflow.reporting import validation_summary
 from tuneflow.validation import ValidationFailed
 
 from conftest import make_rows, tiny_config_dict
@@ -61,7 +62,7 @@ def corpus_run(tmp_path_factory, tiny_model_dir, tokenizer):
     cfg = gate_config(landing, tiny_model_dir)
     shutil.copy(CORPUS / "base.csv", incoming)
     first = run_gate(cfg, landing, tokenizer)
-    assert [o.status for o in first.outcomes] == ["accepted"], first.outcomes[0].report.summary()
+    assert [o.status for o in first.outcomes] == ["accepted"], validation_summary(first.outcomes[0].report)
 
     for name in EXPECTED:
         shutil.copy(CORPUS / name, incoming / name)
@@ -83,12 +84,12 @@ def test_each_corpus_batch_ends_where_it_should(name, corpus_run):
     outcome = outcomes[name]
     assert not (landing / "incoming" / name).exists()
     if expected == "accepted":
-        assert outcome.status == "accepted", outcome.report.summary()
+        assert outcome.status == "accepted", validation_summary(outcome.report)
         assert (landing / "accepted" / name).read_bytes() == (CORPUS / name).read_bytes()  # byte for byte
         assert not (landing / "quarantine" / name).exists()
         return
     assert outcome.status == "quarantined"
-    assert [c.name for c in outcome.report.failed] == [expected], outcome.report.summary()
+    assert [c.name for c in outcome.report.failed] == [expected], validation_summary(outcome.report)
     moved = landing / "quarantine" / name
     assert moved.exists() or moved.is_symlink()
     assert not (landing / "accepted" / name).exists()
@@ -102,10 +103,10 @@ def test_each_corpus_batch_ends_where_it_should(name, corpus_run):
 
 def test_reports_name_the_batch_the_rule_and_the_offending_lines(corpus_run):
     _, outcomes = corpus_run
-    summary = outcomes["bad_label.csv"].report.summary()
+    summary = validation_summary(outcomes["bad_label.csv"].report)
     assert "bad_label.csv" in summary and "label_in_set" in summary and "'eggs'" in summary and "line " in summary
     assert "fix:" in summary
-    assert "Expected 2 fields" in outcomes["ragged_row.csv"].report.summary()
+    assert "Expected 2 fields" in validation_summary(outcomes["ragged_row.csv"].report)
     assert outcomes["escape_link.csv"].path.is_symlink()  # the link moved, its target was never read or touched
 
 
@@ -523,7 +524,7 @@ def test_a_drift_check_reads_as_its_p_value_against_the_threshold(name, test, wh
     assert "rows" not in observed and observed.startswith(f"{test} p = ") and " &lt; 0.001" in html_escape(observed)
     assert what in observed
     assert f"<tr><th>observed</th><td>{html_escape(observed)}</td></tr>" in page and "1 of 1 rows" not in page
-    assert f"observed: {observed}" in outcomes[name].report.summary()
+    assert f"observed: {observed}" in validation_summary(outcomes[name].report)
 
 
 def html_escape(text: str) -> str:

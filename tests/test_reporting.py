@@ -10,7 +10,7 @@ from tuneflow.evaluate import EvaluateOutput, Evaluation
 from tuneflow.registry import decide
 from tuneflow.reporting import metrics_table, model_card, trigger_markdown
 from tuneflow.train_common import TrainResult
-from tuneflow.validation import CheckResult, ValidationReport
+from tuneflow.validation_report import CheckResult, ValidationReport
 
 
 def test_model_card_has_every_section():

@@ -16,7 +16,9 @@ from tuneflow.config import CLASSIFICATION_CHECKS, PipelineConfig, SftConfig
 from tuneflow.data import TEXT, DataError, normalize_text, read_table, sft_settings
 from tuneflow.kinds.sft import prepare_tokenizer, token_lengths
 from tuneflow.landing import BatchRejected, check_data
-from tuneflow.validation import NORM, ValidationReport, _sft_token_counts, validate_frame
+from tuneflow.reporting import validation_summary
+from tuneflow.validation import NORM, _sft_token_counts, validate_frame
+from tuneflow.validation_report import ValidationReport
 
 SFT_CHECKS_IN_ORDER = [
     "text_type",
@@ -78,11 +80,11 @@ def test_a_clean_batch_passes_the_sft_checks(tmp_path, tiny_llama, tokenizer):
     path = tmp_path / "pairs.csv"
     pairs().to_csv(path, index=False)
     report = run(path, make_cfg(tiny_llama, path), tokenizer)
-    assert report.success and not report.warnings, report.summary()
+    assert report.success and not report.warnings, validation_summary(report)
     assert [c.name for c in report.checks] == SFT_CHECKS_IN_ORDER
     assert not CLASSIFICATION_CHECKS & {c.name for c in report.checks}
     assert set(report.raw) == {"schema", "rows"}  # no classes table; no drift without accepted data
-    assert "12/12 expectations met" in report.summary()
+    assert "12/12 expectations met" in validation_summary(report)
     # Rules and columns name the prompt and the response, as the user's file does.
     assert check(report, "text_not_null").column == "prompt" and check(report, "label_not_null").column == "response"
     assert check(report, "label_not_null").rule == "every row has a response"
@@ -96,7 +98,7 @@ def test_without_a_tokenizer_the_token_checks_are_skipped(tmp_path, tiny_llama):
     path = tmp_path / "pairs.csv"
     pairs(extra=[(LONG, "Yes.")]).to_csv(path, index=False)
     report = run(path, make_cfg(tiny_llama, path))
-    assert report.success, report.summary()
+    assert report.success, validation_summary(report)
     for name in ("prompt_tokens", "pair_tokens"):
         assert check(report, name).observed == "skipped: no tokenizer given" and check(report, name).status == "skipped"
 
@@ -119,7 +121,7 @@ def test_each_failure_is_found_by_its_check(case, tmp_path, tiny_llama, tokenize
     pairs(extra=extra).to_csv(path, index=False)
     report = run(path, make_cfg(tiny_llama, path), tokenizer)
     assert not report.success
-    assert [c.name for c in report.failed] == [name], report.summary()
+    assert [c.name for c in report.failed] == [name], validation_summary(report)
     failed = report.failed[0]
     assert failed.rule and failed.fix and failed.observed.startswith("1 of 25 rows")
     assert any(e.startswith(example) for e in failed.examples), failed.examples
@@ -140,11 +142,11 @@ def test_a_long_response_only_warns(tmp_path, tiny_llama, tokenizer):
     path = tmp_path / "batch.csv"
     pairs(extra=[("Count for me.", LONG)]).to_csv(path, index=False)
     report = run(path, make_cfg(tiny_llama, path), tokenizer)
-    assert report.success, report.summary()
+    assert report.success, validation_summary(report)
     assert [c.name for c in report.warnings] == ["pair_tokens"]
     (example,) = check(report, "pair_tokens").examples
     assert example.startswith("line 26: ") and int(example.removeprefix("line 26: ")) > 64
-    assert "warning: pair_tokens" in report.summary()
+    assert "warning: pair_tokens" in validation_summary(report)
 
 
 def test_one_prompt_with_two_responses_warns_and_is_no_duplicate(tmp_path, tiny_llama, tokenizer):
@@ -152,7 +154,7 @@ def test_one_prompt_with_two_responses_warns_and_is_no_duplicate(tmp_path, tiny_
     # line 26 asks line 2's prompt (in other case and spacing) and gets another answer
     pairs(extra=[("what is your  NAME? (0)", "They call me Tiny.")]).to_csv(path, index=False)
     report = run(path, make_cfg(tiny_llama, path), tokenizer)
-    assert report.success and [c.name for c in report.warnings] == ["response_conflict"], report.summary()
+    assert report.success and [c.name for c in report.warnings] == ["response_conflict"], validation_summary(report)
     conflict = check(report, "response_conflict")
     assert [e.split(":")[0] for e in conflict.examples] == ["line 2", "line 26"]
     assert conflict.column == "response per prompt (normalized)"
@@ -165,7 +167,7 @@ def test_repeated_pairs_count_in_duplicate_rate(tmp_path, tiny_llama, tokenizer)
     repeats = [(f"WHAT is your name?{' ' * (i % 3 + 1)}(0)", " My name is Tiny. (0)") for i in range(8)]
     pairs(extra=repeats).to_csv(path, index=False)
     report = run(path, make_cfg(tiny_llama, path), tokenizer)
-    assert [c.name for c in report.failed] == ["duplicate_rate"] and not report.warnings, report.summary()
+    assert [c.name for c in report.failed] == ["duplicate_rate"] and not report.warnings, validation_summary(report)
     duplicates = report.failed[0]
     assert duplicates.observed == "8 of 32 rows (25.0%) repeat another row"  # 24 unique of 32
     assert duplicates.column == "prompt + response (normalized)" and "prompt and response" in duplicates.rule
@@ -176,7 +178,7 @@ def test_a_numeric_response_fails_the_schema_and_skips_the_row_checks(tmp_path, 
     rows = pairs().to_dict("records") + [{"prompt": "What is two plus two?", "response": 4}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     report = run(path, make_cfg(tiny_llama, path), tokenizer)
-    assert [c.name for c in report.failed] == ["response_type"], report.summary()
+    assert [c.name for c in report.failed] == ["response_type"], validation_summary(report)
     assert report.failed[0].examples == ["line 25: 4"]
     assert check(report, "response_not_blank").observed == "skipped: response_type failed"
 
@@ -190,7 +192,7 @@ def test_repeats_and_conflicts_against_accepted_data(tmp_path, tiny_llama, token
     pd.concat([fresh, repeated, answered_otherwise], ignore_index=True).to_csv(new, index=False)
     cfg = make_cfg(tiny_llama, new)
     report = run(new, cfg, tokenizer, reference=accepted(old, cfg))
-    assert report.success, report.summary()
+    assert report.success, validation_summary(report)
     repeats = check(report, "repeats_accepted")
     assert repeats.status == "pass" and repeats.observed.startswith("2 of 19 rows")
     assert repeats.column == "prompt + response (normalized) in accepted data"
@@ -212,7 +214,7 @@ def test_response_length_drift_is_named(tmp_path, tiny_llama, tokenizer):
     long_answers.to_csv(new, index=False)
     cfg = make_cfg(tiny_llama, new, **{"validation.drift_min_rows": 20, "model.max_length": 256})
     report = run(new, cfg, tokenizer, reference=accepted(old, cfg))
-    assert report.success and [c.name for c in report.warnings] == ["drift_text_length"], report.summary()
+    assert report.success and [c.name for c in report.warnings] == ["drift_text_length"], validation_summary(report)
     drift = check(report, "drift_text_length")
     assert "response" in drift.rule
     (example,) = drift.examples
@@ -236,7 +238,7 @@ def test_messages_rows_name_the_messages_column_and_keep_contexts_apart(tmp_path
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = make_cfg(tiny_llama, path, **{"sft.messages_column": "messages"})
     report = run(path, cfg, tokenizer)
-    assert report.success and not report.warnings, report.summary()
+    assert report.success and not report.warnings, validation_summary(report)
     assert check(report, "text_not_null").column == "messages (last user turn)"
     assert check(report, "label_not_null").column == "messages (last assistant turn)"
     assert "'messages (last assistant turn)'" in check(report, "response_not_blank").fix

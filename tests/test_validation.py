@@ -9,6 +9,7 @@ import pytest
 
 from tuneflow.config import DEFAULT_SEVERITY, SFT_CHECKS, PipelineConfig
 from tuneflow.data import DataError
+from tuneflow.reporting import validation_summary
 from tuneflow.validation import ValidationFailed, validate_frame
 
 SOURCE = "data/sms-train.csv"
@@ -52,7 +53,7 @@ def test_clean_frame_passes(good_report):
     assert [c.name for c in good_report.checks] == CHECKS
     assert good_report.row_count == 80 and good_report.source == SOURCE
     assert all(c.examples == [] for c in good_report.checks)
-    assert "passed" in good_report.summary() and "12/12" in good_report.summary()
+    assert "passed" in validation_summary(good_report) and "12/12" in validation_summary(good_report)
 
 
 # name: (frame, validation settings, failing check, text expected in the examples or None)
@@ -186,7 +187,7 @@ def test_a_failure_that_may_be_tolerated_names_the_setting_that_tolerates_it(che
     (failed,) = report.failed
     assert failed.name == check and data_fix in failed.fix  # the data fix first, then the knowing way to accept it
     assert f"validation.severity.{check}: warn in configs/corpus.yaml" in failed.fix
-    assert f"validation.severity.{check}: warn in configs/corpus.yaml" in report.summary()
+    assert f"validation.severity.{check}: warn in configs/corpus.yaml" in validation_summary(report)
     tolerated = validate_frame(frame, make_cfg(severity={check: "warn"}), SOURCE)
     assert tolerated.success and [c.name for c in tolerated.warnings] == [check]  # the setting does what it says
     assert "validation.severity" not in tolerated.warnings[0].fix  # already tolerated: nothing more to set

@@ -24,15 +24,16 @@ from tuneflow.config import PipelineConfig
 from tuneflow.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table, row_key, sft_settings
 from tuneflow.files import file_lock, sha256_file, write_json_atomic
 from tuneflow.kinds.catalog import facts_of
+from tuneflow.reporting import validation_summary
 from tuneflow.validation import (
     NORM,
     ValidationFailed,
-    ValidationReport,
     drop_out_of_bounds,
     failure_report,
     validate_frame,
     write_report_page,
 )
+from tuneflow.validation_report import ValidationReport
 from tuneflow.watch import is_candidate, list_incoming, settle
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class BatchRejected(DataError):
         if result.waiting:
             parts.append(f"Still being written, left in incoming/ for the next run: {', '.join(result.waiting)}.")
         for o in result.quarantined:
-            parts.append(f"\n{o.path}\n{o.report.summary()}")  # the summary ends with the report's path
+            parts.append(f"\n{o.path}\n{validation_summary(o.report)}")  # the summary ends with the report's path
         super().__init__(
             "\n".join(parts),
             check=result.quarantined[0].report.failed[0].name if result.quarantined[0].report.failed else "validation",

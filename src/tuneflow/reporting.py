@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from tuneflow.evaluate import EvaluateOutput
     from tuneflow.registry import Decision
     from tuneflow.train_common import TrainResult
-    from tuneflow.validation import ValidationReport
+    from tuneflow.validation_report import ValidationReport
 
 
 def artifact_key(name: str, kind: str) -> str:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from tuneflow.config import PipelineConfig
     from tuneflow.landing import DataCheck
     from tuneflow.train_common import TrainResult
-    from tuneflow.validation import ValidationReport
+    from tuneflow.validation_report import ValidationReport
 
 log = logging.getLogger(__name__)
 

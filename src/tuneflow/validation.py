@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ from tuneflow.data import CONTEXT, LABEL, LINE, TEXT, DataError, LoadedData, nor
 from tuneflow.kinds.catalog import facts_of
 from tuneflow.kinds.facts import BLANK_REGEX, CheckRow, Table
 from tuneflow.reporting import validation_html, validation_summary
+from tuneflow.validation_report import CheckResult, ValidationReport
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -77,69 +78,11 @@ class Check:
     needs_tokenizer: bool = False
 
 
-@dataclass
-class CheckResult:
-    name: str
-    expectation: str
-    column: str
-    rule: str
-    success: bool
-    observed: Any
-    examples: list[str] = field(default_factory=list)
-    fix: str = ""
-    severity: Severity = "error"
-    threshold: str = ""
-    # the offending rows as a person reads them: {"line", "text", "label", "value"} (rows of the batch), or
-    # {"label", "value"} (a label's row count); a few, as many as validation.max_failed_examples
-    offending: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def status(self) -> str:
-        if self.success:
-            return "skipped" if str(self.observed).startswith("skipped") else "pass"
-        return "FAIL" if self.severity == "error" else "warn"
-
-
-@dataclass
-class ValidationReport:
-    source: str
-    row_count: int
-    checks: list[CheckResult]
-    raw: dict[str, Any]
-    docs_index: str | None = None  # the report page (index.html, self-contained) beside the full Data Docs
-
-    @property
-    def success(self) -> bool:
-        return not self.failed
-
-    @property
-    def failed(self) -> list[CheckResult]:
-        """Failed checks of severity ``error``: these stop the run."""
-        return [c for c in self.checks if not c.success and c.severity == "error"]
-
-    @property
-    def warnings(self) -> list[CheckResult]:
-        return [c for c in self.checks if not c.success and c.severity != "error"]
-
-    def summary(self) -> str:
-        """Plain text: what failed, a few offending values, the fix (for error messages and logs)."""
-        return validation_summary(self)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "row_count": self.row_count,
-            "success": self.success,
-            "checks": [{**c.__dict__, "status": c.status} for c in self.checks],
-            "great_expectations": self.raw,
-        }
-
-
 class ValidationFailed(DataError):
     """The data broke at least one expectation of severity ``error``; nothing downstream may run on it."""
 
     def __init__(self, report: ValidationReport):
-        super().__init__(report.summary(), check=report.failed[0].name if report.failed else "validation")
+        super().__init__(validation_summary(report), check=report.failed[0].name if report.failed else "validation")
         self.report = report
 
 
