@@ -37,7 +37,7 @@ from tuneflow.registry import (
     trained_digests,
     version_tags,
 )
-from tuneflow.registry_base import FINGERPRINT_TAG, INPUT_FINGERPRINT_TAG
+from tuneflow.registry_base import DATA_DIGEST_TAG, FINGERPRINT_TAG, INPUT_FINGERPRINT_TAG, MONITOR_DECISION_TAG
 from tuneflow.reporting import (
     artifact_key,
     held_markdown,
@@ -123,7 +123,7 @@ def retrain_once(
         data = checked.data
         if checked.quarantined is not None:  # data.on_quarantine: train - said loudly, here and at the end
             get_run_logger().warning("%s", checked.quarantined)
-        lineage["tuneflow.data_digest"] = data.digest
+        lineage[DATA_DIGEST_TAG] = data.digest
         fp = with_tag(lineage, FINGERPRINT_TAG, data_fingerprint(config, data.frame))
         if same := same_version(config, fp, force=force):
             remember_input(config, same, input_fp)  # these bytes validate to exactly that version's rows
@@ -324,7 +324,7 @@ def hold_unless_degraded(
         why = f" ({'; '.join(point.reasons)})" if point.reasons else ""
         reason = f"monitoring step {point.step}: {point.status}{why}; not trained (monitor.retrain_when: degraded)"
     logger.info("%s", reason)
-    mlflow.MlflowClient().set_tag(pid, "tuneflow.monitor.decision", f"{status}: {reason}"[:5000])
+    mlflow.MlflowClient().set_tag(pid, MONITOR_DECISION_TAG, f"{status}: {reason}"[:5000])
     create_markdown_artifact(
         key=artifact_key(config.name, "retrain"),
         markdown=held_markdown(config, status, reason, monitored.point if monitored else None, event, pid, url),

@@ -103,8 +103,7 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
                     tags=tags,
                     triggers=[trigger_for(cfg, path)],
                     description=(
-                        f"Retrain {cfg.registry.model_name} when tuneflow.data.arrived is emitted for "
-                        f"tuneflow.dataset.{cfg.name}"
+                        f"Retrain {cfg.registry.model_name} when {EVENT} is emitted for {resource_id(cfg.name)}"
                     ),
                 )
             )

@@ -199,3 +199,35 @@ def test_cli_run_without_a_server_starts_one_temporary_server_and_records_the_fl
     assert run.data.tags["tuneflow.outcome"] == "unchanged" and run.data.tags["tuneflow.same_as_version"] == "1"
     assert run.data.tags["tuneflow.input_fingerprint"] == v1.tags["tuneflow.input_fingerprint"]
     assert run.data.tags["tuneflow.config_digest"] == v1.tags["tuneflow.config_digest"]
+
+
+def test_a_batch_waiting_in_the_landing_zone_skips_the_unchanged_shortcut(workdir, tiny_model_dir, register_tiny):
+    """The CLI's shortcut answers "nothing changed" only for exactly the accepted files a version was trained on; a
+    batch in incoming/ must be judged by the flow's gate first, so the shortcut steps aside."""
+    from tuneflow.cli import _unchanged_without_prefect
+    from tuneflow.config import PipelineConfig
+    from tuneflow.landing import folders
+    from tuneflow.registry_base import INPUT_FINGERPRINT_TAG
+    from tuneflow.unchanged import input_fingerprint
+
+    from conftest import make_rows, tiny_registry_config
+
+    landing = workdir / "landing"
+    incoming, accepted, _ = folders(landing)
+    make_rows(10).to_csv(accepted / "batch-1.csv", index=False)
+    base = tiny_registry_config("tiny-clf", tiny_model_dir).model_dump()
+    base["data"] = {"landing": str(landing), "labels": ["ham", "spam"]}
+    cfg = PipelineConfig.model_validate(base)
+    fp = input_fingerprint(cfg)
+    assert fp is not None
+    register_tiny(cfg, decide("macro_f1", 0.9, None, None, 0.0), tags={INPUT_FINGERPRINT_TAG: fp})
+
+    answered = _unchanged_without_prefect(cfg)
+    assert answered is not None and answered["status"] == "unchanged" and answered["version"] == "1"
+
+    make_rows(5, seed=1).to_csv(incoming / "batch-2.csv", index=False)
+    assert input_fingerprint(cfg) is None
+    assert _unchanged_without_prefect(cfg) is None  # the flow runs: its gate judges batch-2 first
+    (incoming / "batch-2.csv").rename(accepted / "batch-2.csv")
+    assert input_fingerprint(cfg) not in (None, fp)  # accepted data changed: no version matches
+    assert _unchanged_without_prefect(cfg) is None

@@ -43,3 +43,25 @@ def test_scores_do_not_depend_on_the_models_label_order(tiny_model_dir):
 
     with pytest.raises(ValueError, match=r"lacks labels \['eggs'\]"):
         evaluate_model(model, tok, *args[:2], ["ham", "spam", "eggs"], 32)
+
+
+def test_a_kind_is_its_module_its_facts_and_one_entry_in_the_catalog():
+    """The config's kinds, get_kind's table and the facts are one list: a kind in FACTS validates as `kind:` and
+    loads its implementation, which answers to its own name and facts; a name not in FACTS is refused by both."""
+    import typing
+
+    import pydantic
+
+    from tuneflow.config import Kind, PipelineConfig
+    from tuneflow.kinds import FACTS, get_kind
+
+    assert set(typing.get_args(Kind)) == set(FACTS) == {"classification", "sft"}
+    for name, facts in FACTS.items():
+        kind = get_kind(name)
+        assert kind.name == name and kind.facts is facts
+    with pytest.raises(ValueError, match="unknown fine-tuning kind 'regression'"):
+        get_kind("regression")
+    with pytest.raises(pydantic.ValidationError, match="classification' or 'sft'"):
+        PipelineConfig.model_validate(
+            {"name": "x", "kind": "regression", "data": {"path": "x.csv"}, "model": {"base_model": "m"}}
+        )

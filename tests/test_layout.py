@@ -182,6 +182,67 @@ def test_no_import_cycles_among_tuneflow_modules():
     assert _cycles({**graph, "tuneflow.registry_base": {"tuneflow.scoring"}})  # it sees a cycle when there is one
 
 
+def test_tuneflow_tag_names_are_spelled_only_in_registry_base():
+    """Every ``tuneflow.*`` tag name is a constant of ``tuneflow.registry_base``; elsewhere a literal that looks like
+    one is a module or logger name, or a Prefect event or resource (``*EVENT`` / ``*RESOURCE`` constants of
+    ``tuneflow.watch``)."""
+    files = _source_files()
+    wrong = []
+    for name, path in files.items():
+        if name == "tuneflow.registry_base":
+            continue
+        tree = ast.parse(path.read_text())
+        events = {
+            id(node.value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id.endswith(("EVENT", "RESOURCE")) for t in node.targets)
+        }
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            value = node.value
+            if re.fullmatch(r"tuneflow\.[a-z_.]+", value) and value not in files and id(node) not in events:
+                wrong.append(f"{path.relative_to(ROOT)}:{node.lineno}: {value!r}")
+    assert wrong == [], "spell these as registry_base constants"
+
+
+def _layout_block() -> str:
+    """The layout tree of the docs: the fenced block that starts with ``src/tuneflow/`` (README or docs/)."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    for page in pages:
+        if not page.is_file():
+            continue
+        blocks, current = [], None
+        for line in page.read_text().splitlines():
+            if line.startswith("```") and current is None:
+                current = []
+            elif line.startswith("```"):
+                blocks.append("\n".join(current))
+                current = None
+            elif current is not None:
+                current.append(line)
+        for block in blocks:
+            if block.lstrip().startswith("src/tuneflow/"):
+                return block
+    raise AssertionError("no layout tree (a fenced block starting with src/tuneflow/) in README.md or docs/")
+
+
+def test_the_documented_layout_names_every_module():
+    """Every module of the library, tasks and flows has its line in the layout tree, so the tree follows the code."""
+    block = _layout_block()
+    named = set(re.findall(r"^\s*([\w/]+\.py)\b", block, flags=re.M))
+    missing = []
+    for folder, prefix in ((LIBRARY, ""), (ROOT / "tasks", ""), (ROOT / "flows", "")):
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(folder).as_posix()
+            if path.name in ("__init__.py", "__main__.py") and rel != "kinds/__init__.py":
+                continue
+            if prefix + rel not in named:
+                missing.append(path.relative_to(ROOT).as_posix())
+    assert missing == [], f"add these to the layout tree: {missing}"
+
+
 def test_the_import_contracts_hold():
     """pyproject.toml's [tool.importlinter] contracts, as `make lint` runs them."""
     lint = Path(sys.executable).with_name("lint-imports")

@@ -441,7 +441,7 @@ class SftConfig(_Section):
     max_new_tokens: int = Field(48, ge=1, le=1024, description="Longest generation, in tokens.")
 
 
-Kind = Literal["classification", "sft"]
+Kind = Literal[tuple(FACTS)]  # the kinds of tuneflow.kinds.catalog: ("classification", "sft")
 
 
 class PipelineConfig(_Section):

@@ -142,6 +142,11 @@ def normalize_text(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
 
 
+def normalized(texts: pd.Series, missing: str | None = None) -> pd.Series:
+    """``normalize_text`` of each text; a value that is not a string (a blank cell, a number) gives ``missing``."""
+    return texts.map(lambda t: normalize_text(t) if isinstance(t, str) else missing)
+
+
 def sft_settings(cfg: PipelineConfig) -> SftConfig | None:
     """The sft section when the config's kind reads prompt/response rows, else None (for ``read_table``)."""
     return cfg.sft if facts_of(cfg.kind).reads_chat else None
@@ -175,6 +180,17 @@ def read_table(
         path = resolve_path(cfg.path)
     if cfg.format == "chatterbot":
         return _read_chatterbot(path, config_file, digest)
+    fmt = _checked_file(path, cfg, config_file)
+    raw = _read_raw(path, fmt)
+    if fmt == "csv":
+        _check_header(path, config_file)
+    if sft is not None:
+        return _sft_rows(raw, path, fmt, sft, config_file, digest)
+    return _labeled_rows(raw, path, fmt, cfg, config_file, digest)
+
+
+def _checked_file(path: Path, cfg: DataConfig, config_file: str) -> str:
+    """The file's format, once it is known to exist, be a non-empty file and fit ``data.max_file_mb``."""
     fix_path = f"Fix: set data.path in {config_file} to an existing CSV, JSONL or Parquet file"
     if not path.exists():
         raise DataError(f"data file not found: {path}. {fix_path}", check="file_exists")
@@ -198,8 +214,13 @@ def read_table(
             "has the memory",
             check="file_size",
         )
+    return fmt
+
+
+def _read_raw(path: Path, fmt: str) -> pd.DataFrame:
+    """The file as pandas reads it; each way it can fail is a ``DataError`` with the fix."""
     try:
-        raw = read_frame(path, fmt)
+        return read_frame(path, fmt)
     except UnicodeDecodeError as exc:
         offset, line = _decode_error_position(path)
         raise DataError(
@@ -215,10 +236,12 @@ def read_table(
         raise DataError(
             f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}. Fix: check the file is valid {fmt}"
         ) from exc
-    if fmt == "csv":
-        _check_header(path, config_file)
-    if sft is not None:
-        return _sft_rows(raw, path, fmt, sft, config_file, digest)
+
+
+def _labeled_rows(
+    raw: pd.DataFrame, path: Path, fmt: str, cfg: DataConfig, config_file: str, digest: bool
+) -> LoadedData:
+    """``text`` / ``label`` / ``line`` rows of a classification file (labels mapped by ``data.label_values``)."""
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in raw.columns]
     if missing:
         which = " and ".join(f"'{c}'" for c in missing)
@@ -423,13 +446,13 @@ def content_digest(frame: pd.DataFrame, chunk_rows: int = 65536) -> str:
     return hashlib.sha256(f"tuneflow-rows-v2|{len(texts)}|{lanes.tobytes().hex()}".encode()).hexdigest()
 
 
-def row_key(frame: pd.DataFrame, normalized: pd.Series) -> pd.Series:
-    """What makes two rows the same row: the normalized text (classification), or for prompt/response rows
-    (a ``context`` column) the normalized prompt, response and context together."""
+def row_key(frame: pd.DataFrame, texts: pd.Series) -> pd.Series:
+    """What makes two rows the same row: the normalized text (``texts``; classification), or for prompt/response
+    rows (a ``context`` column) the normalized prompt, response and context together."""
     if CONTEXT not in frame.columns:
-        return normalized
-    response = frame[LABEL].map(lambda t: normalize_text(t) if isinstance(t, str) else "")
-    return normalized.fillna("") + "\x1f" + response + "\x1f" + frame[CONTEXT].fillna("")
+        return texts
+    response = normalized(frame[LABEL], missing="")
+    return texts.fillna("") + "\x1f" + response + "\x1f" + frame[CONTEXT].fillna("")
 
 
 def _bucket(norm_text: str, salt: str) -> float:

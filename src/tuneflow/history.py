@@ -36,12 +36,11 @@ from typing import Any
 
 from tuneflow.files import LockTimeout, file_lock
 from tuneflow.registry import Decision, champion_version, get_version, version_description
-from tuneflow.registry_base import CARD_TAG, CHAMPION, DECISION_REASON_TAG, DECISION_TAG, RegistryError
+from tuneflow.registry_base import CARD_TAG, CHAMPION, DECISION_REASON_TAG, DECISION_TAG, HISTORY_TAG, RegistryError
 from tuneflow.runtime import cache_dir
 
 log = logging.getLogger(__name__)
 
-HISTORY_TAG = "tuneflow.history."
 MAX_REASON_CHARS = 1000  # keeps one entry far below the registry's tag-value limit
 ANY = object()  # move_champion's ``expected``: replace whatever the champion is
 

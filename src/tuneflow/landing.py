@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import pandas as pd
 
 from tuneflow.config import PipelineConfig
-from tuneflow.data import TEXT, DataError, LoadedData, content_digest, normalize_text, read_table, row_key, sft_settings
+from tuneflow.data import TEXT, DataError, LoadedData, content_digest, normalized, read_table, row_key, sft_settings
 from tuneflow.files import file_lock, sha256_file, write_json_atomic
 from tuneflow.kinds.catalog import facts_of
 from tuneflow.reporting import validation_summary
@@ -277,7 +277,7 @@ def load_accepted(cfg: PipelineConfig, landing: Path) -> LoadedData | None:
         frame = read_table(cfg.data, path=p, digest=False, sft=sft_settings(cfg)).frame
         frames.append(frame.assign(**{BATCH: p.name}))
     union = pd.concat(frames, ignore_index=True)
-    union[NORM] = union[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
+    union[NORM] = normalized(union[TEXT])
     union = union[~row_key(union, union[NORM]).duplicated(keep="first")].reset_index(drop=True)
     return LoadedData(frame=union, source=accepted, digest=content_digest(union), sources=tuple(files))
 
@@ -310,7 +310,7 @@ def judge_batch(
             err = DataError(str(err).replace(str(read_from), str(path)), check=err.check)
         return failure_report(str(path), err), None
     try:
-        loaded.frame[NORM] = loaded.frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
+        loaded.frame[NORM] = normalized(loaded.frame[TEXT])
         report = validate_frame(
             loaded.frame,
             cfg,

@@ -34,7 +34,7 @@ from tuneflow.drift import STAT_HELP, DriftResult, measure_drift
 from tuneflow.kinds import get_kind
 from tuneflow.reference import load_reference
 from tuneflow.registry import MAX_DESCRIPTION, current_champion, version_description
-from tuneflow.registry_base import CARD_TAG, SCORE_TAG, RegistryError, kind_of
+from tuneflow.registry_base import CARD_TAG, MONITOR_OF_TAG, PENDING_TAG, POINT_TAG, SCORE_TAG, RegistryError, kind_of
 from tuneflow.reporting import monitor_html, production_section
 from tuneflow.scoring import score_version
 
@@ -43,9 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MONITOR_OF_TAG = "tuneflow.monitor_of"  # on the monitoring run: the registered model it follows
-POINT_TAG = "tuneflow.monitor.point."  # + step (6 digits): the point as JSON
-PENDING_TAG = "tuneflow.monitor.pending"  # JSON list of accepted batch names waiting for min_rows
 CARD_SECTION = "## In production"
 CARD_POINTS = 5
 

@@ -20,7 +20,7 @@ from tuneflow.files import FORMATS, read_frame
 from tuneflow.kinds import FineTuningKind, get_kind
 from tuneflow.monitor import monitor_predictions
 from tuneflow.registry import get_version, version_by_alias
-from tuneflow.registry_base import RegistryError, kind_of
+from tuneflow.registry_base import MODEL_REF_TAG, MODEL_VERSION_TAG, RegistryError, kind_of
 from tuneflow.tracking import ensure_experiment
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ def log_summary(summary: BatchSummary) -> str:
     ensure_experiment(f"{name}-predictions")
     with mlflow.start_run(
         run_name=f"predict-v{summary.version}",
-        tags={"tuneflow.model_version": summary.version, "tuneflow.model_ref": summary.model_ref},
+        tags={MODEL_VERSION_TAG: summary.version, MODEL_REF_TAG: summary.model_ref},
     ) as run:
         mlflow.log_params(
             {

@@ -15,12 +15,12 @@ import pandas as pd
 
 from tuneflow.config import PipelineConfig
 from tuneflow.data import LABEL, TEXT
+from tuneflow.registry_base import REFERENCE_TAG
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
 REFERENCE_PATH = "monitor/reference.parquet"  # on a version's run: the seeded sample of its training rows
-REFERENCE_TAG = "tuneflow.monitor_reference"  # on a version: the reference's runs:/ URI
 MAX_REFERENCE_BYTES = 50 << 20  # a reference file larger than this is not read (not what tuneflow writes)
 
 

@@ -26,6 +26,33 @@ FINGERPRINT_TAG = "tuneflow.fingerprint"
 # The same, over the input files' bytes before validation: lets an unchanged retrain stop before validating
 INPUT_FINGERPRINT_TAG = "tuneflow.input_fingerprint"
 
+# Version tags kept by other parts: the champion's moves, the monitoring reference
+HISTORY_TAG = "tuneflow.history."  # + number (4 digits) on the registered model: one champion move, as JSON
+REFERENCE_TAG = "tuneflow.monitor_reference"  # on a version: the runs:/ URI of its monitoring reference
+
+# MLflow run tags (the retrain's parent run, its stage runs, monitoring and prediction runs)
+STAGE_TAG = "tuneflow.stage"  # a stage's nested run: validate | tokenize | train | evaluate | ...
+SPLIT_DIGEST_TAG = "tuneflow.split_digest"
+SOURCES_TAG = "tuneflow.sources"  # the files a run's data came from
+HOST_TAG = "tuneflow.host"  # the machine and process of a retrain, to tell a run whose process is gone
+PID_TAG = "tuneflow.pid"
+ENDED_BY_TAG = "tuneflow.ended_by"  # why tuneflow ended a run it did not start
+CAUSE_TAG = "tuneflow.retrain_cause"  # schedule | new data | decay | manual
+CONFIG_DIGEST_TAG = "tuneflow.config_digest"
+GIT_COMMIT_TAG = "tuneflow.git_commit"
+FLOW_RUN_TAG = "tuneflow.prefect_flow_run_id"
+BASE_MODEL_TAG = "tuneflow.base_model"
+TOKENIZE_CACHE_HIT_TAG = "tuneflow.tokenize_cache_hit"
+CHAMPION_VERSION_TAG = "tuneflow.champion_version"  # the champion a retrain compared with
+OUTCOME_TAG = "tuneflow.outcome"  # unchanged: the retrain stopped early, nothing changed
+SAME_AS_VERSION_TAG = "tuneflow.same_as_version"  # the version an unchanged retrain matched
+MODEL_VERSION_TAG = "tuneflow.model_version"  # a prediction run: the version that scored
+MODEL_REF_TAG = "tuneflow.model_ref"  # a prediction run: the reference asked for (NAME@ALIAS, NAME/VERSION)
+MONITOR_OF_TAG = "tuneflow.monitor_of"  # on the monitoring run: the registered model it follows
+POINT_TAG = "tuneflow.monitor.point."  # + step (6 digits): the point as JSON
+PENDING_TAG = "tuneflow.monitor.pending"  # JSON list of accepted batch names waiting for min_rows
+MONITOR_DECISION_TAG = "tuneflow.monitor.decision"  # a retrain's parent run: what monitoring decided
+
 # What every version's requirements.txt pins, and all it may pin (the trust check refuses anything else).
 REQUIREMENT_PACKAGES = ("torch", "transformers", "tokenizers", "mlflow", "pandas", "numpy")
 

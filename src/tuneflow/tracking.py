@@ -25,7 +25,26 @@ from tuneflow.evaluate import Evaluation, plot_confusion, plot_training_loss
 from tuneflow.files import slug
 from tuneflow.models import resolve_base_model
 from tuneflow.registry import ChampionScore, Decision, decision_tags
-from tuneflow.registry_base import TAG
+from tuneflow.registry_base import (
+    BASE_MODEL_TAG,
+    CAUSE_TAG,
+    CHAMPION_VERSION_TAG,
+    CONFIG_DIGEST_TAG,
+    DATA_DIGEST_TAG,
+    ENDED_BY_TAG,
+    FLOW_RUN_TAG,
+    GIT_COMMIT_TAG,
+    HOST_TAG,
+    OUTCOME_TAG,
+    PID_TAG,
+    SAME_AS_VERSION_TAG,
+    SOURCES_TAG,
+    SPLIT_DIGEST_TAG,
+    STAGE_TAG,
+    TAG,
+    TOKENIZE_CACHE_HIT_TAG,
+    VALIDATION_TAG,
+)
 from tuneflow.tokenization import Tokenized, tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -134,9 +153,7 @@ def stage_run(parent_run_id: str, stage: str) -> Iterator[Any]:
     import mlflow
 
     start = time.perf_counter()
-    with mlflow.start_run(
-        run_name=stage, nested=True, parent_run_id=parent_run_id, tags={"tuneflow.stage": stage}
-    ) as run:
+    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id, tags={STAGE_TAG: stage}) as run:
         yield run
         seconds = time.perf_counter() - start
         mlflow.log_metric("stage_seconds", seconds)
@@ -214,14 +231,11 @@ def log_dataset_inputs(cfg: PipelineConfig, loaded: LoadedData, split: Split) ->
             context=context,
             tags={
                 "rows": str(len(frame)),
-                "tuneflow.data_digest": loaded.digest,
-                "tuneflow.split_digest": digest,
-                "tuneflow.sources": sources,
+                DATA_DIGEST_TAG: loaded.digest,
+                SPLIT_DIGEST_TAG: digest,
+                SOURCES_TAG: sources,
             },
         )
-
-
-HOST_TAG, PID_TAG = "tuneflow.host", "tuneflow.pid"
 
 
 def _alive(pid: int) -> bool:
@@ -252,7 +266,7 @@ def end_dead_runs(experiment_id: str) -> list[str]:
     for r in running:
         if r.info.run_id in dead or r.data.tags.get("mlflow.parentRunId") in dead:
             client.set_terminated(r.info.run_id, status="KILLED")
-            client.set_tag(r.info.run_id, "tuneflow.ended_by", "a later retrain: its process was gone")
+            client.set_tag(r.info.run_id, ENDED_BY_TAG, "a later retrain: its process was gone")
     if dead:
         log.warning("marked %d run(s) KILLED whose retrain process is gone: %s", len(dead), ", ".join(dead))
     return dead
@@ -272,16 +286,13 @@ def start_parent_run(cfg: PipelineConfig, run_name: str, lineage: dict[str, str]
     return run
 
 
-CAUSE_TAG = "tuneflow.retrain_cause"
-
-
 def run_lineage(config: PipelineConfig, flow_run_id: str = "", cause: str = "") -> dict[str, str]:
     """The lineage tags of a retrain's parent run (and later of its version)."""
     lineage = {
-        "tuneflow.config_digest": config.digest(),
-        "tuneflow.git_commit": git_commit(Path(__file__).resolve().parent),
-        "tuneflow.prefect_flow_run_id": flow_run_id,
-        "tuneflow.base_model": config.model.base_model,
+        CONFIG_DIGEST_TAG: config.digest(),
+        GIT_COMMIT_TAG: git_commit(Path(__file__).resolve().parent),
+        FLOW_RUN_TAG: flow_run_id,
+        BASE_MODEL_TAG: config.model.base_model,
     }
     if cause:
         lineage[CAUSE_TAG] = cause[:5000]
@@ -319,8 +330,8 @@ def log_validation(check: DataCheck, parent_run_id: str) -> None:
         }
     )
     verdict = "passed" if check.error is None else "failed"
-    mlflow.set_tag("tuneflow.validation", verdict)
-    mlflow.MlflowClient().set_tag(parent_run_id, "tuneflow.validation", verdict)
+    mlflow.set_tag(VALIDATION_TAG, verdict)
+    mlflow.MlflowClient().set_tag(parent_run_id, VALIDATION_TAG, verdict)
     if check.data is not None:
         data = check.data
         mlflow.log_params(
@@ -332,7 +343,7 @@ def log_validation(check: DataCheck, parent_run_id: str) -> None:
             }
         )
         mlflow.log_metric("validation/rows_dropped", check.rows_dropped)
-        mlflow.MlflowClient().set_tag(parent_run_id, "tuneflow.data_digest", data.digest)
+        mlflow.MlflowClient().set_tag(parent_run_id, DATA_DIGEST_TAG, data.digest)
 
 
 def log_tokenization(tok: Tokenized, max_length: int, parent_run_id: str) -> None:
@@ -346,7 +357,7 @@ def log_tokenization(tok: Tokenized, max_length: int, parent_run_id: str) -> Non
         }
     )
     mlflow.log_metrics(tok.stats(max_length))
-    mlflow.MlflowClient().set_tag(parent_run_id, "tuneflow.tokenize_cache_hit", str(tok.cache_hit))
+    mlflow.MlflowClient().set_tag(parent_run_id, TOKENIZE_CACHE_HIT_TAG, str(tok.cache_hit))
 
 
 def log_training(cfg: PipelineConfig, result: TrainResult) -> None:
@@ -402,10 +413,10 @@ def log_champion_score(champion: ChampionScore, parent_run_id: str, plots_dir: P
         return
     metrics = {f"champion/{k}": v for k, v in champion.evaluation.metrics.items()}
     mlflow.log_metrics(metrics)
-    mlflow.set_tag("tuneflow.champion_version", champion.version)
+    mlflow.set_tag(CHAMPION_VERSION_TAG, champion.version)
     client = mlflow.MlflowClient()
     log_metrics_batch(client, parent_run_id, metrics)
-    client.set_tag(parent_run_id, "tuneflow.champion_version", champion.version)
+    client.set_tag(parent_run_id, CHAMPION_VERSION_TAG, champion.version)
     if champion.evaluation.samples is not None:
         mlflow.log_table(champion.evaluation.samples, "champion_generations.json")
     if not champion.evaluation.confusion:
@@ -433,4 +444,4 @@ def log_unchanged(version: str) -> None:
     """Tags of a retrain that found a version trained on exactly its data, config and base model."""
     import mlflow
 
-    mlflow.set_tags({"tuneflow.outcome": "unchanged", "tuneflow.same_as_version": version})
+    mlflow.set_tags({OUTCOME_TAG: "unchanged", SAME_AS_VERSION_TAG: version})

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from tuneflow.config import ESSENTIAL_CHECKS, PipelineConfig, Severity
-from tuneflow.data import CONTEXT, LABEL, LINE, TEXT, DataError, LoadedData, normalize_text, row_key
+from tuneflow.data import CONTEXT, LABEL, LINE, TEXT, DataError, LoadedData, normalized, row_key
 from tuneflow.kinds.catalog import facts_of
 from tuneflow.kinds.facts import BLANK_REGEX, CheckRow, Table
 from tuneflow.reporting import validation_html, validation_summary
@@ -249,7 +249,7 @@ def _with_context(table: pd.DataFrame) -> pd.DataFrame:
 def _prompt_responses(table: pd.DataFrame) -> pd.DataFrame:
     """Per row: the prompt key (the normalized prompt and the row's context: the same question asked after
     other turns is another question) and the normalized response; None where the row lacks either."""
-    response = table[LABEL].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
+    response = normalized(table[LABEL])
     prompt = table[NORM].where(table[NORM].notna() & response.notna(), None)
     return pd.DataFrame({"prompt": prompt + "\x1f" + table[CONTEXT].fillna(""), "response": response})
 
@@ -419,7 +419,7 @@ def _tables(
         rows = frame.set_index(LINE)[[*columns, NORM]].copy()
     else:
         rows = frame.set_index(LINE)[columns].copy()
-        rows[NORM] = rows[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
+        rows[NORM] = normalized(rows[TEXT])
     tables: dict[Table, pd.DataFrame] = {
         "schema": raw if raw is not None else frame.set_index(LINE)[[TEXT, LABEL]].astype(object)
     }
@@ -631,37 +631,17 @@ def validate_frame(
         docs_dir: when set, Great Expectations Data Docs (HTML) are written there.
         config_file: named in the fixes (where to set a check's severity).
     """
-    import great_expectations as gx
-
     checks = [c for c in build_checks(cfg) if cfg.validation.severity_of(c.name) != "off"]
     fixes = {c.name: _fix(c, cfg.validation.severity_of(c.name), config_file) for c in checks}
     tables = _tables(frame, cfg, raw, reference, tokenizer, {c.name for c in checks})
+    results: dict[str, CheckResult] = {}
+    for check in checks:
+        reason = _cannot_run(check, tables, reference, tokenizer, cfg)
+        if reason:
+            results[check.name] = _skipped(check, reason, fixes[check.name], cfg)
     ctx = _docs_context(docs_dir)
     source_ = ctx.data_sources.add_pandas("tuneflow")
-    results: dict[str, CheckResult] = {}
     raw_results: dict[str, Any] = {}
-    limit = cfg.validation.max_failed_examples
-    for check in checks:
-        if check.needs_reference and reference is None:
-            reason = "skipped: no accepted data to compare with"
-        elif check.table == "drift" and "drift" not in tables:
-            reason = f"skipped: fewer than {cfg.validation.drift_min_rows} rows"
-        elif check.needs_tokenizer and tokenizer is None:
-            reason = "skipped: no tokenizer given"
-        else:
-            continue
-        results[check.name] = CheckResult(
-            check.name,
-            "",
-            check.table,
-            check.rule,
-            True,
-            reason,
-            [],
-            fixes[check.name],
-            cfg.validation.severity_of(check.name),
-            check.threshold,
-        )
     for table in TABLES:
         table_checks = [c for c in checks if c.table == table and c.name not in results]
         if not table_checks:
@@ -669,58 +649,108 @@ def validate_frame(
         broken_schema = [r.name for r in results.values() if r.name in SCHEMA_CHECKS and not r.success]
         if table != "schema" and broken_schema:
             # Row checks on a mistyped column only repeat the root cause in other words.
-            for check in table_checks:
-                results[check.name] = CheckResult(
-                    check.name,
-                    "",
-                    check.table,
-                    check.rule,
-                    True,
-                    f"skipped: {' and '.join(broken_schema)} failed",
-                    [],
-                    fixes[check.name],
-                    cfg.validation.severity_of(check.name),
-                    check.threshold,
-                )
+            reason = f"skipped: {' and '.join(broken_schema)} failed"
+            results.update({c.name: _skipped(c, reason, fixes[c.name], cfg) for c in table_checks})
             continue
-        suite = ctx.suites.add(gx.ExpectationSuite(name=f"{cfg.name}-{table}"))
-        built: dict[str, Any] = {}
-        for check in table_checks:
-            exp = built[check.name] = check.expectation()
-            exp.meta = {"check": check.name, "rule": check.rule, "fix": fixes[check.name]}
-            suite.add_expectation(exp)
-        batch = source_.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
-        vd = ctx.validation_definitions.add(
-            gx.ValidationDefinition(name=f"{cfg.name}-{table}", data=batch, suite=suite)
+        raw_results[table], found = _run_table(
+            ctx, source_, table, table_checks, tables, fixes, cfg, data_docs=docs_dir
         )
-        result_format = {"result_format": "SUMMARY", "partial_unexpected_count": max(limit, 20)}
-        params = {"dataframe": tables[table]}
-        if docs_dir is not None:
-            cp = ctx.checkpoints.add(
-                gx.Checkpoint(
-                    name=f"{cfg.name}-{table}",
-                    validation_definitions=[vd],
-                    result_format=result_format,
-                    actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["local_site"])],
-                )
+        results.update({r.name: r for r in found})
+    ordered = [results[c.name] for c in checks]  # GE returns results grouped by column; keep ours
+    report = ValidationReport(
+        source=str(source),
+        row_count=len(frame),
+        checks=ordered,
+        raw=json.loads(json.dumps(raw_results, default=str)),
+    )
+    if docs_dir is not None:
+        write_report_page(report, docs_dir)
+    return report
+
+
+def _cannot_run(
+    check: Check,
+    tables: dict[Table, pd.DataFrame],
+    reference: pd.DataFrame | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    cfg: PipelineConfig,
+) -> str | None:
+    """Why ``check`` is skipped on this batch (no accepted data, too few rows to compare, no tokenizer)."""
+    if check.needs_reference and reference is None:
+        return "skipped: no accepted data to compare with"
+    if check.table == "drift" and "drift" not in tables:
+        return f"skipped: fewer than {cfg.validation.drift_min_rows} rows"
+    if check.needs_tokenizer and tokenizer is None:
+        return "skipped: no tokenizer given"
+    return None
+
+
+def _skipped(check: Check, reason: str, fix: str, cfg: PipelineConfig) -> CheckResult:
+    return CheckResult(
+        name=check.name,
+        expectation="",
+        column=check.table,
+        rule=check.rule,
+        success=True,
+        observed=reason,
+        fix=fix,
+        severity=cfg.validation.severity_of(check.name),
+        threshold=check.threshold,
+    )
+
+
+def _run_table(
+    ctx: Any,
+    source: Any,
+    table: Table,
+    checks: list[Check],
+    tables: dict[Table, pd.DataFrame],
+    fixes: dict[str, str],
+    cfg: PipelineConfig,
+    *,
+    data_docs: Path | None,
+) -> tuple[dict[str, Any], list[CheckResult]]:
+    """Run one table's checks as one Great Expectations suite; the raw GE result and a result per check."""
+    import great_expectations as gx
+
+    suite = ctx.suites.add(gx.ExpectationSuite(name=f"{cfg.name}-{table}"))
+    built: dict[str, Any] = {}
+    for check in checks:
+        exp = built[check.name] = check.expectation()
+        exp.meta = {"check": check.name, "rule": check.rule, "fix": fixes[check.name]}
+        suite.add_expectation(exp)
+    batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=f"{cfg.name}-{table}", data=batch, suite=suite))
+    limit = cfg.validation.max_failed_examples
+    result_format = {"result_format": "SUMMARY", "partial_unexpected_count": max(limit, 20)}
+    params = {"dataframe": tables[table]}
+    if data_docs is not None:
+        cp = ctx.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{cfg.name}-{table}",
+                validation_definitions=[vd],
+                result_format=result_format,
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs", site_names=["local_site"])],
             )
-            run = next(iter(cp.run(batch_parameters=params).run_results.values()))
-        else:
-            run = vd.run(batch_parameters=params, result_format=result_format)
-        raw_results[table] = run.to_json_dict()
-        by_name = {c.name: c for c in table_checks}
-        for r in run.results:
-            check = by_name[r.expectation_config.meta["check"]]
-            if r.exception_info and r.exception_info.get("raised_exception"):
-                raise RuntimeError(
-                    f"Great Expectations could not run {check.name}: {r.exception_info.get('exception_message')}"
-                )
-            column = r.expectation_config.kwargs.get("column")
-            if column is None:
-                # GE leaves out a column that is the expectation's default (tuneflow.expectations' derived
-                # columns): name it, never 'None'
-                column = getattr(built[check.name], "column", None)
-            results[check.name] = CheckResult(
+        )
+        run = next(iter(cp.run(batch_parameters=params).run_results.values()))
+    else:
+        run = vd.run(batch_parameters=params, result_format=result_format)
+    by_name = {c.name: c for c in checks}
+    found = []
+    for r in run.results:
+        check = by_name[r.expectation_config.meta["check"]]
+        if r.exception_info and r.exception_info.get("raised_exception"):
+            raise RuntimeError(
+                f"Great Expectations could not run {check.name}: {r.exception_info.get('exception_message')}"
+            )
+        column = r.expectation_config.kwargs.get("column")
+        if column is None:
+            # GE leaves out a column that is the expectation's default (tuneflow.expectations' derived
+            # columns): name it, never 'None'
+            column = getattr(built[check.name], "column", None)
+        found.append(
+            CheckResult(
                 name=check.name,
                 expectation=r.expectation_config.type,
                 column=_user_column(str(column), cfg),
@@ -733,16 +763,8 @@ def validate_frame(
                 threshold=check.threshold,
                 offending=[] if r.success else _offending(r.result, table, limit, tables["rows"]),
             )
-    ordered = [results[c.name] for c in checks]  # GE returns results grouped by column; keep ours
-    report = ValidationReport(
-        source=str(source),
-        row_count=len(frame),
-        checks=ordered,
-        raw=json.loads(json.dumps(raw_results, default=str)),
-    )
-    if docs_dir is not None:
-        write_report_page(report, docs_dir)
-    return report
+        )
+    return run.to_json_dict(), found
 
 
 DATA_DOCS = "data_docs"  # Great Expectations' Data Docs site, inside a report folder beside its index.html
@@ -781,8 +803,8 @@ def drop_out_of_bounds(loaded: LoadedData, cfg: PipelineConfig) -> tuple[LoadedD
         )
     frame = frame[keep]
     if facts_of(cfg.kind).dedupe_pairs:
-        normalized = frame[TEXT].map(lambda t: normalize_text(t) if isinstance(t, str) else None)
-        repeated = row_key(frame, normalized).duplicated(keep="first")
+        texts = normalized(frame[TEXT])
+        repeated = row_key(frame, texts).duplicated(keep="first")
         if repeated.any():
             log.warning(
                 "dropping %d repeated prompt/response pairs (tolerated by validation.max_duplicate_rate=%s)",

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 EVENT = "tuneflow.data.arrived"  # the Prefect event a settled burst is announced as
 QUARANTINED_EVENT = "tuneflow.batch.quarantined"  # emitted by a retrain whose gate quarantined batches
 DEGRADED_EVENT = "tuneflow.champion.degraded"  # emitted by a monitor stage that found the champion degraded
+DATASET_RESOURCE = "tuneflow.dataset."  # + the config's name: the resource data events are emitted on
+MODEL_RESOURCE = "tuneflow.model."  # + the registered model's name: the resource model events are emitted on
 STATE_FILE = ".watch-state.json"
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 MAX_SEEN = 10_000  # digests remembered; older ones are dropped first
@@ -41,12 +43,12 @@ MAX_SEEN = 10_000  # digests remembered; older ones are dropped first
 
 def resource_id(dataset: str) -> str:
     """The event resource a deployment trigger matches on: one per dataset (the config's ``name``)."""
-    return f"tuneflow.dataset.{dataset}"
+    return DATASET_RESOURCE + dataset
 
 
 def model_resource(model_name: str) -> str:
     """The event resource of a registered model (``tuneflow.champion.degraded`` is emitted on it)."""
-    return f"tuneflow.model.{model_name}"
+    return MODEL_RESOURCE + model_name
 
 
 @dataclass

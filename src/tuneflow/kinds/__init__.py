@@ -5,9 +5,9 @@ and is needed before anything heavy loads (config cross-checks, data checks, met
 rows, what its MLmodel holds) is the kind's ``KindFacts`` (``tuneflow.kinds.facts``, one ``<kind>_facts``
 module per kind), read with ``tuneflow.kinds.catalog.facts_of``. The stages never branch on the kind's name.
 
-A new kind is its module here that implements the protocol, its facts module, and its name in
-``tuneflow.config.Kind``, in ``KINDS`` below and in ``tuneflow.kinds.catalog.FACTS``. This package imports
-nothing heavy: a kind's module is imported when ``get_kind`` first asks for it.
+A new kind is its module here that implements the protocol, its facts module (naming that implementation), and
+its facts in the tuple of ``tuneflow.kinds.catalog.FACTS``; the config's ``Kind`` and ``KINDS`` below are derived
+from that. This package imports nothing heavy: a kind's module is imported when ``get_kind`` first asks for it.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class FineTuningKind(Protocol):
 
 
 # name -> the kind's module and class, imported on first use (its facts: tuneflow.kinds.catalog.FACTS)
-KINDS: dict[str, str] = {"classification": "classification:Classification", "sft": "sft:Sft"}
+KINDS: dict[str, str] = {name: facts.implementation for name, facts in FACTS.items()}  # name -> "module:Class"
 
 
 def get_kind(name: str) -> FineTuningKind:

@@ -140,6 +140,7 @@ FACTS = KindFacts(
         {"truncation": bool, "max_length": int},
     ),
     card="classification",
+    implementation="classification:Classification",
     labels_in_both_splits=True,
     digest_has_kind=False,  # kind joined the config after the first classification versions were registered
     check_config=_check_config,

@@ -66,6 +66,7 @@ class KindFacts:
     shape: Literal["labeled", "chat"]  # validation's derived columns (tuneflow.validation.SHAPES)
     expected: Expected  # what the trust check expects in a version's MLmodel
     card: str  # the model card's renderer (tuneflow.reporting.CARDS)
+    implementation: str  # its FineTuningKind, "module:Class" in tuneflow.kinds (imported by get_kind on first use)
     reads_chat: bool = False  # data is read as prompt/response rows with the config's sft section
     labels_in_both_splits: bool = False  # every configured label must be in both the train and eval split
     dedupe_pairs: bool = False  # rows that repeat a prompt/response pair are dropped before training

@@ -143,6 +143,7 @@ FACTS = KindFacts(
         {"max_new_tokens": int, "do_sample": bool},
     ),
     card="sft",
+    implementation="sft:Sft",
     reads_chat=True,
     dedupe_pairs=True,
     check_config=_check_config,
