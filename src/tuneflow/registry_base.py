@@ -26,8 +26,12 @@ FINGERPRINT_TAG = "tuneflow.fingerprint"
 # The same, over the input files' bytes before validation: lets an unchanged retrain stop before validating
 INPUT_FINGERPRINT_TAG = "tuneflow.input_fingerprint"
 
-# What every version's requirements.txt pins, and all it may pin (the trust check refuses anything else).
+# What every version's requirements.txt pins; OPTIONAL ones a version may pin besides (an adapter-only sft version:
+# peft). The trust check refuses anything else.
 REQUIREMENT_PACKAGES = ("torch", "transformers", "tokenizers", "mlflow", "pandas", "numpy")
+OPTIONAL_REQUIREMENT_PACKAGES = ("peft",)
+# The MLmodel metadata key of an adapter-only version: {model: the base_model spec, digest: the base folder's sha256}
+BASE_PIN_KEY = "tuneflow_base"
 
 
 class RegistryError(ValueError):
