@@ -247,9 +247,6 @@ def register_version(
     kind = get_kind(cfg.kind)
     options = kind.logging_options(cfg)
     extra = options.pop("extra_requirements", [])
-    # transformers 5 decodes a BPE tokenizer without the WordPiece space clean-up whatever the setting; saved as
-    # False, the tokenizer says so (the served chat model still asks for it: tuneflow.runtime quiets that warning)
-    tokenizer.clean_up_tokenization_spaces = False
     with kind.logging_context(model, cfg):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},

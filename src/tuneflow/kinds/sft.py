@@ -290,6 +290,11 @@ def generate(
     import torch
 
     contexts = contexts or [None] * len(prompts)
+    extra = generation_kwargs(settings or GenerationSettings())
+    if extra:
+        # transformers' repetition controls count the left padding of a batch as tokens of the answer (the pad token
+        # is EOS here): one prompt at a time, as the served model answers each request
+        batch_size = 1
     texts = [
         tokenizer.apply_chat_template(prompt_messages(p, c), add_generation_prompt=True, tokenize=False)
         for p, c in zip(prompts, contexts, strict=True)
@@ -311,7 +316,7 @@ def generate(
                     do_sample=False,
                     eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id,
-                    **generation_kwargs(settings or GenerationSettings()),
+                    **extra,
                 )
                 for row in out[:, enc["input_ids"].shape[1] :].tolist():
                     ended = tokenizer.eos_token_id in row

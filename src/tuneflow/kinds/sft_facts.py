@@ -109,7 +109,7 @@ FACTS = KindFacts(
     name="sft",
     metrics=("eval_loss", "perplexity", "chrf"),
     default_metric="eval_loss",
-    shown_metrics=("eval_loss", "perplexity", "chrf"),
+    shown_metrics=("eval_loss", "perplexity", "chrf", "looping_share", "base_chrf", "base_looping_share"),
     checks=(
         "text_type",
         "response_type",
