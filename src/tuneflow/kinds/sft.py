@@ -213,10 +213,10 @@ def adapter_saved_as(model: Any, dtype: torch.dtype) -> Iterator[None]:
             p.data = p.data.to(d)
 
 
-def weight_bytes(model: Any, adapter_only: bool) -> int:
-    """Bytes of the weights a version holds: the adapter's (as saved) or the whole model's (shared tensors once)."""
-    params = _lora_parameters(model) if adapter_only else list(model.parameters())
-    return sum(p.numel() * p.element_size() for p in params)
+def weight_bytes(model: Any, adapter_only: bool, dtype: torch.dtype) -> int:
+    """Bytes of the weights a version holds in ``dtype``: the adapter's or the whole model's (shared tensors once)."""
+    params = [p for n, p in model.named_parameters() if ("lora_" in n) == adapter_only]
+    return sum(p.numel() for p in params) * dtype.itemsize
 
 
 def generation_kwargs(settings: GenerationSettings) -> dict[str, Any]:
@@ -543,8 +543,8 @@ def train_sft(
             "train_rows": float(len(train)),
             "response_tokens_per_epoch": float(tokens),
             "train_tokens_per_second": float(tokens * (trainer.state.epoch or 0) / seconds) if seconds else 0.0,
-            "registered_weight_bytes": float(weight_bytes(model, adapter_only)),
-            "base_weight_bytes": float(weight_bytes(model.get_base_model(), False)) if adapter_only else 0.0,
+            "registered_weight_bytes": float(weight_bytes(model, adapter_only, dtype)),
+            "base_weight_bytes": float(weight_bytes(model, False, dtype)) if adapter_only else 0.0,
         },
     )
 
