@@ -321,3 +321,41 @@ def test_serve_model_serves_an_adapter_version(tiny_llama, sft_data, workdir, tm
     finally:
         stop_group(proc)
         log.close()
+
+
+def test_repetition_controls_are_logged_and_the_served_model_applies_them(tiny_llama, sft_data, workdir):
+    settings = {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2}
+    cfg = _cfg(tiny_llama, sft_data, **{"sft.max_steps": 60, "sft.generation": settings})
+    _, tok, _, result = _train(cfg, workdir / "ckpt")
+    expected, _ = generate(result.model, tok, PROMPTS, max_new_tokens=8, settings=cfg.sft.generation)
+    assert expected != generate(result.model, tok, PROMPTS, max_new_tokens=8)[0]  # the settings change answers
+    mv = _register(cfg, result, tok)
+    local = _local(mv, workdir, "dl")
+    config = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert config["config"] == {"max_new_tokens": 8, "do_sample": False, **settings}  # the served model's settings
+    # The served chat model passes them to generate: the pipeline MLflow builds from the version, given its config,
+    # returns the tokens evaluation generated. (Compared by tokens: this tiny model writes stray bytes, and MLflow
+    # cuts the prompt off the decoded text by character count, which a stray byte's U+FFFD shifts.)
+    pipe = mlflow.transformers.load_model(str(local))
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPTS[1]}], add_generation_prompt=True, tokenize=False)
+    out = pipe(text, return_tensors=True, add_special_tokens=False, **config["config"])[0]["generated_token_ids"]
+    prompt_n = len(tok(text, add_special_tokens=False)["input_ids"])
+    answer = list(out[prompt_n:])
+    answer = answer[: answer.index(tok.eos_token_id)] if tok.eos_token_id in answer else answer
+    assert tok.decode(answer, skip_special_tokens=True).strip() == expected[1]
+
+
+def test_sampling_settings_are_logged_only_when_sampling_and_pass_the_trust_types(tiny_llama, sft_data):
+    from tuneflow.trust import EXPECTED
+
+    kind = get_kind("sft")
+    greedy = kind.logging_options(_cfg(tiny_llama, sft_data))["model_config"]
+    assert greedy == {"max_new_tokens": 8, "do_sample": False}
+    sampled = kind.logging_options(
+        _cfg(tiny_llama, sft_data, **{"sft.generation": {"do_sample": True, "temperature": 0.7, "top_p": 0.9}})
+    )["model_config"]
+    assert sampled == {"max_new_tokens": 8, "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50}
+    types = EXPECTED["sft"].config
+    assert all(type(v) is types[k] for k, v in sampled.items())
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        _cfg(tiny_llama, sft_data, **{"sft.generation": {"repetition_penalty": 0.5}})
