@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from sft_fixtures import build_tiny_llama, sft_config, sft_frame
-from servers import free_port, stop_group, wait_until_up
 from tuneflow.config import PipelineConfig
 from tuneflow.data import read_table, sft_settings, split_data
 from tuneflow.kinds import get_kind
@@ -27,6 +26,8 @@ from tuneflow.predict import score_path
 from tuneflow.registry import decide, register_version
 from tuneflow.registry_base import UntrustedModel
 from tuneflow.scoring import score_version
+
+from servers import free_port, stop_group, wait_until_up
 
 PROMPTS = ["What is your name? (3)", "Where do you live? (1)", "Tell me a joke. (5)", "Good morning! (2)"]
 
@@ -337,7 +338,8 @@ def test_repetition_controls_are_logged_and_the_served_model_applies_them(tiny_l
     # returns the tokens evaluation generated. (Compared by tokens: this tiny model writes stray bytes, and MLflow
     # cuts the prompt off the decoded text by character count, which a stray byte's U+FFFD shifts.)
     pipe = mlflow.transformers.load_model(str(local))
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPTS[1]}], add_generation_prompt=True, tokenize=False)
+    chat = [{"role": "user", "content": PROMPTS[1]}]
+    text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     out = pipe(text, return_tensors=True, add_special_tokens=False, **config["config"])[0]["generated_token_ids"]
     prompt_n = len(tok(text, add_special_tokens=False)["input_ids"])
     answer = list(out[prompt_n:])
