@@ -280,7 +280,8 @@ class RegistryConfig(_Section):
     sft_dtype: Literal["bfloat16", "float16", "float32", "base"] = Field(
         "bfloat16",
         description="Kind sft: the dtype the fine-tuned model is evaluated and registered in ('base': the dtype the "
-        "base model's config.json names, float32 when it names none). bfloat16 halves a float32 model's size.",
+        "base model's config.json names, float32 when it names none). bfloat16 halves a float32 model's size. With "
+        "sft_weights: adapter, the adapter's dtype; the base then loads in its own dtype.",
     )
 
 

@@ -667,17 +667,9 @@ def sft_model_card(
             f"per epoch; {extra.get('trainable_parameters', 0):,.0f} of {extra.get('total_parameters', 0):,.0f} "
             "parameters trained"
         )
-        size = extra.get("registered_weight_bytes") or sum(
-            p.numel() * p.element_size() for p in training.model.parameters()
-        )
-        if adapter_only:
-            lines.append(
-                f"- Size of this version: {size / 2**20:.1f} MiB of adapter weights ({cfg.registry.sft_dtype}) and the "
-                f"tokenizer; the base model ({extra.get('base_weight_bytes', 0) / 2**20:.0f} MiB of weights, "
-                f"`{cfg.model.base_model}`) is not in it: it loads from the pinned base folder and refuses any other"
-            )
-        else:
-            lines.append(f"- Size of this version: {size / 2**20:.0f} MiB of weights ({cfg.registry.sft_dtype})")
+        size = _sft_size(cfg, training)
+        lines.append(f"- Size of this version: {size}")
+        lines.insert(3, f"Size of this version: {size}.\n")  # near the top: a long card is cut in the description
     lines += [
         f"- MLflow run `{run_id}`",
         "",
@@ -692,6 +684,20 @@ def sft_model_card(
         "- Trained on the data above alone: prompts from another domain or language may get worse answers.",
     ]
     return "\n".join(lines)
+
+
+def _sft_size(cfg: PipelineConfig, training: TrainResult) -> str:
+    extra = training.extra
+    size = extra.get("registered_weight_bytes") or sum(
+        p.numel() * p.element_size() for p in training.model.parameters()
+    )
+    if cfg.registry.sft_weights == "adapter":
+        return (
+            f"{size / 2**20:.1f} MiB of adapter weights ({cfg.registry.sft_dtype}) and the tokenizer; the base model "
+            f"({extra.get('base_weight_bytes', 0) / 2**20:.0f} MiB of weights, `{cfg.model.base_model}`) is not in "
+            "it: it loads from the pinned base folder and refuses any other"
+        )
+    return f"{size / 2**20:.0f} MiB of weights ({cfg.registry.sft_dtype})"
 
 
 # The model card of each kind (KindFacts.card): rendering stays here, the kind names its card.

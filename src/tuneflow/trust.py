@@ -22,7 +22,12 @@ and checked there (the same bytes are then loaded from that folder, so nothing c
   manager that builds the version's environment installs nothing else;
 - files: weights as ``.safetensors`` only, and only plain data files besides (JSON, text, Jinja
   templates, YAML at the top); no pickles, no Python, no ``code/``;
-- configs: no ``auto_map`` (remote code) anywhere in the model's or the tokenizer's JSON files.
+- configs: no ``auto_map`` (remote code) anywhere in the model's or the tokenizer's JSON files;
+- an adapter-only version (kind sft, ``registry.sft_weights: adapter``) has no ``model/`` but a LoRA adapter in
+  ``peft/`` and MLflow's ``local_base_model_path`` naming its base folder, allowed only with the pin tuneflow
+  writes (MLmodel metadata ``tuneflow_base``: spec and content digest) in a kind whose versions may be adapters;
+  that base folder must hold only data files (safetensors weights, no ``auto_map``) and match the pinned digest.
+  (MLflow reads the folder again when it loads: tuneflow checks it just before.)
 
 Anything else raises ``UntrustedModel`` naming the version, the finding and the fix.
 """
