@@ -227,7 +227,17 @@ def test_adapter_version_trust_refusals(tiny_llama, sft_data, workdir, tmp_path)
     def pickled_adapter(m, folder):
         (folder / "peft" / "adapter_model.bin").write_bytes(b"pickle")
 
+    def adapter_config(**values):
+        def change(_, folder):
+            path = folder / "peft" / "adapter_config.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+        return change
+
     for change, finding in (
+        (adapter_config(megatron_config={"x": 1}, megatron_core="os"), "megatron"),
+        (adapter_config(init_lora_weights="pissa"), "init_lora_weights"),
+        (adapter_config(peft_type="PROMPT_TUNING"), "LoRA adapters for CAUSAL_LM only"),
         (drop_pin, "unexpected file peft/|local_base_model_path is not one tuneflow writes"),
         (bad_digest, "not the one this adapter was trained on"),
         (relative_base, "absolute path"),

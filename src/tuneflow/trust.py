@@ -374,6 +374,15 @@ def _adapter_config_findings(folder: Path) -> Iterator[str]:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA" or config.get("task_type") != "CAUSAL_LM":
         kind = (config.get("peft_type"), config.get("task_type")) if isinstance(config, dict) else config
         yield f"{ADAPTER_DIR}/adapter_config.json is {kind!r}; tuneflow writes LoRA adapters for CAUSAL_LM only"
+    elif config.get("megatron_config") is not None or config.get("megatron_core") not in (None, "megatron.core"):
+        # peft 0.21 imports the module named by megatron_core when megatron_config is set
+        yield f"{ADAPTER_DIR}/adapter_config.json sets megatron_config/megatron_core: PEFT would import that module"
+    elif config.get("init_lora_weights") is not True:
+        # e.g. "pissa" / "olora" rewrite the base weights while the adapter loads
+        yield (
+            f"{ADAPTER_DIR}/adapter_config.json has init_lora_weights {config.get('init_lora_weights')!r}; tuneflow "
+            "writes true (other initialisations change the base weights as the adapter loads)"
+        )
     if not (folder / ADAPTER_DIR / "adapter_model.safetensors").is_file():
         yield f"it has no {ADAPTER_DIR}/adapter_model.safetensors"
 
