@@ -10,7 +10,11 @@ rows (padding-free or packed batches; no example attends to another), with PEFT'
 
 Evaluation: the loss on response tokens (token-weighted) and its perplexity, and greedy generations for
 up to ``sft.generations`` eval prompts scored against the reference with chrF (sacrebleu), with the share
-that stop with EOS before ``sft.max_new_tokens``.
+that stop with EOS before ``sft.max_new_tokens`` and the share that loop (``loops``); for a new model, the base
+model's answers to the same prompts beside them (``base_generations``, cached once per base, prompts, settings).
+
+Registration (docs/how-to/sft-versions.md): the model is evaluated and registered in ``registry.sft_dtype``,
+merged (``registry.sft_weights: merged``) or as the adapter alone on its pinned base (``adapter``).
 """
 
 from __future__ import annotations
