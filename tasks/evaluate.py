@@ -24,7 +24,9 @@ def evaluate_task(
     cfg: PipelineConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: Split, run: RunContext
 ) -> Evaluation:
     with stage_run(run.parent_run_id, "evaluate"):
-        evaluation = get_kind(cfg.kind).evaluate(model, tokenizer, split.eval, cfg, cfg.model.max_length)
+        evaluation = get_kind(cfg.kind).evaluate(
+            model, tokenizer, split.eval, cfg, cfg.model.max_length, new_model=True
+        )
         log_evaluation(evaluation, run.parent_run_id, run.work_dir)
     return evaluation
 

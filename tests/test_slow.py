@@ -45,3 +45,38 @@ def test_sft_config_fine_tunes_smollm2_and_the_eval_loss_falls(workdir):
     result = retrain_once(cfg, config_file="configs/chatterbot-sft.yaml")
     assert result["metrics"]["eval_loss"] < base["eval_loss"], (result["metrics"], base)
     assert result["promoted"] is True
+
+
+def test_sft_demo_with_adapter_versions_end_to_end(workdir):
+    """The demo config with registry.sft_weights: adapter: trained, registered as an adapter under 20 MB pinned to the
+    converted SmolLM2 folder, promoted, and answering through `tuneflow predict` offline as its components do."""
+    from pathlib import Path
+
+    import mlflow
+    import pandas as pd
+
+    from tuneflow.flows.retrain import retrain_once
+    from tuneflow.kinds.sft import generate, prepare_tokenizer
+    from tuneflow.predict import score_path
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = ["sft.max_steps=6", "sft.generations=4", "sft.max_new_tokens=24", "registry.sft_weights=adapter"]
+    cfg = load_config(repo / "configs/chatterbot-sft.yaml", overrides)
+    result = retrain_once(cfg, config_file="configs/chatterbot-sft.yaml")
+    assert result["promoted"] is True
+    name = cfg.registry.model_name
+    mv = MlflowClient().get_model_version_by_alias(name, "champion")
+    assert "adapter weights" in mv.description and "Size of this version" in mv.description
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}", dst_path=str(workdir / "dl")))
+    size = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+    assert size < 20e6, size
+    assert not (local / "model").exists()
+
+    prompts = ["Hello, how are you?", "What is your favorite book?"]
+    inputs = workdir / "prompts.csv"
+    pd.DataFrame({"prompt": prompts}).to_csv(inputs, index=False)
+    score_path(f"{name}@champion", inputs, workdir / "out.csv", text_column="prompt")
+    served = list(pd.read_csv(workdir / "out.csv")["generation"].fillna(""))
+    parts = mlflow.transformers.load_model(str(local), return_type="components")
+    tok = prepare_tokenizer(parts["tokenizer"], cfg.sft)
+    assert served == generate(parts["model"], tok, prompts, max_new_tokens=cfg.sft.max_new_tokens)[0]

@@ -271,6 +271,18 @@ class RegistryConfig(_Section):
         0.0, ge=0.0, description="The challenger must beat the champion's primary metric by at least this."
     )
     enabled: bool = Field(True, description="Log and register the model; false stops after evaluation.")
+    sft_weights: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="Kind sft: what a version holds. 'merged': the LoRA adapters merged into the base weights (a "
+        "whole model, loads anywhere). 'adapter': the LoRA adapter and tokenizer only (a few MB), pinned to the "
+        "base model folder's content digest; loading refuses any other base (needs sft.lora.enabled).",
+    )
+    sft_dtype: Literal["bfloat16", "float16", "float32", "base"] = Field(
+        "bfloat16",
+        description="Kind sft: the dtype the fine-tuned model is evaluated and registered in ('base': the dtype the "
+        "base model's config.json names, float32 when it names none). bfloat16 halves a float32 model's size. With "
+        "sft_weights: adapter, the adapter's dtype; the base then loads in its own dtype.",
+    )
 
 
 class ScheduleConfig(_Section):
@@ -405,6 +417,32 @@ class LoraSettings(_Section):
     )
 
 
+class GenerationSettings(_Section):
+    """How the fine-tuned model generates: evaluation (greedy) and the served chat model use these settings."""
+
+    repetition_penalty: float = Field(
+        1.0,
+        ge=1.0,
+        le=10.0,
+        allow_inf_nan=False,
+        description="Divides the score of every token already in the prompt or answer (transformers' "
+        "repetition_penalty); 1.0 is off, 1.1-1.3 curbs answers that loop.",
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, le=64, description="No n-gram of this many tokens occurs twice in an answer; 0 is off."
+    )
+    do_sample: bool = Field(
+        False,
+        description="Serving only: sample answers (temperature, top_p, top_k) instead of greedy decoding. "
+        "Evaluation always decodes greedily, so scores do not depend on chance.",
+    )
+    temperature: float = Field(
+        1.0, gt=0.0, le=10.0, allow_inf_nan=False, description="Sampling temperature (with do_sample)."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep this share of the mass (do_sample).")
+    top_k: int = Field(50, ge=0, description="Sample among the k likeliest tokens; 0 keeps all (with do_sample).")
+
+
 class SftConfig(_Section):
     """Settings of kind ``sft`` (instruction SFT of a causal LM); ignored for classification."""
 
@@ -439,6 +477,16 @@ class SftConfig(_Section):
         16, ge=0, description="Greedy generations for up to this many eval prompts, scored with chrF."
     )
     max_new_tokens: int = Field(48, ge=1, le=1024, description="Longest generation, in tokens.")
+    generation: GenerationSettings = Field(
+        default_factory=GenerationSettings,
+        description="Repetition control and sampling of the generations (evaluation and serving), logged with the "
+        "model.",
+    )
+    compare_base: bool = Field(
+        True,
+        description="Put the base model's greedy answers to the same eval prompts next to the fine-tune's in the "
+        "eval table (generated once per base model, prompts and settings, then read from the cache).",
+    )
 
 
 Kind = Literal[tuple(FACTS)]  # the kinds of tuneflow.kinds.catalog: ("classification", "sft")
@@ -491,6 +539,7 @@ class PipelineConfig(_Section):
         exclude: dict[str, Any] = {k: True for k in ("schedule", "watch", "alerts", "monitor")}
         if not facts_of(self.kind).digest_has_kind:
             exclude |= {"kind": True, "sft": True}
+            exclude["registry"] = {"sft_weights", "sft_dtype"}  # kind sft's: a classification digest stays as it was
         # what a run does after quarantining a batch, and how big a file it reads: not what it trains
         exclude["data"] = {"on_quarantine", "max_file_mb"}
         # How often a run saves its progress, and in how many processes it computes the same recipe (the global

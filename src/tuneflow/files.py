@@ -34,6 +34,28 @@ def sha256_file(path: Path) -> str:
     return _file_digests[key]
 
 
+_folder_digests: dict[tuple, str] = {}
+
+
+def folder_digest(folder: Path) -> str:
+    """A sha256 of every file of ``folder`` (relative names, sizes and bytes; dot-files left out), remembered per
+    process while no file's size or modification time changes. A base model's identity: part of a retrain's
+    fingerprint, and the pin an adapter-only version is checked against before it loads."""
+    import hashlib
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _folder_digests:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(f"{p.relative_to(folder)}\0{p.stat().st_size}\0".encode())
+            with p.open("rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        _folder_digests[key] = h.hexdigest()
+    return _folder_digests[key]
+
+
 class PackageNotFound(LookupError):
     """A ``package:`` reference names a Python package that is not installed."""
 

@@ -6,7 +6,6 @@ is converted once into a safetensors folder in the cache, which every later run 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -15,7 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneflow.config import ModelConfig
-from tuneflow.files import PackageNotFound, file_lock, package_folder, sha256_file, split_package_spec
+from tuneflow.files import (
+    PackageNotFound,
+    file_lock,
+    folder_digest,
+    package_folder,
+    sha256_file,
+    split_package_spec,
+)
 from tuneflow.runtime import cache_dir
 
 if TYPE_CHECKING:
@@ -208,25 +214,10 @@ def base_model_card(cfg: ModelConfig, fallback: str) -> ModelCard:
     return ModelCard(f"---\nlicense: other\n---\n{fallback}")
 
 
-_folder_digests: dict[tuple, str] = {}
-
-
 def base_model_digest(cfg: ModelConfig) -> str:
-    """A digest of every file of the resolved base-model folder (names and bytes), remembered per process
-    while no file's size or modification time changes: part of a retrain's fingerprint."""
-
-    folder = resolve_base_model(cfg.base_model)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    key = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    if key not in _folder_digests:
-        h = hashlib.sha256()
-        for p in files:
-            h.update(f"{p.relative_to(folder)}\0{p.stat().st_size}\0".encode())
-            with p.open("rb") as fh:
-                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    h.update(chunk)
-        _folder_digests[key] = h.hexdigest()
-    return _folder_digests[key]
+    """A digest of every file of the resolved base-model folder (names and bytes; ``tuneflow.files.folder_digest``):
+    part of a retrain's fingerprint, and the pin of an adapter-only version."""
+    return folder_digest(resolve_base_model(cfg.base_model))
 
 
 def check_max_length(cfg: ModelConfig) -> None:

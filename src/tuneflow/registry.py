@@ -30,6 +30,7 @@ from tuneflow.registry_base import (
     FINGERPRINT_TAG,
     KIND_TAG,
     MAX_LENGTH_TAG,
+    OPTIONAL_REQUIREMENT_PACKAGES,
     REQUIREMENT_PACKAGES,
     SCORE_TAG,
     TAG,
@@ -204,9 +205,16 @@ class ChampionScore:
     error: str | None  # it exists but cannot be scored here (e.g. it lacks a label)
 
 
-def pip_requirements() -> list[str]:
-    """Explicit, because MLflow's inference looks for torchvision and fails without it."""
-    return [f"{p}=={pkg_version(p).split('+')[0]}" for p in REQUIREMENT_PACKAGES]  # no local tag: torch's +cpu
+def pip_requirements(extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Explicit, because MLflow's inference looks for torchvision and fails without it; ``extra``: packages of
+    ``OPTIONAL_REQUIREMENT_PACKAGES`` this version needs besides (an adapter-only version: peft)."""
+    unknown = sorted(set(extra) - set(OPTIONAL_REQUIREMENT_PACKAGES))
+    if unknown:
+        raise ValueError(
+            f"requirements {unknown} are not ones a tuneflow version may pin (the trust check refuses them)"
+        )
+    # no local tag: torch's +cpu
+    return [f"{p}=={pkg_version(p).split('+')[0]}" for p in (*REQUIREMENT_PACKAGES, *extra)]
 
 
 def register_version(
@@ -237,16 +245,19 @@ def register_version(
     from mlflow.exceptions import MlflowException
 
     kind = get_kind(cfg.kind)
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        name="model",
-        task=kind.mlflow_task,
-        pip_requirements=pip_requirements(),
-        input_example=kind.input_example(example),
-        # Without a card MLflow asks the Hugging Face Hub for one (offline: a warning on every run).
-        model_card=base_model_card(cfg.model, description),
-        **kind.logging_options(cfg),
-    )
+    options = kind.logging_options(cfg)
+    extra = options.pop("extra_requirements", [])
+    with kind.logging_context(model, cfg):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            name="model",
+            task=kind.mlflow_task,
+            pip_requirements=pip_requirements(extra),
+            input_example=kind.input_example(example),
+            # Without a card MLflow asks the Hugging Face Hub for one (offline: a warning on every run).
+            model_card=base_model_card(cfg.model, description),
+            **options,
+        )
     run_id = mlflow.active_run().info.run_id
     if metrics:
         mlflow.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, model_id=info.model_id)

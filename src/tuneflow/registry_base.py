@@ -53,8 +53,12 @@ POINT_TAG = "tuneflow.monitor.point."  # + step (6 digits): the point as JSON
 PENDING_TAG = "tuneflow.monitor.pending"  # JSON list of accepted batch names waiting for min_rows
 MONITOR_DECISION_TAG = "tuneflow.monitor.decision"  # a retrain's parent run: what monitoring decided
 
-# What every version's requirements.txt pins, and all it may pin (the trust check refuses anything else).
+# What every version's requirements.txt pins; OPTIONAL ones a version may pin besides (an adapter-only sft version:
+# peft). The trust check refuses anything else.
 REQUIREMENT_PACKAGES = ("torch", "transformers", "tokenizers", "mlflow", "pandas", "numpy")
+OPTIONAL_REQUIREMENT_PACKAGES = ("peft",)
+# The MLmodel metadata key of an adapter-only version: {model: the base_model spec, digest: the base folder's sha256}
+BASE_PIN_KEY = "tuneflow_base"
 
 
 class RegistryError(ValueError):

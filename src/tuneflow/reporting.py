@@ -239,13 +239,25 @@ def _cell(text: object, limit: int = 160) -> str:
 
 
 def samples_markdown(samples: pd.DataFrame, limit: int = 8) -> str:
-    """Prompt / reference / generation rows (kind sft) as a markdown table."""
-    rows = [
-        f"| {_cell(r.prompt)} | {_cell(r.reference)} | {_cell(r.generation)} | {r.chrf:.1f} | "
-        f"{'yes' if r.stopped_with_eos else 'no'} |"
-        for r in samples.head(limit).itertuples()
-    ]
-    return "| prompt | reference | generation | chrF | stopped with EOS |\n|---|---|---|---|---|\n" + "\n".join(rows)
+    """Prompt / reference / generation rows (kind sft) as a markdown table; with the base model's answer to the same
+    prompt when the evaluation has it (``base_generation``), and whether each answer loops."""
+
+    def yes(value: object) -> str:
+        return "yes" if value is True or value == 1 else "no"
+
+    has_loops = "loops" in samples.columns
+    has_base = "base_generation" in samples.columns
+    head = ["prompt", "reference", "generation", "chrF", "stopped with EOS"]
+    head += ["loops"] if has_loops else []
+    head += ["base model's generation", "base chrF"] if has_base else []
+    rows = []
+    for r in samples.head(limit).to_dict("records"):
+        cells = [_cell(r["prompt"]), _cell(r["reference"]), _cell(r["generation"]), f"{r['chrf']:.1f}"]
+        cells.append(yes(r["stopped_with_eos"]))
+        cells += [yes(r["loops"])] if has_loops else []
+        cells += [_cell(r["base_generation"]), f"{r['base_chrf']:.1f}"] if has_base else []
+        rows.append("| " + " | ".join(cells) + " |")
+    return "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "\n".join(rows)
 
 
 def unchanged_markdown(cfg: PipelineConfig, version: str, reason: str, run_id: str, url: str) -> str:
@@ -582,11 +594,28 @@ def sft_model_card(
     if evaluation.champion_version:
         cols[f"champion v{evaluation.champion_version}"] = evaluation.champion.metrics if evaluation.champion else None
     template = "custom (sft.chat_template)" if s.chat_template else "the base tokenizer's own, else a plain one"
+    adapter_only = cfg.registry.sft_weights == "adapter"
+    stored = (
+        f"the adapter alone registered ({cfg.registry.sft_dtype}), pinned to the base model folder's content digest"
+        if adapter_only
+        else f"adapters merged into the base weights for registration ({cfg.registry.sft_dtype})"
+    )
     lora = (
         f"LoRA r={s.lora.r}, alpha={s.lora.alpha}, dropout={s.lora.dropout}, target_modules={s.lora.target_modules}; "
-        "adapters merged into the base weights for registration"
+        + stored
         if s.lora.enabled
-        else "full fine-tuning (every weight trained)"
+        else f"full fine-tuning (every weight trained); registered in {cfg.registry.sft_dtype}"
+    )
+    g = s.generation
+    generation = (
+        f"- Generation (evaluation and serving): at most {s.max_new_tokens} new tokens, repetition_penalty "
+        f"{g.repetition_penalty:g}, no_repeat_ngram_size {g.no_repeat_ngram_size}; "
+        + (
+            f"served with sampling (temperature {g.temperature:g}, top_p {g.top_p:g}, top_k {g.top_k}), evaluated "
+            "greedily"
+            if g.do_sample
+            else "greedy"
+        )
     )
     lines = [
         f"# Model card: {cfg.registry.model_name}",
@@ -601,7 +630,9 @@ def sft_model_card(
         "",
         "eval_loss: mean cross-entropy per response token (prompt excluded); perplexity = exp(eval_loss); chrF: "
         f"greedy generations (at most {s.max_new_tokens} new tokens) against the reference; eos_stop_share: "
-        "generations that ended with EOS.",
+        "generations that ended with EOS; looping_share: generations that repeat themselves (a sentence of 3+ words "
+        "twice, or a run of 4 words 3 times); base_chrf / base_looping_share: the same for the base model's "
+        "answers to the same prompts.",
         "",
         metrics_table(cols, []),
     ]
@@ -626,6 +657,7 @@ def sft_model_card(
         f"packing {s.packing}, padding-free {s.padding_free or s.packing}",
         f"- Chat template: {template}; loss on response tokens only, each response ending with a trained EOS",
         f"- {lora}",
+        generation,
     ]
     if training is not None:
         extra = training.extra
@@ -635,8 +667,9 @@ def sft_model_card(
             f"per epoch; {extra.get('trainable_parameters', 0):,.0f} of {extra.get('total_parameters', 0):,.0f} "
             "parameters trained"
         )
-        size = sum(p.numel() * p.element_size() for p in training.model.parameters())
-        lines.append(f"- Size of this version: {size / 2**20:.0f} MiB of weights ({training.model.dtype})")
+        size = _sft_size(cfg, training)
+        lines.append(f"- Size of this version: {size}")
+        lines.insert(3, f"Size of this version: {size}.\n")  # near the top: a long card is cut in the description
     lines += [
         f"- MLflow run `{run_id}`",
         "",
@@ -651,6 +684,20 @@ def sft_model_card(
         "- Trained on the data above alone: prompts from another domain or language may get worse answers.",
     ]
     return "\n".join(lines)
+
+
+def _sft_size(cfg: PipelineConfig, training: TrainResult) -> str:
+    extra = training.extra
+    size = extra.get("registered_weight_bytes") or sum(
+        p.numel() * p.element_size() for p in training.model.parameters()
+    )
+    if cfg.registry.sft_weights == "adapter":
+        return (
+            f"{size / 2**20:.1f} MiB of adapter weights ({cfg.registry.sft_dtype}) and the tokenizer; the base model "
+            f"({extra.get('base_weight_bytes', 0) / 2**20:.0f} MiB of weights, `{cfg.model.base_model}`) is not in "
+            "it: it loads from the pinned base folder and refuses any other"
+        )
+    return f"{size / 2**20:.0f} MiB of weights ({cfg.registry.sft_dtype})"
 
 
 # The model card of each kind (KindFacts.card): rendering stays here, the kind names its card.

@@ -36,8 +36,27 @@ OFFLINE_AND_QUIET = {
 }
 
 
+class _BpeCleanupNotice(logging.Filter):
+    """Drops transformers' "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer" notice. MLflow 3.17's chat
+    model decodes every answer with ``clean_up_tokenization_spaces=True`` hard-coded
+    (``mlflow/transformers/llm_inference_utils.py``), whatever the saved tokenizer says (tuneflow saves False);
+    transformers 5 ignores it for a BPE tokenizer (the answer is decoded correctly) and says so once per process:
+    a notice a user cannot act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Ignoring clean_up_tokenization_spaces=True for BPE tokenizer")
+
+
+def quiet_bpe_cleanup_notice() -> None:
+    """Install ``_BpeCleanupNotice`` on transformers' tokenizer logger (once)."""
+    logger = logging.getLogger("transformers.tokenization_utils_tokenizers")
+    if not any(isinstance(f, _BpeCleanupNotice) for f in logger.filters):
+        logger.addFilter(_BpeCleanupNotice())
+
+
 def configure_environment() -> None:
     """Apply the defaults above without overriding anything the user set; library logs at INFO."""
+    quiet_bpe_cleanup_notice()
     for key, value in OFFLINE_AND_QUIET.items():
         os.environ.setdefault(key, value)
     api = os.environ.get("PREFECT_API_URL", "")

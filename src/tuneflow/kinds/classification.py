@@ -7,6 +7,7 @@ metrics, how a model is scored on the eval split, and what the logged MLflow mod
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -186,6 +187,7 @@ class Classification:
         frame: pd.DataFrame,
         cfg: PipelineConfig,
         max_length: int,
+        new_model: bool = False,
     ) -> Evaluation:
         return evaluate_model(
             model,
@@ -214,6 +216,9 @@ class Classification:
         """Texts are cut to ``model.max_length`` tokens when the registered model scores them (predict, serve),
         as in training: a longer one would fail the whole request, or be read past what the model learned."""
         return {"model_config": {"truncation": True, "max_length": cfg.model.max_length}}
+
+    def logging_context(self, model: Any, cfg: PipelineConfig) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def prediction_columns(self, output: pd.DataFrame) -> dict[str, Any]:
         """The columns ``tuneflow predict`` adds, from the MLflow model's output (``label``, ``score``)."""

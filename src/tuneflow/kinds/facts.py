@@ -52,6 +52,7 @@ class Expected:
     inference_task: str | None
     metadata: dict[str, str] | None
     config: dict[str, type]
+    adapters: bool = False  # its versions may be adapter-only (PEFT adapter + a pinned local base folder)
 
 
 @dataclass(frozen=True)

@@ -10,38 +10,59 @@ rows (padding-free or packed batches; no example attends to another), with PEFT'
 
 Evaluation: the loss on response tokens (token-weighted) and its perplexity, and greedy generations for
 up to ``sft.generations`` eval prompts scored against the reference with chrF (sacrebleu), with the share
-that stop with EOS before ``sft.max_new_tokens``.
+that stop with EOS before ``sft.max_new_tokens`` and the share that loop (``loops``); for a new model, the base
+model's answers to the same prompts beside them (``base_generations``, cached once per base, prompts, settings).
+
+Registration (docs/how-to/sft-versions.md): the model is evaluated and registered in ``registry.sft_dtype``,
+merged (``registry.sft_weights: merged``) or as the adapter alone on its pinned base (``adapter``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import re
 import time
+from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from tuneflow.config import PipelineConfig, SftConfig
+from tuneflow.config import GenerationSettings, PipelineConfig, SftConfig
 from tuneflow.data import CONTEXT, LABEL, TEXT, Split
 from tuneflow.evaluate import Evaluation
+from tuneflow.files import write_json_atomic
 from tuneflow.kinds.sft_facts import FACTS
-from tuneflow.models import resolve_base_model
+from tuneflow.models import base_model_digest, resolve_base_model
+from tuneflow.registry_base import BASE_PIN_KEY
+from tuneflow.runtime import cache_dir
 from tuneflow.train import mlflow_callback, run_trainer
 from tuneflow.train_common import TrainResult
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
+    import torch
     from datasets import DatasetDict
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of a position that is not trained (prompt, padding)
+
+# An answer "loops" when it repeats itself: a sentence of at least LOOP_SENTENCE_WORDS words occurs twice or more,
+# or a run of LOOP_NGRAM words occurs LOOP_NGRAM_REPEATS times or more (a loop without sentence punctuation).
+# Words are lowercased runs of letters/digits (apostrophes kept inside: "I'm"); punctuation is ignored.
+LOOP_NGRAM = 4
+LOOP_NGRAM_REPEATS = 3
+LOOP_SENTENCE_WORDS = 3
+_WORD = re.compile(r"\w+(?:'\w+)*")
+_SENTENCE = re.compile(r"[^.!?\n]+")
 
 # For base models whose tokenizer has no chat template: plain turns, each assistant turn ended by EOS.
 PLAIN_TEMPLATE = (
@@ -126,11 +147,100 @@ def token_lengths(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame) -> pd
     return pd.DataFrame({"prompt_tokens": prompt_n, "pair_tokens": total_n}, index=frame.index)
 
 
+def loops(answer: str) -> bool:
+    """Whether ``answer`` loops (see ``LOOP_NGRAM``): "I'm going to Japan. I'm going to Japan." does, and so does
+    "a b c d x a b c d y a b c d"; "I am fine, thank you." does not."""
+    words = [w.lower() for w in _WORD.findall(answer)]
+    grams = Counter(tuple(words[i : i + LOOP_NGRAM]) for i in range(len(words) - LOOP_NGRAM + 1))
+    if grams and max(grams.values()) >= LOOP_NGRAM_REPEATS:
+        return True
+    sentences = Counter(tuple(w.lower() for w in _WORD.findall(part)) for part in _SENTENCE.findall(answer))
+    return any(n >= 2 and len(sentence) >= LOOP_SENTENCE_WORDS for sentence, n in sentences.items())
+
+
 def load_causal_lm(cfg: PipelineConfig) -> PreTrainedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(resolve_base_model(cfg.model.base_model)), dtype=torch.float32)
+
+
+def registry_dtype(cfg: PipelineConfig) -> torch.dtype:
+    """The dtype a fine-tuned model is evaluated and registered in (``registry.sft_dtype``)."""
+    import torch
+
+    return base_dtype(cfg) if cfg.registry.sft_dtype == "base" else getattr(torch, cfg.registry.sft_dtype)
+
+
+def base_dtype(cfg: PipelineConfig) -> torch.dtype:
+    """The dtype the base model's ``config.json`` names (float32 when it names none)."""
+    import torch
+
+    config = json.loads((resolve_base_model(cfg.model.base_model) / "config.json").read_text(encoding="utf-8"))
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"the base model's config.json names dtype {name!r}, not a float dtype torch has. Fix: correct 'dtype' "
+            "in its config.json (e.g. float32), or set registry.sft_dtype to bfloat16, float16 or float32"
+        )
+    return dtype
+
+
+def _lora_parameters(model: Any) -> list[Any]:
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+def adapter_model(cfg: PipelineConfig, trained: Any, dtype: torch.dtype) -> Any:
+    """The trained adapter on a fresh base, exactly as MLflow will load the adapter-only version: the adapter rounded
+    to ``dtype`` (as it is saved), reloaded by PEFT (which computes a bf16/fp16 adapter in float32) onto the base in
+    the base's own dtype. Not the base in bf16: its layer outputs, rounded to bf16 before the small LoRA term is
+    added and rounded again, lost about half of what 3 steps had trained on the demo (eval loss on one chat 2.349
+    vs 2.326 with the float32 base; the merged bf16 model kept it: 2.329)."""
+    import tempfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for p in _lora_parameters(trained):
+        p.data = p.data.to(dtype)
+    with tempfile.TemporaryDirectory(prefix="tuneflow-adapter-") as tmp:
+        trained.save_pretrained(tmp)
+        base = AutoModelForCausalLM.from_pretrained(
+            str(resolve_base_model(cfg.model.base_model)), dtype=base_dtype(cfg)
+        )
+        return PeftModel.from_pretrained(base, tmp).eval()
+
+
+@contextmanager
+def adapter_saved_as(model: Any, dtype: torch.dtype) -> Iterator[None]:
+    """While inside: the adapter's weights in ``dtype`` (what is written: half of float32 for bf16). PEFT computes a
+    loaded bf16 adapter in float32; its values are bf16 already (``adapter_model``), so the casts lose nothing."""
+    params = _lora_parameters(model)
+    before = [p.dtype for p in params]
+    for p in params:
+        p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, d in zip(params, before, strict=True):
+            p.data = p.data.to(d)
+
+
+def weight_bytes(model: Any, adapter_only: bool, dtype: torch.dtype) -> int:
+    """Bytes of the weights a version holds in ``dtype``: the adapter's or the whole model's (shared tensors once)."""
+    params = [p for n, p in model.named_parameters() if ("lora_" in n) == adapter_only]
+    return sum(p.numel() for p in params) * dtype.itemsize
+
+
+def generation_kwargs(settings: GenerationSettings) -> dict[str, Any]:
+    """The repetition controls to pass to ``generate`` (left out when off, so nothing changes the default)."""
+    out: dict[str, Any] = {}
+    if settings.repetition_penalty != 1.0:
+        out["repetition_penalty"] = settings.repetition_penalty
+    if settings.no_repeat_ngram_size:
+        out["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
+    return out
 
 
 def _contexts(frame: pd.DataFrame) -> list[str | None]:
@@ -187,11 +297,18 @@ def generate(
     contexts: list[str | None] | None = None,
     max_new_tokens: int = 48,
     batch_size: int = 8,
+    settings: GenerationSettings | None = None,
 ) -> tuple[list[str], list[bool]]:
-    """Greedy answers to ``prompts`` (chat template, generation prompt), and whether each stopped with EOS."""
+    """Greedy answers to ``prompts`` (chat template, generation prompt), and whether each stopped with EOS;
+    ``settings``: the repetition controls (sampling settings are for serving only)."""
     import torch
 
     contexts = contexts or [None] * len(prompts)
+    extra = generation_kwargs(settings or GenerationSettings())
+    if extra:
+        # transformers' repetition controls count the left padding of a batch as tokens of the answer (the pad token
+        # is EOS here): one prompt at a time, as the served model answers each request
+        batch_size = 1
     texts = [
         tokenizer.apply_chat_template(prompt_messages(p, c), add_generation_prompt=True, tokenize=False)
         for p, c in zip(prompts, contexts, strict=True)
@@ -213,6 +330,7 @@ def generate(
                     do_sample=False,
                     eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id,
+                    **extra,
                 )
                 for row in out[:, enc["input_ids"].shape[1] :].tolist():
                     ended = tokenizer.eos_token_id in row
@@ -225,15 +343,64 @@ def generate(
     return answers, stopped
 
 
+def base_generation_key(
+    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str], contexts: list
+) -> str:
+    """What the base model's answers depend on: its bytes, the prompts, the template and the generation settings."""
+    blob = {
+        "base": base_model_digest(cfg.model),
+        "prompts": prompts,
+        "contexts": contexts,
+        "chat_template": tokenizer.chat_template,
+        "max_new_tokens": cfg.sft.max_new_tokens,
+        "generation": generation_kwargs(cfg.sft.generation),
+        "dtype": "float32",
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def base_generations(
+    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str], contexts: list[str | None]
+) -> tuple[list[str], list[bool], bool]:
+    """The base model's greedy answers to ``prompts`` (float32, the same template and settings as the fine-tune's),
+    generated once and then read from ``<cache>/base-generations/<key>.json``; the third value: read from the cache."""
+    path = cache_dir() / "base-generations" / f"{base_generation_key(cfg, tokenizer, prompts, contexts)}.json"
+    if path.is_file():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        return cached["answers"], cached["stopped"], True
+    start = time.perf_counter()
+    answers, stopped = generate(
+        load_causal_lm(cfg),
+        tokenizer,
+        prompts,
+        contexts,
+        cfg.sft.max_new_tokens,
+        batch_size=min(cfg.train.eval_batch_size, 16),
+        settings=cfg.sft.generation,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"base_model": cfg.model.base_model, "answers": answers, "stopped": stopped})
+    log.info(
+        "base model's answers to %d eval prompts: %.1f s (cached in %s)",
+        len(prompts),
+        time.perf_counter() - start,
+        path,
+    )
+    return answers, stopped, False
+
+
 def evaluate_sft(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     frame: pd.DataFrame,
     cfg: PipelineConfig,
     max_length: int,
+    with_base: bool = False,
 ) -> Evaluation:
-    """Response-token loss and perplexity on every eval row; chrF and EOS share of greedy generations for up
-    to ``sft.generations`` of them (the first ones of the eval split: the same rows for every model)."""
+    """Response-token loss and perplexity on every eval row; chrF, EOS share and looping share (``loops``) of greedy
+    generations for up to ``sft.generations`` of them (the first ones of the eval split: the same rows for every
+    model). ``with_base`` (the new model's evaluation, with ``sft.compare_base``): the base model's answers to the
+    same prompts beside them (``base_generations``)."""
     from sacrebleu.metrics import CHRF
 
     tokenizer = prepare_tokenizer(tokenizer, cfg.sft)
@@ -255,9 +422,11 @@ def evaluate_sft(
             _contexts(rows),
             cfg.sft.max_new_tokens,
             batch_size=min(cfg.train.eval_batch_size, 16),
+            settings=cfg.sft.generation,
         )
         chrf = CHRF()
         references = list(rows[LABEL])
+        looping = [loops(a) for a in answers]
         samples = pd.DataFrame(
             {
                 "prompt": list(rows[TEXT]),
@@ -265,11 +434,23 @@ def evaluate_sft(
                 "generation": answers,
                 "chrf": [round(chrf.sentence_score(a, [r]).score, 2) for a, r in zip(answers, references, strict=True)],
                 "stopped_with_eos": stopped,
+                "loops": looping,
             }
         )
         metrics["chrf"] = float(chrf.corpus_score(answers, [references]).score)
         metrics["eos_stop_share"] = float(np.mean(stopped))
+        metrics["looping_share"] = float(np.mean(looping))
         metrics["generations"] = float(n)
+        if with_base and cfg.sft.compare_base:
+            base_answers, _, _ = base_generations(cfg, tokenizer, list(rows[TEXT]), _contexts(rows))
+            base_looping = [loops(a) for a in base_answers]
+            samples["base_generation"] = base_answers
+            samples["base_chrf"] = [
+                round(chrf.sentence_score(a, [r]).score, 2) for a, r in zip(base_answers, references, strict=True)
+            ]
+            samples["base_loops"] = base_looping
+            metrics["base_chrf"] = float(chrf.corpus_score(base_answers, [references]).score)
+            metrics["base_looping_share"] = float(np.mean(base_looping))
     log.info("evaluated in %.1f s: %s", time.perf_counter() - start, {k: round(v, 4) for k, v in metrics.items()})
     return Evaluation(metrics, samples=samples)
 
@@ -345,16 +526,20 @@ def sft_trainer(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: D
 def train_sft(
     cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, checkpoints: Path
 ) -> TrainResult:
-    """Train with ``sft_trainer``; returns the model with LoRA merged into the base weights (a plain causal LM,
-    what gets registered: it loads offline without PEFT or the base model's folder)."""
+    """Train with ``sft_trainer``; returns what gets evaluated and registered, in ``registry.sft_dtype``: with
+    ``registry.sft_weights: merged`` the model with LoRA merged into the base weights (a plain causal LM that loads
+    offline without PEFT or the base model's folder), with ``adapter`` the adapter on the base (a PEFT model)."""
     trainer = sft_trainer(cfg, tokenizer, data, checkpoints)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     output, seconds, resumed = run_trainer(trainer, checkpoints, cfg.train.checkpoint_minutes)
-    model = trainer.model
-    if cfg.sft.lora.enabled:
-        model = model.merge_and_unload()
-    model = model.float().eval()
+    dtype = registry_dtype(cfg)
+    adapter_only = cfg.registry.sft_weights == "adapter"
+    if adapter_only:  # what gets evaluated is what gets registered: the adapter on the pinned base
+        model = adapter_model(cfg, trainer.model, dtype)
+    else:
+        model = trainer.model.merge_and_unload() if cfg.sft.lora.enabled else trainer.model
+        model = model.to(dtype).eval()
     train = trainer.train_dataset
     tokens = int(sum(sum(1 for x in row if x != IGNORE) for row in train["labels"]))
     log.info("trained %d steps in %.1f s (%d of %d parameters trained)", output.global_step, seconds, trainable, total)
@@ -372,6 +557,8 @@ def train_sft(
             "train_rows": float(len(train)),
             "response_tokens_per_epoch": float(tokens),
             "train_tokens_per_second": float(tokens * (trainer.state.epoch or 0) / seconds) if seconds else 0.0,
+            "registered_weight_bytes": float(weight_bytes(model, adapter_only, dtype)),
+            "base_weight_bytes": float(weight_bytes(model, False, base_dtype(cfg))) if adapter_only else 0.0,
         },
     )
 
@@ -422,8 +609,9 @@ class Sft:
         frame: pd.DataFrame,
         cfg: PipelineConfig,
         max_length: int,
+        new_model: bool = False,
     ) -> Evaluation:
-        return evaluate_sft(model, tokenizer, frame, cfg, max_length)
+        return evaluate_sft(model, tokenizer, frame, cfg, max_length, with_base=new_model)
 
     def model_input(self, texts: list[str]) -> Any:
         """What the logged chat model's ``predict`` takes for a batch of prompts (one chat per prompt)."""
@@ -433,8 +621,31 @@ class Sft:
         return {"messages": [{"role": "user", "content": texts[0] if texts else "Hello!"}]}
 
     def logging_options(self, cfg: PipelineConfig) -> dict[str, Any]:
-        """Greedy, bounded generation for the served chat model (what evaluation measured)."""
-        return {"model_config": {"max_new_tokens": cfg.sft.max_new_tokens, "do_sample": False}}
+        """The served chat model's generation settings (``sft.max_new_tokens``, ``sft.generation``: greedy unless
+        ``do_sample``); an adapter-only version also names its base folder and pins it by content digest."""
+        g = cfg.sft.generation
+        model_config: dict[str, Any] = {"max_new_tokens": cfg.sft.max_new_tokens, "do_sample": g.do_sample}
+        model_config |= generation_kwargs(g)
+        if g.do_sample:
+            model_config |= {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k}
+        options: dict[str, Any] = {"model_config": model_config}
+        if cfg.registry.sft_weights == "adapter":
+            base = resolve_base_model(cfg.model.base_model)
+            options |= {
+                "base_model_path": str(base),
+                "metadata": {BASE_PIN_KEY: {"model": cfg.model.base_model, "digest": base_model_digest(cfg.model)}},
+                "extra_requirements": ["peft"],
+            }
+        return options
+
+    @contextmanager
+    def logging_context(self, model: Any, cfg: PipelineConfig) -> Iterator[None]:
+        """An adapter is written in ``registry.sft_dtype`` (PEFT holds a loaded bf16 adapter in float32)."""
+        if cfg.registry.sft_weights == "adapter":
+            with adapter_saved_as(model, registry_dtype(cfg)):
+                yield
+        else:
+            yield
 
     def prediction_columns(self, output: Any) -> dict[str, Any]:
         """``generation`` (the assistant's answer) and ``finish_reason`` from chat-completion responses."""

@@ -17,6 +17,11 @@ def _check_config(cfg: Any) -> None:
             f"train.processes is {cfg.train.processes}, but kind sft trains in one process (multi-process "
             "training is done for kind classification only). Fix: remove train.processes or set it to 1"
         )
+    if cfg.registry.sft_weights == "adapter" and not cfg.sft.lora.enabled:
+        raise ValueError(
+            "registry.sft_weights is 'adapter', but sft.lora.enabled is false: full fine-tuning changes every weight, "
+            "so there is no adapter to register. Fix: set sft.lora.enabled: true, or registry.sft_weights: merged"
+        )
 
 
 def _cache_key_part(tokenizer: Any) -> dict[str, Any]:
@@ -104,7 +109,7 @@ FACTS = KindFacts(
     name="sft",
     metrics=("eval_loss", "perplexity", "chrf"),
     default_metric="eval_loss",
-    shown_metrics=("eval_loss", "perplexity", "chrf"),
+    shown_metrics=("eval_loss", "perplexity", "chrf", "looping_share", "base_chrf", "base_looping_share"),
     checks=(
         "text_type",
         "response_type",
@@ -140,7 +145,17 @@ FACTS = KindFacts(
         "MODEL_FOR_CAUSAL_LM",
         "llm/v1/chat",
         {"task": "llm/v1/chat"},
-        {"max_new_tokens": int, "do_sample": bool},
+        # sft.max_new_tokens and sft.generation (the sampling ones only with do_sample)
+        {
+            "max_new_tokens": int,
+            "do_sample": bool,
+            "repetition_penalty": float,
+            "no_repeat_ngram_size": int,
+            "temperature": float,
+            "top_p": float,
+            "top_k": int,
+        },
+        adapters=True,
     ),
     card="sft",
     implementation="sft:Sft",
