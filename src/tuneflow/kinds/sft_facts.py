@@ -21,17 +21,32 @@ def _check_config(cfg: Any) -> None:
 
 def _cache_key_part(tokenizer: Any) -> dict[str, Any]:
     # the rows are rendered with the chat template: a new template is new input ids
-    return {"kind": "sft", "chat_template": getattr(tokenizer, "chat_template", None)}
+    # "labels": which tokens are trained (every assistant turn of a conversation, each with its EOS): rows cached
+    # before multi-turn loss trained only the last answer
+    return {"kind": "sft", "chat_template": getattr(tokenizer, "chat_template", None), "labels": "assistant-turns"}
 
 
 def _shape_part(cfg: Any) -> dict[str, Any]:
     s = cfg.sft
-    return {"sft": [s.prompt_column, s.response_column, s.system_column, s.messages_column]}
+    shape: dict[str, Any] = {"sft": [s.prompt_column, s.response_column, s.system_column, s.messages_column]}
+    renamed = s.format_columns.model_dump(exclude_defaults=True)  # only when set: recorded shapes stay as they were
+    return shape | ({"format_columns": renamed} if renamed else {})
 
 
 CHECK_ROWS = {
     r.name: r
     for r in (
+        CheckRow(
+            "record_format",
+            "rows",
+            "every record is a conversation: known roles, a system turn only first, a user turn before the first "
+            "answer, no two answers in a row, ending with an answer (Alpaca: an output)",
+            "0 rows",
+            "fix or drop those records (each line says what is wrong); data.format names the layout",
+            "ExpectColumnValuesToBeNull",
+            "record_problem",
+            essential=True,
+        ),
         CheckRow(
             "response_type",
             "schema",
@@ -106,6 +121,7 @@ FACTS = KindFacts(
     default_metric="eval_loss",
     shown_metrics=("eval_loss", "perplexity", "chrf"),
     checks=(
+        "record_format",
         "text_type",
         "response_type",
         "text_not_null",
