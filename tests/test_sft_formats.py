@@ -162,7 +162,7 @@ def test_bad_records_of_each_layout_are_named_findings_with_their_lines(tmp_path
     found = next(c for c in report.checks if c.name == "record_format")
     assert found.status == "FAIL" and found.observed.startswith("2 of 8 rows")
     assert [(o["line"], o["value"]) for o in found.offending] == [
-        (4, "turn 2 has the unknown role 'bot' (ShareGPT roles: human, gpt, system, tool)"),
+        (4, "turn 2: unknown role 'bot' (human, gpt, system, tool)"),
         (8, "turns 2 and 3 are both 'gpt' turns (two answers in a row)"),
     ]
     assert "record_format" in report.summary() and "line 8" in report.summary()
@@ -193,7 +193,7 @@ def test_bad_records_of_each_layout_are_named_findings_with_their_lines(tmp_path
     report = _report(pc, make_cfg(tiny_llama, pc, **{"data.format": "prompt_completion"}), tokenizer)
     found = next(c for c in report.checks if c.name == "record_format")
     assert [(o["line"], o["value"]) for o in found.offending] == [
-        (4, "prompt and completion are not both lists of turns (or both text)")
+        (4, "prompt and completion: one is turns, the other text")
     ]
 
 

@@ -251,7 +251,6 @@ def test_files_that_cannot_be_read_as_sft_rows(tmp_path, tiny_llama):
     assert err.value.check == "required_columns"
 
 
-
 def test_only_rows_that_could_exceed_the_limit_are_counted(tiny_llama, tokenizer):
     rows = pd.DataFrame(
         {

@@ -101,7 +101,7 @@ def conversation(
         if not isinstance(t, dict) or not isinstance(t.get("role"), str):
             return None, None, None, f"turn {i} is not a {{role, content}} object"
         if t["role"] not in CHAT_ROLES:
-            return None, None, None, f"turn {i} has the unknown role {t['role']!r}"
+            return None, None, None, f"turn {i}: unknown role {t['role']!r} ({', '.join(CHAT_ROLES)})"
         if not isinstance(t.get("content"), str):
             return None, None, None, f"turn {i} ({say(t['role'])}) has no text content"
         roles.append(t["role"])
@@ -138,7 +138,7 @@ def _sharegpt_turns(value: object, role_key: str, content_key: str) -> tuple[obj
         role = SHAREGPT_ROLES.get(t[role_key]) if isinstance(t[role_key], str) else None
         if role is None:
             known = ", ".join(k for k in SHAREGPT_ROLES if k not in ("user", "assistant"))
-            return None, f"turn {i} has the unknown role {t[role_key]!r} (ShareGPT roles: {known})"
+            return None, f"turn {i}: unknown role {t[role_key]!r} ({known})"
         turns.append({"role": role, "content": t.get(content_key)})
     return turns, None
 
@@ -174,7 +174,7 @@ def _prompt_completion_rows(prompts: Sequence[object], completions: Sequence[obj
         if isinstance(p, list) and isinstance(c, list):
             rows.append(conversation([*p, *c]))
         elif isinstance(p, list) or isinstance(c, list):
-            rows.append((None, None, None, "prompt and completion are not both lists of turns (or both text)"))
+            rows.append((None, None, None, "prompt and completion: one is turns, the other text"))
         else:
             problem = "no completion" if _missing(c) else None
             rows.append((None if _missing(p) else p, None if _missing(c) else c, None, problem))
