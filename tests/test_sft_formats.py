@@ -316,3 +316,32 @@ def test_token_lengths_and_the_split_count_the_whole_conversation(tmp_path, tiny
     pair = next(c for c in report.checks if c.name == "pair_tokens")
     long_ids, _ = encode_chat(tokenizer, messages(long_chat))
     assert pair.status == "warn" and f"line 4: {len(long_ids)}" in pair.examples
+
+
+def test_multi_turn_rows_reach_trl_with_their_labels_and_train(tmp_path, tiny_llama):
+    from tuneflow.kinds import get_kind
+    from tuneflow.kinds.sft import sft_trainer
+    from tuneflow.models import load_tokenizer
+
+    records = [sharegpt([(r, f"{c} ({i})") for r, c in CHATS[i % 3]]) for i in range(24)]
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", records)
+    cfg = make_cfg(tiny_llama, path, **{"sft.max_steps": 2, "model.max_length": 128})
+    kind = get_kind("sft")
+    tok = kind.prepare_tokenizer(load_tokenizer(cfg.model), cfg)
+    split = split_data(read_table(cfg.data, sft=sft_settings(cfg)), cfg.data)
+    data = kind.encode(split, tok, cfg.model.max_length, [])
+    trainer = sft_trainer(cfg, tok, data, tmp_path / "out")
+    train = trainer.train_dataset
+    want = [
+        encode_row(tok, p, r, c, cfg.model.max_length)["labels"]
+        for p, r, c in zip(split.train[TEXT], split.train[LABEL], split.train[CONTEXT], strict=True)
+    ]
+    # TRL took the rows as they are: the labels of every multi-turn row are ours, one trained EOS per answer
+    assert [list(x) for x in train["labels"]] == want
+    answers = [1 + (c or "").count('"assistant"') for c in split.train[CONTEXT]]
+    assert [sum(1 for x in row if x == tok.eos_token_id) for row in train["labels"]] == answers
+    assert max(answers) == 3
+    batch = trainer.data_collator([train[i] for i in range(3)])
+    assert batch["labels"][0].tolist() == [x for i in range(3) for x in train[i]["labels"]]  # padding-free: one row
+    output = trainer.train()
+    assert output.global_step == 2 and output.training_loss == output.training_loss  # finite, not NaN
