@@ -80,8 +80,8 @@ CHECK_ROWS = {
         CheckRow(
             "prompt_tokens",
             "rows",
-            "the prompt with its context and the chat template is shorter than {limit} tokens "
-            "(else no response token fits and the row trains nothing)",
+            "the prompt with its context (in a conversation: everything before its first answer) and the chat "
+            "template is shorter than {limit} tokens (else no response token fits and the row trains nothing)",
             "< {limit} tokens",
             "shorten those prompts (or their system message / earlier turns), or raise model.max_length",
             "ExpectColumnValuesToBeBetween",
@@ -92,7 +92,8 @@ CHECK_ROWS = {
         CheckRow(
             "pair_tokens",
             "rows",
-            "prompt and response fit in {limit} tokens with the chat template",
+            "the whole conversation (prompt and response, and any earlier turns) fits in {limit} tokens with the "
+            "chat template",
             "<= {limit} tokens",
             "longer responses are cut in training (the model never sees their end and learns no stop): "
             "shorten them, or raise model.max_length",
