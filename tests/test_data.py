@@ -100,7 +100,7 @@ BAD_FILES = {
     "data.txt": (
         b"sms,is_spam\nhi,0\n",
         r"cannot tell the format of .* from its extension '\.txt'",
-        "Fix: rename it to .csv/.jsonl/.parquet or set data.format in my.yaml",
+        "Fix: rename it to .csv/.jsonl/.json/.parquet or set data.format in my.yaml",
     ),
 }
 

@@ -35,6 +35,8 @@ ESSENTIAL_CHECKS = {name for name, row in all_checks().items() if row.essential}
 # Checks that only make sense for one kind of fine-tuning; the others apply to every kind.
 CLASSIFICATION_CHECKS = set(facts_of("classification").check_rows)
 SFT_CHECKS = set(facts_of("sft").check_rows)
+# data.format values that name how chat records are laid out (kind sft), not a file format
+CHAT_FORMATS = ("chatterbot", "prompt_response", "messages", "alpaca", "sharegpt", "prompt_completion")
 
 
 class DataConfig(_Section):
@@ -48,10 +50,27 @@ class DataConfig(_Section):
         description="A landing-zone folder with incoming/, accepted/ and quarantine/: each new batch in "
         "incoming/ is validated and moved; training uses every accepted batch. Set this or data.path.",
     )
-    format: Literal["auto", "csv", "jsonl", "parquet", "chatterbot"] = Field(
+    format: Literal[
         "auto",
-        description="File format; 'auto' picks it from the file extension. 'chatterbot': a chatterbot-corpus "
-        "YAML file or folder of them (conversations become prompt/response rows; kind sft).",
+        "csv",
+        "jsonl",
+        "json",
+        "parquet",
+        "chatterbot",
+        "prompt_response",
+        "messages",
+        "alpaca",
+        "sharegpt",
+        "prompt_completion",
+    ] = Field(
+        "auto",
+        description="File format; 'auto' picks it from the file extension (.csv, .jsonl, .json: an array of "
+        "records, .parquet) and, for kind sft, the record layout from the first record (said in the log). "
+        "'chatterbot': a chatterbot-corpus YAML file or folder of them. Kind sft record layouts (the file format "
+        "still from the extension): 'prompt_response' (sft.prompt_column / sft.response_column), 'messages' "
+        "(chat messages of {role, content}), 'alpaca' (instruction, optional input, output), 'sharegpt' "
+        "(conversations of {from, value}; roles human, gpt, system, tool), 'prompt_completion' (TRL's layout: "
+        "prompt and completion, lists of turns or text). Column names: sft.format_columns.",
     )
     text_column: str = Field("text", description="Column holding the input text.")
     label_column: str = Field("label", description="Column holding the class label.")
@@ -443,6 +462,21 @@ class GenerationSettings(_Section):
     top_k: int = Field(50, ge=0, description="Sample among the k likeliest tokens; 0 keeps all (with do_sample).")
 
 
+class FormatColumns(_Section):
+    """Field names of the kind sft record layouts (data.format alpaca, sharegpt, prompt_completion)."""
+
+    instruction: str = Field("instruction", description="Alpaca: the field holding the instruction.")
+    input: str = Field("input", description="Alpaca: the optional field holding the instruction's input.")
+    output: str = Field("output", description="Alpaca: the field holding the answer.")
+    conversations: str = Field("conversations", description="ShareGPT: the field holding the list of turns.")
+    role_key: str = Field("from", description="ShareGPT: the key of a turn's role (human, gpt, system, tool).")
+    content_key: str = Field("value", description="ShareGPT: the key of a turn's text.")
+    completion: str = Field(
+        "completion",
+        description="prompt_completion: the field holding the completion (the prompt is sft.prompt_column).",
+    )
+
+
 class SftConfig(_Section):
     """Settings of kind ``sft`` (instruction SFT of a causal LM); ignored for classification."""
 
@@ -453,6 +487,10 @@ class SftConfig(_Section):
         None,
         description="Instead of prompt/response: a column of chat messages (list of {role, content}); the last "
         "assistant turn is the response, the turns before it the prompt. JSONL or Parquet.",
+    )
+    format_columns: FormatColumns = Field(
+        default_factory=FormatColumns,
+        description="Field names of the alpaca, sharegpt and prompt_completion layouts (data.format).",
     )
     chat_template: str | None = Field(
         None,
@@ -525,8 +563,8 @@ class PipelineConfig(_Section):
                 f"use one of: {', '.join(facts.metrics)}"
             )
         facts.check_config(self)
-        if not facts.reads_chat and self.data.format == "chatterbot":
-            raise ValueError("data.format chatterbot holds conversations: use it with kind: sft")
+        if not facts.reads_chat and self.data.format in CHAT_FORMATS:
+            raise ValueError(f"data.format {self.data.format} holds conversations: use it with kind: sft")
         return self
 
     def digest(self) -> str:

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tuneflow.chat_formats import LAYOUTS, detect_layout, required_columns, to_rows
 from tuneflow.config import DataConfig, PipelineConfig, SftConfig
-from tuneflow.files import FORMATS, PackageNotFound, package_folder, read_frame, split_package_spec
+from tuneflow.files import FORMATS, PackageNotFound, json_record_lines, package_folder, read_frame, split_package_spec
 from tuneflow.kinds.catalog import facts_of
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,9 @@ LINE = "line"  # 1-based line (CSV/JSONL) or row (Parquet) number in the source 
 # kind sft: TEXT holds the prompt (the last user turn), LABEL the response (the last assistant turn), and
 # CONTEXT the chat messages before the prompt (system and earlier turns) as JSON, or None.
 CONTEXT = "context"
+# kind sft: what is wrong with a record that cannot be a conversation (None: nothing), for check record_format
+PROBLEM = "record_problem"
+FILE_FORMATS = ("csv", "jsonl", "json", "parquet")
 
 
 class DataError(ValueError):
@@ -185,7 +189,7 @@ def read_table(
     if fmt == "csv":
         _check_header(path, config_file)
     if sft is not None:
-        return _sft_rows(raw, path, fmt, sft, config_file, digest)
+        return _sft_rows(raw, path, fmt, sft, config_file, digest, _layout(cfg.format, raw, path, sft, config_file))
     return _labeled_rows(raw, path, fmt, cfg, config_file, digest)
 
 
@@ -196,11 +200,11 @@ def _checked_file(path: Path, cfg: DataConfig, config_file: str) -> str:
         raise DataError(f"data file not found: {path}. {fix_path}", check="file_exists")
     if not path.is_file():
         raise DataError(f"data path {path} is not a file. {fix_path}", check="file_exists")
-    fmt = cfg.format if cfg.format != "auto" else FORMATS.get(path.suffix.lower())
+    fmt = cfg.format if cfg.format in FILE_FORMATS else FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise DataError(
             f"cannot tell the format of {path} from its extension '{path.suffix}'. "
-            f"Fix: rename it to .csv/.jsonl/.parquet or set data.format in {config_file}",
+            f"Fix: rename it to .csv/.jsonl/.json/.parquet or set data.format in {config_file}",
             check="file_format",
         )
     if path.stat().st_size == 0:
@@ -274,7 +278,7 @@ def _labeled_rows(
 
 
 def _lines(path: Path, fmt: str, n: int) -> list[int]:
-    lines = _csv_record_lines(path, n) if fmt == "csv" else None
+    lines = _csv_record_lines(path, n) if fmt == "csv" else json_record_lines(path) if fmt == "json" else None
     if lines is None or len(lines) != n:
         first = 2 if fmt == "csv" else 1  # CSV line 1 is the header
         lines = list(range(first, first + n))
@@ -287,12 +291,21 @@ def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def _sft_frame(prompts: list, responses: list, contexts: list, lines: list[int], path: Path, digest: bool):
+def _sft_frame(
+    prompts: list,
+    responses: list,
+    contexts: list,
+    lines: list[int],
+    path: Path,
+    digest: bool,
+    problems: list[str | None] | None = None,
+):
     frame = pd.DataFrame(
         {
             TEXT: pd.Series([_str_or_none(v) for v in prompts], dtype=object),
             LABEL: pd.Series([_str_or_none(v) for v in responses], dtype=object),
             CONTEXT: pd.Series(contexts, dtype=object),
+            PROBLEM: pd.Series(problems or [None] * len(lines), dtype=object),
             LINE: lines,
         }
     )
@@ -302,60 +315,44 @@ def _sft_frame(prompts: list, responses: list, contexts: list, lines: list[int],
     )
 
 
-def split_messages(messages: object, where: str) -> tuple[str | None, str | None, str | None]:
-    """(prompt, response, context JSON) from a chat: the last assistant turn is the response, the user
-    turn before it the prompt, anything earlier (system, earlier turns) the context.
-
-    Raises:
-        DataError: not a list of {role, content} messages ending in a user turn and an assistant turn.
-    """
-    import json
-
-    if isinstance(messages, str):
-        try:
-            messages = json.loads(messages)
-        except ValueError:
-            messages = None
-    if hasattr(messages, "tolist"):  # a Parquet list column comes back as a numpy array
-        messages = messages.tolist()
-    fix = "Fix: give each row a list of {role, content} messages ending with a user turn and an assistant turn"
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages
-    ):
-        raise DataError(f"{where}: messages are not a list of {{role, content}}. {fix}", check="messages_format")
-    roles = [m["role"] for m in messages]
-    if "assistant" not in roles:
-        raise DataError(f"{where}: the messages have no assistant turn to learn from. {fix}", check="messages_format")
-    if len(messages) < 2 or roles[-1] != "assistant" or roles[-2] != "user":
-        raise DataError(
-            f"{where}: the messages end with roles {roles[-2:]}, not a user turn then an assistant turn. {fix}",
-            check="messages_format",
-        )
-    context = [{"role": m["role"], "content": str(m["content"])} for m in messages[:-2]]
-    return (
-        _str_or_none(messages[-2]["content"]),
-        _str_or_none(messages[-1]["content"]),
-        json.dumps(context, ensure_ascii=False) if context else None,
-    )
+def _layout(fmt: str, raw: pd.DataFrame, path: Path, sft: SftConfig, config_file: str) -> str | None:
+    """The record layout of a kind sft file: data.format when it names one; for 'auto' the one its first record
+    fits (said in the log); None (a file format was set): the configured columns, as before layouts existed."""
+    if fmt in LAYOUTS:
+        return fmt
+    if fmt != "auto":
+        return None
+    first = raw.iloc[0].to_dict() if len(raw) else {str(c): "" for c in raw.columns}
+    layout = detect_layout(first, sft)
+    if layout is None:
+        return None  # no layout fits: read as prompt/response columns, whose error names the columns and the fix
+    log.info("data.format auto: reading %s as %s records (detected from its first record)", path, layout)
+    return layout
 
 
-def _sft_rows(raw: pd.DataFrame, path: Path, fmt: str, sft: SftConfig, config_file: str, digest: bool) -> LoadedData:
+def _sft_rows(
+    raw: pd.DataFrame, path: Path, fmt: str, sft: SftConfig, config_file: str, digest: bool, layout: str | None
+) -> LoadedData:
     import json
 
     columns = ", ".join(map(str, raw.columns)) or "(none)"
     lines = _lines(path, fmt, len(raw))
-    if sft.messages_column is not None:
-        if sft.messages_column not in raw.columns:
+    if layout is None and sft.messages_column is not None:
+        layout = "messages"
+    if layout not in (None, "prompt_response"):
+        missing = [c for c in required_columns(layout, sft) if c not in raw.columns]
+        if missing:
+            which = " and ".join(f"'{c}'" for c in missing)
             raise DataError(
-                f"column '{sft.messages_column}' not found in {path}; columns are: {columns}. "
-                f"Fix: set sft.messages_column in {config_file}",
+                f"column {which} not found in {path} (read as {layout} records); columns are: {columns}. "
+                f"Fix: set data.format in {config_file} to the file's layout, or name its columns "
+                "(sft.messages_column, sft.prompt_column, sft.format_columns)",
                 check="required_columns",
             )
-        rows = [
-            split_messages(m, f"{path} line {line}") for m, line in zip(raw[sft.messages_column], lines, strict=True)
-        ]
-        prompts, responses, contexts = (list(x) for x in zip(*rows, strict=True))
-        return _sft_frame(prompts, responses, contexts, lines, path, digest)
+        if raw.empty:
+            raise DataError(f"data file {path} has a header but no rows. Fix: point data.path at a file with rows")
+        rows = to_rows(raw.to_dict("records"), layout, sft)
+        return _sft_frame(rows.prompts, rows.responses, rows.contexts, lines, path, digest, rows.problems)
     wanted = [sft.prompt_column, sft.response_column] + ([sft.system_column] if sft.system_column else [])
     missing = [c for c in wanted if c not in raw.columns]
     if missing:
@@ -363,7 +360,7 @@ def _sft_rows(raw: pd.DataFrame, path: Path, fmt: str, sft: SftConfig, config_fi
         raise DataError(
             f"column {which} not found in {path}; columns are: {columns}. Fix: set sft.prompt_column / "
             f"sft.response_column{' / sft.system_column' if sft.system_column else ''} in {config_file}, "
-            "or sft.messages_column for chat messages",
+            f"sft.messages_column for chat messages, or data.format to the records' layout ({', '.join(LAYOUTS)})",
             check="required_columns",
         )
     if raw.empty:

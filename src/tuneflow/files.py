@@ -15,7 +15,14 @@ from typing import Any
 
 import pandas as pd
 
-FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+FORMATS = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",  # one JSON array of records (how Alpaca-style datasets ship)
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 
 _file_digests: dict[tuple, str] = {}
@@ -166,7 +173,31 @@ def read_frame(path: Path, fmt: str) -> pd.DataFrame:
         # utf-8-sig here too: with plain utf-8 a BOM (Notepad, PowerShell) made the first line invalid JSON
         # and the whole batch unreadable (pandas 3.1); CRLF line ends are JSON whitespace already.
         return pd.read_json(path, lines=True, dtype=False, encoding="utf-8-sig")
+    if fmt == "json":
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError("a .json data file must hold one array of records ([{...}, {...}])")
+        # from records, not pd.read_json: that one turns digit strings into numbers and dates into timestamps
+        return pd.DataFrame.from_records(records)
     return pd.read_parquet(path)
+
+
+def json_record_lines(path: Path) -> list[int]:
+    """1-based line where each record of a JSON array file starts (for messages that name a record's line)."""
+    text = path.read_text(encoding="utf-8-sig")
+    decoder = json.JSONDecoder()
+    lines: list[int] = []
+    pos = text.index("[") + 1
+    line, counted = 1, 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return lines
+        line += text.count("\n", counted, pos)
+        counted = pos
+        lines.append(line)
+        _, pos = decoder.raw_decode(text, pos)
 
 
 def slug(name: str) -> str:

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from tuneflow.chat_formats import LAYOUTS, column_names
 from tuneflow.config import ESSENTIAL_CHECKS, PipelineConfig, Severity
-from tuneflow.data import CONTEXT, LABEL, LINE, TEXT, DataError, LoadedData, normalized, row_key
+from tuneflow.data import CONTEXT, LABEL, LINE, PROBLEM, TEXT, DataError, LoadedData, normalized, row_key
 from tuneflow.kinds.catalog import facts_of
 from tuneflow.kinds.facts import BLANK_REGEX, CheckRow, Table
 from tuneflow.reporting import validation_html, validation_summary
@@ -111,10 +112,7 @@ def _column_names(cfg: PipelineConfig) -> tuple[str, str]:
     turns of its messages column), else data.text_column / data.label_column."""
     if not facts_of(cfg.kind).reads_chat:
         return cfg.data.text_column, cfg.data.label_column
-    s = cfg.sft
-    if s.messages_column is not None:
-        return f"{s.messages_column} (last user turn)", f"{s.messages_column} (last assistant turn)"
-    return s.prompt_column, s.response_column
+    return column_names(cfg.data.format if cfg.data.format in LAYOUTS else None, cfg.sft)
 
 
 def check_context(cfg: PipelineConfig) -> dict[str, Any]:
@@ -243,7 +241,9 @@ def _sft_token_counts(rows: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, li
 
 
 def _with_context(table: pd.DataFrame) -> pd.DataFrame:
-    return table if CONTEXT in table.columns else table.assign(**{CONTEXT: None})
+    """``table`` with the chat columns a reader of prompt/response columns leaves out (context, record problem)."""
+    missing = {c: None for c in (CONTEXT, PROBLEM) if c not in table.columns}
+    return table.assign(**missing) if missing else table
 
 
 def _prompt_responses(table: pd.DataFrame) -> pd.DataFrame:
@@ -382,11 +382,12 @@ class Shape:
 SHAPES: dict[str, Shape] = {
     "labeled": Shape((TEXT, LABEL), _labeled_columns, _labeled_drift, NORM),
     "chat": Shape(
-        (TEXT, LABEL, CONTEXT),
+        (TEXT, LABEL, CONTEXT, PROBLEM),
         _chat_columns,
         _chat_drift,
         PAIR,
         lambda text, label: {
+            PROBLEM: "the record (what is wrong with it)",
             PAIR: f"{text} + {label} (normalized)",
             PROMPT_TOKENS: f"{text} tokens (chat template)",
             PAIR_TOKENS: f"{text} + {label} tokens (chat template)",

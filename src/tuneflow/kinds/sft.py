@@ -1,12 +1,13 @@
 """Instruction SFT: a causal language model fine-tuned on prompt/response rows, with LoRA (PEFT) or fully.
 
-Rows (``tuneflow.data``): ``text`` is the prompt (the last user turn), ``label`` the reference response,
-``context`` the chat messages before it (system, earlier turns) as JSON or None. A row becomes
-``input_ids`` (the chat template applied to context + prompt + response) and ``labels``: ``-100`` on every
-prompt position, the response tokens up to and including the EOS token that ends the assistant turn
-(trained, so the model learns to stop; a pad token equal to EOS does not mask it, padding is masked by
-position). Nothing after that EOS is trained. Training is TRL's ``SFTTrainer`` on these pre-tokenized
-rows (padding-free or packed batches; no example attends to another), with PEFT's LoRA.
+Rows (``tuneflow.data``, any layout of ``tuneflow.chat_formats``): one conversation each; ``text`` is the
+prompt (the last user turn), ``label`` the reference response (the last answer), ``context`` the turns before
+the prompt (system, earlier turns) as JSON or None. A row becomes ``input_ids`` (the chat template applied to
+the whole conversation) and ``labels`` (``encode_chat``): ``-100`` on system, user and tool turns, every
+assistant turn trained up to and including the EOS token that ends it (so the model learns to stop; a pad
+token equal to EOS does not mask it, padding is masked by position). Nothing after the last EOS is trained.
+Training is TRL's ``SFTTrainer`` on these pre-tokenized rows (padding-free or packed batches; no example
+attends to another), with PEFT's LoRA.
 
 Evaluation: the loss on response tokens (token-weighted) and its perplexity, and greedy generations for
 up to ``sft.generations`` eval prompts scored against the reference with chrF (sacrebleu), with the share
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from tuneflow.chat_formats import prompt_messages
 from tuneflow.config import GenerationSettings, PipelineConfig, SftConfig
 from tuneflow.data import CONTEXT, LABEL, TEXT, Split
 from tuneflow.evaluate import Evaluation
@@ -69,6 +71,7 @@ PLAIN_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}### User:\n{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'tool' %}### Tool:\n{{ m['content'] }}\n\n"
     "{% else %}### Assistant:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
@@ -89,51 +92,88 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, sft: SftConfig) -> Pre
     return tokenizer
 
 
-def prompt_messages(prompt: str, context: str | None) -> list[dict[str, str]]:
-    """The chat that asks for the response: the row's context (system, earlier turns), then the prompt."""
-    earlier = json.loads(context) if isinstance(context, str) and context else []
-    return [*earlier, {"role": "user", "content": prompt}]
+def chat_of(prompt: str, response: str, context: str | None) -> list[dict[str, str]]:
+    """The whole conversation of a row: its context, its prompt and its response (the last answer)."""
+    return [*prompt_messages(prompt, context), {"role": "assistant", "content": response}]
+
+
+class TemplateError(ValueError):
+    """A chat template that renders earlier turns differently once later turns follow: the turn boundaries (and
+    so the trained tokens) cannot be read off its output."""
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a conversation: ``-100`` on system, user and tool turns and on the template's
+    markup, every assistant turn trained up to and including the EOS that ends it.
+
+    The turn boundaries come from the template's own output: for the assistant turn ``i`` the template renders
+    ``messages[:i]`` with the generation prompt (what the model sees when it answers) and ``messages[:i + 1]``;
+    the text between the two is the answer. Each piece is tokenized on its own, so an answer starts on the same
+    token boundary as in generation. This works with any template that renders a prefix of the conversation as a
+    prefix of the text (TRL's ``assistant_only_loss`` instead needs ``{% generation %}`` markers in the
+    template, which few templates have). Text after an answer's EOS (ChatML's newline) is context for the next
+    turn, untrained; after the last answer it is left out.
+
+    Raises:
+        TemplateError: the template renders a prefix of the conversation differently.
+    """
+    eos = tokenizer.eos_token_id
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # the rendered text tokenized so far
+    for k, i in enumerate(answers):
+        asked = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        answered = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not asked.startswith(done) or not answered.startswith(asked):
+            raise TemplateError(
+                f"the chat template renders turn {i + 1} of a conversation differently once later turns follow, so "
+                "the assistant turns cannot be told apart. Fix: set sft.chat_template to a template that renders "
+                "each turn the same whatever follows it"
+            )
+        before = _ids(tokenizer, asked[len(done) :])
+        answer = _ids(tokenizer, answered[len(asked) :])
+        if eos in answer:
+            cut = len(answer) - answer[::-1].index(eos)  # up to the last EOS of the answer
+            trained, after = answer[:cut], answer[cut:]
+        else:  # a template that ends an answer without EOS: the model must still learn to stop
+            trained, after = [*answer, eos], []
+        if k == len(answers) - 1:
+            after = []
+        ids += before + trained + after
+        labels += [IGNORE] * len(before) + trained + [IGNORE] * len(after)
+        done = answered
+    return ids, labels
 
 
 def render_pair(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, context: str | None = None
 ) -> tuple[list[int], list[int]]:
-    """(prompt ids, prompt + response ids) with the chat template; the response ends with one EOS and
-    nothing after it (the template's trailing newline after the end-of-turn token is not trained)."""
-    messages = prompt_messages(prompt, context)
-    prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full_text = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    n = 0
-    for a, b in zip(prompt_ids, full_ids, strict=False):  # where the two diverge (tokens may merge at the seam)
-        if a != b:
-            break
-        n += 1
-    eos = tokenizer.eos_token_id
-    completion = full_ids[n:]
-    if eos in completion:
-        completion = completion[: len(completion) - completion[::-1].index(eos)]  # up to the last EOS
-    else:
-        completion = [*completion, eos]
-    return prompt_ids[:n], prompt_ids[:n] + completion
+    """(the ids before the first trained token, all ids) of a row's conversation (``encode_chat``)."""
+    ids, labels = encode_chat(tokenizer, chat_of(prompt, response, context))
+    first = next((n for n, x in enumerate(labels) if x != IGNORE), len(ids))
+    return ids[:first], ids
 
 
 def encode_row(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, context: str | None, max_length: int
 ) -> dict[str, list[int]] | None:
-    """``input_ids`` and ``labels`` (``-100`` on the prompt) truncated to ``max_length``; None when the prompt
-    alone fills ``max_length`` (nothing of the response would be trained: validation reports such rows)."""
-    prompt_ids, ids = render_pair(tokenizer, prompt, response, context)
-    if len(prompt_ids) >= max_length:
+    """``input_ids`` and ``labels`` (``encode_chat``) truncated to ``max_length``; None when the tokens before
+    the first answer fill ``max_length`` (nothing would be trained: validation reports such rows)."""
+    ids, labels = encode_chat(tokenizer, chat_of(prompt, response, context))
+    first = next((n for n, x in enumerate(labels) if x != IGNORE), len(ids))
+    if first >= max_length:
         return None
-    ids = ids[:max_length]
-    labels = [IGNORE] * len(prompt_ids) + ids[len(prompt_ids) :]
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
 
 def token_lengths(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame) -> pd.DataFrame:
-    """Per row: tokens of the templated prompt and of prompt + response (NaN where either is missing)."""
+    """Per row: tokens before the first trained token (the templated prompt: for a multi-turn row, everything
+    before its first answer) and of the whole conversation (NaN where the prompt or response is missing)."""
     contexts = frame[CONTEXT] if CONTEXT in frame.columns else pd.Series([None] * len(frame), index=frame.index)
     prompt_n, total_n = [], []
     for p, r, c in zip(frame[TEXT], frame[LABEL], contexts, strict=True):

@@ -26,17 +26,32 @@ def _check_config(cfg: Any) -> None:
 
 def _cache_key_part(tokenizer: Any) -> dict[str, Any]:
     # the rows are rendered with the chat template: a new template is new input ids
-    return {"kind": "sft", "chat_template": getattr(tokenizer, "chat_template", None)}
+    # "labels": which tokens are trained (every assistant turn of a conversation, each with its EOS): rows cached
+    # before multi-turn loss trained only the last answer
+    return {"kind": "sft", "chat_template": getattr(tokenizer, "chat_template", None), "labels": "assistant-turns"}
 
 
 def _shape_part(cfg: Any) -> dict[str, Any]:
     s = cfg.sft
-    return {"sft": [s.prompt_column, s.response_column, s.system_column, s.messages_column]}
+    shape: dict[str, Any] = {"sft": [s.prompt_column, s.response_column, s.system_column, s.messages_column]}
+    renamed = s.format_columns.model_dump(exclude_defaults=True)  # only when set: recorded shapes stay as they were
+    return shape | ({"format_columns": renamed} if renamed else {})
 
 
 CHECK_ROWS = {
     r.name: r
     for r in (
+        CheckRow(
+            "record_format",
+            "rows",
+            "every record is a conversation: known roles, a system turn only first, a user turn before the first "
+            "answer, no two answers in a row, ending with an answer (Alpaca: an output)",
+            "0 rows",
+            "fix or drop those records (each line says what is wrong); data.format names the layout",
+            "ExpectColumnValuesToBeNull",
+            "record_problem",
+            essential=True,
+        ),
         CheckRow(
             "response_type",
             "schema",
@@ -70,8 +85,8 @@ CHECK_ROWS = {
         CheckRow(
             "prompt_tokens",
             "rows",
-            "the prompt with its context and the chat template is shorter than {limit} tokens "
-            "(else no response token fits and the row trains nothing)",
+            "the prompt with its context (in a conversation: everything before its first answer) and the chat "
+            "template is shorter than {limit} tokens (else no response token fits and the row trains nothing)",
             "< {limit} tokens",
             "shorten those prompts (or their system message / earlier turns), or raise model.max_length",
             "ExpectColumnValuesToBeBetween",
@@ -82,7 +97,8 @@ CHECK_ROWS = {
         CheckRow(
             "pair_tokens",
             "rows",
-            "prompt and response fit in {limit} tokens with the chat template",
+            "the whole conversation (prompt and response, and any earlier turns) fits in {limit} tokens with the "
+            "chat template",
             "<= {limit} tokens",
             "longer responses are cut in training (the model never sees their end and learns no stop): "
             "shorten them, or raise model.max_length",
@@ -111,6 +127,7 @@ FACTS = KindFacts(
     default_metric="eval_loss",
     shown_metrics=("eval_loss", "perplexity", "chrf", "looping_share", "base_chrf", "base_looping_share"),
     checks=(
+        "record_format",
         "text_type",
         "response_type",
         "text_not_null",
