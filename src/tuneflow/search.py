@@ -23,6 +23,7 @@ import math
 import shutil
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,12 +274,14 @@ def open_study(cfg: PipelineConfig, plan: SearchPlan) -> optuna.Study:
 
     assert cfg.search is not None
     search = cfg.search
-    storage = RDBStorage(
-        plan.storage,
-        heartbeat_interval=search.heartbeat_seconds,
-        grace_period=2 * search.heartbeat_seconds,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
+    with warnings.catch_warnings():  # ExperimentalWarning (optuna 5.1): heartbeats and their retry callback
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = RDBStorage(
+            plan.storage,
+            heartbeat_interval=search.heartbeat_seconds,
+            grace_period=2 * search.heartbeat_seconds,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
     sampler = (
         optuna.samplers.TPESampler(seed=search.seed)
         if search.sampler == "tpe"
@@ -486,8 +489,6 @@ def study_plots(cfg: PipelineConfig, plan: SearchPlan, folder: Path) -> tuple[li
     import matplotlib
 
     matplotlib.use("Agg")
-    import warnings
-
     import matplotlib.pyplot as plt
     import optuna
     from optuna.visualization import matplotlib as ovm
