@@ -254,3 +254,40 @@ def test_tune_flow_writes_the_tuned_config_and_goes_through_the_gate(workdir, da
     assert second["promoted"] is False and "not an improvement of at least 0.5" in second["reason"]
     assert str(client.get_model_version_by_alias("tiny-clf", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("tiny-clf", "challenger").version) == "2"
+
+
+def test_an_sft_study_searches_lora_and_prunes_on_the_eval_loss(workdir, tmp_path):
+    from sft_fixtures import build_tiny_llama, sft_config, sft_frame
+    from tuneflow.data import sft_settings
+
+    base = build_tiny_llama(tmp_path / "tiny-llama")
+    data = workdir / "pairs.csv"
+    sft_frame(96).to_csv(data, index=False)
+    raw = sft_config(base, data, **{"train.epochs": 2})
+    # the second trial barely trains (lr 1e-8): its eval loss at the first evaluation is worse than the first's
+    raw["search"] = {
+        "trials": 2,
+        "space": {
+            "learning_rate": {"low": 1e-8, "high": 1e-2},
+            "lora_r": [2, 4],
+            "lora_target_modules": [["q_proj", "v_proj"], "all-linear"],
+        },
+        "enqueue": [
+            {"learning_rate": 5e-3, "lora_r": 4, "lora_target_modules": "all-linear"},
+            {"learning_rate": 1e-8, "lora_r": 2, "lora_target_modules": ["q_proj", "v_proj"]},
+        ],
+        "pruner": {"startup_trials": 1},
+    }
+    cfg = PipelineConfig.model_validate(raw)
+    plan = check_search(cfg, mlflow.get_tracking_uri())
+    loaded = read_table(cfg.data, sft=sft_settings(cfg))
+    split = split_data(loaded, cfg.data)
+    with mlflow.start_run() as parent:
+        outcome = run_search(
+            cfg, split, lambda c: tokenize_data(c, loaded, split, workdir / ".cache"), plan, parent.info.run_id, workdir
+        )
+    rows = {r["number"]: r for r in outcome.rows}
+    assert rows[0]["state"] == "COMPLETE" and rows[1]["state"] == "PRUNED", outcome.rows
+    assert rows[1]["settings"]["lora_target_modules"] == ["q_proj", "v_proj"]  # a module list, as configured
+    assert outcome.direction == "minimize" and outcome.best_config.sft.lora.r == 4
+    assert outcome.best_config.sft.lora.target_modules == "all-linear"

@@ -309,8 +309,9 @@ def open_study(cfg: PipelineConfig, plan: SearchPlan) -> optuna.Study:
 def trainer_value(metric: str, logs: dict[str, float]) -> float | None:
     """The primary metric in a Trainer evaluation's logs (``eval_<metric>``); perplexity from the eval loss;
     None when the evaluation does not give it (chrF is computed only by the evaluate stage)."""
-    if f"eval_{metric}" in logs:
-        return float(logs[f"eval_{metric}"])
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"  # eval_loss is logged as it is
+    if key in logs:
+        return float(logs[key])
     if metric == "perplexity" and "eval_loss" in logs:
         return math.exp(min(float(logs["eval_loss"]), 50.0))
     return None
