@@ -291,3 +291,13 @@ def test_an_sft_study_searches_lora_and_prunes_on_the_eval_loss(workdir, tmp_pat
     assert rows[1]["settings"]["lora_target_modules"] == ["q_proj", "v_proj"]  # a module list, as configured
     assert outcome.direction == "minimize" and outcome.best_config.sft.lora.r == 4
     assert outcome.best_config.sft.lora.target_modules == "all-linear"
+
+
+def test_tuneflow_run_does_not_import_optuna():
+    """The plain run (and its unchanged fast path) stays as fast as before: Optuna is imported by tune only."""
+    import subprocess
+    import sys
+
+    code = "import sys, tuneflow.cli, tuneflow.flows.retrain; print('optuna' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "False"
