@@ -20,9 +20,10 @@ from prefect.runtime import flow_run
 from tuneflow.config import load_config
 from tuneflow.data import check_split, split_data
 from tuneflow.evaluate import EvaluateOutput
-from tuneflow.flows.retrain import model_slot, promote, register, validate_or_report
+from tuneflow.flows.retrain import model_slot, promote, register, validate_or_report, with_tag
 from tuneflow.models import check_max_length
 from tuneflow.registry import decide_promotion
+from tuneflow.registry_base import FINGERPRINT_TAG, INPUT_FINGERPRINT_TAG
 from tuneflow.reporting import artifact_key, retrain_markdown, tune_markdown
 from tuneflow.runtime import cache_dir, configure_environment
 from tuneflow.search import STUDY_TAG, TUNED_FROM_TAG, SearchOutcome, check_search, write_tuned_config
@@ -38,6 +39,7 @@ from tuneflow.tracking import (
     run_url,
     start_parent_run,
 )
+from tuneflow.unchanged import data_fingerprint, input_fingerprint
 
 
 @flow(name="tune")
@@ -83,7 +85,12 @@ def tune(config_path: str, trials: int | None = None, timeout_minutes: float | N
             version_lineage = run_lineage(cfg, flow_run_id) | {
                 STUDY_TAG: outcome.study_name,
                 TUNED_FROM_TAG: str(outcome.best_number),
+                "tuneflow.data_digest": data.digest,
             }
+            # the fingerprints a retrain tags its version with: `tuneflow run` of the tuned file on this data is then
+            # answered "nothing changed" instead of training the same model again
+            with_tag(version_lineage, FINGERPRINT_TAG, data_fingerprint(cfg, data.frame))
+            with_tag(version_lineage, INPUT_FINGERPRINT_TAG, input_fingerprint(cfg))
             version = register(
                 cfg, checked, best.tokenized, best.trained, split, scores, decision, version_lineage, run
             )

@@ -236,6 +236,11 @@ def test_tune_flow_writes_the_tuned_config_and_goes_through_the_gate(workdir, da
     assert mv.tags["tuneflow.config_digest"] == loaded.digest()  # registered as what the tuned file trains
     assert mv.tags["tuneflow.study"] == "tiny" and mv.tags["tuneflow.tuned_from_trial"] == str(first["best_trial"])
 
+    from tuneflow.flows.retrain import retrain_once
+
+    again = retrain_once(loaded, config_file=str(tuned))  # the tuned file on the same data: nothing to train
+    assert again["status"] == "unchanged" and again["version"] == "1", again
+
     client = MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "search")}
     assert {"search/trials.json", "search/optimization_history.png", "search/importances.png"} <= artifacts
