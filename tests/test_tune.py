@@ -169,13 +169,16 @@ def test_a_crashing_trial_is_recorded_failed_and_the_study_goes_on(workdir, data
     outcome, parent = _search(cfg, workdir)
 
     states = {r["number"]: r for r in outcome.rows}
-    assert states[0]["state"] == "FAIL" and "safetensors" in states[0]["error"].lower() + "safetensors"
+    assert states[0]["state"] == "FAIL", outcome.rows
+    assert states[0]["error"].startswith("SafetensorError"), states[0]["error"]  # why, kept in the study
     assert states[1]["state"] == "COMPLETE" and outcome.best_number == 1
     assert outcome.best_config.model.base_model == str(tiny_model_dir)
     failed = next(r for r in _children(parent) if r.data.tags["tuneflow.trial"] == "0")
     assert failed.info.status == "FAILED" and failed.data.tags["tuneflow.trial_state"] == "FAIL"
 
 
+# study.ask() below stands in for a worker's trial; optuna warns that heartbeats are meant for Study.optimize
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_an_interrupted_study_resumes_with_its_trials(workdir, data_csv, tiny_model_dir):
     search = {
         "trials": 3,
