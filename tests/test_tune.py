@@ -309,3 +309,55 @@ def test_tuneflow_run_does_not_import_optuna():
     code = "import sys, tuneflow.cli, tuneflow.flows.retrain; print('optuna' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "False"
+
+
+WORKER = """
+import sys
+from pathlib import Path
+
+import mlflow
+
+from tuneflow.runtime import configure_environment
+
+configure_environment()
+from tuneflow.config import load_config
+from tuneflow.data import read_table, split_data
+from tuneflow.search import check_search, run_search
+from tuneflow.tokenization import tokenize_data
+from tuneflow.tracking import configure_tracking, ensure_experiment
+
+cfg = load_config(sys.argv[1])
+uri = configure_tracking(Path.cwd())
+ensure_experiment(cfg.name)
+plan = check_search(cfg, uri)
+data = read_table(cfg.data)
+split = split_data(data, cfg.data)
+with mlflow.start_run(run_name="worker-" + sys.argv[2]) as parent:
+    out = run_search(cfg, split, lambda c: tokenize_data(c, data, split, Path(".cache")), plan, parent.info.run_id,
+                     Path("work-" + sys.argv[2]))
+print("RAN", out.ran, parent.info.run_id)
+"""
+
+
+def test_two_worker_processes_share_one_study_and_no_trial_runs_twice(workdir, data_csv, tiny_model_dir):
+    """Two processes run trials of one study at once (sqlite here; PostgreSQL in team mode): together they stop at
+    the study's trial count (each may finish the one trial it had in flight), and each trial ran once."""
+    import subprocess
+    import sys
+
+    search = {"trials": 4, "space": {"learning_rate": {"low": 1e-3, "high": 1e-2}, "batch_size": [8, 16]}}
+    path = _write(workdir, tiny_config_dict(data_csv, tiny_model_dir, search=search, train=FAST))
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, str(path), str(i)], stdout=subprocess.PIPE, text=True)
+        for i in (1, 2)
+    ]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outs
+    ran = {line.split()[2]: int(line.split()[1]) for out in outs for line in out.splitlines() if line.startswith("RAN")}
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir / 'mlruns' / 'optuna.db'}")
+    trials = study.get_trials()
+    assert 4 <= len(trials) <= 5 and sum(ran.values()) == len(trials), (ran, [t.state for t in trials])
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    runs = [r for parent in ran for r in _children(parent)]
+    assert sorted(int(r.data.tags["tuneflow.trial"]) for r in runs) == sorted(t.number for t in trials)  # once each
+    assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs}

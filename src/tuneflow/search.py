@@ -34,7 +34,7 @@ import yaml
 from tuneflow.config import SEARCH_FIELDS, ConfigError, PipelineConfig, higher_is_better
 from tuneflow.data import Split
 from tuneflow.evaluate import Evaluation
-from tuneflow.files import slug
+from tuneflow.files import file_lock, slug
 from tuneflow.kinds import get_kind
 from tuneflow.models import check_max_length
 from tuneflow.runtime import redact_url
@@ -92,7 +92,7 @@ class SearchOutcome:
     best_settings: dict[str, Any]  # search.space names -> config values
     best_config: PipelineConfig
     rows: list[dict[str, Any]]  # one per trial of the study: number, state, value, settings, seconds, run id
-    ran: int  # trials run by this call
+    ran: int  # trials run by this call (this process)
     best: TrialModel | None = None  # None: the best trial ran in an earlier call (its model is not here)
     plots: list[Path] = field(default_factory=list)
     plot_notes: list[str] = field(default_factory=list)
@@ -191,30 +191,59 @@ def study_storage(cfg: PipelineConfig, tracking_uri: str) -> str:
     return url
 
 
-def _trial_minutes(storage: str, study_name: str) -> float | None:
-    """The median minutes of the finished trials of an existing study; None when there is none."""
+def setup_lock(url: str):
+    """A machine-wide lock per study database (a sqlite file: beside it; else in the temp folder), held while its
+    tables or a study and its enqueued trials are set up, not while trials run. Workers on other machines (team
+    mode) start after the database exists."""
+    import hashlib
+    import tempfile
+
+    if url.startswith("sqlite:///"):
+        db = Path(url.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = db.with_name(f"{db.name}.lock")
+    else:
+        lock = Path(tempfile.gettempdir()) / f"tuneflow-optuna-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
+    return file_lock(lock, timeout_s=600, what="another process setting up the study database")
+
+
+def rdb_storage(url: str, heartbeat_seconds: int | None = None) -> optuna.storages.RDBStorage:
+    """The study database, its tables created under a machine-wide lock: two workers opening a new database at once
+    both ran Optuna's schema setup and one failed (sqlite: UNIQUE constraint failed: alembic_version.version_num).
+
+    ``heartbeat_seconds``: running trials record heartbeats; one silent for twice as long is failed and retried once.
+    """
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    # ExperimentalWarning (optuna 5.1) for heartbeats and their retry callback
+    with setup_lock(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        heartbeat: dict[str, Any] = {}
+        if heartbeat_seconds is not None:
+            heartbeat = {
+                "heartbeat_interval": heartbeat_seconds,
+                "grace_period": 2 * heartbeat_seconds,
+                "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1),
+            }
+        return RDBStorage(url, **heartbeat)
+
+
+def study_progress(storage: str, study_name: str) -> tuple[int, float | None]:
+    """An existing study's finished trials, and the median minutes of its completed or pruned ones (None: none)."""
     import optuna
 
     try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
+        study = optuna.load_study(study_name=study_name, storage=rdb_storage(storage))
     except KeyError:
-        return None
+        return 0, None
+    trials = study.get_trials(deepcopy=False)
     done = [
         t.duration.total_seconds() / 60
-        for t in study.get_trials(deepcopy=False)
+        for t in trials
         if t.state.name in ("COMPLETE", "PRUNED") and t.duration is not None
     ]
-    return statistics.median(done) if done else None
-
-
-def finished_trials(storage: str, study_name: str) -> int:
-    import optuna
-
-    try:
-        study = optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        return 0
-    return sum(t.state.name in FINISHED_STATES for t in study.get_trials(deepcopy=False))
+    return sum(t.state.name in FINISHED_STATES for t in trials), (statistics.median(done) if done else None)
 
 
 def check_search(
@@ -248,8 +277,7 @@ def check_search(
         check_max_length(cfg.model.model_copy(update={"base_model": spec}))  # resolves it: ModelError if missing
     storage = study_storage(cfg, tracking_uri)
     study_name = search.study_name or cfg.name
-    finished = finished_trials(storage, study_name)
-    measured = _trial_minutes(storage, study_name)
+    finished, measured = study_progress(storage, study_name)
     need = measured if measured is not None else search.min_trial_minutes
     if timeout < need:
         where = (
@@ -270,18 +298,10 @@ def check_search(
 def open_study(cfg: PipelineConfig, plan: SearchPlan) -> optuna.Study:
     """Create the study, or load it when it exists (a resumed search); the enqueued trials once."""
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     assert cfg.search is not None
     search = cfg.search
-    with warnings.catch_warnings():  # ExperimentalWarning (optuna 5.1): heartbeats and their retry callback
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = RDBStorage(
-            plan.storage,
-            heartbeat_interval=search.heartbeat_seconds,
-            grace_period=2 * search.heartbeat_seconds,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
+    storage = rdb_storage(plan.storage, search.heartbeat_seconds)
     sampler = (
         optuna.samplers.TPESampler(seed=search.seed)
         if search.sampler == "tpe"
@@ -290,16 +310,17 @@ def open_study(cfg: PipelineConfig, plan: SearchPlan) -> optuna.Study:
     pruner = optuna.pruners.MedianPruner(
         n_startup_trials=search.pruner.startup_trials, n_warmup_steps=search.pruner.warmup_evaluations
     )
-    study = optuna.create_study(
-        storage=storage,
-        sampler=sampler,
-        pruner=pruner,
-        study_name=plan.study_name,
-        direction="maximize" if higher_is_better(cfg.evaluate.primary_metric) else "minimize",
-        load_if_exists=True,
-    )
-    for settings in search.enqueue:
-        study.enqueue_trial({k: encode_choice(v) for k, v in settings.items()}, skip_if_exists=True)
+    with setup_lock(plan.storage):  # two workers starting together: one creates, one loads; each trial queued once
+        study = optuna.create_study(
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            study_name=plan.study_name,
+            direction="maximize" if higher_is_better(cfg.evaluate.primary_metric) else "minimize",
+            load_if_exists=True,
+        )
+        for settings in search.enqueue:
+            study.enqueue_trial({k: encode_choice(v) for k, v in settings.items()}, skip_if_exists=True)
     return study
 
 
@@ -373,9 +394,10 @@ def run_search(
     study = open_study(cfg, plan)
     metric = cfg.evaluate.primary_metric
     maximize = higher_is_better(metric)
-    kept: dict[str, Any] = {"model": None, "value": None}
+    kept: dict[str, Any] = {"model": None, "value": None, "ran": 0}
 
     def objective(trial: optuna.Trial) -> float:
+        kept["ran"] += 1  # trials of this process (other workers may run trials of the study meanwhile)
         settings = suggest(trial, cfg)
         tcfg = trial_config(cfg, settings)
         started = time.perf_counter()
@@ -420,8 +442,22 @@ def run_search(
     remaining = max(0, plan.trials - plan.finished)
     started = time.perf_counter()
     if remaining:
-        study.optimize(objective, n_trials=remaining, timeout=plan.timeout_s, catch=(Exception,), gc_after_trial=True)
-    ran = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name in FINISHED_STATES) - plan.finished
+        from optuna.trial import TrialState
+
+        # Other workers may run trials of this study at the same time: each stops once the study as a whole has
+        # plan.trials finished trials (at most one trial per worker in flight past that), not after its own count.
+        enough = optuna.study.MaxTrialsCallback(
+            plan.trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        )
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=plan.timeout_s,
+            catch=(Exception,),
+            callbacks=[enough],
+            gc_after_trial=True,
+        )
+    ran = kept["ran"]
     log.info("study %s: %d trial(s) in %.0f s", plan.study_name, ran, time.perf_counter() - started)
     rows = study_rows(study)
     complete = [r for r in rows if r["state"] == "COMPLETE"]
@@ -494,7 +530,7 @@ def study_plots(cfg: PipelineConfig, plan: SearchPlan, folder: Path) -> tuple[li
     import optuna
     from optuna.visualization import matplotlib as ovm
 
-    study = optuna.load_study(study_name=plan.study_name, storage=plan.storage)
+    study = optuna.load_study(study_name=plan.study_name, storage=rdb_storage(plan.storage))
     folder.mkdir(parents=True, exist_ok=True)
     paths, notes = [], []
     for name, draw in (("optimization_history", ovm.plot_optimization_history), ("importances", _importances(ovm))):
