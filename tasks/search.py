@@ -61,7 +61,7 @@ def search_task(
 def best_model_task(outcome: SearchOutcome, data: LoadedData, split: Split, run: RunContext) -> TrialModel:
     """The best trial's model, evaluated on the eval split and logged as the evaluate stage logs it. Kept from its
     trial when it ran in this call; else (a resumed study whose best trial ran before) trained again with its
-    settings, exactly as that trial did (same config, data and seed)."""
+    settings on the same data and seed (for kind sft without the trial's evaluations along the way)."""
     from tuneflow.kinds import get_kind
 
     cfg = outcome.best_config
