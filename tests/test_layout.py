@@ -252,7 +252,7 @@ def test_the_import_contracts_hold():
 
 def test_every_stage_has_one_task_module():
     tasks = {p.stem for p in (ROOT / "tasks").glob("*.py")} - {"__init__"}
-    assert tasks == {"validate", "monitor", "tokenize", "train", "evaluate", "register", "predict"}
+    assert tasks == {"validate", "monitor", "tokenize", "train", "evaluate", "register", "predict", "search"}
 
 
 def test_library_log_lines_reach_the_flow_run_logs(prefect_harness):

@@ -40,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="retrain even if a version was trained on exactly this already"
     )
 
+    tune = sub.add_parser(
+        "tune",
+        help="search the settings (Optuna: the config's search section), write <name>.tuned.yaml and put the best "
+        "model through the gate",
+    )
+    tune.add_argument("--config", default=DEFAULT_CONFIG, help=f"pipeline config YAML (default: {DEFAULT_CONFIG})")
+    tune.add_argument("--trials", type=int, help="trials of the study in all (default: search.trials)")
+    tune.add_argument(
+        "--timeout", type=float, metavar="MIN", help="minutes after which no new trial starts (search.timeout_minutes)"
+    )
+
     models = sub.add_parser("models", help="list registered model versions, their aliases and scores")
     models.add_argument("name", nargs="?", help="registered model name (default: all)")
     models.add_argument(
@@ -187,6 +198,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"{', '.join(result['quarantined'])} (reports next to them in {config.data.landing}/quarantine/)",
             file=sys.stderr,
         )
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from tuneflow.config import ConfigError, load_config
+    from tuneflow.models import ModelError
+
+    try:
+        config = load_config(args.config)
+        from tuneflow.search import check_search
+        from tuneflow.tracking import configure_tracking
+
+        check_search(config, configure_tracking(), args.trials, args.timeout)  # before Prefect or any training
+    except (ConfigError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from tuneflow.data import DataError
+    from tuneflow.flows.retrain import start_prefect_while_importing
+    from tuneflow.flows.tune import tune
+    from tuneflow.train_common import TrainingError
+
+    start_prefect_while_importing()
+    try:
+        result = tune(str(args.config), trials=args.trials, timeout_minutes=args.timeout)
+    except (DataError, ModelError) as exc:
+        print(f"\nerror: tune stopped before training; nothing was registered.\n{exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, TrainingError) as exc:  # SearchError: e.g. no trial completed
+        print(f"\nerror: the search gave no model; nothing was registered.\n{exc}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in result["trials"].items())
+    print("\n=== tuneflow tune finished ===")
+    print(f"study:        {result['study']} ({counts}; {result['ran']} run now) in {result['storage']}")
+    print(f"best trial:   {result['best_trial']}: {result['best_value']:.4f} with {result['best_settings']}")
+    print(f"tuned config: {result['tuned_config']}  (tuneflow run --config {result['tuned_config']})")
+    print(f"MLflow run:   {result['run_url']}  (start the UI with: tuneflow ui)")
+    if "version" in result:
+        print(f"registered:   {config.registry.model_name} version {result['version']} -> {result['model_uri']}")
+        print(f"decision:     {'PROMOTED to champion' if result['promoted'] else 'not promoted'}: {result['reason']}")
     return 0
 
 
@@ -552,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_environment()
     commands = {
         "run": _cmd_run,
+        "tune": _cmd_tune,
         "models": _cmd_models,
         "promote": _cmd_promote,
         "rollback": _cmd_rollback,

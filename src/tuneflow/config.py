@@ -525,6 +525,171 @@ class SftConfig(_Section):
         description="Put the base model's greedy answers to the same eval prompts next to the fine-tune's in the "
         "eval table (generated once per base model, prompts and settings, then read from the cache).",
     )
+    eval_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Also compute the eval split's response loss every N training steps (TRL), e.g. for "
+        "`tuneflow tune` to stop poor trials early; unset: `tuneflow tune` sets it to train.logging_steps. "
+        "The registered model is the last step's either way.",
+    )
+
+
+class FloatRange(_Section):
+    low: float = Field(allow_inf_nan=False, description="Smallest value tried.")
+    high: float = Field(allow_inf_nan=False, description="Largest value tried (above low).")
+
+
+class IntRange(_Section):
+    low: int = Field(ge=1, description="Smallest value tried.")
+    high: int = Field(ge=1, description="Largest value tried (above low).")
+
+
+# Each searchable setting and the config field it sets (dotted). Which kind may search which: KindFacts.tunable.
+SEARCH_FIELDS: dict[str, str] = {
+    "learning_rate": "train.learning_rate",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "warmup_ratio": "train.warmup_ratio",
+    "weight_decay": "train.weight_decay",
+    "lora_r": "sft.lora.r",
+    "lora_alpha": "sft.lora.alpha",
+    "lora_target_modules": "sft.lora.target_modules",
+    "base_models": "model.base_model",
+}
+
+
+class SearchSpace(_Section):
+    """What ``tuneflow tune`` varies; a setting left unset keeps the value of its own section in every trial."""
+
+    learning_rate: FloatRange | None = Field(
+        None, description="Peak learning rate, drawn log-uniformly from [low, high] (both above 0)."
+    )
+    epochs: IntRange | None = Field(None, description="Training epochs, an integer in [low, high].")
+    batch_size: list[int] | None = Field(None, description="Training batch sizes to choose from, e.g. [8, 16, 32].")
+    warmup_ratio: FloatRange | None = Field(
+        None, description="Share of steps warming up, drawn uniformly from [low, high] (within 0..1)."
+    )
+    weight_decay: FloatRange | None = Field(
+        None, description="AdamW weight decay, drawn uniformly from [low, high] (0 or more)."
+    )
+    lora_r: list[int] | None = Field(None, description="Kind sft: LoRA ranks to choose from, e.g. [8, 16, 32].")
+    lora_alpha: list[int] | None = Field(
+        None, description="Kind sft: LoRA alphas to choose from (the adapter's scale is alpha / r)."
+    )
+    lora_target_modules: list[list[str] | Literal["all-linear"]] | None = Field(
+        None, description="Kind sft: module sets to choose from, e.g. [[q_proj, v_proj], all-linear]."
+    )
+    base_models: list[str] | None = Field(
+        None,
+        description="Candidate base models (folders or package:<module>), each tokenized once; unset: "
+        "model.base_model only.",
+    )
+
+    def chosen(self) -> list[str]:
+        """The settings this space varies, in the order of SEARCH_FIELDS."""
+        return [name for name in SEARCH_FIELDS if getattr(self, name) is not None]
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SearchSpace:
+        for name in self.chosen():
+            value = getattr(self, name)
+            if isinstance(value, list):
+                if not value:
+                    raise ValueError(
+                        f"search.space.{name} is an empty list: nothing to choose from. Fix: list at least one value, "
+                        "or remove the setting to keep its configured value"
+                    )
+                if len({json.dumps(v) for v in value}) != len(value):
+                    raise ValueError(f"search.space.{name} lists a value twice: {value}. Fix: list each value once")
+            elif value.low >= value.high:
+                raise ValueError(
+                    f"search.space.{name} is [{value.low}, {value.high}]: "
+                    f"{'an empty' if value.low == value.high else 'an inverted'} range (low must be below high). "
+                    f"Fix: set low < high, or remove the setting and fix {SEARCH_FIELDS[name]} instead"
+                )
+        if self.learning_rate is not None and self.learning_rate.low <= 0:
+            raise ValueError(
+                f"search.space.learning_rate.low is {self.learning_rate.low}: it is drawn log-uniformly, so both "
+                "bounds must be above 0. Fix: e.g. low: 1.0e-5"
+            )
+        if self.warmup_ratio is not None and not (0 <= self.warmup_ratio.low and self.warmup_ratio.high < 1):
+            raise ValueError(
+                f"search.space.warmup_ratio is [{self.warmup_ratio.low}, {self.warmup_ratio.high}]: a share of steps "
+                "is within 0..1 (below 1). Fix: e.g. low: 0.0, high: 0.2"
+            )
+        if self.weight_decay is not None and self.weight_decay.low < 0:
+            raise ValueError(f"search.space.weight_decay.low is {self.weight_decay.low}. Fix: use 0 or more")
+        for name in ("batch_size", "lora_r", "lora_alpha"):
+            values = getattr(self, name) or []
+            if any(v < 1 for v in values):
+                raise ValueError(f"search.space.{name} has a value below 1: {values}. Fix: use whole numbers >= 1")
+        return self
+
+
+class PrunerConfig(_Section):
+    startup_trials: int = Field(
+        3, ge=0, description="The median pruner stops no trial before this many trials have finished."
+    )
+    warmup_evaluations: int = Field(
+        0, ge=0, description="Evaluations of a trial before the pruner may stop it (0: from its first one)."
+    )
+
+
+class SearchConfig(_Section):
+    """``tuneflow tune``: an Optuna study over ``space``, each trial a fine-tune on the same validated, split data."""
+
+    space: SearchSpace = Field(default_factory=SearchSpace, description="The settings searched over.")
+    trials: int = Field(12, ge=1, description="Trials of the study in all (a resumed study counts its earlier ones).")
+    timeout_minutes: float = Field(
+        60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Time budget of one `tuneflow tune` call: no new trial starts after it (a running one finishes).",
+    )
+    min_trial_minutes: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="What one trial takes at least on this machine, used to refuse a timeout too small for one trial "
+        "before any training (a resumed study uses the median of its finished trials instead).",
+    )
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler: 'tpe' (its default) or 'random'.")
+    seed: int = Field(0, ge=0, description="Seed of the sampler (each trial still trains with train.seed).")
+    pruner: PrunerConfig = Field(
+        default_factory=PrunerConfig,
+        description="The median pruner: a trial whose eval metric at an evaluation is worse than the median of "
+        "earlier trials at the same evaluation is stopped.",
+    )
+    enqueue: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Trials run first, with these settings (keys as in space, e.g. {learning_rate: 5.0e-5}); "
+        "a key left out is drawn by the sampler.",
+    )
+    study_name: str | None = Field(
+        None, description="The Optuna study; the same name resumes it. Unset: the pipeline's name."
+    )
+    storage: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the study's database, never MLflow's own (both keep an alembic_version "
+        "table). Unset: sqlite file optuna.db next to the local MLflow store (mlruns/optuna.db).",
+    )
+    heartbeat_seconds: int = Field(
+        60,
+        ge=1,
+        description="A running trial records a heartbeat this often; one silent for twice as long (its process "
+        "died) is marked failed and retried once by the next worker.",
+    )
+
+    @model_validator(mode="after")
+    def _enqueued(self) -> SearchConfig:
+        for i, settings in enumerate(self.enqueue):
+            unknown = sorted(set(settings) - set(SEARCH_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"search.enqueue[{i}] names {unknown}, which are not searchable settings. "
+                    f"Fix: use keys of search.space: {', '.join(SEARCH_FIELDS)}"
+                )
+        return self
 
 
 Kind = Literal[tuple(FACTS)]  # the kinds of tuneflow.kinds.catalog: ("classification", "sft")
@@ -550,6 +715,9 @@ class PipelineConfig(_Section):
     alerts: AlertsConfig = AlertsConfig()
     sft: SftConfig = SftConfig()
     monitor: MonitorConfig = MonitorConfig()
+    search: SearchConfig | None = Field(
+        None, description="The settings search of `tuneflow tune` (Optuna); unset: tune searches nothing."
+    )
 
     @model_validator(mode="after")
     def _kind(self) -> PipelineConfig:
@@ -565,7 +733,19 @@ class PipelineConfig(_Section):
         facts.check_config(self)
         if not facts.reads_chat and self.data.format in CHAT_FORMATS:
             raise ValueError(f"data.format {self.data.format} holds conversations: use it with kind: sft")
+        if self.search is not None:
+            self._searchable(facts.tunable)
         return self
+
+    def _searchable(self, tunable: frozenset[str]) -> None:
+        assert self.search is not None
+        named = set(self.search.space.chosen()) | {k for settings in self.search.enqueue for k in settings}
+        wrong = sorted(named - tunable)
+        if wrong:
+            raise ValueError(
+                f"search.space / search.enqueue name {wrong}, which kind {self.kind!r} does not have. "
+                f"Fix: remove them; kind {self.kind} can search: {', '.join(n for n in SEARCH_FIELDS if n in tunable)}"
+            )
 
     def digest(self) -> str:
         """A stable digest of every setting that shapes the model, to tag runs and versions with."""
@@ -574,7 +754,8 @@ class PipelineConfig(_Section):
         # ``kind`` joined the config after the first versions were registered: left out while it is the
         # default, digests of unchanged configs stay what they were.
         # The same for the sft section, which classification does not read.
-        exclude: dict[str, Any] = {k: True for k in ("schedule", "watch", "alerts", "monitor")}
+        # The search settings choose a model; the tuned config that comes out names what it trains.
+        exclude: dict[str, Any] = {k: True for k in ("schedule", "watch", "alerts", "monitor", "search")}
         if not facts_of(self.kind).digest_has_kind:
             exclude |= {"kind": True, "sft": True}
             exclude["registry"] = {"sft_weights", "sft_dtype"}  # kind sft's: a classification digest stays as it was
@@ -583,6 +764,8 @@ class PipelineConfig(_Section):
         # How often a run saves its progress, and in how many processes it computes the same recipe (the global
         # batch, learning rate, steps and data order do not depend on train.processes): not what it trains.
         exclude["train"] = {"checkpoint_minutes", "processes"}
+        if facts_of(self.kind).digest_has_kind:  # evaluating along the way does not change the weights trained
+            exclude["sft"] = {"eval_steps"}
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

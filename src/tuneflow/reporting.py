@@ -7,6 +7,7 @@ one place and the logic stays testable without string matching on markdown.
 from __future__ import annotations
 
 import html
+import json
 from typing import TYPE_CHECKING, Any
 
 from tuneflow.data import LABEL
@@ -702,3 +703,36 @@ def _sft_size(cfg: PipelineConfig, training: TrainResult) -> str:
 
 # The model card of each kind (KindFacts.card): rendering stays here, the kind names its card.
 CARDS = {"classification": classification_model_card, "sft": sft_model_card}
+
+
+def study_table(rows: list[dict[str, Any]], metric: str, limit: int = 50) -> str:
+    """The study's trials as a markdown table (the last ``limit``)."""
+    lines = [f"| trial | state | {metric} | seconds | settings |", "|---|---|---|---|---|"]
+    for r in rows[-limit:]:
+        value = "" if r.get("value") is None else f"{r['value']:.4f}"
+        state = r["state"] + (f" (evaluation {r['pruned_at_evaluation']})" if "pruned_at_evaluation" in r else "")
+        settings = ", ".join(f"{k}={_num(v) if isinstance(v, float) else v}" for k, v in r["settings"].items())
+        if r.get("error"):
+            settings += f"; error: {r['error']}"
+        lines.append(f"| {r['number']} | {state} | {value} | {r.get('seconds') or ''} | {_cell(settings, 300)} |")
+    return "\n".join(lines)
+
+
+def tune_markdown(cfg: PipelineConfig, outcome: Any, gate: str, tuned_path: str, images: dict[str, str]) -> str:
+    """The tune artifact: the study (table and plots, ``images``: title -> PNG as base64), the best trial, the tuned
+    config file and the gate's outcome for the best model (``gate``: the retrain artifact's text). ``outcome`` is a
+    ``tuneflow.search.SearchOutcome`` (not imported: the search module sits above this one)."""
+    counts = ", ".join(f"{n} {state.lower()}" for state, n in outcome.counts().items())
+    plots = "\n\n".join(f"### {title}\n\n![{title}](data:image/png;base64,{b64})" for title, b64 in images.items())
+    notes = "".join(f"\n- {n}" for n in outcome.plot_notes)
+    return (
+        f"# Tune `{cfg.name}`: study `{outcome.study_name}`\n\n"
+        f"{len(outcome.rows)} trial(s) in the study ({counts}), {outcome.ran} run now; {outcome.metric} "
+        f"({outcome.direction}) on the eval split. Study database: `{outcome.storage}`.\n\n"
+        f"**Best: trial {outcome.best_number}**, {outcome.metric} {outcome.best_value:.4f}, with "
+        f"`{json.dumps(outcome.best_settings)}`; written to `{tuned_path}`.\n\n"
+        f"## Trials\n\n{study_table(outcome.rows, outcome.metric)}\n\n"
+        + (f"## Plots\n\n{plots}\n\n" if plots else "")
+        + (f"Not drawn:{notes}\n\n" if notes else "")
+        + f"## The best model at the gate\n\n{gate}"
+    )

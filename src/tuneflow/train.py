@@ -183,6 +183,7 @@ def train_with_trainer(
     data: DatasetDict,
     checkpoints: Path,
     kind: TrainerKind,
+    callbacks: tuple[Any, ...] = (),
 ) -> TrainResult:
     """Fine-tune ``cfg.model.base_model`` on ``data["train"]``, evaluating on ``data["eval"]`` each epoch.
 
@@ -190,10 +191,15 @@ def train_with_trainer(
     Checkpoints go to ``checkpoints`` each epoch and at least every ``train.checkpoint_minutes``; a rerun after
     a crash resumes from the newest complete one (``run_trainer``). With ``train.processes`` > 1 the same
     Trainer runs in that many processes (``tuneflow.multiproc``), and this process collects their result.
+    ``callbacks`` (more ``TrainerCallback``s) run in this process only: not with ``train.processes`` > 1.
     """
     if cfg.train.processes > 1:
+        if callbacks:
+            log.warning("train.processes is %d: the extra Trainer callbacks do not run", cfg.train.processes)
         return train_in_processes(cfg, tokenizer, data, checkpoints)
-    trainer, output, seconds, resumed = fit_with_trainer(cfg, tokenizer, data, checkpoints, kind)
+    trainer, output, seconds, resumed = fit_with_trainer(
+        cfg, tokenizer, data, checkpoints, kind, extra_callbacks=callbacks
+    )
     state = trainer.state
     model = trainer.model.float().eval()  # bf16 autocast leaves fp32 weights; make sure for saving
     primary = cfg.evaluate.primary_metric

@@ -52,11 +52,17 @@ class FineTuningKind(Protocol):
         """Both splits as model inputs (``train`` / ``eval``), unpadded."""
 
     def train(
-        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, checkpoints: Path
+        self,
+        cfg: PipelineConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        data: DatasetDict,
+        checkpoints: Path,
+        callbacks: tuple[Any, ...] = (),
     ) -> TrainResult:
         """Fine-tune on ``data["train"]``; the result's model is what gets evaluated and registered.
 
-        Checkpoints go to ``checkpoints`` (kept across a crash: training resumes from the newest complete one)."""
+        Checkpoints go to ``checkpoints`` (kept across a crash: training resumes from the newest complete one).
+        ``callbacks``: more transformers ``TrainerCallback``s (e.g. the search's pruning on each evaluation)."""
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         """Pads each training batch to its longest row."""

@@ -160,10 +160,15 @@ class Classification:
         return tokenizer
 
     def train(
-        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, checkpoints: Path
+        self,
+        cfg: PipelineConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        data: DatasetDict,
+        checkpoints: Path,
+        callbacks: tuple[Any, ...] = (),
     ) -> TrainResult:
         """The transformers ``Trainer``: per-epoch evaluation, early stopping, best epoch restored."""
-        return train_with_trainer(cfg, tokenizer, data, checkpoints, self)
+        return train_with_trainer(cfg, tokenizer, data, checkpoints, self, callbacks)
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         from transformers import DataCollatorWithPadding

@@ -72,6 +72,10 @@ class KindFacts:
     labels_in_both_splits: bool = False  # every configured label must be in both the train and eval split
     dedupe_pairs: bool = False  # rows that repeat a prompt/response pair are dropped before training
     digest_has_kind: bool = True  # False: the config digest leaves out `kind` and `sft` (versions before kinds)
+    # the settings `tuneflow tune` may search for this kind (names of tuneflow.config.SEARCH_FIELDS)
+    tunable: frozenset[str] = frozenset(
+        {"learning_rate", "epochs", "batch_size", "warmup_ratio", "weight_decay", "base_models"}
+    )
     check_config: Callable[[Any], None] = lambda cfg: None  # cross-field checks of a PipelineConfig (ValueError)
     cache_key_part: Callable[[Any], dict[str, Any]] = lambda tokenizer: {}  # added to the tokenization cache key
     shape_part: Callable[[Any], dict[str, Any]] = lambda cfg: {}  # added to a landing zone's recorded data shape

@@ -508,8 +508,15 @@ def _peft_config(cfg: PipelineConfig):
     )
 
 
-def sft_trainer(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, output_dir: Path) -> Any:
-    """TRL's ``SFTTrainer`` on the pre-tokenized train rows (labels already masked), LoRA when configured."""
+def sft_trainer(
+    cfg: PipelineConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DatasetDict,
+    output_dir: Path,
+    callbacks: tuple[Any, ...] = (),
+) -> Any:
+    """TRL's ``SFTTrainer`` on the pre-tokenized train rows (labels already masked), LoRA when configured; the eval
+    rows' response loss every ``sft.eval_steps`` steps when set."""
     import torch
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
@@ -533,7 +540,11 @@ def sft_trainer(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: D
         warmup_steps=t.warmup_ratio,
         seed=t.seed,
         data_seed=t.seed,
-        eval_strategy="no",  # the evaluate stage scores the model (and the champion) afterwards
+        # the evaluate stage scores the model (and the champion) afterwards; sft.eval_steps adds the eval loss
+        # along the way (what tuneflow tune prunes trials on)
+        eval_strategy="steps" if s.eval_steps else "no",
+        eval_steps=s.eval_steps,
+        per_device_eval_batch_size=t.eval_batch_size,
         save_strategy="no",  # checkpoints: at least every train.checkpoint_minutes (run_trainer), for resuming
         save_total_limit=2,
         logging_strategy="steps",
@@ -557,19 +568,24 @@ def sft_trainer(cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: D
         model=model,
         args=args,
         train_dataset=train,
+        eval_dataset=data["eval"] if s.eval_steps else None,
         processing_class=tokenizer,
         peft_config=_peft_config(cfg) if s.lora.enabled else None,
-        callbacks=[mlflow_callback()],
+        callbacks=[mlflow_callback(), *callbacks],
     )
 
 
 def train_sft(
-    cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, checkpoints: Path
+    cfg: PipelineConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    data: DatasetDict,
+    checkpoints: Path,
+    callbacks: tuple[Any, ...] = (),
 ) -> TrainResult:
     """Train with ``sft_trainer``; returns what gets evaluated and registered, in ``registry.sft_dtype``: with
     ``registry.sft_weights: merged`` the model with LoRA merged into the base weights (a plain causal LM that loads
     offline without PEFT or the base model's folder), with ``adapter`` the adapter on the base (a PEFT model)."""
-    trainer = sft_trainer(cfg, tokenizer, data, checkpoints)
+    trainer = sft_trainer(cfg, tokenizer, data, checkpoints, callbacks)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     output, seconds, resumed = run_trainer(trainer, checkpoints, cfg.train.checkpoint_minutes)
@@ -630,9 +646,14 @@ class Sft:
         )
 
     def train(
-        self, cfg: PipelineConfig, tokenizer: PreTrainedTokenizerBase, data: DatasetDict, checkpoints: Path
+        self,
+        cfg: PipelineConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        data: DatasetDict,
+        checkpoints: Path,
+        callbacks: tuple[Any, ...] = (),
     ) -> TrainResult:
-        return train_sft(cfg, tokenizer, data, checkpoints)
+        return train_sft(cfg, tokenizer, data, checkpoints, callbacks)
 
     def collator(self, tokenizer: PreTrainedTokenizerBase) -> Any:
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling

@@ -22,6 +22,15 @@ def _check_config(cfg: Any) -> None:
             "registry.sft_weights is 'adapter', but sft.lora.enabled is false: full fine-tuning changes every weight, "
             "so there is no adapter to register. Fix: set sft.lora.enabled: true, or registry.sft_weights: merged"
         )
+    search = cfg.search
+    if search is not None and not cfg.sft.lora.enabled:
+        named = set(search.space.chosen()) | {k for settings in search.enqueue for k in settings}
+        lora = sorted(n for n in named if n.startswith("lora_"))
+        if lora:
+            raise ValueError(
+                f"search.space names {lora}, but sft.lora.enabled is false (full fine-tuning has no adapters). "
+                "Fix: remove them from the search, or set sft.lora.enabled: true"
+            )
 
 
 def _cache_key_part(tokenizer: Any) -> dict[str, Any]:
@@ -178,6 +187,10 @@ FACTS = KindFacts(
     implementation="sft:Sft",
     reads_chat=True,
     dedupe_pairs=True,
+    tunable=frozenset(
+        {"learning_rate", "epochs", "batch_size", "warmup_ratio", "weight_decay", "base_models"}
+        | {"lora_r", "lora_alpha", "lora_target_modules"}
+    ),
     check_config=_check_config,
     cache_key_part=_cache_key_part,
     shape_part=_shape_part,

@@ -1,0 +1,644 @@
+"""The settings search of ``tuneflow tune``: an Optuna study whose trials each fine-tune on the same validated,
+split data, tracked as MLflow runs nested under the search's parent run.
+
+Prefect-free: the tune flow (``tuneflow.flows.tune``) puts it between the retrain's stages (validate and split
+before, champion scoring, decision, registration and promotion after). Optuna is imported inside the functions
+here, and nothing that ``tuneflow run`` imports imports this module.
+
+- Each trial's settings come from ``search.space`` (``suggest``) and are applied to the config as a whole
+  (``with_settings``), so a trial trains exactly what a retrain with that config would.
+- Each evaluation during training is reported to the study; the median pruner stops a trial that is worse than
+  the median of earlier trials at the same evaluation (``pruning_callback`` raises ``optuna.TrialPruned``).
+- A trial that raises is recorded FAIL (in the study and as a FAILED MLflow run) and the study goes on.
+- The study lives in its own SQL database (``study_storage``): never MLflow's, as both keep an ``alembic_version``
+  table (mlflow#3374, optuna#2866). ``load_if_exists`` resumes a study; trials record heartbeats, and one whose
+  process died is failed and retried once by the next process that runs the study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from tuneflow.config import SEARCH_FIELDS, ConfigError, PipelineConfig, higher_is_better
+from tuneflow.data import Split
+from tuneflow.evaluate import Evaluation
+from tuneflow.files import file_lock, slug
+from tuneflow.kinds import get_kind
+from tuneflow.models import check_max_length
+from tuneflow.runtime import redact_url
+from tuneflow.tokenization import Tokenized
+from tuneflow.train_common import TrainResult
+
+if TYPE_CHECKING:
+    import optuna
+
+log = logging.getLogger(__name__)
+
+OPTUNA_DB = "optuna.db"
+STUDY_TAG = "tuneflow.study"
+TRIAL_TAG = "tuneflow.trial"
+TRIAL_STATE_TAG = "tuneflow.trial_state"
+TUNED_FROM_TAG = "tuneflow.tuned_from_trial"
+FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
+ALL_LINEAR = "all-linear"
+
+
+class SearchError(ConfigError):
+    """A search that cannot start or gave nothing to use; the message names the setting and the fix (exit 2)."""
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """What one ``tuneflow tune`` call runs: checked before any training."""
+
+    study_name: str
+    storage: str  # SQLAlchemy URL of the study's own database
+    trials: int  # trials of the study in all
+    timeout_s: float
+    finished: int  # trials the study had finished before this call
+
+
+@dataclass
+class TrialModel:
+    """The best trial of this call, kept in memory so that the gate needs no retraining."""
+
+    number: int
+    config: PipelineConfig
+    tokenized: Tokenized
+    trained: TrainResult
+    evaluation: Evaluation
+
+
+@dataclass
+class SearchOutcome:
+    study_name: str
+    storage: str  # redacted: shown and tagged
+    metric: str
+    direction: str
+    best_number: int
+    best_value: float
+    best_settings: dict[str, Any]  # search.space names -> config values
+    best_config: PipelineConfig
+    rows: list[dict[str, Any]]  # one per trial of the study: number, state, value, settings, seconds, run id
+    ran: int  # trials run by this call (this process)
+    best: TrialModel | None = None  # None: the best trial ran in an earlier call (its model is not here)
+    plots: list[Path] = field(default_factory=list)
+    plot_notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for row in self.rows:
+            out[row["state"]] = out.get(row["state"], 0) + 1
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- the space
+
+
+def encode_choice(value: Any) -> Any:
+    """A choice as Optuna stores it (None, bool, int, float or str): a module list becomes 'q_proj,v_proj'."""
+    return ",".join(value) if isinstance(value, list) else value
+
+
+def decode_choice(name: str, value: Any) -> Any:
+    if name == "lora_target_modules" and value != ALL_LINEAR:
+        return str(value).split(",")
+    return value
+
+
+def suggest(trial: optuna.Trial, cfg: PipelineConfig) -> dict[str, Any]:
+    """Draw this trial's settings from ``search.space``: names of ``SEARCH_FIELDS`` -> config values."""
+    assert cfg.search is not None
+    space = cfg.search.space
+    out: dict[str, Any] = {}
+    for name in space.chosen():
+        value = getattr(space, name)
+        if isinstance(value, list):
+            choice = trial.suggest_categorical(name, [encode_choice(v) for v in value])
+            out[name] = decode_choice(name, choice)
+        elif name == "epochs":
+            out[name] = trial.suggest_int(name, value.low, value.high)
+        else:
+            out[name] = trial.suggest_float(name, value.low, value.high, log=name == "learning_rate")
+    return out
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def with_settings(cfg: PipelineConfig, settings: dict[str, Any]) -> PipelineConfig:
+    """``cfg`` with a trial's settings; validated as a whole (a batch size must still divide across processes)."""
+    tree = cfg.model_dump(mode="json", exclude_unset=False)
+    for name, value in settings.items():
+        set_dotted(tree, SEARCH_FIELDS[name], value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValueError as exc:
+        raise SearchError(f"the settings {settings} do not make a valid config: {exc}") from exc
+
+
+def trial_config(cfg: PipelineConfig, settings: dict[str, Any]) -> PipelineConfig:
+    """What a trial trains with: ``cfg`` with ``settings``, evaluating along the way so the pruner has values
+    (kind sft evaluates only when ``sft.eval_steps`` is set: then every ``train.logging_steps`` steps)."""
+    trial = with_settings(cfg, settings)
+    if trial.sft.eval_steps is None:
+        trial.sft.eval_steps = trial.train.logging_steps
+    return trial
+
+
+# ---------------------------------------------------------------------------------------------- storage, checks
+
+
+def study_storage(cfg: PipelineConfig, tracking_uri: str) -> str:
+    """The study database: ``search.storage``, else ``optuna.db`` next to the local MLflow store.
+
+    Raises:
+        SearchError: it is MLflow's own database (both keep an ``alembic_version`` table).
+    """
+    assert cfg.search is not None
+    if cfg.search.storage:
+        url = cfg.search.storage
+    elif tracking_uri.startswith("sqlite:///"):
+        url = f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / OPTUNA_DB}"
+    else:  # an MLflow server: the study stays on this machine unless search.storage names a shared database
+        from tuneflow.tracking import local_store
+
+        local_store().mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{local_store() / OPTUNA_DB}"
+    if url.rstrip("/") == tracking_uri.rstrip("/"):
+        raise SearchError(
+            f"search.storage {redact_url(url)!r} is MLflow's own database; Optuna and MLflow both keep an "
+            "alembic_version table and must not share one. Fix: point search.storage at another database "
+            "(e.g. sqlite:///mlruns/optuna.db, or a database of its own on the same PostgreSQL server)"
+        )
+    return url
+
+
+def setup_lock(url: str):
+    """A machine-wide lock per study database (a sqlite file: beside it; else in the temp folder), held while its
+    tables or a study and its enqueued trials are set up, not while trials run. Workers on other machines (team
+    mode) start after the database exists."""
+    import hashlib
+    import tempfile
+
+    if url.startswith("sqlite:///"):
+        db = Path(url.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = db.with_name(f"{db.name}.lock")
+    else:
+        lock = Path(tempfile.gettempdir()) / f"tuneflow-optuna-{hashlib.sha256(url.encode()).hexdigest()[:16]}.lock"
+    return file_lock(lock, timeout_s=600, what="another process setting up the study database")
+
+
+def rdb_storage(url: str, heartbeat_seconds: int | None = None) -> optuna.storages.RDBStorage:
+    """The study database, its tables created under a machine-wide lock: two workers opening a new database at once
+    both ran Optuna's schema setup and one failed (sqlite: UNIQUE constraint failed: alembic_version.version_num).
+
+    ``heartbeat_seconds``: running trials record heartbeats; one silent for twice as long is failed and retried once.
+    """
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    # ExperimentalWarning (optuna 5.1) for heartbeats and their retry callback
+    with setup_lock(url), warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        heartbeat: dict[str, Any] = {}
+        if heartbeat_seconds is not None:
+            heartbeat = {
+                "heartbeat_interval": heartbeat_seconds,
+                "grace_period": 2 * heartbeat_seconds,
+                "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1),
+            }
+        return RDBStorage(url, **heartbeat)
+
+
+def study_progress(storage: str, study_name: str) -> tuple[int, float | None]:
+    """An existing study's finished trials, and the median minutes of its completed or pruned ones (None: none)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=rdb_storage(storage))
+    except KeyError:
+        return 0, None
+    trials = study.get_trials(deepcopy=False)
+    done = [
+        t.duration.total_seconds() / 60
+        for t in trials
+        if t.state.name in ("COMPLETE", "PRUNED") and t.duration is not None
+    ]
+    return sum(t.state.name in FINISHED_STATES for t in trials), (statistics.median(done) if done else None)
+
+
+def check_search(
+    cfg: PipelineConfig, tracking_uri: str, trials: int | None = None, timeout_minutes: float | None = None
+) -> SearchPlan:
+    """Everything that can be checked before any training: a search section with something to search, every
+    candidate base model found (and long enough for model.max_length), a separate study database, and a budget
+    that fits one trial (the median of the study's finished trials, else ``search.min_trial_minutes``).
+
+    Raises:
+        SearchError: the setting and the fix. ModelError: a candidate base model cannot be found.
+    """
+    search = cfg.search
+    if search is None:
+        raise SearchError(
+            "the config has no search section: nothing to search. Fix: add e.g.\n"
+            "search:\n  trials: 12\n  space:\n    learning_rate: {low: 1.0e-5, high: 1.0e-4}\n    batch_size: [16, 32]"
+        )
+    if not search.space.chosen():
+        raise SearchError(
+            "search.space sets nothing to search. Fix: add a setting to search.space, e.g. "
+            "learning_rate: {low: 1.0e-5, high: 1.0e-4}"
+        )
+    trials = search.trials if trials is None else trials
+    if trials < 1:
+        raise SearchError(f"--trials is {trials}: a search runs at least one trial. Fix: pass --trials 1 or more")
+    timeout = search.timeout_minutes if timeout_minutes is None else timeout_minutes
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise SearchError(f"--timeout is {timeout} minutes. Fix: pass a time budget above 0 minutes")
+    for spec in search.space.base_models or []:
+        check_max_length(cfg.model.model_copy(update={"base_model": spec}))  # resolves it: ModelError if missing
+    storage = study_storage(cfg, tracking_uri)
+    study_name = search.study_name or cfg.name
+    finished, measured = study_progress(storage, study_name)
+    need = measured if measured is not None else search.min_trial_minutes
+    if timeout < need:
+        where = (
+            f"the median of the {finished} finished trial(s) of study {study_name!r}"
+            if measured is not None
+            else "search.min_trial_minutes"
+        )
+        raise SearchError(
+            f"the time budget is {timeout:g} minutes, but one trial takes about {need:.2f} minutes ({where}): the "
+            f"search could not finish one trial. Fix: raise --timeout / search.timeout_minutes to at least "
+            f"{math.ceil(need * 10) / 10:g}, or shrink the trials (fewer epochs, a smaller space)"
+        )
+    if finished >= trials:
+        log.info("study %s already has %d finished trials (of %d): no new trial runs", study_name, finished, trials)
+    return SearchPlan(study_name, storage, trials, timeout * 60, finished)
+
+
+def open_study(cfg: PipelineConfig, plan: SearchPlan) -> optuna.Study:
+    """Create the study, or load it when it exists (a resumed search); the enqueued trials once."""
+    import optuna
+
+    assert cfg.search is not None
+    search = cfg.search
+    storage = rdb_storage(plan.storage, search.heartbeat_seconds)
+    sampler = (
+        optuna.samplers.TPESampler(seed=search.seed)
+        if search.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=search.seed)
+    )
+    pruner = optuna.pruners.MedianPruner(
+        n_startup_trials=search.pruner.startup_trials, n_warmup_steps=search.pruner.warmup_evaluations
+    )
+    with setup_lock(plan.storage):  # two workers starting together: one creates, one loads; each trial queued once
+        study = optuna.create_study(
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            study_name=plan.study_name,
+            direction="maximize" if higher_is_better(cfg.evaluate.primary_metric) else "minimize",
+            load_if_exists=True,
+        )
+        for settings in search.enqueue:
+            study.enqueue_trial({k: encode_choice(v) for k, v in settings.items()}, skip_if_exists=True)
+    return study
+
+
+# ---------------------------------------------------------------------------------------------- trials
+
+
+def trainer_value(metric: str, logs: dict[str, float]) -> float | None:
+    """The primary metric in a Trainer evaluation's logs (``eval_<metric>``); perplexity from the eval loss;
+    None when the evaluation does not give it (chrF is computed only by the evaluate stage)."""
+    key = metric if metric.startswith("eval_") else f"eval_{metric}"  # eval_loss is logged as it is
+    if key in logs:
+        return float(logs[key])
+    if metric == "perplexity" and "eval_loss" in logs:
+        return math.exp(min(float(logs["eval_loss"]), 50.0))
+    return None
+
+
+def pruning_callback(trial: optuna.Trial, metric: str):
+    """A ``TrainerCallback`` that reports each evaluation's ``metric`` to the study (step = the evaluation's number,
+    1, 2, ...: the same for every trial whatever its batch size) and stops the trial when the pruner says so."""
+    import optuna
+    from transformers import TrainerCallback
+
+    class Pruning(TrainerCallback):
+        def __init__(self) -> None:
+            self.evaluations = 0
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            value = trainer_value(metric, metrics or {})
+            if value is None or not math.isfinite(value):
+                return
+            self.evaluations += 1
+            trial.report(value, self.evaluations)
+            if trial.should_prune():
+                raise optuna.TrialPruned(
+                    f"{metric} {value:.4f} at evaluation {self.evaluations} (step {state.global_step}) is worse than "
+                    "the median of the earlier trials there"
+                )
+
+    return Pruning()
+
+
+def _better(value: float, than: float | None, maximize: bool) -> bool:
+    return than is None or (value > than if maximize else value < than)
+
+
+def run_search(
+    cfg: PipelineConfig,
+    split: Split,
+    tokenize: Callable[[PipelineConfig], Tokenized],
+    plan: SearchPlan,
+    parent_run_id: str,
+    work_dir: Path,
+) -> SearchOutcome:
+    """Run the study's remaining trials (``plan.trials`` in all) within ``plan.timeout_s``.
+
+    Args:
+        cfg: the pipeline config with its search section.
+        split: the validated data's train/eval split; every trial trains and is scored on it.
+        tokenize: the split tokenized for a trial's config (the caller caches it per base model).
+        plan: from ``check_search``.
+        parent_run_id: the MLflow run every trial's run is nested under.
+        work_dir: scratch for the trials' checkpoints (each removed when its trial ends).
+
+    Raises:
+        SearchError: no trial of the study completed (the first failures are quoted).
+    """
+    import mlflow
+    import optuna
+
+    study = open_study(cfg, plan)
+    metric = cfg.evaluate.primary_metric
+    maximize = higher_is_better(metric)
+    kept: dict[str, Any] = {"model": None, "value": None, "ran": 0}
+
+    def objective(trial: optuna.Trial) -> float:
+        kept["ran"] += 1  # trials of this process (other workers may run trials of the study meanwhile)
+        settings = suggest(trial, cfg)
+        tcfg = trial_config(cfg, settings)
+        started = time.perf_counter()
+        tags = {"tuneflow.stage": "trial", STUDY_TAG: plan.study_name, TRIAL_TAG: str(trial.number)}
+        pruned: optuna.TrialPruned | None = None
+        folder = work_dir / f"trial-{trial.number}"
+        with mlflow.start_run(
+            run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id, tags=tags
+        ) as run:
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.log_params({f"search.{k}": json.dumps(v) for k, v in settings.items()})
+            try:
+                tokenized = tokenize(tcfg)
+                kind = get_kind(tcfg.kind)
+                trained = kind.train(
+                    tcfg, tokenized.tokenizer, tokenized.datasets, folder, (pruning_callback(trial, metric),)
+                )
+                evaluation = kind.evaluate(trained.model, tokenized.tokenizer, split.eval, tcfg, tcfg.model.max_length)
+            except optuna.TrialPruned as exc:
+                pruned = exc
+                mlflow.set_tag(TRIAL_STATE_TAG, "PRUNED")
+            except Exception as exc:
+                trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:1000])
+                mlflow.set_tag(TRIAL_STATE_TAG, "FAIL")
+                raise  # the run ends FAILED; optimize(catch=...) records the trial FAIL and goes on
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+                mlflow.log_metric("trial_seconds", time.perf_counter() - started)
+            if pruned is None:
+                value = float(evaluation.metrics[metric])
+                mlflow.log_metrics({f"eval/{k}": float(v) for k, v in evaluation.metrics.items() if _finite(v)})
+                mlflow.log_metric("train_seconds", trained.train_seconds)
+                mlflow.set_tag(TRIAL_STATE_TAG, "COMPLETE")
+        if pruned is not None:
+            raise pruned
+        log.info("trial %d: %s %.4f with %s", trial.number, metric, value, settings)
+        if _better(value, kept["value"], maximize) and math.isfinite(value):
+            kept["model"] = TrialModel(trial.number, tcfg, tokenized, trained, evaluation)
+            kept["value"] = value
+        return value
+
+    remaining = max(0, plan.trials - plan.finished)
+    started = time.perf_counter()
+    if remaining:
+        from optuna.trial import TrialState
+
+        # Other workers may run trials of this study at the same time: each stops once the study as a whole has
+        # plan.trials finished trials (at most one trial per worker in flight past that), not after its own count.
+        enough = optuna.study.MaxTrialsCallback(
+            plan.trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        )
+        study.optimize(
+            objective,
+            n_trials=remaining,
+            timeout=plan.timeout_s,
+            catch=(Exception,),
+            callbacks=[enough],
+            gc_after_trial=True,
+        )
+    ran = kept["ran"]
+    log.info("study %s: %d trial(s) in %.0f s", plan.study_name, ran, time.perf_counter() - started)
+    rows = study_rows(study)
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    if not complete:
+        failures = "; ".join(f"trial {r['number']}: {r['error']}" for r in rows if r.get("error"))[:1500]
+        raise SearchError(
+            f"no trial of study {plan.study_name!r} completed ({len(rows)} trial(s): "
+            f"{', '.join(f'{n} {s}' for s, n in _count(rows).items()) or 'none'}). "
+            + (f"Failures: {failures}. " if failures else "")
+            + "Fix: look at the failed trials' runs in MLflow; widen the space or raise the budget"
+        )
+    best = study.best_trial
+    settings = {name: decode_choice(name, value) for name, value in best.params.items()}
+    model = kept["model"] if kept["model"] is not None and kept["model"].number == best.number else None
+    return SearchOutcome(
+        study_name=plan.study_name,
+        storage=redact_url(plan.storage),
+        metric=metric,
+        direction="maximize" if maximize else "minimize",
+        best_number=best.number,
+        best_value=float(best.value),
+        best_settings=settings,
+        best_config=with_settings(cfg, settings),
+        rows=rows,
+        ran=ran,
+        best=model,
+    )
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _count(rows: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r["state"]] = out.get(r["state"], 0) + 1
+    return out
+
+
+def study_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per trial: number, state, value, its settings, seconds, MLflow run id, error (a failed one)."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row: dict[str, Any] = {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "seconds": round(t.duration.total_seconds(), 1) if t.duration is not None else None,
+            "mlflow_run_id": t.user_attrs.get("mlflow_run_id", ""),
+            "settings": {k: decode_choice(k, v) for k, v in t.params.items()},
+        }
+        if t.state.name == "PRUNED" and t.intermediate_values:
+            row["pruned_at_evaluation"] = max(t.intermediate_values)
+        if "error" in t.user_attrs:
+            row["error"] = t.user_attrs["error"]
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def study_plots(cfg: PipelineConfig, plan: SearchPlan, folder: Path) -> tuple[list[Path], list[str]]:
+    """Optuna's optimisation history and parameter importances as PNG (matplotlib), and why one is missing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    study = optuna.load_study(study_name=plan.study_name, storage=rdb_storage(plan.storage))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, notes = [], []
+    for name, draw in (("optimization_history", ovm.plot_optimization_history), ("importances", _importances(ovm))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning: the matplotlib backend is "experimental"
+            try:
+                ax = draw(study)
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+                notes.append(f"{name}: not drawn ({exc})")
+                continue
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.set_size_inches(7, 4)
+        fig.tight_layout()
+        path = folder / f"{name}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(path)
+    return paths, notes
+
+
+def _importances(ovm: Any) -> Callable[[Any], Any]:
+    def draw(study: Any) -> Any:
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+        varied = {k for t in complete for k in t.params if len({json.dumps(u.params.get(k)) for u in complete}) > 1}
+        if len(complete) < 2 or not varied:
+            raise ValueError("needs two completed trials whose settings differ")
+        return ovm.plot_param_importances(study)
+
+    return draw
+
+
+def log_search(outcome: SearchOutcome, parent_run_id: str) -> None:
+    """The study on the parent run: its table (``search/trials.json``), plots, best trial and value, tags."""
+    import mlflow
+    import pandas as pd
+
+    client = mlflow.MlflowClient()
+    table = pd.DataFrame(
+        [
+            {
+                **{k: v for k, v in r.items() if k != "settings"},
+                **{f"search.{k}": json.dumps(v) for k, v in r["settings"].items()},
+            }
+            for r in outcome.rows
+        ]
+    )
+    client.log_table(parent_run_id, table, "search/trials.json")
+    for path in outcome.plots:
+        client.log_artifact(parent_run_id, str(path), "search")
+    for k, v in {
+        STUDY_TAG: outcome.study_name,
+        "tuneflow.study_storage": outcome.storage,
+        TUNED_FROM_TAG: str(outcome.best_number),
+    }.items():
+        client.set_tag(parent_run_id, k, v)
+    counts = outcome.counts()
+    metrics = {f"search/{state.lower()}_trials": float(n) for state, n in counts.items()}
+    metrics |= {"search/best_value": outcome.best_value, "search/best_trial": float(outcome.best_number)}
+    client.log_batch(parent_run_id, metrics=_metrics(metrics))
+    client.log_dict(parent_run_id, {"settings": outcome.best_settings}, "search/best_settings.json")
+
+
+def _metrics(values: dict[str, float]) -> list[Any]:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, v, now, 0) for k, v in values.items()]
+
+
+def tuned_config_path(config_path: Path, cfg: PipelineConfig) -> Path:
+    """``<folder of the config>/<name>.tuned.yaml``."""
+    return config_path.parent / f"{slug(cfg.name)}.tuned.yaml"
+
+
+def tuned_config_text(config_path: Path, outcome: SearchOutcome) -> str:
+    """The config file as written, with the best trial's settings and without the search section, under a
+    comment naming the study and the trial (YAML comments of the original are not kept)."""
+    raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    raw.pop("search", None)
+    for name, value in outcome.best_settings.items():
+        set_dotted(raw, SEARCH_FIELDS[name], value)
+    header = (
+        f"# Tuned by `tuneflow tune --config {config_path}`: study {outcome.study_name!r} ({outcome.storage}),\n"
+        f"# trial {outcome.best_number}, {outcome.metric} {outcome.best_value:.4f} on the eval split.\n"
+        f"# Settings found: {json.dumps(outcome.best_settings)}\n"
+        "# Everything else as in that file, without its search section. Use: tuneflow run --config <this file>\n"
+    )
+    return header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+
+
+def write_tuned_config(config_path: Path, cfg: PipelineConfig, outcome: SearchOutcome) -> Path:
+    """Write the tuned config next to ``config_path`` (through a temporary file and a rename)."""
+    path = tuned_config_path(config_path, cfg)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(tuned_config_text(config_path, outcome), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+__all__ = [
+    "SearchError",
+    "SearchOutcome",
+    "SearchPlan",
+    "TrialModel",
+    "check_search",
+    "log_search",
+    "run_search",
+    "study_plots",
+    "study_storage",
+    "write_tuned_config",
+]
