@@ -271,6 +271,24 @@ class RegistryConfig(_Section):
         0.0, ge=0.0, description="The challenger must beat the champion's primary metric by at least this."
     )
     enabled: bool = Field(True, description="Log and register the model; false stops after evaluation.")
+    approval: Literal["auto", "required"] = Field(
+        "auto",
+        description="'auto': a challenger that passes the metric gate becomes champion at once. 'required': it is "
+        "registered with alias challenger and waits for a person to approve or reject it (Prefect UI form or "
+        "'tuneflow review approve|reject'); only an approval moves champion.",
+    )
+    approval_timeout_hours: float = Field(
+        72.0,
+        gt=0,
+        le=24 * 365,
+        description="How long a challenger waits for review (registry.approval: required) before "
+        "registry.approval_on_timeout applies.",
+    )
+    approval_on_timeout: Literal["reject"] = Field(
+        "reject",
+        description="What a review that nobody decided in time becomes: 'reject' (champion kept). A timeout never "
+        "approves.",
+    )
 
 
 class ScheduleConfig(_Section):
@@ -329,6 +347,11 @@ class AlertsConfig(_Section):
     on_quarantine: bool = Field(True, description="Alert when the gate quarantines a batch of the landing zone.")
     on_decay: bool = Field(
         True, description="Alert when monitoring finds the champion degraded on a batch (tuneflow.champion.degraded)."
+    )
+    on_review: bool = Field(
+        True,
+        description="Alert when a challenger waits for review (registry.approval: required): 'review needed', "
+        "with links to the flow run and both versions.",
     )
 
     def url(self) -> str | None:
@@ -496,6 +519,8 @@ class PipelineConfig(_Section):
         # How often a run saves its progress, and in how many processes it computes the same recipe (the global
         # batch, learning rate, steps and data order do not depend on train.processes): not what it trains.
         exclude["train"] = {"checkpoint_minutes", "processes"}
+        # Who signs off a promotion, and how long a review waits: not what it trains.
+        exclude["registry"] = {"approval", "approval_timeout_hours", "approval_on_timeout"}
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

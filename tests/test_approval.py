@@ -1,0 +1,171 @@
+"""A person signs off (registry.approval: required): the decision logic and its record, on a temporary MLflow
+registry. Approve, reject, timeout, superseded, compare-and-swap on champion, and every refusal."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from mlflow import MlflowClient
+
+from tuneflow.approval import (
+    APPROVED,
+    REJECTED,
+    SUPERSEDED,
+    TIMEOUT_REVIEWER,
+    WAITING,
+    check_decidable,
+    close_overdue,
+    decide,
+    needs_review,
+    request_review,
+    review_rows,
+    reviews,
+)
+from tuneflow.history import move_champion, read_history
+from tuneflow.registry import Decision, champion_version
+from tuneflow.registry import decide as gate
+from tuneflow.registry_base import DECISION_TAG, REVIEW_TAG, RegistryError
+
+NAME = "rev-clf"
+HELD = Decision(False, "held for the test", "macro_f1", 0.5)  # registers without the gate's move
+
+
+def passed_gate(champion: str | None) -> Decision:
+    return gate("macro_f1", 0.9, 0.6 if champion else None, champion, 0.0)
+
+
+@pytest.fixture
+def champion_and_waiting(workdir, register_tiny):
+    """v1 champion (by the gate), v2 registered and waiting for review (it beat v1)."""
+    register_tiny(NAME, gate("macro_f1", 0.6, None, None, 0.0))
+    register_tiny(NAME, HELD)
+    request_review(NAME, "2", passed_gate("1"), "run-2", timeout_hours=1)
+    return NAME
+
+
+def tags(version: str) -> dict[str, str]:
+    return MlflowClient().get_model_version(NAME, version).tags
+
+
+def card(version: str) -> str:
+    return MlflowClient().get_model_version(NAME, version).description
+
+
+def test_only_a_passed_gate_with_approval_required_waits():
+    passed, failed = passed_gate("1"), gate("macro_f1", 0.5, 0.6, "1", 0.0)
+    assert needs_review("required", passed) is True
+    assert needs_review("required", failed) is False  # rejected without asking anyone
+    assert needs_review("auto", passed) is False
+
+
+def test_a_waiting_version_is_challenger_and_champion_stays(champion_and_waiting):
+    assert champion_version(NAME) == "1"
+    t = tags("2")
+    assert t[REVIEW_TAG] == WAITING and t[DECISION_TAG] == "waiting for review"
+    assert t["tuneflow.review.expected_champion"] == "1" and t["tuneflow.review.flow_run"] == "run-2"
+    assert MlflowClient().get_registered_model(NAME).aliases["challenger"] in (2, "2")
+    assert card("2").startswith("<!-- tuneflow:review -->\n## Review\n**Waiting for review**")
+    assert [r.version for r in reviews(NAME)] == ["2"]
+
+
+def test_approval_moves_champion_and_records_who_and_why(champion_and_waiting):
+    out = decide(NAME, "2", "approve", "Ada", "checked the spam recall", via="tuneflow review (test)")
+    assert champion_version(NAME) == "2"
+    assert out.review.state == APPROVED and out.review.reviewer == "Ada"
+    assert out.move is not None and (out.move.from_version, out.move.to_version) == ("1", "2")
+    last = read_history(NAME)[-1]
+    assert (last.action, last.by, last.actor) == ("approve", "review", "Ada")
+    assert "checked the spam recall" in last.reason and "flow run run-2" in last.reason
+    t = tags("2")
+    assert t[DECISION_TAG] == "promoted" and t["tuneflow.review.comment"] == "checked the spam recall"
+    assert "**Approved** by Ada" in card("2") and card("2").count("## Review") == 1
+    assert reviews(NAME) == []
+
+
+def test_rejection_leaves_champion(champion_and_waiting):
+    out = decide(NAME, "2", "reject", "Bob", "too many false positives on short texts")
+    assert champion_version(NAME) == "1"
+    assert out.move is None and out.review.state == REJECTED
+    assert tags("2")[DECISION_TAG] == "rejected"
+    assert "**Rejected** by Bob" in card("2")
+    assert [m.to_version for m in read_history(NAME)] == ["1"]
+
+
+def test_a_decision_is_final_and_every_bad_input_moves_nothing(champion_and_waiting, register_tiny):
+    decide(NAME, "2", "reject", "Bob", "no")
+    with pytest.raises(RegistryError, match="already rejected by Bob"):
+        decide(NAME, "2", "approve", "Ada", "yes")
+    with pytest.raises(RegistryError, match="not waiting for review"):
+        decide(NAME, "1", "approve", "Ada", "yes")  # the champion, registered by the gate
+    with pytest.raises(RegistryError, match="no registered model named 'nope'"):
+        decide("nope", "2", "approve", "Ada", "")
+    # a version number that exists only in another model: named in the error
+    register_tiny("other-clf", HELD)
+    register_tiny("other-clf", HELD)
+    register_tiny("other-clf", HELD)
+    request_review("other-clf", "3", passed_gate(None), "", timeout_hours=1)
+    with pytest.raises(RegistryError, match="rev-clf has no version 3; waiting with that number: other-clf v3"):
+        decide(NAME, "3", "approve", "Ada", "")
+    register_tiny(NAME, HELD)
+    request_review(NAME, "3", passed_gate("1"), "", timeout_hours=1)
+    with pytest.raises(RegistryError, match="reviewer"):
+        decide(NAME, "3", "approve", "  ", "")
+    assert champion_version(NAME) == "1" and [m.to_version for m in read_history(NAME)] == ["1"]
+    assert tags("3")[REVIEW_TAG] == WAITING
+
+
+def test_a_newer_approval_supersedes_an_older_waiting_review(champion_and_waiting, register_tiny):
+    register_tiny(NAME, HELD)
+    request_review(NAME, "3", passed_gate("1"), "run-3", timeout_hours=1)
+    out = decide(NAME, "3", "approve", "Ada", "newer and better")
+    assert champion_version(NAME) == "3"
+    assert [(r.version, r.state) for r in out.superseded] == [("2", SUPERSEDED)]
+    assert "v3 was approved first" in tags("2")["tuneflow.review.comment"]
+    with pytest.raises(RegistryError, match="superseded"):
+        check_decidable(NAME, "2")
+    assert champion_version(NAME) == "3"
+
+
+def test_an_approval_after_the_champion_moved_closes_as_superseded(champion_and_waiting, register_tiny):
+    register_tiny(NAME, HELD)  # v3, moved to by hand while v2 waits
+    move_champion(NAME, "3", "promote", "cli", "carol", "hotfix")
+    out = decide(NAME, "2", "approve", "Ada", "looks good")
+    assert out.move is None and out.review.state == SUPERSEDED
+    assert champion_version(NAME) == "3"  # compare-and-swap: the stale approval moved nothing
+    assert "moved from v1 to v3" in out.review.comment
+
+
+def test_timeout_rejects_and_never_approves(champion_and_waiting):
+    assert close_overdue(NAME) == []  # deadline in an hour
+    later = datetime.now(UTC) + timedelta(hours=2)
+    [out] = close_overdue(NAME, now=later)
+    assert out.review.state == REJECTED and out.review.reviewer == TIMEOUT_REVIEWER
+    assert champion_version(NAME) == "1"
+    assert "timed out" in tags("2")["tuneflow.decision_reason"]
+
+
+def test_review_rows_show_the_flow_runs_state_and_overdue_reviews(champion_and_waiting):
+    items = reviews(NAME)
+    later = datetime.now(UTC) + timedelta(hours=2)
+    [row] = review_rows(items, {"run-2": "Crashed"}, now=later)
+    assert row["state"] == "waiting (overdue)" and row["flow run"] == "run-2 (Crashed)"
+    [row] = review_rows(items, {}, now=later - timedelta(hours=2))
+    assert row["state"] == "waiting" and row["flow run"] == "run-2 (unknown)"
+
+
+def test_config_approval_defaults_to_auto_and_a_timeout_never_approves(tmp_path, tiny_model_dir):
+    from pydantic import ValidationError
+
+    from tuneflow.config import PipelineConfig
+
+    from conftest import tiny_config_dict
+
+    base = tiny_config_dict(tmp_path / "d.csv", tiny_model_dir)
+    cfg = PipelineConfig.model_validate(base)
+    assert (cfg.registry.approval, cfg.registry.approval_on_timeout) == ("auto", "reject")
+    required = PipelineConfig.model_validate({**base, "registry": {**base["registry"], "approval": "required"}})
+    assert required.digest() == cfg.digest()  # who signs off does not change what is trained
+    for bad in ({"approval": "sometimes"}, {"approval_on_timeout": "approve"}, {"approval_timeout_hours": 0}):
+        with pytest.raises(ValidationError):
+            PipelineConfig.model_validate({**base, "registry": {**base["registry"], **bad}})
