@@ -145,6 +145,13 @@ def test_timeout_rejects_and_never_approves(champion_and_waiting):
     assert "timed out" in tags("2")["tuneflow.decision_reason"]
 
 
+def test_an_approval_past_the_deadline_is_refused_and_the_review_times_out(champion_and_waiting):
+    later = datetime.now(UTC) + timedelta(hours=2)
+    with pytest.raises(RegistryError, match="timed out .* nothing moved"):
+        decide(NAME, "2", "approve", "Ada", "late", now=later)
+    assert champion_version(NAME) == "1" and tags("2")[REVIEW_TAG] == REJECTED
+
+
 def test_review_rows_show_the_flow_runs_state_and_overdue_reviews(champion_and_waiting):
     items = reviews(NAME)
     later = datetime.now(UTC) + timedelta(hours=2)
@@ -169,3 +176,59 @@ def test_config_approval_defaults_to_auto_and_a_timeout_never_approves(tmp_path,
     for bad in ({"approval": "sometimes"}, {"approval_on_timeout": "approve"}, {"approval_timeout_hours": 0}):
         with pytest.raises(ValidationError):
             PipelineConfig.model_validate({**base, "registry": {**base["registry"], **bad}})
+
+
+def test_cli_review_list_approve_reject_and_its_refusals(workdir, register_tiny, capsys, monkeypatch):
+    """No Prefect server: the reviews wait in the registry only, and the CLI decides them there."""
+    from tuneflow.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    register_tiny(NAME, gate("macro_f1", 0.6, None, None, 0.0))
+    register_tiny(NAME, HELD)
+    register_tiny(NAME, HELD)
+    request_review(NAME, "2", passed_gate("1"), "", timeout_hours=1)
+    request_review(NAME, "3", passed_gate("1"), "", timeout_hours=1)
+    capsys.readouterr()
+
+    assert main(["review", "list"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"{NAME} ") == 2 and "vs champion" in out and "v1" in out
+
+    bad = [
+        (["review", "approve", NAME, "1", "--reviewer", "Ada"], "not waiting for review"),
+        (["review", "approve", "nope", "2", "--reviewer", "Ada"], "no registered model named 'nope'"),
+        (["review", "approve", NAME, "9", "--reviewer", "Ada"], "has no version 9"),
+        (["review", "approve", NAME, "2", "--reviewer", " "], "reviewer"),
+    ]
+    for argv, message in bad:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert champion_version(NAME) == "1"
+
+    assert main(["review", "approve", NAME, "3", "--reviewer", "Ada", "--comment", "better recall"]) == 0
+    out = capsys.readouterr().out
+    assert "superseded: rev-clf v2" in out and "v3 approved by Ada: better recall; champion is v3" in out
+    assert main(["review", "reject", NAME, "2", "--reviewer", "Bob"]) == 2  # superseded: final
+    assert "superseded" in capsys.readouterr().err
+    assert main(["review", "approve", NAME, "3", "--reviewer", "Bob"]) == 2  # already approved
+    assert "already approved by Ada" in capsys.readouterr().err
+    assert champion_version(NAME) == "3"
+
+    assert main(["models", NAME, "--history"]) == 0
+    out = capsys.readouterr().out
+    assert "approve" in out and "review:Ada" in out and "better recall" in out
+    assert main(["review", "list"]) == 0 and "no reviews waiting" in capsys.readouterr().out
+    assert main(["review", "list", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "approved" in out and "superseded" in out
+
+
+def test_cli_a_review_whose_flow_run_is_unreachable_is_refused_without_a_server(
+    champion_and_waiting, capsys, monkeypatch
+):
+    from tuneflow.cli import main
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["review", "approve", NAME, "2", "--reviewer", "Ada"]) == 2
+    assert "set PREFECT_API_URL" in capsys.readouterr().err
+    assert champion_version(NAME) == "1" and tags("2")[REVIEW_TAG] == WAITING

@@ -238,15 +238,23 @@ def decide(
         the outcome; an approval whose champion moved meanwhile is closed as superseded (``review.state``).
 
     Raises:
-        RegistryError: not decidable (``check_decidable``), no reviewer, or an unknown verdict. Nothing changed.
+        RegistryError: not decidable (``check_decidable``), no reviewer, or an unknown verdict (nothing changed); past
+            its deadline (then it is rejected as timed out; champion does not move).
         ChampionLocked: another champion move held the lock too long; the review still waits.
     """
     review = check_decidable(name, version)
+    now = now or _now()
+    if review.overdue(now):
+        time_out(review, now)
+        raise RegistryError(
+            f"the review of {name} v{version} timed out at {review.deadline} and is now rejected "
+            "(registry.approval_on_timeout: reject); nothing moved. Fix: retrain, or promote it by hand: "
+            f"tuneflow promote {name} {version} --reason ..."
+        )
     if verdict not in ("approve", "reject"):
         raise RegistryError(f"unknown decision {verdict!r}. Fix: approve or reject")
     if not reviewer.strip():
         raise RegistryError('a decision needs the reviewer\'s name. Fix: pass --reviewer "NAME"')
-    now = now or _now()
     flow_note = f"flow run {review.flow_run_id}" if review.flow_run_id else "no flow run"
     if verdict == "reject":
         _record(review, REJECTED, reviewer, comment, now, f"rejected by {reviewer}: {comment or '(no comment)'}")
