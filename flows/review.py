@@ -76,9 +76,10 @@ def review_form(description: str) -> type[ReviewInput]:
 
 def where_to_wait() -> str:
     """ "deployed", "in place" or "registry only" (see the module's docstring)."""
+    from prefect.runtime import deployment
     from prefect.settings import PREFECT_API_URL
 
-    if flow_run.get_deployment_id():
+    if deployment.id:
         return "deployed"
     # Prefect's temporary server (no PREFECT_API_URL) dies with this process: nobody else could resume the run
     return "in place" if PREFECT_API_URL.value() else "registry only"
