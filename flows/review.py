@@ -31,6 +31,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from prefect import flow, get_run_logger
+from prefect.exceptions import ObjectNotFound
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.states import Completed
@@ -50,11 +51,10 @@ from tuneflow.approval import (
 from tuneflow.config import PipelineConfig
 from tuneflow.registry import Decision, get_version
 from tuneflow.tracking import model_url
-from tuneflow.watch import model_resource
+from tuneflow.watch import REVIEW_EVENT, model_resource
 
 log = logging.getLogger(__name__)
 
-REVIEW_EVENT = "tuneflow.review.requested"
 PAUSE_POLL_SECONDS = 5  # how soon a paused run notices its resume (Prefect's default: 10 s)
 TIMEOUT_SWEEP_SECONDS = 300  # how often deployment review-timeouts/<model> rejects overdue reviews
 
@@ -101,8 +101,20 @@ def await_review(
     logger = get_run_logger()
     name, hours = config.registry.model_name, config.registry.approval_timeout_hours
     mode = where_to_wait()
+    review_run = ""
     if mode == "deployed":
-        review_run = start_review_run(name, version, description, max(1, int(hours * 3600)))
+        try:
+            review_run = start_review_run(name, version, description, max(1, int(hours * 3600)))
+        except ObjectNotFound:
+            logger.warning(
+                "no deployment %s on the server: %s v%s waits in this run instead, which holds a worker and the "
+                "retrain slot meanwhile. Fix: serve it (tuneflow serve) or deploy it (deployments/prefect.yaml)",
+                deployment_name(name),
+                name,
+                version,
+            )
+            mode = "in place"
+    if review_run:
         review = request_review(name, version, decision, review_run, hours)
     else:
         review = request_review(name, version, decision, flow_run_id if mode == "in place" else "", hours)

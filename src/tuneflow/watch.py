@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 EVENT = "tuneflow.data.arrived"  # the Prefect event a settled burst is announced as
 QUARANTINED_EVENT = "tuneflow.batch.quarantined"  # emitted by a retrain whose gate quarantined batches
 DEGRADED_EVENT = "tuneflow.champion.degraded"  # emitted by a monitor stage that found the champion degraded
+REVIEW_EVENT = "tuneflow.review.requested"  # a challenger waits for a person (registry.approval: required)
 STATE_FILE = ".watch-state.json"
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 MAX_SEEN = 10_000  # digests remembered; older ones are dropped first
