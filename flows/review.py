@@ -17,9 +17,12 @@ Three places to wait, chosen by how the retrain runs (``where_to_wait``):
 
 A decision always comes in as ``ReviewInput`` (the Prefect UI's form, or ``tuneflow review`` calling
 ``resume_flow_run(run_input=...)``), and the waiting run applies it (``tuneflow.approval.decide``), so both ways end
-the same. A suspended run's timeout is not enforced by Prefect (prefect#11414: it stays Suspended): flow
-``review-timeouts`` (deployment ``review-timeouts/<model name>``, every few minutes) rejects overdue reviews and ends
-their runs, as does ``tuneflow review list``.
+the same. Timeouts are tuneflow's, not Prefect's: Prefect 3.9's server fails a pause or suspension past its timeout
+("The flow was paused and never resumed": state Failed, and the failed-retrain alert), so Prefect is given the
+deadline plus ``PREFECT_TIMEOUT_GRACE_S`` and, at the deadline, the waiting run is resumed with a rejection that it
+records as a timeout: by a timer in the run that pauses in place; for suspended runs by flow ``review-timeouts``
+(deployment ``review-timeouts/<model name>``, every ``TIMEOUT_SWEEP_SECONDS``), by ``tuneflow review list`` and
+before every ``tuneflow review approve|reject``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pydantic import Field
 
 from tuneflow.approval import (
     APPROVED,
+    TIMEOUT_REVIEWER,
     WAITING,
     Review,
     ReviewOutcome,
@@ -57,6 +61,9 @@ log = logging.getLogger(__name__)
 
 PAUSE_POLL_SECONDS = 5  # how soon a paused run notices its resume (Prefect's default: 10 s)
 TIMEOUT_SWEEP_SECONDS = 300  # how often deployment review-timeouts/<model> rejects overdue reviews
+# Prefect's server fails a pause or suspension past its own timeout (Failed, "never resumed"): it gets ours plus this,
+# so tuneflow rejects first and the run ends in order; after it, a run nobody ended at all still ends.
+PREFECT_TIMEOUT_GRACE_S = 3 * TIMEOUT_SWEEP_SECONDS
 
 
 class ReviewInput(RunInput):
@@ -141,23 +148,34 @@ def await_review(
 
 
 def wait_in_place(review: Review, description: str, timeout_s: int) -> ReviewOutcome:
-    """Pause this flow run until a decision arrives or ``timeout_s`` passes (then: rejected)."""
+    """Pause this flow run until a decision arrives or ``timeout_s`` passes (then: rejected).
+
+    Prefect 3.9's server fails a pause past its timeout by itself ("The flow was paused and never resumed"), which
+    would end the run Failed (and post the failed-retrain alert) for what is an ordinary rejection. So Prefect's
+    timeout is ours plus ``PREFECT_TIMEOUT_GRACE_S``, and at our deadline a timer resumes the run with a rejection,
+    which ``apply_answer`` records as a timeout.
+    """
+    import threading
+
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
 
+    timer = threading.Timer(timeout_s, end_timed_out_run, args=(review,))
+    timer.daemon = True
+    timer.start()
     try:
         answer = pause_flow_run(
             wait_for_input=review_form(description),
-            timeout=timeout_s,
+            timeout=timeout_s + PREFECT_TIMEOUT_GRACE_S,
             poll_interval=min(PAUSE_POLL_SECONDS, max(1, timeout_s // 2)),
             key=f"review-v{review.version}",
         )
-    except FlowPauseTimeout:
-        # Prefect leaves a timed-out pause Paused and refuses to complete it (prefect#11414): set Running again, so
-        # the run ends in order, with the rejection recorded.
+    except FlowPauseTimeout:  # the timer could not resume the run (e.g. the API was down at that moment)
         _running_again()
         current = _current(review)
         return time_out(current) if current.state == WAITING else ReviewOutcome(current)
+    finally:
+        timer.cancel()
     return apply_answer(review, answer)
 
 
@@ -165,6 +183,8 @@ def apply_answer(review: Review, answer: ReviewInput) -> ReviewOutcome:
     """Apply a decision received by a waiting run. A review already closed meanwhile (superseded by another approval,
     closed with the CLI) is returned as it is; other waiting runs that the approval made stale are ended."""
     current = _current(review)
+    if current.state == WAITING and current.overdue():
+        return time_out(current)
     if current.state != WAITING:
         get_run_logger().info("%s v%s was already %s: %s", review.name, review.version, current.state, current.comment)
         return ReviewOutcome(current)
@@ -301,7 +321,9 @@ def review(model_name: str, version: str, description: str = "", timeout_s: int 
     """
     from prefect.flow_runs import suspend_flow_run
 
-    answer = suspend_flow_run(wait_for_input=review_form(description), timeout=timeout_s, key="review")
+    answer = suspend_flow_run(
+        wait_for_input=review_form(description), timeout=timeout_s + PREFECT_TIMEOUT_GRACE_S, key="review"
+    )
     waiting = read_review(get_version(model_name, version))
     if waiting is None:
         raise ValueError(f"{model_name} v{version} never waited for review; nothing to decide")
@@ -310,9 +332,11 @@ def review(model_name: str, version: str, description: str = "", timeout_s: int 
 
 
 def finished(outcome: ReviewOutcome) -> Any:
+    """The review run's final state, named after the outcome: Approved, Rejected, Rejected (timed out), Superseded."""
     r = outcome.review
     data = {"model": r.name, "version": r.version, "review": r.state, "reviewer": r.reviewer, "comment": r.comment}
-    return Completed(name=r.state.capitalize(), message=f"{r.name} v{r.version} {r.state}: {r.comment}", data=data)
+    name = r.state.capitalize() + (" (timed out)" if r.reviewer == TIMEOUT_REVIEWER else "")
+    return Completed(name=name, message=f"{r.name} v{r.version} {r.state}: {r.comment}", data=data)
 
 
 @flow(name="review-timeouts")
@@ -328,20 +352,11 @@ def review_timeouts(model_name: str) -> list[str]:
 
 
 def end_timed_out_run(r: Review) -> None:
-    """Set the waiting run of a timed-out review Completed ("Rejected (timed out)"); a run that is gone is skipped."""
+    """Resume the waiting run of a review past its deadline with a rejection: the run records the timeout (if nobody
+    did yet) and ends "Rejected (timed out)". A run that is gone or no longer waits is left as it is."""
     if not r.flow_run_id:
         return
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            run = client.read_flow_run(UUID(r.flow_run_id))
-        except ObjectNotFound:
-            return
-        if run.state and run.state.is_paused():
-            client.set_flow_run_state(
-                run.id,
-                Completed(name="Rejected (timed out)", message=f"{r.name} v{r.version}: {r.comment}"),
-                force=True,
-            )
+    try:
+        resume(r.flow_run_id, "reject", TIMEOUT_REVIEWER, f"nobody decided by {r.deadline}")
+    except RunNotWaiting as exc:
+        log.info("the run of %s v%s was not resumed: %s", r.name, r.version, exc)

@@ -199,6 +199,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"registered:   {config.registry.model_name} version {result['version']} -> {result['model_uri']}")
         print(f"decision:     {'PROMOTED to champion' if result['promoted'] else 'not promoted'}: {result['reason']}")
         print(f"champion:     models:/{config.registry.model_name}@champion")
+        if result.get("review") == "waiting":
+            print(
+                f"review:       v{result['version']} waits for a person: tuneflow review approve|reject "
+                f"{config.registry.model_name} {result['version']} --reviewer NAME --comment ..."
+            )
+        elif result.get("review"):
+            print(f"review:       {result['review']}")
     if result.get("quarantined"):
         print(
             f"WARNING: {len(result['quarantined'])} batch(es) quarantined and NOT trained on: "
@@ -353,23 +360,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_review(args: argparse.Namespace) -> int:
     import os
 
-    from tuneflow.approval import close_overdue, review_rows, reviews
+    from tuneflow.approval import review_rows, reviews
     from tuneflow.tracking import configure_tracking
 
     configure_tracking()
     server = bool(os.environ.get("PREFECT_API_URL"))
     if args.action != "list":
         return _decide_review(args, server)
-    closed, rc = _review(close_overdue, args.name)
-    if rc:
-        return rc
-    if server:
-        from tuneflow.flows.review import end_timed_out_run, run_states
-
-        for outcome in closed:
-            end_timed_out_run(outcome.review)
-    for outcome in closed:
-        print(f"timed out, rejected: {outcome.review.name} v{outcome.review.version} ({outcome.review.comment})")
+    if _close_overdue(args.name, server):
+        return 2
     items, rc = _review(reviews, args.name, None if args.all else "waiting")
     if rc:
         return rc
@@ -377,7 +376,12 @@ def _cmd_review(args: argparse.Namespace) -> int:
         print("no reviews waiting" if not args.all else "no reviews recorded")
         return 0
     ids = [r.flow_run_id for r in items if r.flow_run_id]
-    states = run_states(ids) if server and ids else {}
+    if server and ids:
+        from tuneflow.flows.review import run_states
+
+        states = run_states(ids)
+    else:
+        states = {}
     rows = review_rows(items, states)
     _table(rows, list(rows[0]))
     orphans = [r for r in items if r.state == "waiting" and states.get(r.flow_run_id) in ("gone", "Crashed", "Failed")]
@@ -386,6 +390,22 @@ def _cmd_review(args: argparse.Namespace) -> int:
             f"{r.name} v{r.version}: its flow run is {states[r.flow_run_id]}; close it with 'tuneflow review "
             f"approve|reject {r.name} {r.version} --reviewer NAME' (decided here, in the registry)"
         )
+    return 0
+
+
+def _close_overdue(name: str | None, server: bool) -> int:
+    """Reject the reviews past their deadline (and resume their runs, which then end); returns an exit code."""
+    from tuneflow.approval import close_overdue
+
+    closed, rc = _review(close_overdue, name)
+    if rc:
+        return rc
+    for outcome in closed:
+        if server:
+            from tuneflow.flows.review import end_timed_out_run
+
+            end_timed_out_run(outcome.review)
+        print(f"timed out, rejected: {outcome.review.name} v{outcome.review.version} ({outcome.review.comment})")
     return 0
 
 
@@ -398,13 +418,15 @@ def _decide_review(args: argparse.Namespace, server: bool) -> int:
     from tuneflow.registry import get_version
 
     verdict = args.action
+    if _close_overdue(args.name, server):
+        return 2
     review, rc = _review(check_decidable, args.name, args.version)
     if rc:
         return rc
     if not args.reviewer.strip():
         print('error: a decision needs the reviewer\'s name. Fix: pass --reviewer "NAME"', file=sys.stderr)
         return 2
-    if review.flow_run_id and not review.overdue():
+    if review.flow_run_id:
         if not server:
             print(
                 f"error: {args.name} v{args.version} waits in flow run {review.flow_run_id} on a Prefect server; "
