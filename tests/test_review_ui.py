@@ -76,18 +76,20 @@ def test_approving_in_the_prefect_ui_form_resumes_the_run_and_moves_champion(tmp
                     start_new_session=True,
                 )
             )
-        client = MlflowClient(mlflow_uri, mlflow_uri)
+        # the run says when it pauses; only then is the store opened here (two processes creating MLflow's tables in
+        # one new sqlite file at once break its migration)
         deadline = time.monotonic() + 300
-        while True:
+        while "Pausing flow" not in (tmp_path / "run.log").read_text():
             assert procs[1].poll() is None, (tmp_path / "run.log").read_text()[-3000:]
-            try:
-                tags = client.get_model_version(MODEL, "1").tags
-            except Exception:  # noqa: BLE001 - not registered yet
-                tags = {}
-            if tags.get("tuneflow.review") == "waiting":
-                break
-            assert time.monotonic() < deadline, "the retrain did not start waiting for review"
+            assert time.monotonic() < deadline, "the retrain did not pause for review"
             time.sleep(1)
+        client = MlflowClient(mlflow_uri, mlflow_uri)
+        tags = client.get_model_version(MODEL, "1").tags
+        assert (
+            tags["tuneflow.review"] == "waiting"
+            and str(client.get_registered_model(MODEL).aliases["challenger"]) == "1"
+        )
+        assert "champion" not in client.get_registered_model(MODEL).aliases
 
         browser = DevTools(tmp_path / "profile")
         try:
@@ -98,6 +100,8 @@ def test_approving_in_the_prefect_ui_form_resumes_the_run_and_moves_champion(tmp
             browser.wait_js(f"!!{_button('Resume')}", timeout_s=120)  # shown once the run is Paused
             browser.js(f"{_button('Resume')}.click()")
             browser.wait_js("!!document.querySelector('[role=dialog] textarea')")
+            # the description (markdown) renders a moment after the form's fields
+            browser.wait_js("document.querySelector('[role=dialog]').innerText.includes('Metrics on the same')", 30)
             shown = browser.js("document.querySelector('[role=dialog]').innerText")
             for what in ("Review tiny-clf v1", "Metrics on the same eval split", "macro_f1", "Trained on", "Decision"):
                 assert what in shown, f"{what!r} not in the form:\n{shown[:3000]}"
@@ -109,6 +113,8 @@ def test_approving_in_the_prefect_ui_form_resumes_the_run_and_moves_champion(tmp
             assert rows > 0.05 and colours > 20, f"blank screenshot {shot}"
             submit = _button("Submit", "document.querySelector('[role=dialog]')")
             browser.js(f"{submit}.click()")
+            # the form closes once the server took the input (closing the browser earlier could drop the request)
+            browser.wait_js("!document.querySelector('[role=dialog]')", 60)
         finally:
             browser.close()
 

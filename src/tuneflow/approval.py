@@ -146,14 +146,14 @@ def request_review(
     """
     now = now or _now()
     client = _client()
-    tags = {
-        REVIEW_TAG: WAITING,
+    tags = {  # one tag per call: tuneflow.review last, so a version reads "waiting" only with every fact in place
         REVIEW_FLOW_RUN_TAG: flow_run_id,
         REVIEW_REQUESTED_TAG: _iso(now),
         REVIEW_DEADLINE_TAG: _iso(now + timedelta(hours=timeout_hours)),
         REVIEW_EXPECTED_TAG: decision.champion_version or "",
         DECISION_TAG: WAITING_DECISION,
         DECISION_REASON_TAG: f"{decision.reason}; waiting for review (registry.approval: required)"[:MAX_REASON_CHARS],
+        REVIEW_TAG: WAITING,
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
@@ -311,13 +311,13 @@ def supersede(review: Review, why: str, now: datetime | None = None) -> Review:
 
 def _record(review: Review, state: str, reviewer: str, comment: str, now: datetime, reason: str) -> None:
     client = _client()
-    tags = {
-        REVIEW_TAG: state,
+    tags = {  # tuneflow.review last: a reader that sees the state also sees who, when and why
         REVIEW_REVIEWER_TAG: reviewer,
         REVIEW_COMMENT_TAG: comment[:MAX_REASON_CHARS],
         REVIEW_TIME_TAG: _iso(now),
         DECISION_TAG: "promoted" if state == APPROVED else "rejected",
         DECISION_REASON_TAG: reason[:MAX_REASON_CHARS],
+        REVIEW_TAG: state,
     }
     for key, value in tags.items():
         client.set_model_version_tag(review.name, review.version, key, value)
