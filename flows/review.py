@@ -242,6 +242,7 @@ def resume(flow_run_id: str, verdict: str, reviewer: str, comment: str) -> None:
     from prefect.flow_runs import resume_flow_run
 
     try:
+        wait_until_paused(flow_run_id)
         resume_flow_run(UUID(flow_run_id), run_input={"decision": verdict, "reviewer": reviewer, "comment": comment})
     except ObjectNotFound as exc:
         raise RunNotWaiting(f"flow run {flow_run_id} is gone from the Prefect server") from exc
@@ -250,6 +251,22 @@ def resume(flow_run_id: str, verdict: str, reviewer: str, comment: str) -> None:
         raise RunNotWaiting(f"flow run {flow_run_id} does not wait for a decision (state {state})") from exc
     except FlowPauseTimeout as exc:
         raise RunNotWaiting(f"flow run {flow_run_id} waited past its timeout and can no longer resume") from exc
+
+
+def wait_until_paused(flow_run_id: str, timeout_s: float = 120) -> None:
+    """A review run that has not suspended yet (scheduled, starting: the retrain completes before its review run
+    runs) is waited for, so the decision reaches it; a run that is paused or final returns at once."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+            if state is None or state.is_paused() or state.is_final():
+                return
+            time.sleep(1)
 
 
 def run_states(ids: list[str]) -> dict[str, str]:
