@@ -72,7 +72,10 @@ def test_only_the_wanted_alerts_and_the_digest_ignores_them(cfg, prefect_harness
 
     other = PipelineConfig.model_validate(
         cfg.model_dump()
-        | {"name": "only-failed", "alerts": {"webhook_url": URL, "on_quarantine": False, "on_decay": False}}
+        | {
+            "name": "only-failed",
+            "alerts": {"webhook_url": URL, "on_quarantine": False, "on_decay": False, "on_review": False},
+        }
     )
     assert ensure_alerts(other) == ["only-failed: alert on failed retrain"]
     assert other.digest() == cfg.model_copy(update={"name": "only-failed"}).digest()  # alerts do not shape a model
