@@ -232,3 +232,37 @@ def test_cli_a_review_whose_flow_run_is_unreachable_is_refused_without_a_server(
     assert main(["review", "approve", NAME, "2", "--reviewer", "Ada"]) == 2
     assert "set PREFECT_API_URL" in capsys.readouterr().err
     assert champion_version(NAME) == "1" and tags("2")[REVIEW_TAG] == WAITING
+
+
+def test_the_form_description_compares_both_versions_on_one_split_with_the_change_and_the_links(
+    tmp_path, tiny_model_dir
+):
+    from pathlib import Path
+
+    import pandas as pd
+
+    from tuneflow.config import PipelineConfig
+    from tuneflow.data import LoadedData, Split
+    from tuneflow.evaluate import EvaluateOutput, Evaluation
+    from tuneflow.reporting import review_markdown
+
+    from conftest import tiny_config_dict
+
+    cfg = PipelineConfig.model_validate(tiny_config_dict(tmp_path / "d.csv", tiny_model_dir))
+    new = {"accuracy": 0.95, "macro_f1": 0.93, "recall_spam": 0.90}
+    old = {"accuracy": 0.94, "macro_f1": 0.90, "recall_spam": 0.80}
+    frame = pd.DataFrame({"text": ["a", "b", "c"], "label": ["ham", "spam", "ham"]})
+    split = Split(frame.iloc[:2], frame.iloc[2:])
+    data = LoadedData(frame, Path("d.csv"), "f" * 64, sources=(Path("d.csv"),))
+    scores = EvaluateOutput(Evaluation(new), "4", Evaluation(old))
+    links = {
+        "challenger": "http://ml/#/models/tiny-clf/versions/5",
+        "champion": "http://ml/#/models/tiny-clf/versions/4",
+    }
+    md = review_markdown(cfg, "5", data, split, scores, passed_gate("4"), links, 72)
+    assert "## Review tiny-clf v5 against champion v4" in md
+    assert "| metric | challenger v5 | champion v4 | change |" in md
+    assert "| recall_spam | 0.9000 | 0.8000 | 0.1000 |" in md and "| macro_f1 | 0.9300 | 0.9000 | 0.0300 |" in md
+    assert "Metrics on the same eval split (1 rows)" in md and "3 rows from 1 file(s)" in md
+    assert links["challenger"] in md and links["champion"] in md and "72 h rejects it" in md
+    assert "Sample generations" not in md  # a kind that generates shows its samples (Evaluation.samples)
