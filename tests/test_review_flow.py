@@ -92,3 +92,29 @@ def test_nobody_deciding_in_time_rejects_the_challenger(workdir, data_csv, tiny_
     assert tags["tuneflow.review.reviewer"] == "tuneflow (timeout)" and tags["tuneflow.decision"] == "rejected"
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(tags["tuneflow.review.flow_run"]).state.is_completed()
+
+
+def test_a_review_whose_flow_run_is_gone_is_listed_as_such_and_can_be_closed(
+    workdir, register_tiny, capsys, monkeypatch
+):
+    import uuid
+
+    from prefect.settings import PREFECT_API_URL
+
+    from tuneflow.approval import request_review
+    from tuneflow.cli import main
+    from tuneflow.registry import champion_version, decide
+
+    register_tiny("gone-clf", decide("macro_f1", 0.6, None, None, 0.0))
+    register_tiny("gone-clf", decide("macro_f1", 0.5, None, "9", 0.0))  # held: not promoted
+    gone = str(uuid.uuid4())  # a flow run the server never had (deleted)
+    request_review("gone-clf", "2", decide("macro_f1", 0.9, 0.6, "1", 0.0), gone, timeout_hours=1)
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    capsys.readouterr()
+    assert main(["review", "list", "gone-clf"]) == 0
+    out = capsys.readouterr().out
+    assert f"{gone[:8]} (gone)" in out and "gone-clf v2: its flow run is gone; close it with" in out
+    assert main(["review", "approve", "gone-clf", "2", "--reviewer", "Ada", "--comment", "run lost, card read"]) == 0
+    out = capsys.readouterr().out
+    assert "is gone from the Prefect server: deciding here" in out and "v2 approved by Ada" in out
+    assert champion_version("gone-clf") == "2"
