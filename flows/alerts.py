@@ -8,6 +8,8 @@ Per config (``name`` is the config's name):
                                           emitted by the validate stage of any retrain (deployed or not)
     <name>: alert on decay                ``tuneflow.champion.degraded`` on ``tuneflow.model.<model name>``: the
                                           champion degraded on new data (the message says by how much and why)
+    <name>: alert on review needed        ``tuneflow.review.requested`` on ``tuneflow.model.<model name>``: a
+                                          challenger waits for a person (links to the run and both versions)
 
 and one for every flow run of the server (team mode):
 
@@ -31,7 +33,7 @@ import logging
 from typing import Any
 
 from tuneflow.config import PipelineConfig
-from tuneflow.watch import DEGRADED_EVENT, QUARANTINED_EVENT, model_resource, resource_id
+from tuneflow.watch import DEGRADED_EVENT, QUARANTINED_EVENT, REVIEW_EVENT, model_resource, resource_id
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ FAILED_BODY = (
     "Flow run: {{ (flow_run|ui_url) or ('id ' ~ flow_run.id ~ ' (no UI URL: set PREFECT_UI_URL on the server)') }}"
 )
 QUARANTINED_BODY = "{{ event.payload.message }}\nFlow run: {{ event.payload.flow_run_url }}"
+REVIEW_BODY = (
+    "{{ event.payload.message }}\nFlow run: {{ event.payload.flow_run_url or '-' }}\n"
+    "Challenger: {{ event.payload.version_url }}\nChampion: {{ event.payload.champion_url or '-' }}"
+)
 DECAY_BODY = (
     "{{ event.payload.message }}\nMonitoring run: {{ event.payload.monitor_run_url }}\n"
     "Flow run: {{ event.payload.flow_run_url }}"
@@ -108,6 +114,7 @@ def automation_names(cfg: PipelineConfig) -> dict[str, str]:
         "failed": f"{cfg.name}: alert on failed retrain",
         "quarantined": f"{cfg.name}: alert on quarantined batch",
         "decay": f"{cfg.name}: alert on decay",
+        "review": f"{cfg.name}: alert on review needed",
     }
 
 
@@ -186,6 +193,17 @@ def ensure_alerts(cfg: PipelineConfig) -> list[str]:
                 f"tuneflow: {model} degraded on new data",
                 DECAY_BODY,
                 expect={DEGRADED_EVENT},
+                match={"prefect.resource.id": model_resource(model)},
+            )
+        )
+    if a.on_review:
+        wanted.append(
+            alert(
+                names["review"],
+                f"a challenger of {model} waits for review",
+                f"tuneflow: review needed for {model}",
+                REVIEW_BODY,
+                expect={REVIEW_EVENT},
                 match={"prefect.resource.id": model_resource(model)},
             )
         )

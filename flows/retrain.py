@@ -21,10 +21,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
+from tuneflow.approval import WAITING, WAITING_DECISION, needs_review
 from tuneflow.config import PipelineConfig, load_config
 from tuneflow.data import TEXT, DataError, Split, check_split, split_data
 from tuneflow.evaluate import EvaluateOutput, Evaluation
 from tuneflow.files import file_lock
+from tuneflow.flows.review import await_review
 from tuneflow.flows.slot import hold_slot
 from tuneflow.landing import ACCEPTED, DataCheck, has_new_batches
 from tuneflow.models import check_max_length
@@ -33,11 +35,19 @@ from tuneflow.registry import (
     Decision,
     current_champion,
     decide_promotion,
+    decision_tags,
     refused_promotion,
     trained_digests,
     version_tags,
 )
-from tuneflow.registry_base import DATA_DIGEST_TAG, FINGERPRINT_TAG, INPUT_FINGERPRINT_TAG, MONITOR_DECISION_TAG
+from tuneflow.registry_base import (
+    DATA_DIGEST_TAG,
+    DECISION_TAG,
+    FINGERPRINT_TAG,
+    INPUT_FINGERPRINT_TAG,
+    MONITOR_DECISION_TAG,
+    REVIEW_TAG,
+)
 from tuneflow.reporting import (
     artifact_key,
     held_markdown,
@@ -46,6 +56,7 @@ from tuneflow.reporting import (
     quarantined_markdown,
     rejected_markdown,
     retrain_markdown,
+    review_markdown,
     trigger_markdown,
     unchanged_markdown,
 )
@@ -141,10 +152,21 @@ def retrain_once(
         decision = decide_promotion(config, challenger, champion)
         scores = EvaluateOutput(challenger, champion.version, champion.evaluation, champion.error)
         version = register(config, checked, tokenized, trained, split, scores, decision, lineage, run)
-        decision = promote(config, version, decision, pid, actor=flow_run_id or f"run {pid}")
+        if version is not None and needs_review(config.registry.approval, decision):  # a person signs off
+            links = {"run": url, "challenger": model_url(config.registry.model_name, version)}
+            if champion.version:
+                links["champion"] = model_url(config.registry.model_name, champion.version)
+            md = review_markdown(
+                config, version, data, split, scores, decision, links, config.registry.approval_timeout_hours
+            )
+            decision, review_state = await_review(config, version, decision, md, flow_run_id)
+            tag_review(pid, decision, review_state)
+        else:
+            decision, review_state = promote(config, version, decision, pid, actor=flow_run_id or f"run {pid}"), ""
         report_trained(config, cause, checked, split, tokenized, trained, scores, decision, version, pid, url)
     sweep_after_register(run.work_dir, config.registry.model_name)  # both kept after a failure
-    return trained_result(config, checked, tokenized, challenger, decision, version, pid, url, experiment_id)
+    result = trained_result(config, checked, tokenized, challenger, decision, version, pid, url, experiment_id)
+    return with_review(result, review_state)
 
 
 def with_tag(lineage: dict[str, str], tag: str, value: str | None) -> str | None:
@@ -218,6 +240,33 @@ def promote(config: PipelineConfig, version: str | None, decision: Decision, pid
         return decision
     outcome = promote_task(config, version, decision, actor=actor)
     return refused_promotion(decision, outcome, pid) if isinstance(outcome, str) else decision
+
+
+def tag_review(pid: str, decision: Decision, state: str) -> None:
+    """The parent run's decision tags after a review (``state``: waiting, approved, rejected, superseded)."""
+    client = mlflow.MlflowClient()
+    tags = decision_tags(decision) | {REVIEW_TAG: state}
+    if state == WAITING:
+        tags[DECISION_TAG] = WAITING_DECISION
+    for key, value in tags.items():
+        client.set_tag(pid, key, value)
+
+
+def with_review(result: dict[str, Any] | State, state: str) -> dict[str, Any] | State:
+    """The result with the review's state; a run that leaves its challenger waiting completes "Waiting for review"."""
+    if not state:
+        return result
+    if isinstance(result, State):
+        result.data["review"] = state
+        return result
+    result["review"] = state
+    if state != WAITING:
+        return result
+    return Completed(
+        name="Waiting for review",
+        message=f"{result['model_uri']} waits for review: tuneflow review list",
+        data=result,
+    )
 
 
 def report_trained(

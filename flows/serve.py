@@ -9,6 +9,8 @@ Per config (``name`` is the config's name; a suffix ``-<name>`` is added when se
                           (monitoring found the champion degraded; ``monitor.retrain_when: degraded``);
                           only for a landing-zone config
     predict/batch         score a file or folder with ``<registry.model_name>@champion``
+    review/<model name>   a challenger waiting for a person (``registry.approval: required``), started by the retrain
+    review-timeouts/<model name>  every few minutes: reject reviews nobody decided in time
 
 and, when a webhook URL is configured (``alerts``), the automations of ``tuneflow.flows.alerts``.
 
@@ -27,6 +29,7 @@ from tuneflow.config import PipelineConfig, load_config
 from tuneflow.flows.alerts import ensure_alerts
 from tuneflow.flows.predict import predict
 from tuneflow.flows.retrain import ensure_concurrency_limit, limit_name, retrain
+from tuneflow.flows.review import TIMEOUT_SWEEP_SECONDS, review, review_timeouts
 from tuneflow.flows.watch import emit_arrival
 from tuneflow.watch import DEGRADED_EVENT, EVENT, model_resource, resource_id, watch_forever
 
@@ -120,6 +123,7 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
                     ),
                 )
             )
+        deployments += review_deployments(cfg, tags)
         deployments.append(
             predict.to_deployment(
                 name=f"batch{sfx}",
@@ -129,6 +133,28 @@ def build_deployments(config_paths: list[str]) -> tuple[list[RunnerDeployment], 
             )
         )
     return deployments, loaded
+
+
+def review_deployments(cfg: PipelineConfig, tags: list[str]) -> list[RunnerDeployment]:
+    """``review/<model name>`` (a challenger waits for a person; started by the retrain, suspended while it waits)
+    and ``review-timeouts/<model name>`` (rejects reviews nobody decided in time). Served whatever
+    ``registry.approval`` says, so switching it to ``required`` needs no restart (a retrain reads its config anew)."""
+    name = cfg.registry.model_name
+    return [
+        review.to_deployment(
+            name=name,
+            tags=tags,
+            description=f"A person's decision on a challenger of {name} (registry.approval: required): started by "
+            "the retrain, suspended until the form or 'tuneflow review approve|reject' resumes it",
+        ),
+        review_timeouts.to_deployment(
+            name=name,
+            parameters={"model_name": name},
+            tags=tags,
+            interval=TIMEOUT_SWEEP_SECONDS,
+            description=f"Reject reviews of {name} nobody decided by their deadline (registry.approval_on_timeout)",
+        ),
+    ]
 
 
 def serve(config_paths: list[str], watch: bool = True) -> None:

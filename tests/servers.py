@@ -158,3 +158,82 @@ class WebhookReceiver:
                 return found[0]
             assert time.monotonic() < deadline, f"no matching alert in {timeout:.0f} s; received: {self.received}"
             time.sleep(0.5)
+
+
+class DevTools:
+    """Headless Chromium driven over the DevTools protocol (a page a test can click and type into, which
+    ``--dump-dom`` cannot): ``js`` evaluates in the page, ``wait_js`` polls until an expression is truthy."""
+
+    def __init__(self, profile: Path, window: str = "1400,2000") -> None:
+        import json
+
+        from websockets.sync.client import connect
+
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                str(CHROMIUM),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                f"--remote-debugging-port={port}",
+                f"--window-size={window}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
+                    pages = [t for t in json.load(r) if t["type"] == "page"]
+                if pages:
+                    break
+            except OSError:
+                pass
+            assert self.proc.poll() is None and time.monotonic() < deadline, "chromium did not open its DevTools port"
+            time.sleep(0.3)
+        self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None)
+        self.sent = 0
+
+    def send(self, method: str, **params) -> dict:
+        import json
+
+        self.sent += 1
+        self.ws.send(json.dumps({"id": self.sent, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == self.sent:
+                assert "error" not in msg, f"{method}: {msg['error']}"
+                return msg.get("result", {})
+
+    def js(self, expression: str):
+        out = self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        assert "exceptionDetails" not in out, out["exceptionDetails"]
+        return out["result"].get("value")
+
+    def wait_js(self, expression: str, timeout_s: float = 60):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = self.js(expression)
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"not true within {timeout_s:.0f} s: {expression}"
+            time.sleep(0.5)
+
+    def screenshot(self, path: Path) -> None:
+        import base64
+
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        self.ws.close()
+        stop_group(self.proc)

@@ -47,6 +47,11 @@ def test_serve_creates_one_automation_per_alert_and_keeps_the_url_secret(cfg, pr
     assert decay.trigger.expect == {"tuneflow.champion.degraded"}
     assert "tuneflow.model.tiny-clf" in str(decay.trigger.match)
     assert "event.payload.message" in decay.actions[0].body
+    review = by_name[f"{cfg.name}: alert on review needed"]  # registry.approval: required
+    assert review.trigger.expect == {"tuneflow.review.requested"} and "tuneflow.model.tiny-clf" in str(
+        review.trigger.match
+    )
+    assert "event.payload.version_url" in review.actions[0].body
     block = CustomWebhookNotificationBlock.load(block_name(cfg))
     assert block.url == "{{webhook_url}}" and URL not in block.model_dump_json()  # shown masked
     assert block.secrets.get_secret_value()["webhook_url"] == URL
@@ -67,7 +72,10 @@ def test_only_the_wanted_alerts_and_the_digest_ignores_them(cfg, prefect_harness
 
     other = PipelineConfig.model_validate(
         cfg.model_dump()
-        | {"name": "only-failed", "alerts": {"webhook_url": URL, "on_quarantine": False, "on_decay": False}}
+        | {
+            "name": "only-failed",
+            "alerts": {"webhook_url": URL, "on_quarantine": False, "on_decay": False, "on_review": False},
+        }
     )
     assert ensure_alerts(other) == ["only-failed: alert on failed retrain"]
     assert other.digest() == cfg.model_copy(update={"name": "only-failed"}).digest()  # alerts do not shape a model

@@ -32,7 +32,12 @@ def test_prefect_yaml_matches_the_configs_and_the_flows():
     from tuneflow.watch import DEGRADED_EVENT, EVENT, model_resource, resource_id
 
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
-    deployments = {d["name"]: d for d in spec["deployments"]}
+    # a deployment is named within its flow: key them by "flow/deployment", as Prefect does
+    entries = {d["entrypoint"]: _entry(d["entrypoint"]) for d in spec["deployments"]}
+    by_flow = {f"{entries[d['entrypoint']].name}/{d['name']}": d for d in spec["deployments"]}
+    assert len(by_flow) == len(spec["deployments"])
+    review_deps = {k: by_flow.pop(k) for k in [k for k in by_flow if k.startswith("review")]}
+    deployments = {d["name"]: d for d in by_flow.values()}
     assert set(deployments) == {"scheduled", "on-new-data", "on-decay", "batch", "landing"}
     flows = {name: _entry(d["entrypoint"]) for name, d in deployments.items()}
     assert {n: f.name for n, f in flows.items()} == {
@@ -42,6 +47,13 @@ def test_prefect_yaml_matches_the_configs_and_the_flows():
         "batch": "predict",
         "landing": "watch",
     }
+    # the review flows of the model: named after it, as tuneflow serve names them (flows.review.deployment_name)
+    model = load_config(REPO / deployments["scheduled"]["parameters"]["config_path"]).registry.model_name
+    assert set(review_deps) == {f"review/{model}", f"review-timeouts/{model}"}
+    assert review_deps[f"review-timeouts/{model}"]["parameters"] == {"model_name": model}
+    for key, d in review_deps.items():
+        params = inspect.signature(entries[d["entrypoint"]].fn).parameters
+        assert set(d["parameters"]) <= set(params), key
     for name, d in deployments.items():
         params = inspect.signature(flows[name].fn).parameters
         assert set(d["parameters"]) <= set(params), name
@@ -71,6 +83,8 @@ def test_serve_builds_the_deployments_from_the_config(tmp_path, tiny_model_dir):
     path.write_text(yaml.safe_dump(raw))
     deployments, _ = build_deployments([str(path)])
     by_name = {d.name: d for d in deployments}
+    assert [d.name for d in deployments if d.flow_name.startswith("review")] == ["tiny-clf", "tiny-clf"]
+    by_name = {d.name: d for d in deployments if not d.flow_name.startswith("review")}
     assert set(by_name) == {"scheduled", "on-new-data", "on-decay", "batch"}
     (decay,) = by_name["on-decay"].triggers
     assert decay.expect == {"tuneflow.champion.degraded"}
@@ -90,7 +104,7 @@ def test_serve_builds_the_deployments_from_the_config(tmp_path, tiny_model_dir):
     raw.pop("schedule")
     raw["data"] = {"path": str(tmp_path / "d.csv"), "labels": ["ham", "spam"]}
     path.write_text(yaml.safe_dump(raw))
-    assert [d.name for d in build_deployments([str(path)])[0]] == ["batch"]
+    assert [d.name for d in build_deployments([str(path)])[0]] == ["tiny-clf", "tiny-clf", "batch"]
 
 
 def test_a_triggered_run_with_nothing_new_completes_without_training(prefect_harness, workdir, tiny_model_dir):

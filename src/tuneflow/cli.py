@@ -80,6 +80,24 @@ def _parser() -> argparse.ArgumentParser:
         "--config", default=DEFAULT_CONFIG, help=f"config whose data gives the eval split (default: {DEFAULT_CONFIG})"
     )
 
+    rev = sub.add_parser(
+        "review",
+        help="challengers waiting for a person's decision (registry.approval: required): list, approve, reject",
+    )
+    rsub = rev.add_subparsers(dest="action", required=True)
+    rl = rsub.add_parser("list", help="waiting reviews with their flow run's state (overdue ones are rejected)")
+    rl.add_argument("name", nargs="?", help="registered model name (default: all)")
+    rl.add_argument("--all", action="store_true", help="also the decided ones (approved, rejected, superseded)")
+    for action, what in (("approve", "make it champion"), ("reject", "keep the champion")):
+        ra = rsub.add_parser(action, help=f"{action} a waiting challenger ({what}); resumes the run that waits for it")
+        ra.add_argument("name", help="registered model name")
+        ra.add_argument("version", help="the waiting version")
+        ra.add_argument("--reviewer", required=True, help="your name (recorded; Prefect OSS records no identity)")
+        ra.add_argument("--comment", default="", help="why (recorded in the champion history and the model card)")
+        ra.add_argument(
+            "--wait", type=float, default=180.0, metavar="S", help="how long to wait for the run to apply it (180)"
+        )
+
     ver = sub.add_parser(
         "verify",
         help="check that a registered version is safe to load (tuneflow's lineage, transformers weights as "
@@ -192,6 +210,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"registered:   {config.registry.model_name} version {result['version']} -> {result['model_uri']}")
         print(f"decision:     {'PROMOTED to champion' if result['promoted'] else 'not promoted'}: {result['reason']}")
         print(f"champion:     models:/{config.registry.model_name}@champion")
+        if result.get("review") == "waiting":
+            print(
+                f"review:       v{result['version']} waits for a person: tuneflow review approve|reject "
+                f"{config.registry.model_name} {result['version']} --reviewer NAME --comment ..."
+            )
+        elif result.get("review"):
+            print(f"review:       {result['review']}")
     if result.get("quarantined"):
         print(
             f"WARNING: {len(result['quarantined'])} batch(es) quarantined and NOT trained on: "
@@ -379,6 +404,124 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         return rc
     table, source = out
     print(f"{args.name} v{args.v1} vs v{args.v2}, scored on the current eval split ({source}):\n{table}")
+    return 0
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    import os
+
+    from tuneflow.approval import review_rows, reviews
+    from tuneflow.tracking import configure_tracking
+
+    configure_tracking()
+    server = bool(os.environ.get("PREFECT_API_URL"))
+    if args.action != "list":
+        return _decide_review(args, server)
+    if _close_overdue(args.name, server):
+        return 2
+    items, rc = _review(reviews, args.name, None if args.all else "waiting")
+    if rc:
+        return rc
+    if not items:
+        print("no reviews waiting" if not args.all else "no reviews recorded")
+        return 0
+    ids = [r.flow_run_id for r in items if r.flow_run_id]
+    if server and ids:
+        from tuneflow.flows.review import run_states
+
+        states = run_states(ids)
+    else:
+        states = {}
+    rows = review_rows(items, states)
+    _table(rows, list(rows[0]))
+    orphans = [r for r in items if r.state == "waiting" and states.get(r.flow_run_id) in ("gone", "Crashed", "Failed")]
+    for r in orphans:
+        print(
+            f"{r.name} v{r.version}: its flow run is {states[r.flow_run_id]}; close it with 'tuneflow review "
+            f"approve|reject {r.name} {r.version} --reviewer NAME' (decided here, in the registry)"
+        )
+    return 0
+
+
+def _close_overdue(name: str | None, server: bool) -> int:
+    """Reject the reviews past their deadline (and resume their runs, which then end); returns an exit code."""
+    from tuneflow.approval import close_overdue
+
+    closed, rc = _review(close_overdue, name)
+    if rc:
+        return rc
+    for outcome in closed:
+        if server:
+            from tuneflow.flows.review import end_timed_out_run
+
+            end_timed_out_run(outcome.review)
+        print(f"timed out, rejected: {outcome.review.name} v{outcome.review.version} ({outcome.review.comment})")
+    return 0
+
+
+def _decide_review(args: argparse.Namespace, server: bool) -> int:
+    """approve | reject: send the decision to the run that waits (it applies it), or, with no run waiting (none
+    recorded, gone, crashed), apply it here."""
+    import time
+
+    from tuneflow.approval import check_decidable, decide, read_review
+    from tuneflow.registry import get_version
+
+    verdict = args.action
+    if _close_overdue(args.name, server):
+        return 2
+    review, rc = _review(check_decidable, args.name, args.version)
+    if rc:
+        return rc
+    if not args.reviewer.strip():
+        print('error: a decision needs the reviewer\'s name. Fix: pass --reviewer "NAME"', file=sys.stderr)
+        return 2
+    if review.flow_run_id:
+        if not server:
+            print(
+                f"error: {args.name} v{args.version} waits in flow run {review.flow_run_id} on a Prefect server; "
+                "nothing was decided. Fix: set PREFECT_API_URL to that server and run this again",
+                file=sys.stderr,
+            )
+            return 2
+        from tuneflow.flows.review import RunNotWaiting, resume
+
+        try:
+            resume(review.flow_run_id, verdict, args.reviewer, args.comment)
+        except RunNotWaiting as exc:
+            print(f"{exc}: deciding here, in the registry")
+        else:
+            print(f"sent '{verdict}' to flow run {review.flow_run_id}; waiting for it to apply the decision ...")
+            deadline = time.monotonic() + args.wait
+            while time.monotonic() < deadline:
+                now = read_review(get_version(args.name, args.version))
+                if now is not None and now.state != "waiting":
+                    return _print_review(now)
+                time.sleep(2)
+            print(f"the run has not applied it within {args.wait:.0f} s; 'tuneflow review list --all' shows it later")
+            return 0
+    outcome, rc = _review(decide, args.name, args.version, verdict, args.reviewer, args.comment, via="tuneflow review")
+    if rc:
+        return rc
+    if server and outcome.superseded:
+        from tuneflow.flows.review import end_runs
+
+        end_runs(outcome.superseded)
+    for r in outcome.superseded:
+        print(f"superseded: {r.name} v{r.version} ({r.comment})")
+    return _print_review(outcome.review)
+
+
+def _print_review(r) -> int:
+    from tuneflow.registry import champion_version
+
+    if r.state not in ("approved", "rejected"):
+        print(f"error: {r.name} v{r.version} was not decided: {r.state} ({r.comment}); nothing moved", file=sys.stderr)
+        return 2
+    print(
+        f"{r.name} v{r.version} {r.state} by {r.reviewer}: {r.comment or '(no comment)'}; "
+        f"champion is v{champion_version(r.name) or '-'}"
+    )
     return 0
 
 
@@ -607,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         "promote": _cmd_promote,
         "rollback": _cmd_rollback,
         "compare": _cmd_compare,
+        "review": _cmd_review,
         "predict": _cmd_predict,
         "verify": _cmd_verify,
         "serve-model": _cmd_serve_model,

@@ -302,6 +302,24 @@ class RegistryConfig(_Section):
         "base model's config.json names, float32 when it names none). bfloat16 halves a float32 model's size. With "
         "sft_weights: adapter, the adapter's dtype; the base then loads in its own dtype.",
     )
+    approval: Literal["auto", "required"] = Field(
+        "auto",
+        description="'auto': a challenger that passes the metric gate becomes champion at once. 'required': it is "
+        "registered with alias challenger and waits for a person to approve or reject it (Prefect UI form or "
+        "'tuneflow review approve|reject'); only an approval moves champion.",
+    )
+    approval_timeout_hours: float = Field(
+        72.0,
+        gt=0,
+        le=24 * 365,
+        description="How long a challenger waits for review (registry.approval: required) before "
+        "registry.approval_on_timeout applies.",
+    )
+    approval_on_timeout: Literal["reject"] = Field(
+        "reject",
+        description="What a review that nobody decided in time becomes: 'reject' (champion kept). A timeout never "
+        "approves.",
+    )
 
 
 class ScheduleConfig(_Section):
@@ -360,6 +378,11 @@ class AlertsConfig(_Section):
     on_quarantine: bool = Field(True, description="Alert when the gate quarantines a batch of the landing zone.")
     on_decay: bool = Field(
         True, description="Alert when monitoring finds the champion degraded on a batch (tuneflow.champion.degraded)."
+    )
+    on_review: bool = Field(
+        True,
+        description="Alert when a challenger waits for review (registry.approval: required): 'review needed', "
+        "with links to the flow run and both versions.",
     )
 
     def url(self) -> str | None:
@@ -766,6 +789,8 @@ class PipelineConfig(_Section):
         exclude["train"] = {"checkpoint_minutes", "processes"}
         if facts_of(self.kind).digest_has_kind:  # evaluating along the way does not change the weights trained
             exclude["sft"] = {"eval_steps"}
+        # Who signs off a promotion, and how long a review waits: not what it trains.
+        exclude["registry"] = {"approval", "approval_timeout_hours", "approval_on_timeout"}
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -23,6 +23,16 @@ MAX_LENGTH_TAG = "tuneflow.max_length"  # the max_length a version was trained (
 DATA_DIGEST_TAG = "tuneflow.data_digest"  # the digest of the rows a version was trained on
 SCORE_TAG = "tuneflow.challenger_score"  # a version's primary metric on its eval split when it was registered
 FINGERPRINT_TAG = "tuneflow.fingerprint"
+# A person's sign-off (registry.approval: required): the review of a version, one tag per fact
+REVIEW_TAG = "tuneflow.review"  # waiting | approved | rejected | superseded
+REVIEW_FLOW_RUN_TAG = "tuneflow.review.flow_run"  # the Prefect flow run that waits for the decision ("" none)
+REVIEW_REQUESTED_TAG = "tuneflow.review.requested"  # ISO 8601 UTC
+REVIEW_DEADLINE_TAG = "tuneflow.review.deadline"  # ISO 8601 UTC: past it, registry.approval_on_timeout applies
+REVIEW_EXPECTED_TAG = "tuneflow.review.expected_champion"  # the champion it was compared with ("" none)
+REVIEW_REVIEWER_TAG = "tuneflow.review.reviewer"
+REVIEW_COMMENT_TAG = "tuneflow.review.comment"
+REVIEW_TIME_TAG = "tuneflow.review.time"  # when it was decided, ISO 8601 UTC
+
 # The same, over the input files' bytes before validation: lets an unchanged retrain stop before validating
 INPUT_FINGERPRINT_TAG = "tuneflow.input_fingerprint"
 

@@ -736,3 +736,57 @@ def tune_markdown(cfg: PipelineConfig, outcome: Any, gate: str, tuned_path: str,
         + (f"Not drawn:{notes}\n\n" if notes else "")
         + f"## The best model at the gate\n\n{gate}"
     )
+
+
+def review_markdown(
+    cfg: PipelineConfig,
+    version: str,
+    data: LoadedData,
+    split: Split,
+    evaluation: EvaluateOutput,
+    decision: Decision,
+    links: dict[str, str],
+    timeout_hours: float,
+) -> str:
+    """What a reviewer reads above the approve / reject form: both versions' metrics on the same eval split and the
+    change of each, sample generations (kinds that generate), the data trained on, links to both versions and the
+    run. ``links``: "challenger", "champion" (MLflow UI pages of the versions), "run" (the MLflow run)."""
+    name = cfg.registry.model_name
+    champ = evaluation.champion_version
+    new, old = evaluation.challenger.metrics, evaluation.champion.metrics if evaluation.champion else None
+    cols: dict[str, dict[str, float] | None] = {f"challenger v{version}": new}
+    if champ:
+        cols[f"champion v{champ}"] = old
+        cols["change"] = {k: new[k] - old[k] for k in new if k in old} if old else None
+    samples = evaluation.challenger.samples
+    lines = [
+        f"## Review {name} v{version}" + (f" against champion v{champ}" if champ else " (no champion yet)"),
+        "",
+        f"The metric gate passed: {decision.reason}. Approve to make v{version} champion; reject to keep "
+        + (f"v{champ}" if champ else "no champion")
+        + f". Nobody deciding within {timeout_hours:g} h rejects it.",
+        "",
+        f"### Metrics on the same eval split ({len(split.eval)} rows)",
+        "",
+        metrics_table(cols, cfg.data.labels),
+        "",
+    ]
+    if samples is not None:
+        lines += ["### Sample generations of the challenger (greedy, eval split)", "", samples_markdown(samples), ""]
+    lines += [
+        "### Trained on",
+        f"`{data.source}`: {len(data.frame)} rows from {len(data.sources)} file(s), digest `{data.digest[:16]}`; "
+        f"{len(split.train)} train / {len(split.eval)} eval rows; config `{cfg.name}` (digest `{cfg.digest()}`), "
+        f"base model `{cfg.model.base_model}`.",
+        "",
+        "### Links",
+        f"- Challenger v{version} in MLflow: {links.get('challenger', '-')}",
+    ]
+    if champ:
+        lines.append(f"- Champion v{champ} in MLflow: {links.get('champion', '-')}")
+    lines += [
+        f"- The retrain's MLflow run: {links.get('run', '-')}",
+        "",
+        f'Or from a shell: `tuneflow review approve|reject {name} {version} --reviewer NAME --comment "..."`',
+    ]
+    return "\n".join(lines)

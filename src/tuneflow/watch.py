@@ -36,6 +36,7 @@ QUARANTINED_EVENT = "tuneflow.batch.quarantined"  # emitted by a retrain whose g
 DEGRADED_EVENT = "tuneflow.champion.degraded"  # emitted by a monitor stage that found the champion degraded
 DATASET_RESOURCE = "tuneflow.dataset."  # + the config's name: the resource data events are emitted on
 MODEL_RESOURCE = "tuneflow.model."  # + the registered model's name: the resource model events are emitted on
+REVIEW_EVENT = "tuneflow.review.requested"  # a challenger waits for a person (registry.approval: required)
 STATE_FILE = ".watch-state.json"
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload")
 MAX_SEEN = 10_000  # digests remembered; older ones are dropped first
