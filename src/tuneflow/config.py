@@ -421,7 +421,7 @@ class SftConfig(_Section):
         description="Jinja chat template for a base model whose tokenizer has none; unset: the tokenizer's own, or "
         "a plain '### User / ### Assistant' template when it has none.",
     )
-    lora: LoraSettings = LoraSettings()
+    lora: LoraSettings = Field(LoraSettings(), description="LoRA adapters (PEFT) on a frozen base model.")
     packing: bool = Field(
         False,
         description="Pack several examples per row (TRL best-fit packing; examples never attend to each other).",
@@ -451,19 +451,29 @@ class PipelineConfig(_Section):
         description="The kind of fine-tuning (tuneflow.kinds): 'classification' (sequence classification, "
         "labels from data.labels) or 'sft' (instruction SFT of a causal LM on prompt/response rows).",
     )
-    data: DataConfig
-    validation: ValidationConfig = ValidationConfig()
-    model: ModelConfig
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    registry: RegistryConfig
+    data: DataConfig = Field(
+        description="Where the data comes from (one file or a landing zone), its columns and labels, the split."
+    )
+    validation: ValidationConfig = Field(
+        ValidationConfig(), description="The data checks' thresholds and severities (Great Expectations)."
+    )
+    model: ModelConfig = Field(description="The base model that is fine-tuned, and the token limit.")
+    train: TrainConfig = Field(TrainConfig(), description="How the model is trained (transformers Trainer / TRL).")
+    evaluate: EvaluateConfig = Field(
+        EvaluateConfig(), description="The metric that decides early stopping and the promotion gate."
+    )
+    registry: RegistryConfig = Field(description="Where the model is registered and what promotion requires.")
     schedule: ScheduleConfig | None = Field(
         None, description="Recurring retraining (deployment retrain/scheduled); unset: none."
     )
-    watch: WatchConfig = WatchConfig()
-    alerts: AlertsConfig = AlertsConfig()
-    sft: SftConfig = SftConfig()
-    monitor: MonitorConfig = MonitorConfig()
+    watch: WatchConfig = Field(
+        WatchConfig(), description="The landing-zone watcher that announces new batches (tuneflow.data.arrived)."
+    )
+    alerts: AlertsConfig = Field(AlertsConfig(), description="Where and when alerts are posted (a webhook).")
+    sft: SftConfig = Field(SftConfig(), description="Settings of kind sft; ignored for classification.")
+    monitor: MonitorConfig = Field(
+        MonitorConfig(), description="The champion scored on each accepted batch, drift, and retraining on decay."
+    )
 
     @model_validator(mode="after")
     def _kind(self) -> PipelineConfig:

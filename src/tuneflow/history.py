@@ -41,6 +41,7 @@ from tuneflow.runtime import cache_dir
 
 log = logging.getLogger(__name__)
 
+# + a sequence number and a random suffix: one move of champion as JSON (seq, time, action, by, actor, from, to, reason)
 HISTORY_TAG = "tuneflow.history."
 MAX_REASON_CHARS = 1000  # keeps one entry far below the registry's tag-value limit
 ANY = object()  # move_champion's ``expected``: replace whatever the champion is

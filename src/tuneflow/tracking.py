@@ -25,7 +25,7 @@ from tuneflow.evaluate import Evaluation, plot_confusion, plot_training_loss
 from tuneflow.files import slug
 from tuneflow.models import resolve_base_model
 from tuneflow.registry import ChampionScore, Decision, decision_tags
-from tuneflow.registry_base import TAG
+from tuneflow.registry_base import BASE_MODEL_TAG, CONFIG_DIGEST_TAG, FLOW_RUN_TAG, GIT_COMMIT_TAG, TAG
 from tuneflow.tokenization import Tokenized, tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -221,6 +221,7 @@ def log_dataset_inputs(cfg: PipelineConfig, loaded: LoadedData, split: Split) ->
         )
 
 
+# the machine and process of a retrain (parent run): a later retrain there marks it KILLED if that process is gone
 HOST_TAG, PID_TAG = "tuneflow.host", "tuneflow.pid"
 
 
@@ -272,16 +273,16 @@ def start_parent_run(cfg: PipelineConfig, run_name: str, lineage: dict[str, str]
     return run
 
 
-CAUSE_TAG = "tuneflow.retrain_cause"
+CAUSE_TAG = "tuneflow.retrain_cause"  # why a retrain ran (e.g. the decay that triggered it); copied to the version
 
 
 def run_lineage(config: PipelineConfig, flow_run_id: str = "", cause: str = "") -> dict[str, str]:
     """The lineage tags of a retrain's parent run (and later of its version)."""
     lineage = {
-        "tuneflow.config_digest": config.digest(),
-        "tuneflow.git_commit": git_commit(Path(__file__).resolve().parent),
-        "tuneflow.prefect_flow_run_id": flow_run_id,
-        "tuneflow.base_model": config.model.base_model,
+        CONFIG_DIGEST_TAG: config.digest(),
+        GIT_COMMIT_TAG: git_commit(Path(__file__).resolve().parent),
+        FLOW_RUN_TAG: flow_run_id,
+        BASE_MODEL_TAG: config.model.base_model,
     }
     if cause:
         lineage[CAUSE_TAG] = cause[:5000]
