@@ -128,18 +128,20 @@ def config_sections(
     return out
 
 
-def undocumented_fields() -> list[str]:
-    """Every config key (dotted) whose pydantic field has no description."""
+def undocumented_fields(model: type[BaseModel] | None = None) -> list[str]:
+    """Every config key (dotted) whose pydantic field has no description (of ``model``, default PipelineConfig)."""
     missing = []
-    for prefix, _, model in config_sections():
-        for name, field in model.model_fields.items():
+    for prefix, _, section in config_sections(model):
+        for name, field in section.model_fields.items():
             if not (field.description or "").strip():
                 missing.append(prefix + name)
     return missing
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;")
+    """One table cell: on one line, ``|`` escaped, ``<`` escaped outside code spans (``<landing>`` is no tag)."""
+    parts = " ".join(text.split()).replace("|", "\\|").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
 
 
 def config_reference() -> str:
