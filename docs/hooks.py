@@ -17,6 +17,7 @@ import inspect
 import io
 import json
 import os
+import re
 import types
 import typing
 from contextlib import redirect_stdout
@@ -178,8 +179,11 @@ def config_reference() -> str:
             lines += [_cell(description), ""]
         lines += ["| key | type | default | constraints | description |", "|---|---|---|---|---|"]
         for name, field in model.model_fields.items():
+            key = f"`{prefix}{name}`"
+            if _section_of(field.annotation) is not None:  # a section: its key links to its own table
+                key = f"[{key}](#{re.sub(r'[^a-z0-9_-]', '', (prefix + name).lower())})"
             lines.append(
-                f"| `{prefix}{name}` | {_cell(_type(field.annotation))} | {_cell(_default(field))} | "
+                f"| {key} | {_cell(_type(field.annotation))} | {_cell(_default(field))} | "
                 f"{_cell(_constraints(field))} | {_cell(field.description or '')} |"
             )
         lines.append("")

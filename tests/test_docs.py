@@ -56,7 +56,9 @@ def test_a_field_without_a_description_is_found_and_fails_the_reference():
 
 def test_the_config_reference_has_every_key_with_its_type_default_and_constraints():
     page = hooks.config_reference()
-    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `([a-z0-9_.]+)` \|.*$", page, re.M)}
+    rows = {
+        m.group(1): m.group(0) for m in re.finditer(r"^\| \[?`([a-z0-9_.]+)`(?:\]\(#[a-z0-9_-]+\))? \|.*$", page, re.M)
+    }
     keys = _keys(PipelineConfig)
     assert len(keys) > 80
     assert sorted(rows) == sorted(keys)
