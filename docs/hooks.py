@@ -172,11 +172,22 @@ def config_reference() -> str:
         "    (`docs/hooks.py`): type, default, constraints and description are the code's own.",
         "",
     ]
+    from tuneflow.config import NOT_IN_DIGEST
+
+    lines += [
+        "A key marked *not in the config digest* (`NOT_IN_DIGEST` in `tuneflow.config`) changes when or how a run",
+        "works, not what it trains: editing it does not make the next run on unchanged data retrain",
+        "([Fingerprint and freshness](../concepts/fingerprint.md)).",
+        "",
+    ]
     for prefix, description, model in config_sections():
         title = prefix.rstrip(".") or "top level"
         lines += [f"## {title}", ""]
+        whole = NOT_IN_DIGEST.get(prefix.rstrip(".")) is True
         if description:
-            lines += [_cell(description), ""]
+            lines += [_cell(description) + (" *Not in the config digest.*" if whole else ""), ""]
+        fields = NOT_IN_DIGEST.get(prefix.rstrip("."), set()) if prefix else set()
+        fields = set() if fields is True else fields
         lines += ["| key | type | default | constraints | description |", "|---|---|---|---|---|"]
         for name, field in model.model_fields.items():
             key = f"`{prefix}{name}`"
@@ -184,7 +195,9 @@ def config_reference() -> str:
                 key = f"[{key}](#{re.sub(r'[^a-z0-9_-]', '', (prefix + name).lower())})"
             lines.append(
                 f"| {key} | {_cell(_type(field.annotation))} | {_cell(_default(field))} | "
-                f"{_cell(_constraints(field))} | {_cell(field.description or '')} |"
+                f"{_cell(_constraints(field))} | {_cell(field.description or '')}"
+                + (" *Not in the config digest.*" if name in fields else "")
+                + " |"
             )
         lines.append("")
     return "\n".join(lines)

