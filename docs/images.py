@@ -19,8 +19,8 @@ PICTURES = {
     "mlflow-model-version.png": ("mlflow-model-version.png", "tests/test_ui.py", 1600),
     "quarantine-report.png": ("quarantine-report.png", "tests/test_report_page_ui.py", 1800),
     "monitor-report.png": ("monitor-report.png", "tests/test_monitor_ui.py", 1800),
-    "prefect-flow-run-artifacts.png": ("prefect-flow-run-artifacts.png", "tests/test_team_mode.py (team, ui)", 1000),
-    "prefect-retrain-artifact.png": ("prefect-retrain-artifact.png", "tests/test_team_mode.py (team, ui)", 1400),
+    "prefect-flow-run-artifacts.png": ("prefect-flow-run-artifacts.png", "tests/test_team_mode.py (team, ui)", 900),
+    "prefect-retrain-artifact.png": ("prefect-retrain-artifact.png", "tests/test_team_mode.py (team, ui)", 900),
 }
 
 
