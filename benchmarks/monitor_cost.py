@@ -8,7 +8,7 @@ One run, on this machine, in a fresh folder (new MLflow store):
 
     .venv/bin/python benchmarks/monitor_cost.py [--epochs 1] [--sizes 1000,10000]
 
-Prints a markdown table; results are written down in benchmarks/RESULTS.md and the README ("Monitoring").
+Prints a markdown table; results are written down in benchmarks/RESULTS.md and docs/how-to/monitoring.md.
 """
 
 from __future__ import annotations

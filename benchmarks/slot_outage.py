@@ -10,8 +10,8 @@ told to stop, and the limit's occupied slots are read.
 
     .venv/bin/python benchmarks/slot_outage.py [--outage 90] [--after 150] [--lease-storage memory|filesystem]
 
-Prints a timeline (seconds since the holder got the slot); results are written down in the README ("One
-retrain per model at a time") and benchmarks/RESULTS.md.
+Prints a timeline (seconds since the holder got the slot); results are written down in docs/how-to/schedules.md
+("A Prefect outage during a retrain") and benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """A model's retrain slot: the one slot of a Prefect global concurrency limit, held by a lease this process renews.
 
 Prefect's own ``concurrency(..., strict=True)`` cancels the run when a renewal fails, and an outage of the API
-longer than about a minute makes it fail: a long training run was thrown away for a blip (measured in the
-README, "One retrain per model at a time"). Its non-strict mode keeps the run going but stops renewing, so the
-slot silently frees itself and a second retrain of the model may start. ``hold_slot`` keeps the run going
-through an outage, renews again as soon as the server answers, takes the slot again if its lease lapsed
-meanwhile, and stops the run only when another run took the slot in the gap.
+longer than about a minute makes it fail: a long training run was thrown away for a blip (measured in
+docs/how-to/schedules.md, "A Prefect outage during a retrain"). Its non-strict mode keeps the run going but
+stops renewing, so the slot silently frees itself and a second retrain of the model may start. ``hold_slot``
+keeps the run going through an outage, renews again as soon as the server answers, takes the slot again if its
+lease lapsed meanwhile, and stops the run only when another run took the slot in the gap.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class Server:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "DO_NOT_TRACK": "true",
             "PREFECT_UI_ENABLED": "false",
-            # leases kept on disk: a restarted server still knows who holds a slot (the README's server setup)
+            # leases kept on disk: a restarted server still knows who holds a slot (docs/how-to/team-mode.md)
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
             "TUNEFLOW_CACHE_DIR": str(tmp / "cache"),
         }

@@ -1,4 +1,4 @@
-"""Team mode as the README's recipe sets it up, every part a real server on loopback, each in its own folder:
+"""Team mode as docs/how-to/team-mode.md sets it up, every part a real server on loopback, each in its own folder:
 PostgreSQL (two databases), an MLflow tracking server on it that stores and serves the artifacts, a Prefect
 server on it, a process work pool, the deployments of deployments/prefect.yaml created by `prefect deploy`, and
 two workers, each started from its own `git clone` of this repository's HEAD (what a second machine has), with
@@ -275,7 +275,7 @@ def team(tmp_path_factory, tiny_model_dir):
                 "PREFECT_HOME": str(tmp / "prefect-server" / "home"),
                 "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://{db_url}/prefect",
                 "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",  # test only: the cron run is made sooner
-                # as the README's team-mode recipe: slot leases on disk survive a server restart
+                # as docs/how-to/team-mode.md's recipe: slot leases on disk survive a server restart
                 "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
                 # The UI calls the API at PREFECT_UI_API_URL (default: port 4200); alerts link to PREFECT_UI_URL.
                 "PREFECT_UI_API_URL": st.api,

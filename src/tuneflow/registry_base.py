@@ -10,19 +10,22 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
+CHAMPION = "champion"  # the version in use: moved by the promotion gate, `tuneflow promote` and `rollback`, never else
+CHALLENGER = "challenger"  # the newest registered version, promoted or not
 
 TAG = "tuneflow."  # the prefix of every tag tuneflow sets
 VALIDATION_TAG = "tuneflow.validation"  # passed | failed: the data checks of the run that produced the version
-CARD_TAG = "tuneflow.model_card"
-KIND_TAG = "tuneflow.kind"
+CARD_TAG = "tuneflow.model_card"  # runs:/<run id>/model_card.md: the whole model card, as a file of the run
+KIND_TAG = "tuneflow.kind"  # the kind of fine-tuning (classification | sft): the kind that re-scores and predicts
 DECISION_TAG = "tuneflow.decision"  # promoted | rejected
-DECISION_REASON_TAG = "tuneflow.decision_reason"
+DECISION_REASON_TAG = "tuneflow.decision_reason"  # why the gate promoted or rejected the version
+PRIMARY_METRIC_TAG = "tuneflow.primary_metric"  # the metric the gate compared (evaluate.primary_metric)
+SCORE_TAG = "tuneflow.challenger_score"  # a version's primary metric on its eval split when it was registered
+CHAMPION_SCORE_TAG = "tuneflow.champion_score"  # the champion's score on the same eval split; empty: no champion
+CHAMPION_BEFORE_TAG = "tuneflow.champion_version_before"  # the champion the version was compared with
 MAX_LENGTH_TAG = "tuneflow.max_length"  # the max_length a version was trained (and is scored) with
 DATA_DIGEST_TAG = "tuneflow.data_digest"  # the digest of the rows a version was trained on
-SCORE_TAG = "tuneflow.challenger_score"  # a version's primary metric on its eval split when it was registered
-FINGERPRINT_TAG = "tuneflow.fingerprint"
+FINGERPRINT_TAG = "tuneflow.fingerprint"  # data digest + config digest + base model files + tuneflow version
 # A person's sign-off (registry.approval: required): the review of a version, one tag per fact
 REVIEW_TAG = "tuneflow.review"  # waiting | approved | rejected | superseded
 REVIEW_FLOW_RUN_TAG = "tuneflow.review.flow_run"  # the Prefect flow run that waits for the decision ("" none)
@@ -35,6 +38,10 @@ REVIEW_TIME_TAG = "tuneflow.review.time"  # when it was decided, ISO 8601 UTC
 
 # The same, over the input files' bytes before validation: lets an unchanged retrain stop before validating
 INPUT_FINGERPRINT_TAG = "tuneflow.input_fingerprint"
+CONFIG_DIGEST_TAG = "tuneflow.config_digest"  # the digest of the config settings that shape the model
+GIT_COMMIT_TAG = "tuneflow.git_commit"  # the commit of the checkout that trained the version
+FLOW_RUN_TAG = "tuneflow.prefect_flow_run_id"  # the Prefect flow run that trained it
+BASE_MODEL_TAG = "tuneflow.base_model"  # model.base_model of the config
 
 # Version tags kept by other parts: the champion's moves, the monitoring reference
 HISTORY_TAG = "tuneflow.history."  # + number (4 digits) on the registered model: one champion move, as JSON
