@@ -23,10 +23,10 @@ from tuneflow.evaluate import EvaluateOutput
 from tuneflow.flows.retrain import model_slot, promote, register, validate_or_report, with_tag
 from tuneflow.models import check_max_length
 from tuneflow.registry import decide_promotion
-from tuneflow.registry_base import FINGERPRINT_TAG, INPUT_FINGERPRINT_TAG
+from tuneflow.registry_base import DATA_DIGEST_TAG, FINGERPRINT_TAG, INPUT_FINGERPRINT_TAG, STUDY_TAG, TUNED_FROM_TAG
 from tuneflow.reporting import artifact_key, retrain_markdown, tune_markdown
 from tuneflow.runtime import cache_dir, configure_environment
-from tuneflow.search import STUDY_TAG, TUNED_FROM_TAG, SearchOutcome, check_search, write_tuned_config
+from tuneflow.search import SearchOutcome, check_search, write_tuned_config
 from tuneflow.tasks.evaluate import score_champion_task
 from tuneflow.tasks.search import best_model_task, search_task
 from tuneflow.tracking import (
@@ -85,7 +85,7 @@ def tune(config_path: str, trials: int | None = None, timeout_minutes: float | N
             version_lineage = run_lineage(cfg, flow_run_id) | {
                 STUDY_TAG: outcome.study_name,
                 TUNED_FROM_TAG: str(outcome.best_number),
-                "tuneflow.data_digest": data.digest,
+                DATA_DIGEST_TAG: data.digest,
             }
             # the fingerprints a retrain tags its version with: `tuneflow run` of the tuned file on this data is then
             # answered "nothing changed" instead of training the same model again

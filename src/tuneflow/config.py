@@ -169,7 +169,7 @@ class ValidationConfig(_Section):
         default_factory=dict,
         description="Per-check severity overrides (error / warn / off), e.g. {class_imbalance: error}. The checks "
         "whose failing rows training cannot use (text_type, label_type, text_not_null, label_not_null, label_in_set, "
-        "response_type) must stay error.",
+        "response_type, record_format) must stay error.",
     )
     max_failed_examples: int = Field(5, ge=1, description="Offending values shown per failed expectation.")
 

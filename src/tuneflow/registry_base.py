@@ -32,12 +32,12 @@ REVIEW_FLOW_RUN_TAG = "tuneflow.review.flow_run"  # the Prefect flow run that wa
 REVIEW_REQUESTED_TAG = "tuneflow.review.requested"  # ISO 8601 UTC
 REVIEW_DEADLINE_TAG = "tuneflow.review.deadline"  # ISO 8601 UTC: past it, registry.approval_on_timeout applies
 REVIEW_EXPECTED_TAG = "tuneflow.review.expected_champion"  # the champion it was compared with ("" none)
-REVIEW_REVIEWER_TAG = "tuneflow.review.reviewer"
-REVIEW_COMMENT_TAG = "tuneflow.review.comment"
+REVIEW_REVIEWER_TAG = "tuneflow.review.reviewer"  # who decided (as given: Prefect OSS records no identity)
+REVIEW_COMMENT_TAG = "tuneflow.review.comment"  # why, in the reviewer's words
 REVIEW_TIME_TAG = "tuneflow.review.time"  # when it was decided, ISO 8601 UTC
 
 # The same, over the input files' bytes before validation: lets an unchanged retrain stop before validating
-INPUT_FINGERPRINT_TAG = "tuneflow.input_fingerprint"
+INPUT_FINGERPRINT_TAG = "tuneflow.input_fingerprint"  # the fingerprint over the input files' bytes
 CONFIG_DIGEST_TAG = "tuneflow.config_digest"  # the digest of the config settings that shape the model
 GIT_COMMIT_TAG = "tuneflow.git_commit"  # the commit of the checkout that trained the version
 FLOW_RUN_TAG = "tuneflow.prefect_flow_run_id"  # the Prefect flow run that trained it
@@ -49,17 +49,17 @@ REFERENCE_TAG = "tuneflow.monitor_reference"  # on a version: the runs:/ URI of 
 
 # MLflow run tags (the retrain's parent run, its stage runs, monitoring and prediction runs)
 STAGE_TAG = "tuneflow.stage"  # a stage's nested run: validate | tokenize | train | evaluate | ...
-SPLIT_DIGEST_TAG = "tuneflow.split_digest"
+SPLIT_DIGEST_TAG = "tuneflow.split_digest"  # the digest of the train/eval split the run used
 SOURCES_TAG = "tuneflow.sources"  # the files a run's data came from
 HOST_TAG = "tuneflow.host"  # the machine and process of a retrain, to tell a run whose process is gone
-PID_TAG = "tuneflow.pid"
+PID_TAG = "tuneflow.pid"  # the process id of a retrain (with HOST_TAG)
 ENDED_BY_TAG = "tuneflow.ended_by"  # why tuneflow ended a run it did not start
 CAUSE_TAG = "tuneflow.retrain_cause"  # schedule | new data | decay | manual
-CONFIG_DIGEST_TAG = "tuneflow.config_digest"
-GIT_COMMIT_TAG = "tuneflow.git_commit"
-FLOW_RUN_TAG = "tuneflow.prefect_flow_run_id"
-BASE_MODEL_TAG = "tuneflow.base_model"
-TOKENIZE_CACHE_HIT_TAG = "tuneflow.tokenize_cache_hit"
+CONFIG_DIGEST_TAG = "tuneflow.config_digest"  # the digest of the settings that change what is trained
+GIT_COMMIT_TAG = "tuneflow.git_commit"  # the tuneflow commit that ran, when installed from git
+FLOW_RUN_TAG = "tuneflow.prefect_flow_run_id"  # the Prefect flow run of the retrain
+BASE_MODEL_TAG = "tuneflow.base_model"  # model.base_model as configured
+TOKENIZE_CACHE_HIT_TAG = "tuneflow.tokenize_cache_hit"  # True: the tokenized splits came from the cache
 CHAMPION_VERSION_TAG = "tuneflow.champion_version"  # the champion a retrain compared with
 OUTCOME_TAG = "tuneflow.outcome"  # unchanged: the retrain stopped early, nothing changed
 SAME_AS_VERSION_TAG = "tuneflow.same_as_version"  # the version an unchanged retrain matched
@@ -69,6 +69,13 @@ MONITOR_OF_TAG = "tuneflow.monitor_of"  # on the monitoring run: the registered 
 POINT_TAG = "tuneflow.monitor.point."  # + step (6 digits): the point as JSON
 PENDING_TAG = "tuneflow.monitor.pending"  # JSON list of accepted batch names waiting for min_rows
 MONITOR_DECISION_TAG = "tuneflow.monitor.decision"  # a retrain's parent run: what monitoring decided
+
+# tuneflow tune: a search's runs and the version it registers
+STUDY_TAG = "tuneflow.study"  # the Optuna study a search run or tuned version belongs to
+TRIAL_TAG = "tuneflow.trial"  # a trial's number in its study
+TRIAL_STATE_TAG = "tuneflow.trial_state"  # COMPLETE | PRUNED | FAIL
+TUNED_FROM_TAG = "tuneflow.tuned_from_trial"  # on a version: the trial whose settings trained it
+STUDY_STORAGE_TAG = "tuneflow.study_storage"  # the search's parent run: the study database (no password)
 
 # What every version's requirements.txt pins; OPTIONAL ones a version may pin besides (an adapter-only sft version:
 # peft). The trust check refuses anything else.

@@ -37,6 +37,7 @@ from tuneflow.evaluate import Evaluation
 from tuneflow.files import file_lock, slug
 from tuneflow.kinds import get_kind
 from tuneflow.models import check_max_length
+from tuneflow.registry_base import STAGE_TAG, STUDY_STORAGE_TAG, STUDY_TAG, TRIAL_STATE_TAG, TRIAL_TAG, TUNED_FROM_TAG
 from tuneflow.runtime import redact_url
 from tuneflow.tokenization import Tokenized
 from tuneflow.train_common import TrainResult
@@ -47,10 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPTUNA_DB = "optuna.db"
-STUDY_TAG = "tuneflow.study"
-TRIAL_TAG = "tuneflow.trial"
-TRIAL_STATE_TAG = "tuneflow.trial_state"
-TUNED_FROM_TAG = "tuneflow.tuned_from_trial"
 FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 ALL_LINEAR = "all-linear"
 
@@ -401,7 +398,7 @@ def run_search(
         settings = suggest(trial, cfg)
         tcfg = trial_config(cfg, settings)
         started = time.perf_counter()
-        tags = {"tuneflow.stage": "trial", STUDY_TAG: plan.study_name, TRIAL_TAG: str(trial.number)}
+        tags = {STAGE_TAG: "trial", STUDY_TAG: plan.study_name, TRIAL_TAG: str(trial.number)}
         pruned: optuna.TrialPruned | None = None
         folder = work_dir / f"trial-{trial.number}"
         with mlflow.start_run(
@@ -582,7 +579,7 @@ def log_search(outcome: SearchOutcome, parent_run_id: str) -> None:
         client.log_artifact(parent_run_id, str(path), "search")
     for k, v in {
         STUDY_TAG: outcome.study_name,
-        "tuneflow.study_storage": outcome.storage,
+        STUDY_STORAGE_TAG: outcome.storage,
         TUNED_FROM_TAG: str(outcome.best_number),
     }.items():
         client.set_tag(parent_run_id, k, v)
