@@ -88,8 +88,15 @@ def test_a_long_model_card_fits_the_description_column_and_stays_whole_as_the_ar
     mv = register_tiny("tiny-long", decide("macro_f1", 0.9, None, None, 0.0), card=card)
     assert len(mv.description) <= MAX_DESCRIPTION
     assert mv.description.startswith("# tiny-long v?\n\nShort intro.") and "## Section 0" in mv.description
-    assert "## Section 11" not in mv.description and "the full model card is the artifact" in mv.description
+    assert "## Section 11" not in mv.description and "The full model card is the artifact" in mv.description
+    assert "Left out here: Section" in mv.description and "Section 11" in mv.description.rsplit("\n", 1)[-1]
     assert mlflow.artifacts.load_text(mv.tags[CARD_TAG]) == card
+    # the longest section (sample generations) is left out; the shorter ones after it are kept
+    samples = "## Sample generations\n\n" + "a generated answer\n" * 400
+    card = "# tiny-long v?\n\nShort intro.\n\n## Promotion\n\nok\n" + samples + "\n## Training\n\n- LoRA r=4\n"
+    mv = register_tiny("tiny-samples", decide("macro_f1", 0.9, None, None, 0.0), card=card)
+    assert len(mv.description) <= MAX_DESCRIPTION and "- LoRA r=4" in mv.description
+    assert "## Sample generations" not in mv.description and "Left out here: Sample generations." in mv.description
     short = "# card\n\nfits"
     assert register_tiny("tiny-short", decide("macro_f1", 0.9, None, None, 0.0), card=short).description == short
 

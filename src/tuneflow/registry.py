@@ -52,19 +52,24 @@ MAX_DESCRIPTION = 5000
 
 
 def version_description(card: str, card_uri: str, limit: int = MAX_DESCRIPTION) -> str:
-    """The model card as a version description: whole when it fits ``limit``, else its first sections (cut at
-    a section heading) and where the whole card is. The full card is always the run's ``model_card.md``."""
+    """The model card as a version description: whole when it fits ``limit``, else without its longest sections
+    (the later one first among equals) until it fits, and a line naming the sections left out and where the whole
+    card is. The full card is always the run's ``model_card.md``."""
     if len(card) <= limit:
         return card
-    footer = f"\n\n*The card goes on: the full model card is the artifact `{CARD_FILE}` of the run ({card_uri}).*"
-    room = limit - len(footer)
-    sections = card.split("\n## ")
-    kept = sections[0][:room]
-    for section in sections[1:]:
-        if len(kept) + len(section) + 4 > room:
-            break
-        kept += "\n## " + section
-    return kept.rstrip() + footer
+
+    def footer(left_out: list[str]) -> str:
+        names = ", ".join(left_out) or "the end of the introduction"
+        where = f"The full model card is the artifact `{CARD_FILE}` of the run ({card_uri})."
+        return f"\n\n*Left out here: {names}. {where}*"
+
+    intro, *sections = card.split("\n## ")
+    room = limit - len(footer([s.split("\n", 1)[0] for s in sections]))  # the footer when every section is left out
+    kept = dict(enumerate(sections))
+    while kept and len(intro) + sum(4 + len(s) for s in kept.values()) > room:
+        del kept[max(kept, key=lambda i: (len(kept[i]), i))]
+    body = intro[: max(0, room)] + "".join("\n## " + kept[i] for i in sorted(kept))
+    return body.rstrip() + footer([s.split("\n", 1)[0] for i, s in enumerate(sections) if i not in kept])
 
 
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's error codes for "no such alias"

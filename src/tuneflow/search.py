@@ -240,7 +240,26 @@ def study_progress(storage: str, study_name: str) -> tuple[int, float | None]:
         for t in trials
         if t.state.name in ("COMPLETE", "PRUNED") and t.duration is not None
     ]
-    return sum(t.state.name in FINISHED_STATES for t in trials), (statistics.median(done) if done else None)
+    return finished_count(trials), (statistics.median(done) if done else None)
+
+
+def finished_count(trials: list[Any]) -> int:
+    """Finished trials that count towards ``search.trials``: a trial failed for a stale heartbeat (its worker died)
+    and queued again does not count; its retry does, once it finishes."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    return sum(t.state.name in FINISHED_STATES and t.number not in retried for t in trials)
+
+
+class _EnoughTrials:
+    """Stop a worker once the study as a whole has ``trials`` finished trials (``finished_count``): like Optuna's
+    ``MaxTrialsCallback``, but a dead worker's retried trial is not one of them."""
+
+    def __init__(self, trials: int) -> None:
+        self.trials = trials
+
+    def __call__(self, study: optuna.Study, trial: Any) -> None:
+        if finished_count(study.get_trials(deepcopy=False)) >= self.trials:
+            study.stop()
 
 
 def check_search(
@@ -439,13 +458,9 @@ def run_search(
     remaining = max(0, plan.trials - plan.finished)
     started = time.perf_counter()
     if remaining:
-        from optuna.trial import TrialState
-
         # Other workers may run trials of this study at the same time: each stops once the study as a whole has
         # plan.trials finished trials (at most one trial per worker in flight past that), not after its own count.
-        enough = optuna.study.MaxTrialsCallback(
-            plan.trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        )
+        enough = _EnoughTrials(plan.trials)
         study.optimize(
             objective,
             n_trials=remaining,
