@@ -40,14 +40,9 @@ def main() -> None:
     a = p.parse_args()
     import yaml
 
-    raw = yaml.safe_load((ROOT / a.config).read_text())
-    for item in a.set:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+    from tuneflow.config import merge_tree, parse_overrides
+
+    raw = merge_tree(yaml.safe_load((ROOT / a.config).read_text()), parse_overrides(a.set))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "TUNEFLOW_"))}
     with tempfile.TemporaryDirectory(prefix="tune-sms-") as tmp:
         cwd = Path(tmp)

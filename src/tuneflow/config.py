@@ -887,11 +887,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_tree(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it, section by section (``parse_overrides``' result over a raw config)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_tree(out[key], value)
         else:
             out[key] = value
     return out
@@ -923,7 +924,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
         raise ConfigError(
             f"config file {path} must hold a mapping of sections (name, data, model, ...), got {type(raw).__name__}"
         )
-    raw = _merge(raw, parse_overrides(overrides or []))
+    raw = merge_tree(raw, parse_overrides(overrides or []))
     try:
         return PipelineConfig.model_validate(raw)
     except ValidationError as exc:

@@ -64,12 +64,13 @@ def version_description(card: str, card_uri: str, limit: int = MAX_DESCRIPTION) 
         return f"\n\n*Left out here: {names}. {where}*"
 
     intro, *sections = card.split("\n## ")
-    room = limit - len(footer([s.split("\n", 1)[0] for s in sections]))  # the footer when every section is left out
+    headings = [s.split("\n", 1)[0] for s in sections]
+    room = limit - len(footer(headings))  # the footer when every section is left out
     kept = dict(enumerate(sections))
     while kept and len(intro) + sum(4 + len(s) for s in kept.values()) > room:
         del kept[max(kept, key=lambda i: (len(kept[i]), i))]
     body = intro[: max(0, room)] + "".join("\n## " + kept[i] for i in sorted(kept))
-    return body.rstrip() + footer([s.split("\n", 1)[0] for i, s in enumerate(sections) if i not in kept])
+    return body.rstrip() + footer([h for i, h in enumerate(headings) if i not in kept])
 
 
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow's error codes for "no such alias"
