@@ -358,6 +358,7 @@ def test_two_worker_processes_share_one_study_and_no_trial_runs_twice(workdir, d
     # a trial asked for when the study had them all (two workers asking at once) is surplus: it never ran
     trials = [t for t in study.get_trials() if "surplus" not in t.user_attrs]
     assert len(trials) == 4 and sum(ran.values()) == 4, (ran, [(t.number, t.state, t.user_attrs) for t in trials])
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # seeded per trial: no worker drew another's
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     runs = [r for parent in ran for r in _children(parent)]
     assert sorted(int(r.data.tags["tuneflow.trial"]) for r in runs) == sorted(t.number for t in trials)  # once each
@@ -411,3 +412,20 @@ def test_several_workers_on_a_server_without_the_tune_worker_deployment_stop_bef
     with pytest.raises(SearchError, match="no deployment tune-worker/tiny.*Fix: .*prefect deploy"):
         tune(str(path))
     assert not list(MlflowClient().search_experiments(filter_string="name = 'tiny'"))  # nothing ran, nothing logged
+
+
+def test_each_trial_draws_from_its_own_seed_so_workers_never_repeat_each_other():
+    """Two samplers with the same search.seed (two worker processes) on one study: each trial's settings depend on
+    its number, not on which process asked, so the two never draw the same settings for different trials."""
+    from tuneflow.search import per_trial_seed
+
+    study = optuna.create_study(sampler=per_trial_seed(optuna.samplers.TPESampler, 0))
+    other = optuna.load_study(study_name=study.study_name, storage=study._storage)
+    other.sampler = per_trial_seed(optuna.samplers.TPESampler, 0)
+    drawn = []
+    for s in (study, other, study, other):  # alternate, as two workers would
+        trial = s.ask()
+        drawn.append(trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True))
+    assert len(set(drawn)) == 4
+    again = optuna.create_study(sampler=per_trial_seed(optuna.samplers.TPESampler, 0))
+    assert again.ask().suggest_float("learning_rate", 1e-5, 1e-2, log=True) == drawn[0]  # reproducible per trial

@@ -414,6 +414,28 @@ def check_search(
     return SearchPlan(study_name, storage, trials, timeout * 60, finished, workers)
 
 
+def per_trial_seed(sampler_class: type, seed: int) -> optuna.samplers.BaseSampler:
+    """``sampler_class`` whose random state is seeded from (``seed``, trial number) before each trial.
+
+    With one seed for the whole sampler, every worker process draws the same random sequence: on the team stack two
+    workers ran trials with identical settings during TPE's random startup trials. Seeded per trial, each trial draws
+    from its own sequence, and a trial draws the same settings whichever worker runs it (given the same study).
+    """
+
+    class PerTrialSeed(sampler_class):
+        def before_trial(self, study: optuna.Study, trial: Any) -> None:
+            trial_seed = (seed * 1_000_003 + trial.number) % 2**32
+            # optuna 5.1 keeps the state in LazyRandomState ``_rng`` (TPE: also its RandomSampler's, for startup trials)
+            self._rng.rng.seed(trial_seed)
+            inner = getattr(self, "_random_sampler", None)
+            if inner is not None:
+                inner._rng.rng.seed(trial_seed)
+            super().before_trial(study, trial)
+
+    PerTrialSeed.__name__ = PerTrialSeed.__qualname__ = f"PerTrialSeed{sampler_class.__name__}"
+    return PerTrialSeed(seed=seed)
+
+
 def open_study(cfg: PipelineConfig, plan: SearchPlan) -> optuna.Study:
     """Create the study, or load it when it exists (a resumed search); the enqueued trials once."""
     import optuna
@@ -421,10 +443,8 @@ def open_study(cfg: PipelineConfig, plan: SearchPlan) -> optuna.Study:
     assert cfg.search is not None
     search = cfg.search
     storage = rdb_storage(plan.storage, search.heartbeat_seconds)
-    sampler = (
-        optuna.samplers.TPESampler(seed=search.seed)
-        if search.sampler == "tpe"
-        else optuna.samplers.RandomSampler(seed=search.seed)
+    sampler = per_trial_seed(
+        optuna.samplers.TPESampler if search.sampler == "tpe" else optuna.samplers.RandomSampler, search.seed
     )
     pruner = optuna.pruners.MedianPruner(
         n_startup_trials=search.pruner.startup_trials, n_warmup_steps=search.pruner.warmup_evaluations
