@@ -715,10 +715,14 @@ def test_a_tune_run_with_two_workers_runs_each_trial_of_its_study_once_on_postgr
     # MLflow, on the server: the tune run's parent run and one nested run per trial, each trial number once
     client = team.mlflow()
     exp = client.get_experiment_by_name(NAME)
-    (parent,) = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`tuneflow.prefect_flow_run_id` = '{run.id}' and tags.`tuneflow.study` = '{NAME}'",
-    )
+    (parent,) = [  # the flow run's runs: the parent, its stage runs and the trials it ran; the parent has no parent
+        r
+        for r in client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`tuneflow.prefect_flow_run_id` = '{run.id}'"
+        )
+        if "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert parent.data.tags["tuneflow.study"] == NAME
     children = client.search_runs(
         [exp.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`tuneflow.stage` = 'trial'",
