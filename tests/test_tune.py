@@ -429,3 +429,24 @@ def test_each_trial_draws_from_its_own_seed_so_workers_never_repeat_each_other()
     assert len(set(drawn)) == 4
     again = optuna.create_study(sampler=per_trial_seed(optuna.samplers.TPESampler, 0))
     assert again.ask().suggest_float("learning_rate", 1e-5, 1e-2, log=True) == drawn[0]  # reproducible per trial
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_the_tune_process_takes_over_the_trial_of_a_worker_that_died(workdir, data_csv, tiny_model_dir):
+    """The study counts its trials (one finished, one running on a worker that died): no new trial is asked for, but
+    the process that reports the study waits for the running one; its heartbeat stops, so it is failed and run again
+    here, and the study ends with its trials."""
+    search = {"trials": 2, "space": {"learning_rate": {"low": 1e-3, "high": 1e-2}}, "heartbeat_seconds": 1}
+    cfg = _cfg(data_csv, tiny_model_dir, search | {"min_trial_minutes": 0.001})
+    first, _ = _search(cfg, workdir, trials=1)
+    assert first.ran == 1
+    study = open_study(cfg, check_search(cfg, mlflow.get_tracking_uri()))
+    dead = study.ask()  # the dead worker's trial: RUNNING with its settings, one heartbeat, then silence
+    drawn = dead.suggest_float("learning_rate", 1e-3, 1e-2, log=True)
+    study._storage.record_heartbeat(dead._trial_id)
+
+    second, _ = _search(cfg, workdir)
+    rows = {r["number"]: r for r in second.rows}
+    assert second.ran == 1 and rows[dead.number]["state"] == "FAIL", second.rows
+    (retry,) = [r for n, r in rows.items() if n > dead.number]
+    assert retry["state"] == "COMPLETE" and retry["settings"] == {"learning_rate": drawn}
