@@ -450,3 +450,31 @@ def test_the_tune_process_takes_over_the_trial_of_a_worker_that_died(workdir, da
     assert second.ran == 1 and rows[dead.number]["state"] == "FAIL", second.rows
     (retry,) = [r for n, r in rows.items() if n > dead.number]
     assert retry["state"] == "COMPLETE" and retry["settings"] == {"learning_rate": drawn}
+
+
+@pytest.mark.slow
+def test_several_workers_without_a_server_run_the_trials_one_at_a_time_and_say_why(
+    workdir, data_csv, tiny_model_dir, tmp_path
+):
+    """`tuneflow tune --workers 2` with Prefect's temporary local server: no worker run can be started there, so the
+    trials run one at a time in the process, and the log says so, citing the measurement."""
+    import os
+    import subprocess
+    import sys
+
+    search = {"trials": 2, "space": {"batch_size": [8, 16]}, "min_trial_minutes": 0.01}
+    path = _write(workdir, tiny_config_dict(data_csv, tiny_model_dir, search=search, train=FAST))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = subprocess.run(
+        [sys.executable, "-m", "tuneflow.cli", "tune", "--config", str(path), "--workers", "2"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "search.workers is 2, but there is no Prefect server" in out and "Training in 1 vs 2 processes" in out
+    assert "2 run now" in done.stdout  # both trials in this process
