@@ -99,7 +99,7 @@ def tune(
         started = time.perf_counter()
         helpers = start_workers(deployment, config, config_path, plan, pid, data.digest, trials, timeout_minutes)
         own = trials_task(config, data, split, plan, run, tags={FLOW_RUN_TAG: flow_run_id})
-        wait_for_workers(helpers)
+        ended = wait_for_workers(helpers)
         outcome = study_task(config, plan, own, run, time.perf_counter() - started)
         tuned = write_tuned_config(Path(config_path), config, outcome)
         best = best_model_task(outcome, data, split, run)
@@ -128,7 +128,7 @@ def tune(
         report_tune(config.name, outcome, gate, str(tuned))
     shutil.rmtree(run.work_dir, ignore_errors=True)
     result = tune_result(cfg.registry.model_name, outcome, tuned, best.evaluation.metrics, decision, version, pid, url)
-    return result | {"workers": {str(r.id): r.state_type.value for r in helpers}} if helpers else result
+    return result | {"workers": ended} if ended else result
 
 
 @flow(name=WORKER_FLOW)
@@ -253,12 +253,14 @@ def start_workers(
     return runs
 
 
-def wait_for_workers(runs: list, poll_s: float = 2.0, grace_s: float = 300.0) -> None:
+def wait_for_workers(runs: list, poll_s: float = 2.0, grace_s: float = 300.0) -> dict[str, str]:
     """Wait for the worker runs and log how each ended. Called once the study has no trial left running, so a
     worker ends within moments; one not started yet is cancelled (the study needs it no more); one still running
-    after ``grace_s`` is left to itself (the study is complete; its state is logged)."""
+    after ``grace_s`` is left to itself (the study is complete; its state is logged). Returns each run's name and
+    final state."""
+    ended: dict[str, str] = {}
     if not runs:
-        return
+        return ended
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled
 
@@ -271,18 +273,18 @@ def wait_for_workers(runs: list, poll_s: float = 2.0, grace_s: float = 300.0) ->
                 state = now.state_type.value
                 if state in TERMINAL:
                     break
-                if state == "SCHEDULED":  # not picked up by a worker yet (Late included)
-                    client.set_flow_run_state(run.id, Cancelled(message="the study had its trials before it started"))
-                    time.sleep(poll_s)
-                    continue
                 if time.monotonic() > deadline:
                     logger.warning("worker run %s is still %s; the study is complete without it", now.name, state)
                     break
+                if state == "SCHEDULED":  # not picked up by a worker yet (Late included)
+                    client.set_flow_run_state(run.id, Cancelled(message="the study had its trials before it started"))
                 time.sleep(poll_s)
             level = "info" if state in ("COMPLETED", "CANCELLED") else "warning"
             getattr(logger, level)(
                 "worker run %s: %s%s", now.name, state, f" ({now.state.message})" if now.state.message else ""
             )
+            ended[now.name] = state
+    return ended
 
 
 def report_tune(name: str, outcome: SearchOutcome, gate: str, tuned: str) -> None:
