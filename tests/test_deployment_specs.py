@@ -37,6 +37,7 @@ def test_prefect_yaml_matches_the_configs_and_the_flows():
     by_flow = {f"{entries[d['entrypoint']].name}/{d['name']}": d for d in spec["deployments"]}
     assert len(by_flow) == len(spec["deployments"])
     review_deps = {k: by_flow.pop(k) for k in [k for k in by_flow if k.startswith("review")]}
+    tune_deps = {k: by_flow.pop(k) for k in [k for k in by_flow if k.startswith("tune")]}
     deployments = {d["name"]: d for d in by_flow.values()}
     assert set(deployments) == {"scheduled", "on-new-data", "on-decay", "batch", "landing"}
     flows = {name: _entry(d["entrypoint"]) for name, d in deployments.items()}
@@ -51,7 +52,12 @@ def test_prefect_yaml_matches_the_configs_and_the_flows():
     model = load_config(REPO / deployments["scheduled"]["parameters"]["config_path"]).registry.model_name
     assert set(review_deps) == {f"review/{model}", f"review-timeouts/{model}"}
     assert review_deps[f"review-timeouts/{model}"]["parameters"] == {"model_name": model}
-    for key, d in review_deps.items():
+    # tune and its workers: named after the config, which has a search section (the tune flow finds its workers'
+    # deployment as tune-worker/<config name>)
+    tuned = load_config(REPO / deployments["scheduled"]["parameters"]["config_path"])
+    assert set(tune_deps) == {f"tune/{tuned.name}", f"tune-worker/{tuned.name}"} and tuned.search is not None
+    assert tune_deps[f"tune/{tuned.name}"]["parameters"] == deployments["scheduled"]["parameters"]
+    for key, d in (review_deps | tune_deps).items():
         params = inspect.signature(entries[d["entrypoint"]].fn).parameters
         assert set(d["parameters"]) <= set(params), key
     for name, d in deployments.items():

@@ -9,7 +9,9 @@ Scenarios, in order, on the one stack: a scheduled run fires; a batch dropped in
 (the watcher runs as the deployment watch/landing on a worker) and its model downloads through the server; two
 retrains started at once run one after the other; `tuneflow models / compare / promote / rollback` work against
 the server; a worker killed during training leaves the slot and registry consistent and its run is marked
-Crashed (and alerted). The Prefect UI test (marker ui too) opens the server's UI in headless Chromium.
+Crashed (and alerted); the deployment tune/<name> with search.workers 2 runs the trials of one study on PostgreSQL
+in two processes (itself and a run of tune-worker/<name>), no trial twice. The Prefect UI test (marker ui too) opens
+the server's UI in headless Chromium.
 Every process is killed in ``finally``. Run with ``pytest -m team``.
 """
 
@@ -38,6 +40,7 @@ pytestmark = [pytest.mark.team, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
 NAME, MODEL = "tiny-team", "tiny-team-clf"
 PG_USER, PG_PASSWORD = "tuneflow", "team-test-pw"
+TUNE_TRIALS = 6
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 ARTIFACTS = REPO / "test-artifacts"
 # What the shipped prefect.yaml names, and what the test's copy names instead (each must occur in the shipped file).
@@ -252,7 +255,7 @@ def team(tmp_path_factory, tiny_model_dir):
                 env=env | {"PGPASSWORD": PG_PASSWORD}, capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             assert made.returncode == 0, made.stderr
-        db_url = f"{PG_USER}:{PG_PASSWORD}@127.0.0.1:{pg_port}"
+        db_url = st.db_url = f"{PG_USER}:{PG_PASSWORD}@127.0.0.1:{pg_port}"
 
         # --- MLflow server: runs and registry in PostgreSQL, artifacts in its own folder, served over HTTP
         ml_port, artifacts = free_port(), tmp / "mlflow-server" / "artifacts"
@@ -298,6 +301,23 @@ def team(tmp_path_factory, tiny_model_dir):
             "data": {"landing": str(st.landing), "labels": ["ham", "spam"], "eval_fraction": 0.25},
             "schedule": {"cron": "* * * * *", "timezone": "UTC"},
             "watch": {"quiet_seconds": 1, "poll_seconds": 0.3},
+            # tune/tiny-team: two processes on one study in a database of its own beside MLflow's (not created
+            # here: tuneflow creates it); trials long enough (epochs) that the second process starts before the
+            # first has run them all; no pruning, so every trial trains to its end
+            "search": {
+                "trials": TUNE_TRIALS,
+                "workers": 2,
+                "timeout_minutes": 20,
+                "min_trial_minutes": 0.05,
+                "heartbeat_seconds": 10,
+                "storage": f"postgresql+psycopg://{db_url}/optuna",
+                "space": {
+                    "learning_rate": {"low": 1e-3, "high": 1e-2},
+                    "batch_size": [8, 16],
+                    "epochs": {"low": 6, "high": 10},
+                },
+                "pruner": {"startup_trials": TUNE_TRIALS},
+            },
         }
         shipped = (REPO / "deployments" / "prefect.yaml").read_text()
         spec = shipped
@@ -661,3 +681,71 @@ def test_the_docker_and_kubernetes_pools_of_prefect_yaml_pass_prefects_own_job_t
         assert dep.work_pool_name == f"tuneflow-{kind}"
         assert dep.job_variables["image"] == pools[f"tuneflow-{kind}"]["job_variables"]["image"]
         assert dep.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+
+
+def test_a_tune_run_with_two_workers_runs_each_trial_of_its_study_once_on_postgresql(team):
+    """tune/<name> with search.workers 2: the tune run starts a run of tune-worker/<name>, both run trials of one
+    study in the database optuna on the team's PostgreSQL (created by tuneflow, beside MLflow's), the study ends
+    with exactly its trials, each run once as one MLflow run nested under the tune run's parent run on the MLflow
+    server; then the best model goes through the gate."""
+    import optuna
+
+    with team.client() as c:  # no minute-by-minute retrains competing for the 2 cores (as the first test does)
+        c.pause_deployment(c.read_deployment_by_name("retrain/scheduled").id)
+        dep = c.read_deployment_by_name(f"tune/{NAME}")
+        started = c.create_flow_run_from_deployment(dep.id, parameters={"config_path": f"configs/{NAME}.yaml"})
+    t0 = time.monotonic()
+    run = team.wait_state(started.id, TERMINAL, timeout=540)
+    assert run.state_type.value == "COMPLETED", team.explain(run)
+    (helper,) = team.runs(f"tune-worker/{NAME}")
+    assert helper.state_type.value == "COMPLETED", team.explain(helper)
+    assert team.log_time(run.id, f"worker run {helper.name}: COMPLETED")  # the tune run reported its worker
+
+    # the study, on PostgreSQL: exactly its trials, all finished (a trial asked for when the study had them all is
+    # marked surplus and never ran: it has no settings and no MLflow run)
+    study = optuna.load_study(study_name=NAME, storage=f"postgresql+psycopg://{team.db_url}/optuna")
+    everything = study.get_trials()
+    trials = [t for t in everything if "surplus" not in t.user_attrs]
+    assert len(trials) == TUNE_TRIALS, [(t.number, t.state.name, t.user_attrs) for t in everything]
+    assert all(t.state.name == "COMPLETE" for t in trials), [(t.number, t.state.name) for t in trials]
+    assert all(not t.params and "mlflow_run_id" not in t.user_attrs for t in everything if t not in trials)
+    settings = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(settings)) == len(settings)  # no parameter set twice
+
+    # MLflow, on the server: the tune run's parent run and one nested run per trial, each trial number once
+    client = team.mlflow()
+    exp = client.get_experiment_by_name(NAME)
+    (parent,) = [  # the flow run's runs: the parent, its stage runs and the trials it ran; the parent has no parent
+        r
+        for r in client.search_runs(
+            [exp.experiment_id], filter_string=f"tags.`tuneflow.prefect_flow_run_id` = '{run.id}'"
+        )
+        if "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert parent.data.tags["tuneflow.study"] == NAME
+    children = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`tuneflow.stage` = 'trial'",
+    )
+    assert sorted(int(r.data.tags["tuneflow.trial"]) for r in children) == sorted(t.number for t in trials)
+    assert {r.info.run_id for r in children} == {t.user_attrs["mlflow_run_id"] for t in trials}
+    assert all(r.info.status == "FINISHED" and r.data.tags["tuneflow.trial_state"] == "COMPLETE" for r in children)
+    by_process = {}
+    for r in children:
+        by_process.setdefault(r.data.tags["tuneflow.prefect_flow_run_id"], []).append(
+            int(r.data.tags["tuneflow.trial"])
+        )
+    assert set(by_process) == {str(run.id), str(helper.id)}, by_process  # both processes ran trials
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert "search/trials.json" in artifacts
+    storage_tag = parent.data.tags["tuneflow.study_storage"]
+    assert storage_tag.startswith("postgresql+psycopg://") and PG_PASSWORD not in storage_tag
+    assert parent.data.tags["tuneflow.tuned_from_trial"] == str(study.best_trial.number)
+    # the gate: the best model registered as a version of the model, tagged with the study and its trial
+    tuned = [v for v in client.search_model_versions(f"name='{MODEL}'") if v.tags.get("tuneflow.study") == NAME]
+    assert [v.tags["tuneflow.tuned_from_trial"] for v in tuned] == [str(study.best_trial.number)]
+    print(
+        f"tune {run.name} on {team.worker_of(run.id)} ran trials {sorted(by_process[str(run.id)])}, "
+        f"tune-worker {helper.name} on {team.worker_of(helper.id)} ran {sorted(by_process[str(helper.id)])}, "
+        f"{len(everything) - len(trials)} surplus; {time.monotonic() - t0:.0f} s"
+    )

@@ -340,8 +340,8 @@ print("RAN", out.ran, parent.info.run_id)
 
 
 def test_two_worker_processes_share_one_study_and_no_trial_runs_twice(workdir, data_csv, tiny_model_dir):
-    """Two processes run trials of one study at once (sqlite here; PostgreSQL in team mode): together they stop at
-    the study's trial count (each may finish the one trial it had in flight), and each trial ran once."""
+    """Two processes run trials of one study at once (sqlite here; PostgreSQL in team mode: test_team_mode.py):
+    together they stop at exactly the study's trial count, and each trial ran once."""
     import subprocess
     import sys
 
@@ -355,9 +355,126 @@ def test_two_worker_processes_share_one_study_and_no_trial_runs_twice(workdir, d
     assert [w.returncode for w in workers] == [0, 0], outs
     ran = {line.split()[2]: int(line.split()[1]) for out in outs for line in out.splitlines() if line.startswith("RAN")}
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{workdir / 'mlruns' / 'optuna.db'}")
-    trials = study.get_trials()
-    assert 4 <= len(trials) <= 5 and sum(ran.values()) == len(trials), (ran, [t.state for t in trials])
+    # a trial asked for when the study had them all (two workers asking at once) is surplus: it never ran
+    trials = [t for t in study.get_trials() if "surplus" not in t.user_attrs]
+    assert len(trials) == 4 and sum(ran.values()) == 4, (ran, [(t.number, t.state, t.user_attrs) for t in trials])
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # seeded per trial: no worker drew another's
     assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     runs = [r for parent in ran for r in _children(parent)]
     assert sorted(int(r.data.tags["tuneflow.trial"]) for r in runs) == sorted(t.number for t in trials)  # once each
     assert {t.user_attrs["mlflow_run_id"] for t in trials} == {r.info.run_id for r in runs}
+
+
+def test_a_trial_asked_for_when_the_study_has_its_trials_is_surplus_and_a_retry_is_not():
+    """Two workers that ask for the last trial at once both get one; trial numbers decide which one runs."""
+    from tuneflow.search import counted, finished_count, is_surplus, wants_trial
+
+    study = optuna.create_study()
+    first, second, third = study.ask(), study.ask(), study.ask()  # three asked, the study wants two
+    trials = study.get_trials(deepcopy=False)
+    assert not is_surplus(trials, first.number, 2) and not is_surplus(trials, second.number, 2)
+    assert is_surplus(trials, third.number, 2)
+    assert not wants_trial(trials, 2) and wants_trial(trials, 4)
+    # a dead worker's trial queued again (as RetryHeartbeatStaleTrialCallback queues it) stands for it: no surplus
+    study.tell(second, state=optuna.trial.TrialState.FAIL)
+    study.enqueue_trial({}, skip_if_exists=False)
+    retry = study.get_trials(deepcopy=False)[-1]
+    study._storage.set_trial_system_attr(retry._trial_id, "failed_trial", second.number)
+    study._storage.set_trial_system_attr(retry._trial_id, "retry_history", [second.number])
+    trials = study.get_trials(deepcopy=False)
+    assert not is_surplus(trials, retry.number, 2)
+    assert [t.number for t in counted(trials)] == [first.number, third.number, retry.number]
+    assert finished_count(trials) == 0  # the failed trial counts through its retry, once that finishes
+
+
+def test_the_study_database_sits_beside_mlflows_and_several_workers_behind_a_server_need_one(data_csv, tiny_model_dir):
+    cfg = _cfg(data_csv, tiny_model_dir, {"space": {"batch_size": [8, 16]}})
+    # MLflow's store a PostgreSQL database: the study in the database optuna on the same server
+    sibling = study_storage(cfg, "postgresql://tf:pw@db.internal:5432/mlflow")
+    assert sibling == "postgresql://tf:pw@db.internal:5432/optuna"
+    # behind an MLflow server tuneflow cannot see MLflow's database: one process keeps the study on its machine,
+    # several workers must be told where it is
+    assert study_storage(cfg, "http://mlflow.internal:5000").startswith("sqlite:///")
+    with pytest.raises(SearchError, match="search.workers is 2.*Fix: set search.storage"):
+        study_storage(cfg, "http://mlflow.internal:5000", workers=2)
+    shared = cfg.model_copy(update={"search": cfg.search.model_copy(update={"storage": "postgresql://tf@db/optuna"})})
+    assert study_storage(shared, "http://mlflow.internal:5000", workers=2) == "postgresql://tf@db/optuna"
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_several_workers_on_a_server_without_the_tune_worker_deployment_stop_before_training(
+    workdir, data_csv, tiny_model_dir
+):
+    from tuneflow.flows.tune import tune
+
+    search = {"trials": 2, "workers": 2, "space": {"batch_size": [8, 16]}}
+    path = _write(workdir, tiny_config_dict(data_csv, tiny_model_dir, search=search, train=FAST))
+    with pytest.raises(SearchError, match="no deployment tune-worker/tiny.*Fix: .*prefect deploy"):
+        tune(str(path))
+    assert not list(MlflowClient().search_experiments(filter_string="name = 'tiny'"))  # nothing ran, nothing logged
+
+
+def test_each_trial_draws_from_its_own_seed_so_workers_never_repeat_each_other():
+    """Two samplers with the same search.seed (two worker processes) on one study: each trial's settings depend on
+    its number, not on which process asked, so the two never draw the same settings for different trials."""
+    from tuneflow.search import per_trial_seed
+
+    study = optuna.create_study(sampler=per_trial_seed(optuna.samplers.TPESampler, 0))
+    other = optuna.load_study(study_name=study.study_name, storage=study._storage)
+    other.sampler = per_trial_seed(optuna.samplers.TPESampler, 0)
+    drawn = []
+    for s in (study, other, study, other):  # alternate, as two workers would
+        trial = s.ask()
+        drawn.append(trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True))
+    assert len(set(drawn)) == 4
+    again = optuna.create_study(sampler=per_trial_seed(optuna.samplers.TPESampler, 0))
+    assert again.ask().suggest_float("learning_rate", 1e-5, 1e-2, log=True) == drawn[0]  # reproducible per trial
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_the_tune_process_takes_over_the_trial_of_a_worker_that_died(workdir, data_csv, tiny_model_dir):
+    """The study counts its trials (one finished, one running on a worker that died): no new trial is asked for, but
+    the process that reports the study waits for the running one; its heartbeat stops, so it is failed and run again
+    here, and the study ends with its trials."""
+    search = {"trials": 2, "space": {"learning_rate": {"low": 1e-3, "high": 1e-2}}, "heartbeat_seconds": 1}
+    cfg = _cfg(data_csv, tiny_model_dir, search | {"min_trial_minutes": 0.001})
+    first, _ = _search(cfg, workdir, trials=1)
+    assert first.ran == 1
+    study = open_study(cfg, check_search(cfg, mlflow.get_tracking_uri()))
+    dead = study.ask()  # the dead worker's trial: RUNNING with its settings, one heartbeat, then silence
+    drawn = dead.suggest_float("learning_rate", 1e-3, 1e-2, log=True)
+    study._storage.record_heartbeat(dead._trial_id)
+
+    second, _ = _search(cfg, workdir)
+    rows = {r["number"]: r for r in second.rows}
+    assert second.ran == 1 and rows[dead.number]["state"] == "FAIL", second.rows
+    (retry,) = [r for n, r in rows.items() if n > dead.number]
+    assert retry["state"] == "COMPLETE" and retry["settings"] == {"learning_rate": drawn}
+
+
+@pytest.mark.slow
+def test_several_workers_without_a_server_run_the_trials_one_at_a_time_and_say_why(
+    workdir, data_csv, tiny_model_dir, tmp_path
+):
+    """`tuneflow tune --workers 2` with Prefect's temporary local server: no worker run can be started there, so the
+    trials run one at a time in the process, and the log says so, citing the measurement."""
+    import os
+    import subprocess
+    import sys
+
+    search = {"trials": 2, "space": {"batch_size": [8, 16]}, "min_trial_minutes": 0.01}
+    path = _write(workdir, tiny_config_dict(data_csv, tiny_model_dir, search=search, train=FAST))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = subprocess.run(
+        [sys.executable, "-m", "tuneflow.cli", "tune", "--config", str(path), "--workers", "2"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert "search.workers is 2, but there is no Prefect server" in out and "Training in 1 vs 2 processes" in out
+    assert "2 run now" in done.stdout  # both trials in this process

@@ -50,6 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--timeout", type=float, metavar="MIN", help="minutes after which no new trial starts (search.timeout_minutes)"
     )
+    tune.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes running trials at once (search.workers): above 1, runs of the deployment tune-worker/<name> "
+        "on the Prefect server of PREFECT_API_URL; without a server, trials run one at a time",
+    )
 
     models = sub.add_parser("models", help="list registered model versions, their aliases and scores")
     models.add_argument("name", nargs="?", help="registered model name (default: all)")
@@ -235,7 +242,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         from tuneflow.search import check_search
         from tuneflow.tracking import configure_tracking
 
-        check_search(config, configure_tracking(), args.trials, args.timeout)  # before Prefect or any training
+        check_search(config, configure_tracking(), args.trials, args.timeout, args.workers)  # before any training
     except (ConfigError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -246,7 +253,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     start_prefect_while_importing()
     try:
-        result = tune(str(args.config), trials=args.trials, timeout_minutes=args.timeout)
+        result = tune(str(args.config), trials=args.trials, timeout_minutes=args.timeout, workers=args.workers)
     except (DataError, ModelError) as exc:
         print(f"\nerror: tune stopped before training; nothing was registered.\n{exc}", file=sys.stderr)
         return 2

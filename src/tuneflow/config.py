@@ -703,7 +703,18 @@ class SearchConfig(_Section):
     storage: str | None = Field(
         None,
         description="SQLAlchemy URL of the study's database, never MLflow's own (both keep an alembic_version "
-        "table). Unset: sqlite file optuna.db next to the local MLflow store (mlruns/optuna.db).",
+        "table); a PostgreSQL database that does not exist yet is created. Unset: sqlite file optuna.db next to "
+        "a local MLflow store (mlruns/optuna.db); with MLFLOW_TRACKING_URI a database URL, the database optuna on "
+        "the same server. Team mode (MLflow behind an HTTP server) with workers above 1 needs it set, e.g. "
+        "postgresql+psycopg://tuneflow@db.internal:5432/optuna (the password from PGPASSWORD or ~/.pgpass).",
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Processes that run trials of the study at once. Above 1, a tune run on a Prefect server "
+        "(PREFECT_API_URL set) starts workers-1 runs of the deployment tune-worker/<name> (deployments/prefect.yaml) "
+        "on the pool's workers; without a server the trials run one at a time in the tune process (two processes "
+        "on one 2-core machine were not faster: benchmarks/RESULTS.md).",
     )
     heartbeat_seconds: int = Field(
         60,

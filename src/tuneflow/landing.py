@@ -504,6 +504,33 @@ def check_data(
     return DataCheck(reports, kept, None, gate, dropped, quarantined)
 
 
+def load_validated(cfg: PipelineConfig, config_file: str, digest: str) -> LoadedData:
+    """The data another process validated (``check_data``) and that this one trains on as well (a tune-worker),
+    read without judging anything again: a landing zone's accepted batches, or the single file; the rows outside
+    the tolerated bounds dropped as ``check_data`` drops them.
+
+    Raises:
+        DataError: the data read here is not the data validated (``digest``, its ``LoadedData.digest``): a batch
+            was accepted or the file changed since, or this machine sees other files.
+    """
+    if cfg.data.landing:
+        landing = Path(cfg.data.landing).resolve()
+        loaded = load_accepted(cfg, landing)
+        where = str(landing / ACCEPTED)
+    else:
+        loaded = read_table(cfg.data, config_file, sft=sft_settings(cfg))
+        where = str(cfg.data.path)
+    if loaded is None or loaded.digest != digest:
+        raise DataError(
+            f"the data in {where} is not the data the tune run validated (digest "
+            f"{loaded.digest[:12] if loaded else 'none'}... here, {digest[:12]}... there): a batch was accepted or the "
+            "file changed since, or this machine sees other files. Fix: start the tune run again; give every worker "
+            "the same data (a shared mount at the same path)",
+            check="file_exists",
+        )
+    return drop_out_of_bounds(loaded, cfg)[0]
+
+
 def input_files_digest(cfg: PipelineConfig) -> str | None:
     """A digest of the files a retrain would read, before reading them (names and bytes): the accepted batches
     of a landing zone, or the single data file (a folder: every file in it). None when it cannot stand for

@@ -13,6 +13,9 @@ here, and nothing that ``tuneflow run`` imports imports this module.
 - The study lives in its own SQL database (``study_storage``): never MLflow's, as both keep an ``alembic_version``
   table (mlflow#3374, optuna#2866). ``load_if_exists`` resumes a study; trials record heartbeats, and one whose
   process died is failed and retried once by the next process that runs the study.
+- Several processes may run trials of one study (``search.workers``; ``run_trials``): a process asks for a trial
+  only while the study has fewer than ``search.trials`` (a trial's number decides which one is surplus when two
+  ask at once), so the study ends with exactly its trials and no trial runs twice.
 """
 
 from __future__ import annotations
@@ -65,6 +68,16 @@ class SearchPlan:
     trials: int  # trials of the study in all
     timeout_s: float
     finished: int  # trials the study had finished before this call
+    workers: int = 1  # processes running trials of the study at once (search.workers)
+
+
+@dataclass
+class Trials:
+    """What one process's trials of the study left: how many it ran, and its best model (kept in memory)."""
+
+    ran: int = 0
+    best: TrialModel | None = None
+    best_value: float | None = None
 
 
 @dataclass
@@ -163,18 +176,39 @@ def trial_config(cfg: PipelineConfig, settings: dict[str, Any]) -> PipelineConfi
 # ---------------------------------------------------------------------------------------------- storage, checks
 
 
-def study_storage(cfg: PipelineConfig, tracking_uri: str) -> str:
-    """The study database: ``search.storage``, else ``optuna.db`` next to the local MLflow store.
+SERVER_SCHEMES = ("http", "https", "databricks", "file", "mlflow-artifacts")
+STUDY_DATABASE = "optuna"  # the study's database beside MLflow's on the same SQL server
+
+
+def study_storage(cfg: PipelineConfig, tracking_uri: str, workers: int = 1) -> str:
+    """The study database: ``search.storage``; else beside MLflow's store: ``optuna.db`` next to a sqlite file, the
+    database ``optuna`` on the same server when MLflow's store is a database URL (``postgresql://.../mlflow``).
+    Behind an MLflow HTTP server (team mode) tuneflow cannot see MLflow's database: one process keeps the study in
+    this machine's ``mlruns/optuna.db``; several workers need ``search.storage``.
 
     Raises:
-        SearchError: it is MLflow's own database (both keep an ``alembic_version`` table).
+        SearchError: it is MLflow's own database (both keep an ``alembic_version`` table), or several workers would
+            each have their own sqlite file.
     """
     assert cfg.search is not None
+    scheme = tracking_uri.split("://", 1)[0].lower() if "://" in tracking_uri else "file"
     if cfg.search.storage:
         url = cfg.search.storage
-    elif tracking_uri.startswith("sqlite:///"):
+    elif scheme == "sqlite":
         url = f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).parent / OPTUNA_DB}"
-    else:  # an MLflow server: the study stays on this machine unless search.storage names a shared database
+    elif scheme not in SERVER_SCHEMES:  # MLflow's store is a SQL database: a sibling on the same server
+        from sqlalchemy.engine import make_url
+
+        url = make_url(tracking_uri).set(database=STUDY_DATABASE).render_as_string(hide_password=False)
+    elif workers > 1:
+        raise SearchError(
+            f"search.workers is {workers}, but MLflow is a server ({redact_url(tracking_uri)}) whose database tuneflow "
+            "cannot see, so the study would be a sqlite file on each worker's machine. Fix: set search.storage to "
+            "a database every worker reaches, of its own on the same PostgreSQL server as MLflow's, e.g. "
+            "postgresql+psycopg://tuneflow@db.internal:5432/optuna (password from PGPASSWORD or ~/.pgpass; "
+            "tuneflow creates the database if it is missing), or set search.workers to 1"
+        )
+    else:  # one process: the study stays on this machine
         from tuneflow.tracking import local_store
 
         local_store().mkdir(parents=True, exist_ok=True)
@@ -186,6 +220,54 @@ def study_storage(cfg: PipelineConfig, tracking_uri: str) -> str:
             "(e.g. sqlite:///mlruns/optuna.db, or a database of its own on the same PostgreSQL server)"
         )
     return url
+
+
+def ensure_database(url: str) -> None:
+    """Create the study's PostgreSQL database when it does not exist yet (on the same server as MLflow's, the user
+    needs the CREATEDB right); other URLs are left to Optuna (a sqlite file is created by itself).
+
+    Raises:
+        SearchError: the server cannot be reached, or the database is missing and cannot be created; names the URL
+            (without its password) and the fix.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import DBAPIError
+
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("postgresql") or not parsed.database:
+        return
+    shown = redact_url(url)
+    engine = create_engine(parsed, pool_pre_ping=False)
+    try:
+        with engine.connect():
+            return
+    except DBAPIError as exc:
+        if "does not exist" not in str(exc.orig):
+            raise SearchError(
+                f"cannot reach the study database {shown}: {str(exc.orig).strip()[:300]}. Fix: check the host, port, "
+                "user and password of search.storage (the password from PGPASSWORD or ~/.pgpass), and that the "
+                "PostgreSQL server accepts connections from this machine"
+            ) from exc
+    finally:
+        engine.dispose()
+    admin = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    name = parsed.database.replace('"', '""')
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        log.info("created the study database %s", shown)
+    except DBAPIError as exc:
+        if "already exists" in str(exc.orig):  # another worker created it meanwhile
+            return
+        raise SearchError(
+            f"the study database {shown} does not exist and could not be created: {str(exc.orig).strip()[:300]}. "
+            f"Fix: create it once on the server (createdb -h {parsed.host or 'localhost'} -p {parsed.port or 5432} "
+            f"-U {parsed.username or 'postgres'} {parsed.database}), give the user the right to "
+            f"(ALTER ROLE {parsed.username or '<user>'} CREATEDB), or point search.storage at an existing database"
+        ) from exc
+    finally:
+        admin.dispose()
 
 
 def setup_lock(url: str):
@@ -243,27 +325,44 @@ def study_progress(storage: str, study_name: str) -> tuple[int, float | None]:
     return finished_count(trials), (statistics.median(done) if done else None)
 
 
-def finished_count(trials: list[Any]) -> int:
-    """Finished trials that count towards ``search.trials``: a trial failed for a stale heartbeat (its worker died)
-    and queued again does not count; its retry does, once it finishes."""
+SURPLUS = "surplus"  # user attr of a trial asked for when the study already had its trials: it never ran
+
+
+def counted(trials: list[Any]) -> list[Any]:
+    """The trials that count towards ``search.trials``, whatever their state: not a trial failed for a stale
+    heartbeat (its worker died) and queued again (its retry counts instead), not a surplus trial."""
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    return sum(t.state.name in FINISHED_STATES and t.number not in retried for t in trials)
+    return [t for t in trials if t.number not in retried and SURPLUS not in t.user_attrs]
 
 
-class _EnoughTrials:
-    """Stop a worker once the study as a whole has ``trials`` finished trials (``finished_count``): like Optuna's
-    ``MaxTrialsCallback``, but a dead worker's retried trial is not one of them."""
+def finished_count(trials: list[Any]) -> int:
+    """Finished trials that count towards ``search.trials`` (``counted``): a dead worker's trial does not, its retry
+    does once it finishes."""
+    return sum(t.state.name in FINISHED_STATES for t in counted(trials))
 
-    def __init__(self, trials: int) -> None:
-        self.trials = trials
 
-    def __call__(self, study: optuna.Study, trial: Any) -> None:
-        if finished_count(study.get_trials(deepcopy=False)) >= self.trials:
-            study.stop()
+def is_surplus(trials: list[Any], trial_number: int, wanted: int) -> bool:
+    """Whether a new trial (not a retry) is past the study's ``wanted`` trials: two workers that asked for a trial
+    at once when one was left both got one; the lower number runs, the other is surplus. Decided by trial numbers,
+    which the database hands out once each, so every worker comes to the same answer."""
+    me = next(t for t in trials if t.number == trial_number)
+    if "failed_trial" in me.system_attrs:  # a retry stands for a counted trial
+        return False
+    return sum(t.number < trial_number for t in counted(trials)) >= wanted
+
+
+def wants_trial(trials: list[Any], wanted: int) -> bool:
+    """A process should ask for a trial: one is queued (enqueued settings, a dead worker's retry), or fewer than
+    ``wanted`` trials are counted (finished, running or queued)."""
+    return any(t.state.name == "WAITING" for t in trials) or len(counted(trials)) < wanted
 
 
 def check_search(
-    cfg: PipelineConfig, tracking_uri: str, trials: int | None = None, timeout_minutes: float | None = None
+    cfg: PipelineConfig,
+    tracking_uri: str,
+    trials: int | None = None,
+    timeout_minutes: float | None = None,
+    workers: int | None = None,
 ) -> SearchPlan:
     """Everything that can be checked before any training: a search section with something to search, every
     candidate base model found (and long enough for model.max_length), a separate study database, and a budget
@@ -289,9 +388,13 @@ def check_search(
     timeout = search.timeout_minutes if timeout_minutes is None else timeout_minutes
     if not (timeout > 0 and math.isfinite(timeout)):
         raise SearchError(f"--timeout is {timeout} minutes. Fix: pass a time budget above 0 minutes")
+    workers = search.workers if workers is None else workers
+    if workers < 1:
+        raise SearchError(f"--workers is {workers}: trials need at least one process. Fix: pass --workers 1 or more")
     for spec in search.space.base_models or []:
         check_max_length(cfg.model.model_copy(update={"base_model": spec}))  # resolves it: ModelError if missing
-    storage = study_storage(cfg, tracking_uri)
+    storage = study_storage(cfg, tracking_uri, workers)
+    ensure_database(storage)
     study_name = search.study_name or cfg.name
     finished, measured = study_progress(storage, study_name)
     need = measured if measured is not None else search.min_trial_minutes
@@ -308,7 +411,29 @@ def check_search(
         )
     if finished >= trials:
         log.info("study %s already has %d finished trials (of %d): no new trial runs", study_name, finished, trials)
-    return SearchPlan(study_name, storage, trials, timeout * 60, finished)
+    return SearchPlan(study_name, storage, trials, timeout * 60, finished, workers)
+
+
+def per_trial_seed(sampler_class: type, seed: int) -> optuna.samplers.BaseSampler:
+    """``sampler_class`` whose random state is seeded from (``seed``, trial number) before each trial.
+
+    With one seed for the whole sampler, every worker process draws the same random sequence: on the team stack two
+    workers ran trials with identical settings during TPE's random startup trials. Seeded per trial, each trial draws
+    from its own sequence, and a trial draws the same settings whichever worker runs it (given the same study).
+    """
+
+    class PerTrialSeed(sampler_class):
+        def before_trial(self, study: optuna.Study, trial: Any) -> None:
+            trial_seed = (seed * 1_000_003 + trial.number) % 2**32
+            # optuna 5.1 keeps the state in LazyRandomState ``_rng`` (TPE: also its RandomSampler's, for startup trials)
+            self._rng.rng.seed(trial_seed)
+            inner = getattr(self, "_random_sampler", None)
+            if inner is not None:
+                inner._rng.rng.seed(trial_seed)
+            super().before_trial(study, trial)
+
+    PerTrialSeed.__name__ = PerTrialSeed.__qualname__ = f"PerTrialSeed{sampler_class.__name__}"
+    return PerTrialSeed(seed=seed)
 
 
 def open_study(cfg: PipelineConfig, plan: SearchPlan) -> optuna.Study:
@@ -318,10 +443,8 @@ def open_study(cfg: PipelineConfig, plan: SearchPlan) -> optuna.Study:
     assert cfg.search is not None
     search = cfg.search
     storage = rdb_storage(plan.storage, search.heartbeat_seconds)
-    sampler = (
-        optuna.samplers.TPESampler(seed=search.seed)
-        if search.sampler == "tpe"
-        else optuna.samplers.RandomSampler(seed=search.seed)
+    sampler = per_trial_seed(
+        optuna.samplers.TPESampler if search.sampler == "tpe" else optuna.samplers.RandomSampler, search.seed
     )
     pruner = optuna.pruners.MedianPruner(
         n_startup_trials=search.pruner.startup_trials, n_warmup_steps=search.pruner.warmup_evaluations
@@ -383,15 +506,22 @@ def _better(value: float, than: float | None, maximize: bool) -> bool:
     return than is None or (value > than if maximize else value < than)
 
 
-def run_search(
+class _Surplus(Exception):  # noqa: N818 - not an error: a trial the study did not need
+    """Raised in a surplus trial before it does anything: Optuna records it FAIL; ``counted`` leaves it out."""
+
+
+def run_trials(
     cfg: PipelineConfig,
     split: Split,
     tokenize: Callable[[PipelineConfig], Tokenized],
     plan: SearchPlan,
     parent_run_id: str,
     work_dir: Path,
-) -> SearchOutcome:
-    """Run the study's remaining trials (``plan.trials`` in all) within ``plan.timeout_s``.
+    take_over: bool = True,
+    tags: dict[str, str] | None = None,
+) -> Trials:
+    """Run trials of the study until it has ``plan.trials`` (other processes may run trials of it meanwhile); no new
+    trial starts after ``plan.timeout_s`` (the first one always does).
 
     Args:
         cfg: the pipeline config with its search section.
@@ -400,9 +530,10 @@ def run_search(
         plan: from ``check_search``.
         parent_run_id: the MLflow run every trial's run is nested under.
         work_dir: scratch for the trials' checkpoints (each removed when its trial ends).
-
-    Raises:
-        SearchError: no trial of the study completed (the first failures are quoted).
+        take_over: then wait for the trials other processes are running, and run again a trial whose process died
+            (its heartbeat stops; after twice ``search.heartbeat_seconds`` it is failed and queued once more): what
+            the process that reports the study does; a tune-worker stops when there is nothing left to ask for.
+        tags: more tags on each trial's MLflow run (e.g. the Prefect flow run that ran it).
     """
     import mlflow
     import optuna
@@ -410,18 +541,24 @@ def run_search(
     study = open_study(cfg, plan)
     metric = cfg.evaluate.primary_metric
     maximize = higher_is_better(metric)
-    kept: dict[str, Any] = {"model": None, "value": None, "ran": 0}
+    kept = Trials()
 
     def objective(trial: optuna.Trial) -> float:
-        kept["ran"] += 1  # trials of this process (other workers may run trials of the study meanwhile)
+        if is_surplus(study.get_trials(deepcopy=False), trial.number, plan.trials):
+            trial.set_user_attr(SURPLUS, True)
+            raise _Surplus(
+                f"trial {trial.number}: the study already has its {plan.trials} trials (another worker asked for one "
+                "at the same moment); not run"
+            )
+        kept.ran += 1  # trials of this process (other workers may run trials of the study meanwhile)
         settings = suggest(trial, cfg)
         tcfg = trial_config(cfg, settings)
         started = time.perf_counter()
-        tags = {STAGE_TAG: "trial", STUDY_TAG: plan.study_name, TRIAL_TAG: str(trial.number)}
+        run_tags = {**(tags or {}), STAGE_TAG: "trial", STUDY_TAG: plan.study_name, TRIAL_TAG: str(trial.number)}
         pruned: optuna.TrialPruned | None = None
         folder = work_dir / f"trial-{trial.number}"
         with mlflow.start_run(
-            run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id, tags=tags
+            run_name=f"trial-{trial.number}", nested=True, parent_run_id=parent_run_id, tags=run_tags
         ) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params({f"search.{k}": json.dumps(v) for k, v in settings.items()})
@@ -450,27 +587,45 @@ def run_search(
         if pruned is not None:
             raise pruned
         log.info("trial %d: %s %.4f with %s", trial.number, metric, value, settings)
-        if _better(value, kept["value"], maximize) and math.isfinite(value):
-            kept["model"] = TrialModel(trial.number, tcfg, tokenized, trained, evaluation)
-            kept["value"] = value
+        if _better(value, kept.best_value, maximize) and math.isfinite(value):
+            kept.best = TrialModel(trial.number, tcfg, tokenized, trained, evaluation)
+            kept.best_value = value
         return value
 
-    remaining = max(0, plan.trials - plan.finished)
     started = time.perf_counter()
-    if remaining:
-        # Other workers may run trials of this study at the same time: each stops once the study as a whole has
-        # plan.trials finished trials (at most one trial per worker in flight past that), not after its own count.
-        enough = _EnoughTrials(plan.trials)
-        study.optimize(
-            objective,
-            n_trials=remaining,
-            timeout=plan.timeout_s,
-            catch=(Exception,),
-            callbacks=[enough],
-            gc_after_trial=True,
-        )
-    ran = kept["ran"]
-    log.info("study %s: %d trial(s) in %.0f s", plan.study_name, ran, time.perf_counter() - started)
+    deadline = time.monotonic() + plan.timeout_s
+    first = True
+    poll_s = min(2.0, cfg.search.heartbeat_seconds / 2) if cfg.search else 2.0
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        if wants_trial(trials, plan.trials) and (first or time.monotonic() < deadline):
+            # one trial per call: whether to ask for another is decided on the study as it is then, not on a count
+            # this process kept (Optuna's n_trials), so several workers together stop at plan.trials
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            first = False
+        elif take_over and any(t.state.name == "RUNNING" for t in trials):
+            # trials of other workers: wait for them; one whose worker died goes stale and is queued again
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            time.sleep(poll_s)
+        else:
+            break
+    log.info("study %s: %d trial(s) here in %.0f s", plan.study_name, kept.ran, time.perf_counter() - started)
+    return kept
+
+
+def search_outcome(cfg: PipelineConfig, plan: SearchPlan, *parts: Trials) -> SearchOutcome:
+    """The study as it stands: its trials' table, the best trial and its settings (with its model when one of
+    ``parts``, this process's trials, ran it).
+
+    Raises:
+        SearchError: no trial of the study completed (the first failures are quoted).
+    """
+    import optuna
+
+    study = optuna.load_study(study_name=plan.study_name, storage=rdb_storage(plan.storage))
+    metric = cfg.evaluate.primary_metric
     rows = study_rows(study)
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     if not complete:
@@ -483,20 +638,37 @@ def run_search(
         )
     best = study.best_trial
     settings = {name: decode_choice(name, value) for name, value in best.params.items()}
-    model = kept["model"] if kept["model"] is not None and kept["model"].number == best.number else None
+    model = next((p.best for p in parts if p.best is not None and p.best.number == best.number), None)
     return SearchOutcome(
         study_name=plan.study_name,
         storage=redact_url(plan.storage),
         metric=metric,
-        direction="maximize" if maximize else "minimize",
+        direction="maximize" if higher_is_better(metric) else "minimize",
         best_number=best.number,
         best_value=float(best.value),
         best_settings=settings,
         best_config=with_settings(cfg, settings),
         rows=rows,
-        ran=ran,
+        ran=sum(p.ran for p in parts),
         best=model,
     )
+
+
+def run_search(
+    cfg: PipelineConfig,
+    split: Split,
+    tokenize: Callable[[PipelineConfig], Tokenized],
+    plan: SearchPlan,
+    parent_run_id: str,
+    work_dir: Path,
+) -> SearchOutcome:
+    """Run the study's remaining trials (``plan.trials`` in all) within ``plan.timeout_s`` and report it
+    (``run_trials`` then ``search_outcome``).
+
+    Raises:
+        SearchError: no trial of the study completed (the first failures are quoted).
+    """
+    return search_outcome(cfg, plan, run_trials(cfg, split, tokenize, plan, parent_run_id, work_dir))
 
 
 def _finite(v: Any) -> bool:
@@ -514,6 +686,8 @@ def study_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One row per trial: number, state, value, its settings, seconds, MLflow run id, error (a failed one)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if SURPLUS in t.user_attrs:  # asked for when the study had its trials: never ran
+            continue
         row: dict[str, Any] = {
             "number": t.number,
             "state": t.state.name,
@@ -647,9 +821,12 @@ __all__ = [
     "SearchOutcome",
     "SearchPlan",
     "TrialModel",
+    "Trials",
     "check_search",
     "log_search",
     "run_search",
+    "run_trials",
+    "search_outcome",
     "study_plots",
     "study_storage",
     "write_tuned_config",
