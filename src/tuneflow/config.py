@@ -537,6 +537,13 @@ class SftConfig(_Section):
     padding_free: bool = Field(
         True, description="Concatenate each batch into one row with position ids instead of padding (TRL)."
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the decoder stack for training (inductor, dynamic shapes): faster steps once "
+        "compiled, after about a minute of compiling at the start, so it pays on runs of more than a few dozen steps "
+        "(measured in benchmarks/RESULTS.md); needs a C compiler. Evaluation and the registered model are not "
+        "compiled.",
+    )
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (caps train.epochs), e.g. to fit a time budget."
     )

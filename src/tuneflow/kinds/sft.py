@@ -575,6 +575,28 @@ def sft_trainer(
     )
 
 
+@contextmanager
+def compiled_for_training(model: Any, enabled: bool) -> Iterator[None]:
+    """With ``enabled`` (``sft.compile``), the decoder stack of ``model`` (PEFT or plain) ``torch.compile``d in place
+    (inductor, ``dynamic=True``: padding-free batches change length every step) while the block runs. In place,
+    the module's parameters and state-dict keys stay as they are, so checkpoints, resuming, merging and saving see
+    the plain model. Afterwards the compiled call is dropped: evaluation, ``merge_and_unload`` and generation change
+    the shapes and the weights, which would only recompile (``nn.Module.compile`` has no public inverse)."""
+    if not enabled:
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stack = base.base_model  # the decoder stack (LlamaModel, ...); the LM head and the loss stay eager
+    start = time.perf_counter()
+    stack.compile(dynamic=True)
+    log.info("sft.compile: the decoder stack is compiled on the first steps (inductor)")
+    try:
+        yield
+    finally:
+        stack._compiled_call_impl = None
+        log.info("sft.compile: training with the compiled decoder stack took %.1f s", time.perf_counter() - start)
+
+
 def train_sft(
     cfg: PipelineConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -588,7 +610,8 @@ def train_sft(
     trainer = sft_trainer(cfg, tokenizer, data, checkpoints, callbacks)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    output, seconds, resumed = run_trainer(trainer, checkpoints, cfg.train.checkpoint_minutes)
+    with compiled_for_training(trainer.model, cfg.sft.compile):
+        output, seconds, resumed = run_trainer(trainer, checkpoints, cfg.train.checkpoint_minutes)
     dtype = registry_dtype(cfg)
     adapter_only = cfg.registry.sft_weights == "adapter"
     if adapter_only:  # what gets evaluated is what gets registered: the adapter on the pinned base
