@@ -27,9 +27,10 @@ The levers (issue 22), each ``tuneflow`` with one change:
   (steps / 2, steps / 4): fewer, larger steps.
 - ``tuneflow-b4x2``: batch 4 with 2 gradient-accumulation steps (the same effective batch 8, half the memory).
 - ``tuneflow-attn``: LoRA on the attention projections only (``q_proj, k_proj, v_proj, o_proj``).
-- ``tuneflow-compile``: the decoder stack ``torch.compile``d in place (inductor, ``dynamic=True``: padding-free
-  batches change length every step). Its compile time is paid in the first steps, so every variant also reports
-  tokens/s over the steps after the first ``--warmup-steps`` (the steady rate a longer run approaches).
+- ``tuneflow-compile``: ``sft.compile true``, the decoder stack ``torch.compile``d in place for training
+  (inductor, ``dynamic=True``: padding-free batches change length every step). Its compile time is paid in the
+  first steps, so every variant also reports tokens/s over the steps after the first ``--warmup-steps`` (the
+  steady rate a longer run approaches).
 
 Measured per variant: wall time of ``trainer.train()``; real (non-pad) input tokens the model processed
 (counted by a forward pre-hook: the attention-mask sum of padded batches, every token of padding-free rows);
@@ -82,7 +83,7 @@ LEVERS: dict[str, tuple[dict, int]] = {
     "tuneflow-b32": ({"train": {"batch_size": 32}}, 4),
     "tuneflow-b4x2": ({"train": {"batch_size": 4}}, 1),
     "tuneflow-attn": ({"sft": {"lora": {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}}}, 1),
-    "tuneflow-compile": ({}, 1),
+    "tuneflow-compile": ({"sft": {"compile": True}}, 1),
 }
 MAX_LENGTH = 256
 EVAL_BATCH = 32
@@ -226,7 +227,7 @@ def worker(variant: str, steps: int, base: str, warmup_steps: int = 2) -> dict:
 
     from tuneflow.data import read_table, resolve_path, sft_settings, split_data
     from tuneflow.kinds import get_kind
-    from tuneflow.kinds.sft import response_loss, sft_trainer
+    from tuneflow.kinds.sft import compiled_for_training, response_loss, sft_trainer
     from tuneflow.models import load_tokenizer
 
     started = time.perf_counter()
@@ -265,8 +266,6 @@ def worker(variant: str, steps: int, base: str, warmup_steps: int = 2) -> dict:
                     trainer.args.activation_checkpointing = trainer.args.gradient_checkpointing = False
                 if variant == "tuneflow-b4x2":
                     trainer.args.gradient_accumulation_steps = 2
-                if variant == "tuneflow-compile":
-                    trainer.model.get_base_model().model.compile(dynamic=True)
             handle = trainer.model.register_forward_pre_hook(counter, with_kwargs=True)
             result["bf16"] = bool(trainer.args.bf16)
             result["checkpointing"] = bool(trainer.args.gradient_checkpointing)
@@ -276,7 +275,8 @@ def worker(variant: str, steps: int, base: str, warmup_steps: int = 2) -> dict:
             result["accumulation"] = int(trainer.args.gradient_accumulation_steps)
             result["weight_dtype"] = str(next(trainer.model.parameters()).dtype)
             start = time.perf_counter()
-            output = trainer.train()
+            with compiled_for_training(trainer.model, cfg.sft.compile):  # sft.compile, as train_sft applies it
+                output = trainer.train()
             train_s = time.perf_counter() - start
             handle.remove()
             result["train_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -387,15 +387,15 @@ def test_sft_compile_trains_compiled_with_the_same_loss_and_leaves_the_model_pla
             compiled_at_step.append(model.get_base_model().base_model._compiled_call_impl is not None)
 
     fp32 = {"train.bf16": False, "registry.sft_dtype": "float32", "sft.max_steps": 3, "train.logging_steps": 1}
+    cfg = _cfg(tiny_llama, sft_data, **fp32)
     kind = get_kind("sft")
+    tok = kind.prepare_tokenizer(load_tokenizer(cfg.model), cfg)
+    data = kind.encode(split_data(read_table(cfg.data, sft=sft_settings(cfg)), cfg.data), tok, cfg.model.max_length, [])
     runs = {}
     for name, compile_ in (("eager", False), ("compiled", True)):
-        cfg = _cfg(tiny_llama, sft_data, **fp32, **{"sft.compile": compile_})
-        tok = kind.prepare_tokenizer(load_tokenizer(cfg.model), cfg)
-        split = split_data(read_table(cfg.data, sft=sft_settings(cfg)), cfg.data)
-        data = kind.encode(split, tok, cfg.model.max_length, [])
         probe = (Probe(),) if compile_ else ()
-        runs[name] = kind.train(cfg, tok, data, workdir / name, probe)
+        run_cfg = _cfg(tiny_llama, sft_data, **fp32, **{"sft.compile": compile_})
+        runs[name] = kind.train(run_cfg, tok, data, workdir / name, probe)
     assert compiled_at_step == [True, True, True]
     eager, compiled = runs["eager"].model, runs["compiled"].model
     assert compiled.model._compiled_call_impl is None  # merged and handed on uncompiled
@@ -404,9 +404,7 @@ def test_sft_compile_trains_compiled_with_the_same_loss_and_leaves_the_model_pla
     # the same data and seed: compiling reorders float operations and nothing else (a few 1e-6 of the loss)
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     trained = [k for k in eager.state_dict() if "proj" in k]
-    base = kind.load_model(_cfg(tiny_llama, sft_data, **fp32)).state_dict()
+    base = kind.load_model(cfg).state_dict()
     assert any(not torch.equal(compiled.state_dict()[k], base[k]) for k in trained)  # the steps changed weights
-    cfg = _cfg(tiny_llama, sft_data)
-    tok = kind.prepare_tokenizer(load_tokenizer(cfg.model), cfg)
     answers, _ = generate(compiled, tok, PROMPTS, max_new_tokens=8)  # plain module: generation does not recompile
     assert len(answers) == len(PROMPTS)

@@ -587,14 +587,12 @@ def compiled_for_training(model: Any, enabled: bool) -> Iterator[None]:
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     stack = base.base_model  # the decoder stack (LlamaModel, ...); the LM head and the loss stay eager
-    start = time.perf_counter()
     stack.compile(dynamic=True)
     log.info("sft.compile: the decoder stack is compiled on the first steps (inductor)")
     try:
         yield
     finally:
         stack._compiled_call_impl = None
-        log.info("sft.compile: training with the compiled decoder stack took %.1f s", time.perf_counter() - start)
 
 
 def train_sft(
