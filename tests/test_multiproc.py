@@ -116,6 +116,39 @@ def test_a_failing_rank_fails_the_stage_naming_it_with_its_last_lines_and_the_ot
         pytest.fail(f"rank 0 (pid {pid0}) still runs after rank 1 failed")
 
 
+HANGING = """
+import os, pathlib, sys, time
+rank, out = int(os.environ["RANK"]), pathlib.Path(sys.argv[1])
+(out / f"pid-{rank}").write_text(str(os.getpid()))
+if rank == 0:
+    while not (out / "pid-1").exists():
+        time.sleep(0.05)
+    (out / "result.json").write_text("{}")  # the work is saved
+    print("rank 0 wrote its result", flush=True)
+    sys.exit(0)
+time.sleep(600)  # rank 1 never exits (a teardown that hangs)
+"""
+
+
+def test_ranks_that_do_not_exit_after_the_result_is_saved_are_stopped_and_the_run_counts(tmp_path, caplog):
+    script = tmp_path / "hanging.py"
+    script.write_text(textwrap.dedent(HANGING))
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="tuneflow.multiproc"):
+        launch([str(script), str(tmp_path)], 2, tmp_path / "work", done=tmp_path / "result.json", exit_grace=3)
+    assert time.monotonic() - start < 120
+    assert "had not exited 3 s later" in caplog.text and "stopping them" in caplog.text, caplog.text
+    pid1 = int((tmp_path / "pid-1").read_text())
+    for _ in range(100):
+        try:
+            os.kill(pid1, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail(f"rank 1 (pid {pid1}) still runs after the run was counted finished")
+
+
 PARENT = """
 import sys
 sys.path.insert(0, sys.argv[3])

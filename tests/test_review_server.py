@@ -112,6 +112,8 @@ def test_review_waits_suspended_a_second_retrain_runs_and_the_cli_decides(review
     _set_config(st, approval_timeout_hours=1.0)
     second, v2, r2 = _retrain_waiting(st, "batch-2.csv", seed=2, runs_before=1)
     assert _state(st, r1, {"Suspended"}).state_name == "Suspended"
+    # the second review's run is started by the worker: Submitting / Running until it suspends itself
+    assert _state(st, r2, {"Suspended"}).state_name == "Suspended"
     with st.client() as c:  # nothing holds the model's retrain slot while both reviews wait
         assert c.read_global_concurrency_limit_by_name(f"retrain-{MODEL}").active_slots == 0
 

@@ -18,11 +18,13 @@ import collections
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,9 +88,16 @@ def launch(
     env: dict[str, str] | None = None,
     tail: int = 15,
     fix: str = "",
+    done: Path | None = None,
+    exit_grace: float = 120.0,
 ) -> float:
     """Run ``target`` (``["-m", module, args...]`` or ``[script, args...]``) as ``processes`` ranks under torchrun;
     each line they print goes to this module's log, prefixed with its rank. Returns the wall time.
+
+    ``done``: a file the ranks write last, once their work is saved (the worker's result file). When it exists and
+    torchrun has not ended ``exit_grace`` seconds later (a rank stuck in the process group's teardown, seen once
+    under heavy CPU contention), the processes are stopped and the run counts as finished, with a warning: the
+    work is saved, and a wait nothing would end is not a result.
 
     Raises:
         TrainingProcessError: a rank failed (or torchrun did): the message names the rank torchrun saw fail
@@ -106,10 +115,25 @@ def launch(
     proc = subprocess.Popen(
         command, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
     )
-    try:
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            line = raw.rstrip("\n")
+            lines.put(raw.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, name="torchrun-output", daemon=True).start()
+    done_at: float | None = None
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                line = ""
+            if line is None:  # torchrun closed its output: it has ended, or is about to
+                code = proc.wait()
+                break
             match = _RANK_LINE.match(line)
             if match:
                 rank, text = match.groups()
@@ -119,7 +143,18 @@ def launch(
             elif line.strip():
                 launcher.append(line)
                 log.info("[torchrun] %s", line)
-        code = proc.wait()
+            if done is not None and done_at is None and done.exists():
+                done_at = time.monotonic()
+            if done_at is not None and time.monotonic() - done_at > exit_grace and proc.poll() is None:
+                log.warning(
+                    "the training finished and its result is saved (%s), but the processes had not exited %.0f s "
+                    "later (a rank stuck in the process group's teardown): stopping them",
+                    done,
+                    exit_grace,
+                )
+                stop(proc)
+                code = 0
+                break
     finally:
         stop(proc)
     if code != 0:
@@ -231,6 +266,7 @@ def train_in_processes(
             work,
             env={"OMP_NUM_THREADS": str(threads)},
             fix=failure_fix(checkpoints, resume),
+            done=work / "output" / RESULT_FILE,
         )
         result = json.loads((work / "output" / RESULT_FILE).read_text())
         model_dir = work / "output" / MODEL_DIR
