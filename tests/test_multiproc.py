@@ -105,15 +105,19 @@ def test_a_failing_rank_fails_the_stage_naming_it_with_its_last_lines_and_the_ot
     assert "rank 1 of 2 failed (exit code 1)" in message, message
     assert "loading shard 7 of the data" in message and "disk full while writing shard 7" in message, message
     assert time.monotonic() - start < 120
-    pid0 = int((tmp_path / "pid-0").read_text())
-    for _ in range(100):  # torchrun has reaped it before it exited; allow the kernel a moment
+    _assert_gone(tmp_path / "pid-0", "rank 0 still runs after rank 1 failed")
+
+
+def _assert_gone(pid_file, says: str) -> None:
+    """The process whose pid ``pid_file`` holds has exited (torchrun may reap it a moment before it is gone)."""
+    pid = int(pid_file.read_text())
+    for _ in range(100):
         try:
-            os.kill(pid0, 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
-            break
+            return
         time.sleep(0.05)
-    else:
-        pytest.fail(f"rank 0 (pid {pid0}) still runs after rank 1 failed")
+    pytest.fail(f"{says} (pid {pid})")
 
 
 HANGING = """
@@ -138,15 +142,7 @@ def test_ranks_that_do_not_exit_after_the_result_is_saved_are_stopped_and_the_ru
         launch([str(script), str(tmp_path)], 2, tmp_path / "work", done=tmp_path / "result.json", exit_grace=3)
     assert time.monotonic() - start < 120
     assert "had not exited 3 s later" in caplog.text and "stopping them" in caplog.text, caplog.text
-    pid1 = int((tmp_path / "pid-1").read_text())
-    for _ in range(100):
-        try:
-            os.kill(pid1, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        pytest.fail(f"rank 1 (pid {pid1}) still runs after the run was counted finished")
+    _assert_gone(tmp_path / "pid-1", "rank 1 still runs after the run was counted finished")
 
 
 PARENT = """
