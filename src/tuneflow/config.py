@@ -568,7 +568,8 @@ class SftConfig(_Section):
         None,
         ge=1,
         description="Also compute the eval split's response loss every N training steps (TRL), e.g. for "
-        "`tuneflow tune` to stop poor trials early; unset: `tuneflow tune` sets it to train.logging_steps. "
+        "`tuneflow tune` to stop poor trials early; the mean over every response token, as the evaluate stage "
+        "scores it. Unset: `tuneflow tune` sets it to train.logging_steps. "
         "The registered model is the last step's either way.",
     )
 
