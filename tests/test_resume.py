@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import yaml
 
@@ -101,3 +102,28 @@ def test_a_retrain_killed_during_training_resumes_from_its_newest_checkpoint(
     versions = {str(v.version): v for v in client.search_model_versions(f"name='{name}'")}
     m = {v: client.get_run(versions[v].run_id).data.metrics for v in versions}
     assert abs(m["1"]["eval/macro_f1"] - m["2"]["eval/macro_f1"]) <= 1e-6, m
+
+
+def test_a_marked_checkpoint_whose_files_were_partly_deleted_is_not_resumed_from(tmp_path):
+    """transformers deletes older checkpoints itself (save_total_limit, keeping the best): a kill during that
+    deletion left a marked folder without its weights, and the rerun failed with "Can't find a valid checkpoint"
+    (seen in CI). The marker lists the files and sizes it vouches for."""
+    from tuneflow.train_common import mark_complete
+
+    def saved(step: int) -> Path:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        for name, size in [("model.safetensors", 300), ("optimizer.pt", 200), ("trainer_state.json", 10)]:
+            (folder / name).write_bytes(b"x" * size)
+        mark_complete(folder)
+        return folder
+
+    older, newer, newest = saved(39), saved(40), saved(41)
+    (newest / "model.safetensors").unlink()  # the deletion got this far when the process was killed
+    (newer / "optimizer.pt").write_bytes(b"x" * 7)  # a file of another size than the one saved
+    assert latest_checkpoint(tmp_path) == older
+    assert not newest.exists() and not newer.exists()  # removed, as a checkpoint whose save never finished
+
+    legacy = saved(42)  # a marker from before markers listed files: still resumed from
+    (legacy / COMPLETE_MARKER).write_text(f"{time.time()}\n")
+    assert latest_checkpoint(tmp_path) == legacy

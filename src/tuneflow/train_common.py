@@ -5,6 +5,7 @@ it imports no module of tuneflow (heavy libraries only inside functions)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -59,18 +60,44 @@ COMPLETE_MARKER = "tuneflow-complete"  # written into a checkpoint folder once e
 
 def mark_complete(folder: Path) -> None:
     """Flush every file of a saved checkpoint, then write its marker: a folder without one is never resumed from
-    (a kill -9 or a power cut while transformers wrote it leaves a partial folder, which is ignored and removed)."""
+    (a kill -9 or a power cut while transformers wrote it leaves a partial folder, which is ignored and removed).
+
+    The marker lists every file with its size: transformers deletes older checkpoints itself (``save_total_limit``,
+    keeping the best one), and a kill during that deletion leaves a marked folder with some files gone; the list
+    tells it apart from a whole one."""
+    files = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file():
+        if path.is_file() and not path.name.startswith(f".{COMPLETE_MARKER}"):
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
+            files[path.relative_to(folder).as_posix()] = path.stat().st_size
+    files.pop(COMPLETE_MARKER, None)
     marker = folder / COMPLETE_MARKER
     tmp = folder / f".{COMPLETE_MARKER}.{os.getpid()}"
     with tmp.open("w") as fh:
-        fh.write(f"{time.time()}\n")
+        json.dump({"written": time.time(), "files": files}, fh)
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(marker)
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why the checkpoint ``folder`` cannot be resumed from (None: it is whole): no marker (its save never
+    finished), or a file its marker lists that is missing or of another size (a deletion cut short)."""
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file() or not (folder / "trainer_state.json").is_file():
+        return "its save never finished"
+    try:
+        listed = json.loads(marker.read_text()).get("files", {})
+    except (ValueError, AttributeError):
+        listed = {}  # a marker written before markers listed their files: its folder counts as whole
+    for name, size in listed.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing (a deletion cut short)"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, not the {size} it was saved with"
+    return None
 
 
 def checkpoint_step(folder: Path) -> int:
@@ -80,17 +107,18 @@ def checkpoint_step(folder: Path) -> int:
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint under ``checkpoints``; partial ones (no marker) are removed."""
+    """The newest complete checkpoint under ``checkpoints``; partial ones (see ``checkpoint_damage``) are removed."""
     if not checkpoints.is_dir():
         return None
     complete = []
     for folder in checkpoints.iterdir():
         if not folder.is_dir() or checkpoint_step(folder) < 0:
             continue
-        if (folder / COMPLETE_MARKER).is_file() and (folder / "trainer_state.json").is_file():
+        damage = checkpoint_damage(folder)
+        if damage is None:
             complete.append(folder)
         else:
-            log.warning("removing the partial checkpoint %s (its save never finished)", folder)
+            log.warning("removing the partial checkpoint %s (%s)", folder, damage)
             shutil.rmtree(folder, ignore_errors=True)
     return max(complete, key=checkpoint_step, default=None)
 
