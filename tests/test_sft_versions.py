@@ -108,6 +108,11 @@ def test_bf16_merged_version_is_half_the_size_and_reloads_with_the_same_greedy_o
     fp32_bytes = sum(p.numel() * 4 for p in result.model.parameters())
     weights = sum(f.stat().st_size for f in (local / "model").glob("*.safetensors"))
     assert weights < 0.55 * fp32_bytes  # bf16: half of float32, plus the safetensors header
+    # the tokenizer is written compact (transformers pretty-prints it: twice the bytes in every version)
+    (tok_file,) = local.rglob("tokenizer.json")
+    text = tok_file.read_text()
+    assert "\n" not in text.strip() and json.loads(text) == json.loads(tok.backend_tokenizer.to_str())
+    assert "_save_pretrained" not in vars(tok)  # the tokenizer object is left as it was
 
     # the registered weights, loaded as MLflow loads them, give the in-memory model's tokens
     parts = mlflow.transformers.load_model(str(local), return_type="components")

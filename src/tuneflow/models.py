@@ -10,8 +10,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tuneflow.config import ModelConfig
 from tuneflow.files import (
@@ -197,6 +199,34 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(resolve_base_model(cfg.base_model)))
+
+
+@contextmanager
+def compact_tokenizer_file(tokenizer: Any) -> Iterator[None]:
+    """While in the block, ``tokenizer.save_pretrained`` writes ``tokenizer.json`` without indentation.
+
+    transformers writes it pretty-printed: 3.5 MB for SmolLM2's BPE tokenizer against 1.6 MB compact, the same
+    JSON. In every registered version that is the difference between a bf16 version at 50.3 % of the float32 one
+    and under half, and 2 MB of an adapter-only version's 13. Tokenizers without a ``backend_tokenizer`` (slow
+    ones) save as they do."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    original = getattr(tokenizer, "_save_pretrained", None)
+    if backend is None or original is None:
+        yield
+        return
+
+    def save_compact(*args: Any, **kwargs: Any) -> Any:
+        names = original(*args, **kwargs)
+        for name in names:
+            if os.path.basename(str(name)).endswith("tokenizer.json"):
+                backend.save(str(name), pretty=False)
+        return names
+
+    tokenizer._save_pretrained = save_compact  # this object only, for the block
+    try:
+        yield
+    finally:
+        del tokenizer._save_pretrained
 
 
 def base_model_card(cfg: ModelConfig, fallback: str) -> ModelCard:

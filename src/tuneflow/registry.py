@@ -18,7 +18,7 @@ import pandas as pd
 from tuneflow.config import PipelineConfig, higher_is_better
 from tuneflow.evaluate import Evaluation
 from tuneflow.kinds import get_kind
-from tuneflow.models import base_model_card
+from tuneflow.models import base_model_card, compact_tokenizer_file
 from tuneflow.reference import REFERENCE_TAG, log_reference
 from tuneflow.registry_base import (
     CARD_TAG,
@@ -255,7 +255,7 @@ def register_version(
     kind = get_kind(cfg.kind)
     options = kind.logging_options(cfg)
     extra = options.pop("extra_requirements", [])
-    with kind.logging_context(model, cfg):
+    with kind.logging_context(model, cfg), compact_tokenizer_file(tokenizer):
         info = mlflow.transformers.log_model(
             transformers_model={"model": model, "tokenizer": tokenizer},
             name="model",
