@@ -28,7 +28,7 @@ from tuneflow.config import PipelineConfig
 from tuneflow.kinds import get_kind
 from tuneflow.kinds.classification import load_base_model
 from tuneflow.multiproc import TrainingProcessError, launch
-from tuneflow.train_common import COMPLETE_MARKER, TrainingError, checkpoint_processes
+from tuneflow.train_common import COMPLETE_MARKER, TrainingError, checkpoint_processes, mark_complete
 
 from conftest import tiny_config_dict, tiny_training_setup
 
@@ -291,6 +291,7 @@ def _left_checkpoint(tiny_model_dir, tmp_path, folder, processes: int):
         state = checkpoint / "rng_state.pth"
         shutil.copy(state, checkpoint / "rng_state_1.pth")
         state.rename(checkpoint / "rng_state_0.pth")
+        mark_complete(checkpoint)  # the marker lists the files a 2-process save writes
     assert checkpoint_processes(checkpoint) == processes
     return checkpoint
 
@@ -337,7 +338,9 @@ def test_a_failing_training_rank_stops_the_run_with_exit_2_naming_it_its_error_a
 
     path, folder = _cli_run_and_its_checkpoint_folder(workdir, data_csv, tiny_model_dir, "rank-clf")
     checkpoint = _left_checkpoint(tiny_model_dir, workdir, folder, processes=2)
-    (checkpoint / "rng_state_1.pth").write_bytes(b"half-written by a crashed disk\n")
+    # corrupt on disk after the save: the marker's sizes still match (a file of another size is a partial save)
+    corrupt = checkpoint / "rng_state_1.pth"
+    corrupt.write_bytes((b"half-written by a crashed disk\n" * corrupt.stat().st_size)[: corrupt.stat().st_size])
     capsys.readouterr()
     start = time.monotonic()
     assert main(["run", "--config", str(path), "--force", "--set", "train.processes=2"]) == 2
