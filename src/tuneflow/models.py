@@ -6,6 +6,7 @@ is converted once into a safetensors folder in the cache, which every later run 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -207,19 +208,21 @@ def compact_tokenizer_file(tokenizer: Any) -> Iterator[None]:
 
     transformers writes it pretty-printed: 3.5 MB for SmolLM2's BPE tokenizer against 1.6 MB compact, the same
     JSON. In every registered version that is the difference between the demo's bf16 version at 50.3 % of the
-    float32 one and under half (270.6 of 541.6 MB), and 2 MB of an adapter-only version's 13. Tokenizers
-    without a ``backend_tokenizer`` (slow ones) save as they do."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    float32 one and under half (270.6 of 541.6 MB), and 2 MB of an adapter-only version's 13. The file
+    transformers wrote is re-written as it is, compact (not saved again from the tokenizer: its backend may hold
+    state, such as truncation, that transformers leaves out of the file)."""
     original = getattr(tokenizer, "_save_pretrained", None)
-    if backend is None or original is None:
+    if original is None:
         yield
         return
 
     def save_compact(*args: Any, **kwargs: Any) -> Any:
         names = original(*args, **kwargs)
         for name in names:
-            if os.path.basename(str(name)).endswith("tokenizer.json"):
-                backend.save(str(name), pretty=False)
+            path = Path(str(name))
+            if path.name.endswith("tokenizer.json") and path.is_file():
+                content = json.loads(path.read_text(encoding="utf-8"))
+                path.write_text(json.dumps(content, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
         return names
 
     tokenizer._save_pretrained = save_compact  # this object only, for the block
