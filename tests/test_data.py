@@ -93,9 +93,14 @@ BAD_FILES = {
     ),
     "noise.parquet": (bytes(range(256)) * 8, r"cannot read .* as parquet", "Fix: check the file is valid parquet"),
     "broken.jsonl": (
-        b'{"sms": "a", "is_spam": 0}\nnot json\n',
-        r"cannot read .* as jsonl",
-        "Fix: check the file is valid jsonl",
+        b'{"sms": "a", "is_spam": 0}\n\n{"sms": "b", "is_spam": 1\n{"sms": "c", "is_spam": 0}\n',
+        r"cannot read .* as jsonl: line 3 is not valid JSON \(.*\): '\{\"sms\": \"b\", \"is_spam\": 1'",
+        "Fix: correct or remove line 3 (each line of a JSONL file is one JSON object)",
+    ),
+    "broken.json": (
+        b'[{"sms": "a", "is_spam": 0},\n {"sms": "b" "is_spam": 1}]\n',
+        r"cannot read .* as json: line 2 is not valid JSON \(Expecting ',' delimiter\)",
+        "Fix: correct or remove line 2",
     ),
     "data.txt": (
         b"sms,is_spam\nhi,0\n",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import unicodedata
 from dataclasses import dataclass
@@ -237,9 +238,43 @@ def _read_raw(path: Path, fmt: str) -> pd.DataFrame:
         ) from exc
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         # pyarrow's ArrowInvalid is a ValueError; a broken JSONL line raises ValueError too.
+        where = _json_error_line(path, fmt)
+        if where is not None:
+            line, why, text = where
+            raise DataError(
+                f"cannot read {path} as {fmt}: line {line} is not valid JSON ({why}): {text!r}. Fix: correct or "
+                f"remove line {line}" + (" (each line of a JSONL file is one JSON object)" if fmt == "jsonl" else "")
+            ) from exc
         raise DataError(
             f"cannot read {path} as {fmt}: {str(exc).splitlines()[0]}. Fix: check the file is valid {fmt}"
         ) from exc
+
+
+def _json_error_line(path: Path, fmt: str) -> tuple[int, str, str] | None:
+    """The first line of a JSON / JSONL file that does not parse: (line number, why, the line cut to 80
+    characters); None when the format is another or every line parses (pandas failed for another reason)."""
+    if fmt not in ("jsonl", "json"):
+        return None
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines = text.splitlines()
+    if fmt == "json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            bad = lines[exc.lineno - 1] if 0 < exc.lineno <= len(lines) else ""
+            return exc.lineno, exc.msg, bad[:80]
+        return None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            return number, exc.msg, line[:80]
+    return None
 
 
 def _labeled_rows(
