@@ -238,7 +238,7 @@ def _read_raw(path: Path, fmt: str) -> pd.DataFrame:
         ) from exc
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         # pyarrow's ArrowInvalid is a ValueError; a broken JSONL line raises ValueError too.
-        where = _json_error_line(path, fmt)
+        where = _json_error_line(path, fmt, exc)
         if where is not None:
             line, why, text = where
             raise DataError(
@@ -250,30 +250,27 @@ def _read_raw(path: Path, fmt: str) -> pd.DataFrame:
         ) from exc
 
 
-def _json_error_line(path: Path, fmt: str) -> tuple[int, str, str] | None:
+def _json_error_line(path: Path, fmt: str, exc: Exception) -> tuple[int, str, str] | None:
     """The first line of a JSON / JSONL file that does not parse: (line number, why, the line cut to 80
-    characters); None when the format is another or every line parses (pandas failed for another reason)."""
-    if fmt not in ("jsonl", "json"):
+    characters); None when the format is another or every line parses (pandas failed for another reason).
+    A ``.json`` file was parsed whole by ``json.loads``: its error holds the line and the text; pandas' JSONL
+    error names a character position only, so the lines are parsed one by one."""
+    if fmt == "json" and isinstance(exc, json.JSONDecodeError):
+        lines = exc.doc.splitlines()
+        return exc.lineno, exc.msg, (lines[exc.lineno - 1] if 0 < exc.lineno <= len(lines) else "")[:80]
+    if fmt != "jsonl":
         return None
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError):
-        return None
-    lines = text.splitlines()
-    if fmt == "json":
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as exc:
-            bad = lines[exc.lineno - 1] if 0 < exc.lineno <= len(lines) else ""
-            return exc.lineno, exc.msg, bad[:80]
         return None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             json.loads(line)
-        except json.JSONDecodeError as exc:
-            return number, exc.msg, line[:80]
+        except json.JSONDecodeError as err:
+            return number, err.msg, line[:80]
     return None
 
 

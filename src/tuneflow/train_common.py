@@ -67,11 +67,10 @@ def mark_complete(folder: Path) -> None:
     tells it apart from a whole one."""
     files = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.name.startswith(f".{COMPLETE_MARKER}"):
+        if path.is_file() and path.name != COMPLETE_MARKER and not path.name.startswith(f".{COMPLETE_MARKER}"):
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
-            files[path.relative_to(folder).as_posix()] = path.stat().st_size
-    files.pop(COMPLETE_MARKER, None)
+                files[path.relative_to(folder).as_posix()] = os.fstat(fh.fileno()).st_size
     marker = folder / COMPLETE_MARKER
     tmp = folder / f".{COMPLETE_MARKER}.{os.getpid()}"
     with tmp.open("w") as fh:
@@ -95,8 +94,8 @@ def checkpoint_damage(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing (a deletion cut short)"
-        if path.stat().st_size != size:
-            return f"{name} is {path.stat().st_size} bytes, not the {size} it was saved with"
+        if (found := path.stat().st_size) != size:
+            return f"{name} is {found} bytes, not the {size} it was saved with"
     return None
 
 
